@@ -1,0 +1,3 @@
+from asobi.cli import main
+
+raise SystemExit(main())

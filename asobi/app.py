@@ -1,0 +1,63 @@
+"""The server's parts wired together, without any I/O of its own.
+
+`App` is what the socket layer (`asobi.server`) and the tests hold: settings, the script
+registry, the engine, the matchmaker, the player hub, token signing and reload history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+
+from asobi.auth import TokenSigner, load_or_create_secret
+from asobi.config import Settings
+from asobi.engine import Engine, EngineConfig
+from asobi.hub import Hub
+from asobi.matchmaker import Matchmaker
+from asobi.reload import Reloader, ReloadHistory
+from asobi.scripts import ScriptError, ScriptRegistry
+
+log = structlog.get_logger("asobi.app")
+
+
+@dataclass
+class App:
+    settings: Settings
+    registry: ScriptRegistry
+    engine: Engine
+    hub: Hub
+    matchmaker: Matchmaker
+    signer: TokenSigner
+    history: ReloadHistory
+    reloader: Reloader
+    load_errors: list[ScriptError]
+
+    @classmethod
+    def create(cls, settings: Settings) -> App:
+        registry = ScriptRegistry(settings.game_dir, settings.limits)
+        load_errors = registry.load_all()
+        for error in load_errors:
+            log.error("script_rejected", **error.as_log())
+        hub = Hub()
+        engine = Engine(
+            registry,
+            hub,
+            EngineConfig(
+                limits=settings.limits,
+                max_consecutive_failures=settings.max_consecutive_failures,
+            ),
+        )
+        secret = load_or_create_secret(settings.data_dir, settings.secret)
+        history = ReloadHistory()
+        return cls(
+            settings=settings,
+            registry=registry,
+            engine=engine,
+            hub=hub,
+            matchmaker=Matchmaker(registry, engine, hub),
+            signer=TokenSigner(secret, settings.token_ttl_s),
+            history=history,
+            reloader=Reloader(registry, engine, history),
+            load_errors=load_errors,
+        )

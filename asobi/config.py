@@ -1,0 +1,68 @@
+"""Server settings: defaults, then `ASOBI_*` environment variables, then command-line flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from asobi.lua.runtime import Limits
+
+RELOAD_MODES = ("watch", "poll", "off")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    game_dir: Path = Path("./game")
+    data_dir: Path = Path("./data")
+    secret: str | None = None
+    token_ttl_s: int = 7 * 24 * 3600
+    reload: str = "watch"
+    reload_poll_ms: int = 200
+    reload_debounce_ms: int = 30
+    log_level: str = "info"
+    max_frame_bytes: int = 64 * 1024
+    max_message_bytes: int = 1024 * 1024
+    connect_timeout_s: float = 10.0
+    max_consecutive_failures: int = 10
+    limits: Limits = field(default_factory=Limits)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name == "limits":
+                continue
+            raw = env.get("ASOBI_" + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _coerce(f.name, raw)
+        limits = Limits()
+        limit_values = {}
+        for f in fields(Limits):
+            raw = env.get("ASOBI_LUA_" + f.name.upper())
+            if raw:
+                limit_values[f.name] = type(getattr(limits, f.name))(float(raw))
+        values["limits"] = replace(limits, **limit_values)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        if settings.reload not in RELOAD_MODES:
+            raise ValueError(f"ASOBI_RELOAD must be one of {', '.join(RELOAD_MODES)}")
+        return settings
+
+
+def _coerce(name: str, raw: str) -> Any:
+    default = getattr(Settings, name, None)
+    if name in ("game_dir", "data_dir"):
+        return Path(raw)
+    if isinstance(default, bool):
+        return raw.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw

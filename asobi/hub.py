@@ -1,0 +1,47 @@
+"""Who is connected: player id -> the peer that carries their frames.
+
+The engine and the matchmaker address players by id; the hub turns that into a write on the
+player's current connection.  A player who is not connected simply misses the frame.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Peer(Protocol):
+    """One client connection as the layers below the server see it."""
+
+    def send_frame(self, frame: bytes, *, droppable: bool = False) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+class Hub:
+    def __init__(self) -> None:
+        self._peers: dict[str, Peer] = {}
+        self.frames_sent = 0
+
+    def attach(self, player_id: str, peer: Peer) -> Peer | None:
+        """Bind the player to `peer`; returns the connection it replaces, if any."""
+        previous = self._peers.get(player_id)
+        self._peers[player_id] = peer
+        return previous if previous is not peer else None
+
+    def detach(self, player_id: str, peer: Peer) -> bool:
+        if self._peers.get(player_id) is peer:
+            del self._peers[player_id]
+            return True
+        return False
+
+    def peer(self, player_id: str) -> Peer | None:
+        return self._peers.get(player_id)
+
+    def send(self, player_id: str, frame: bytes, *, droppable: bool = False) -> None:
+        peer = self._peers.get(player_id)
+        if peer is not None:
+            self.frames_sent += 1
+            peer.send_frame(frame, droppable=droppable)
+
+    def __len__(self) -> int:
+        return len(self._peers)

@@ -1,0 +1,233 @@
+"""One sandboxed Lua 5.4 state per match: creation, script loading and budgeted calls.
+
+This is the only module that creates `LuaRuntime`s or calls into Lua.  Everything game code can
+touch is defined in `sandbox.lua`; Python holds the host API that chunk returns and goes through it
+for every call, so each call runs under a wall-clock budget and a memory cap, and errors come back
+as values (`CallResult`) instead of exceptions that could unwind the engine.
+
+The runtime is pinned to `lupa.lua54`: lupa's default module follows the newest Lua it bundles,
+and objects, helpers and exception classes of different runtime modules do not mix.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, NoReturn, Protocol
+
+from lupa import lua54
+
+from asobi.lua.convert import ConversionError, to_lua, to_python
+
+LuaError = lua54.LuaError
+LuaSyntaxError = lua54.LuaSyntaxError
+LuaMemoryError = lua54.LuaMemoryError
+
+_SANDBOX_SOURCE = resources.files("asobi.lua").joinpath("sandbox.lua").read_bytes()
+_MAX_ERROR_CHARS = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-callback wall-clock budgets (seconds) and the per-match memory cap."""
+
+    init: float = 1.0
+    join: float = 0.2
+    leave: float = 0.2
+    handle_input: float = 0.05
+    tick: float = 0.05
+    get_state: float = 0.01
+    migrate: float = 1.0
+    load: float = 1.0
+    copy: float = 1.0
+    max_memory: int = 32 * 1024 * 1024
+    hook_count: int = 1000
+    pattern_budget: float = 2.5e6
+
+    def budget(self, callback: str) -> float:
+        return float(getattr(self, callback, self.tick))
+
+
+class ScriptHost(Protocol):
+    """What a match's Lua code may ask of the server (the game.* API and require)."""
+
+    def log(self, level: bytes, message: bytes, meta: Any) -> None: ...
+
+    def send(self, player_id: Any, payload: Any) -> Any: ...
+
+    def broadcast(self, event: Any, payload: Any) -> Any: ...
+
+    def module(self, name: bytes) -> tuple[bytes | None, bytes]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """Outcome of one budgeted call: `values` on success, `error` (a message) on failure."""
+
+    ok: bool
+    values: tuple[Any, ...] = ()
+    error: str = ""
+
+    @property
+    def value(self) -> Any:
+        return self.values[0] if self.values else None
+
+
+class ScriptLoadError(Exception):
+    """A script failed to compile or its top-level code failed to run."""
+
+
+def _deny_attributes(obj: Any, name: Any, is_setting: bool) -> NoReturn:
+    raise AttributeError("Python attributes are not accessible from match scripts")
+
+
+def error_text(raw: Any) -> str:
+    """Lua error messages arrive as bytes; keep them readable and bounded."""
+    if isinstance(raw, bytes):
+        text = raw.decode(errors="replace")
+    elif isinstance(raw, BaseException):
+        text = error_text(raw.args[0]) if raw.args else type(raw).__name__
+    else:
+        text = str(raw)
+    if len(text) > _MAX_ERROR_CHARS:
+        text = text[:_MAX_ERROR_CHARS] + "... (truncated)"
+    return text
+
+
+def compile_check(source: bytes, chunkname: str) -> str | None:
+    """Compile `source` without running it; return the compiler's error, or None when it is valid.
+
+    A throwaway runtime is used so that checking a script never touches a running match.
+    """
+    runtime = lua54.LuaRuntime(
+        register_eval=False,
+        register_builtins=False,
+        encoding=None,
+        attribute_filter=_deny_attributes,
+        max_memory=64 * 1024 * 1024,
+    )
+    loader = runtime.execute(b"return function(s, n) return load(s, n, 't', {}) end")
+    try:
+        result = loader(source, ("@" + chunkname).encode())
+    except LuaError as exc:
+        return error_text(exc)
+    if isinstance(result, tuple):
+        fn, err = ((*result, None, None))[:2]
+        return None if fn is not None else error_text(err)
+    return None if result is not None else "could not compile"
+
+
+class MatchLua:
+    """A match's private Lua state with the sandbox installed and a script loaded."""
+
+    def __init__(self, host: ScriptHost, limits: Limits, *, seed: int) -> None:
+        self.limits = limits
+        self.runtime = lua54.LuaRuntime(
+            register_eval=False,
+            register_builtins=False,
+            unpack_returned_tuples=True,
+            encoding=None,
+            attribute_filter=_deny_attributes,
+            max_memory=limits.max_memory,
+        )
+        host_table = self.runtime.table_from(
+            {
+                b"now": time.perf_counter,
+                b"log": host.log,
+                b"send": host.send,
+                b"broadcast": host.broadcast,
+                b"module": host.module,
+                b"hook_count": limits.hook_count,
+                b"pattern_budget": limits.pattern_budget,
+            }
+        )
+        self.api = self.runtime.execute(_SANDBOX_SOURCE, host_table)
+        self.runtime.execute(b"local seed = ... math.randomseed(seed)", seed)
+        self._call = self.api[b"call"]
+        self._ctx = self.api[b"ctx"]
+        self._global = self.api[b"global"]
+        self._functions: dict[str, Any] = {}
+
+    # -- loading --------------------------------------------------------------------------------
+    def load(self, source: bytes, chunkname: str) -> Any:
+        """Compile the script into the sandbox env and run its top-level code under a budget.
+
+        Returns what the chunk returned (a module's table, `config.lua`'s mode map).
+        """
+        loaded = self.api[b"load"](source, ("@" + chunkname).encode())
+        chunk, err = ((*loaded, None))[:2] if isinstance(loaded, tuple) else (loaded, None)
+        if chunk is None:
+            raise ScriptLoadError(error_text(err or b"could not compile"))
+        result = self.call_function("load", chunk, budget=self.limits.load)
+        if not result.ok:
+            raise ScriptLoadError(result.error)
+        self._functions.clear()
+        return result.value
+
+    def global_value(self, name: str) -> Any:
+        """A script global as plain data (None when unset or not convertible)."""
+        try:
+            return to_python(self._global(name.encode()), what=name)
+        except ConversionError:
+            return None
+
+    def function(self, name: str) -> Any:
+        """The script's global function `name`, or None.  Looked up once per loaded script."""
+        if name not in self._functions:
+            value = self._global(name.encode())
+            self._functions[name] = value if lua54.lua_type(value) == "function" else None
+        return self._functions[name]
+
+    # -- calling --------------------------------------------------------------------------------
+    def call(self, callback: str, *args: Any) -> CallResult:
+        """Call the script's global `callback` with its configured budget."""
+        fn = self.function(callback)
+        if fn is None:
+            return CallResult(False, error=f"{callback} is not defined")
+        return self.call_function(callback, fn, *args, budget=self.limits.budget(callback))
+
+    def call_function(self, label: str, fn: Any, *args: Any, budget: float) -> CallResult:
+        try:
+            out = self._call(label.encode(), budget, fn, *args)
+        except LuaMemoryError:
+            return CallResult(
+                False, error=f"{label} ran out of memory (cap {self.limits.max_memory} bytes)"
+            )
+        except LuaError as exc:
+            return CallResult(False, error=error_text(exc))
+        if not isinstance(out, tuple):
+            out = (out,)
+        if out[0] is True:
+            return CallResult(True, out[1:])
+        return CallResult(False, error=error_text(out[1] if len(out) > 1 else b"unknown error"))
+
+    def api_call(self, label: str, name: str, *args: Any, budget: float) -> CallResult:
+        """Run one of the sandbox's own host functions (serialize, deserialize) under a budget."""
+        return self.call_function(label, self.api[name.encode()], *args, budget=budget)
+
+    # -- context and data ------------------------------------------------------------------------
+    def set_context(self, match_id: str, tick: int, players: list[str]) -> None:
+        ctx = self._ctx
+        ctx[b"match_id"] = match_id.encode()
+        ctx[b"tick"] = tick
+        ctx[b"players"] = self.to_lua(players)
+
+    def set_tick(self, tick: int) -> None:
+        self._ctx[b"tick"] = tick
+
+    def set_players(self, players: list[str]) -> None:
+        self._ctx[b"players"] = self.to_lua(players)
+
+    def new_table(self) -> Any:
+        return self.runtime.table()
+
+    def to_lua(self, value: Any) -> Any:
+        return to_lua(self.runtime, value)
+
+    @staticmethod
+    def is_table(value: Any) -> bool:
+        return lua54.lua_type(value) == "table"
+
+    def memory_used(self) -> int:
+        return int(self.runtime.get_memory_used() or 0)

@@ -1,0 +1,381 @@
+-- Host side of a match's Lua state.
+--
+-- This chunk runs once in every fresh Lua state, with the real standard library, before any game
+-- code.  It captures what the host needs in locals, builds the whitelisted environment that game
+-- scripts are compiled into, and returns the host API (a table only Python holds).  Game code can
+-- never reach the real globals, `debug`, `load`, `string.dump` or the lupa module: it only sees
+-- `env`, and every function in `env` was chosen here.
+local host = ...
+
+local now = host.now
+local host_log, host_send, host_broadcast, host_module = host.log, host.send, host.broadcast, host.module
+local HOOK_COUNT = host.hook_count
+local PATTERN_BUDGET = host.pattern_budget
+
+local sethook, traceback = debug.sethook, debug.traceback
+local co_create, co_resume, co_status, co_yield = coroutine.create, coroutine.resume, coroutine.status, coroutine.yield
+local co_running, co_isyieldable, co_close = coroutine.running, coroutine.isyieldable, coroutine.close
+local pcall_, xpcall_, error_, type_, select_, next_ = pcall, xpcall, error, type, select, next
+local tostring_, setmetatable_, getmetatable_, rawget_, load_ = tostring, setmetatable, getmetatable, rawget, load
+local spack, sunpack, sfind, smatch, sgmatch, sgsub, ssub, sformat, sbyte =
+  string.pack, string.unpack, string.find, string.match, string.gmatch, string.gsub, string.sub,
+  string.format, string.byte
+local tconcat = table.concat
+local mtype, huge = math.type, math.huge
+
+---------------------------------------------------------------------------------------------------
+-- Budgets.  A count hook checks the wall clock every HOOK_COUNT instructions; past the deadline it
+-- raises.  `exceeded` stays set until the host call returns, so a script cannot swallow the error
+-- with pcall, xpcall or coroutine.resume: the wrappers below re-raise it.
+---------------------------------------------------------------------------------------------------
+local deadline = huge
+local exceeded = nil
+local budget_label = "callback"
+
+local function hook()
+  if now() > deadline then
+    exceeded = exceeded or (budget_label .. " exceeded its time budget")
+    error_(exceeded, 0)
+  end
+end
+
+local function reraise_if_exceeded(...)
+  if exceeded then error_(exceeded, 0) end
+  return ...
+end
+
+local function message_handler(e)
+  deadline = huge -- the handler itself must not be interrupted
+  if exceeded then return exceeded end
+  local msg
+  if type_(e) == "string" then
+    msg = e
+  elseif type_(e) == "number" or type_(e) == "boolean" or e == nil then
+    msg = tostring_(e)
+  else
+    -- Never call __tostring on an error object: it is script code and could misbehave here.
+    msg = "error object of type " .. type_(e)
+  end
+  return traceback(msg, 2)
+end
+
+local function finish(ok, ...)
+  sethook()
+  deadline = huge
+  local ex = exceeded
+  exceeded = nil
+  if ex then return false, ex end
+  if not ok then return false, (...) end
+  return true, ...
+end
+
+local api = {}
+
+-- Call fn(...) with a wall-clock budget in seconds.  Returns true, results... or false, message.
+function api.call(label, budget, fn, ...)
+  exceeded = nil
+  budget_label = label
+  deadline = now() + budget
+  sethook(hook, "", HOOK_COUNT)
+  return finish(xpcall_(fn, message_handler, ...))
+end
+
+---------------------------------------------------------------------------------------------------
+-- Pattern functions run inside C where no hook fires.  Estimate the worst-case backtracking work
+-- (subject length to the power of the number of quantifiers, plus one when the pattern is not
+-- anchored) and refuse calls that could stall the server.
+---------------------------------------------------------------------------------------------------
+local function quantifiers(p)
+  local count, i, n, in_set = 0, 1, #p, false
+  while i <= n do
+    local c = sbyte(p, i)
+    if c == 37 then -- '%': skip the escaped character
+      i = i + 1
+    elseif in_set then
+      if c == 93 then in_set = false end -- ']'
+    elseif c == 91 then -- '['
+      in_set = true
+      if sbyte(p, i + 1) == 94 then i = i + 1 end -- '[^'
+      if sbyte(p, i + 1) == 93 then i = i + 1 end -- literal ']' first in set
+    elseif c == 42 or c == 43 or c == 45 or c == 63 then -- '*', '+', '-', '?'
+      count = count + 1
+    end
+    i = i + 1
+  end
+  return count
+end
+
+local function guard_pattern(s, p, scans)
+  if type_(s) ~= "string" or type_(p) ~= "string" then return end
+  local n = #s
+  if n <= 32 then return end
+  local k = quantifiers(p)
+  local power = k
+  if scans or sbyte(p, 1) ~= 94 then power = power + 1 end
+  if power <= 1 then return end
+  if n ^ power > PATTERN_BUDGET then
+    error_(sformat("pattern %q is too expensive for a %d-byte subject "
+      .. "(%d quantifiers); use a simpler pattern or a shorter string", p, n, k), 3)
+  end
+end
+
+local safe_string = {}
+for k, v in next_, string do
+  if k ~= "dump" then safe_string[k] = v end
+end
+function safe_string.find(s, p, init, plain)
+  if not plain then guard_pattern(s, p, false) end
+  return sfind(s, p, init, plain)
+end
+function safe_string.match(s, p, init)
+  guard_pattern(s, p, false)
+  return smatch(s, p, init)
+end
+function safe_string.gmatch(s, p, init)
+  guard_pattern(s, p, true)
+  return sgmatch(s, p, init)
+end
+function safe_string.gsub(s, p, repl, n)
+  guard_pattern(s, p, true)
+  return sgsub(s, p, repl, n)
+end
+
+-- Method calls on strings (`s:find(...)`) go through the string metatable: point it at the safe
+-- table and lock it, so `getmetatable("").__index` cannot hand out the real string library.
+do
+  local mt = getmetatable_("")
+  mt.__index = safe_string
+  mt.__metatable = false
+end
+
+---------------------------------------------------------------------------------------------------
+-- The environment game scripts see.
+---------------------------------------------------------------------------------------------------
+local function copy(t)
+  local out = {}
+  for k, v in next_, t do out[k] = v end
+  return out
+end
+
+local env = {}
+env._G = env
+env._VERSION = _VERSION
+for _, name in next_, {
+  "assert", "error", "ipairs", "next", "pairs", "rawequal", "rawget", "rawlen", "rawset", "select",
+  "tonumber", "tostring", "type", "getmetatable",
+} do
+  env[name] = _G[name]
+end
+env.string = safe_string
+env.table = copy(table)
+env.math = copy(math)
+env.utf8 = copy(utf8)
+env.os = { time = os.time, clock = os.clock, date = os.date }
+
+function env.setmetatable(t, mt)
+  if type_(mt) == "table" and rawget_(mt, "__gc") ~= nil then
+    error_("__gc metamethods are not allowed in match scripts", 2)
+  end
+  return setmetatable_(t, mt)
+end
+
+function env.pcall(f, ...)
+  return reraise_if_exceeded(pcall_(f, ...))
+end
+
+function env.xpcall(f, handler, ...)
+  return reraise_if_exceeded(xpcall_(f, handler, ...))
+end
+
+local function co_new(f)
+  local co = co_create(f)
+  sethook(co, hook, "", HOOK_COUNT)
+  return co
+end
+
+local function wrap_results(ok, ...)
+  if exceeded then error_(exceeded, 0) end
+  if not ok then error_((...), 0) end
+  return ...
+end
+
+env.coroutine = {
+  create = co_new,
+  resume = function(co, ...) return reraise_if_exceeded(co_resume(co, ...)) end,
+  wrap = function(f)
+    local co = co_new(f)
+    return function(...) return wrap_results(co_resume(co, ...)) end
+  end,
+  yield = co_yield,
+  status = co_status,
+  running = co_running,
+  isyieldable = co_isyieldable,
+  close = co_close,
+}
+
+---------------------------------------------------------------------------------------------------
+-- game.* and require.  `ctx` is written by the host before callbacks (tick number, players).
+---------------------------------------------------------------------------------------------------
+local ctx = { match_id = "", tick = 0, players = {} }
+api.ctx = ctx
+
+local function log_value(v)
+  if type_(v) == "string" then return v end
+  return tostring_(v)
+end
+
+local game = {}
+function game.id() return ctx.match_id end
+function game.tick() return ctx.tick end
+function game.players()
+  local out = {}
+  for i, p in next_, ctx.players do out[i] = p end
+  return out
+end
+function game.log(level, msg, meta)
+  host_log(log_value(level), log_value(msg), type_(meta) == "table" and meta or nil)
+end
+function game.send(player_id, payload)
+  return host_send(player_id, payload)
+end
+function game.broadcast(event, payload)
+  return host_broadcast(event, payload)
+end
+game.random = math.random
+env.game = game
+
+function env.print(...)
+  local parts = {}
+  for i = 1, select_("#", ...) do parts[i] = log_value((select_(i, ...))) end
+  host_log("info", tconcat(parts, "\t"), nil)
+end
+
+local loaded = {}
+env._ASOBI_LOADED = loaded
+local loading = {}
+
+function env.require(name)
+  if type_(name) ~= "string" then error_("require expects a module name", 2) end
+  local cached = rawget_(loaded, name)
+  if cached ~= nil then return cached end
+  if loading[name] then error_("module '" .. name .. "' is required in a loop", 2) end
+  local source, chunkname = host_module(name)
+  if source == nil then error_(chunkname, 2) end
+  local chunk, err = load_(source, chunkname, "t", env)
+  if not chunk then error_(err, 2) end
+  loading[name] = true
+  local ok, result = pcall_(chunk, name)
+  loading[name] = nil
+  reraise_if_exceeded()
+  if not ok then error_(result, 0) end
+  if result == nil then result = true end
+  loaded[name] = result
+  return result
+end
+
+-- Compile a script's text into the environment.  Mode "t" refuses precompiled bytecode.
+function api.load(source, chunkname)
+  return load_(source, chunkname, "t", env)
+end
+
+function api.global(name)
+  return rawget_(env, name)
+end
+
+api.env = env
+
+---------------------------------------------------------------------------------------------------
+-- State copy across a reload.  Only data crosses: tables (shared references and cycles keep their
+-- shape), strings (binary-safe), integers and floats (kept apart), booleans.  The copy travels as
+-- one binary string, so nothing of the old Lua state reaches the new one.
+---------------------------------------------------------------------------------------------------
+local T_FALSE, T_TRUE, T_INT, T_FLOAT, T_STR, T_TABLE = 0, 1, 2, 3, 4, 5
+
+local function path_join(path, key)
+  if type_(key) == "string" and smatch(key, "^[%a_][%w_]*$") then return path .. "." .. key end
+  return path .. "[" .. tostring_(key) .. "]"
+end
+
+function api.serialize(root)
+  if type_(root) ~= "table" then error_("state is a " .. type_(root) .. ", not a table", 0) end
+  local ids, queue, paths, out, n = { [root] = 1 }, { root }, { "state" }, {}, 0
+  local function encode(v, path)
+    local t = type_(v)
+    if t == "string" then
+      return spack("<Bs4", T_STR, v)
+    elseif t == "number" then
+      if mtype(v) == "integer" then return spack("<Bj", T_INT, v) end
+      return spack("<Bn", T_FLOAT, v)
+    elseif t == "boolean" then
+      return spack("<B", v and T_TRUE or T_FALSE)
+    elseif t == "table" then
+      if getmetatable_(v) ~= nil then
+        error_(path .. " has a metatable; only plain data survives a reload", 0)
+      end
+      local id = ids[v]
+      if not id then
+        id = #queue + 1
+        ids[v], queue[id], paths[id] = id, v, path
+      end
+      return spack("<Bj", T_TABLE, id)
+    end
+    error_(path .. " is a " .. t .. "; only plain data survives a reload", 0)
+  end
+  if getmetatable_(root) ~= nil then
+    error_("state has a metatable; only plain data survives a reload", 0)
+  end
+  local i = 1
+  while queue[i] do
+    local t, path, count = queue[i], paths[i], 0
+    local body = {}
+    for k, v in next_, t do
+      count = count + 1
+      body[#body + 1] = encode(k, path .. "(key)")
+      body[#body + 1] = encode(v, path_join(path, k))
+    end
+    n = n + 1
+    out[n] = spack("<j", count) .. tconcat(body)
+    i = i + 1
+  end
+  return spack("<j", #queue) .. tconcat(out)
+end
+
+function api.deserialize(blob)
+  local count, pos = sunpack("<j", blob)
+  local tables = {}
+  for i = 1, count do tables[i] = {} end
+  local function decode()
+    local tag
+    tag, pos = sunpack("<B", blob, pos)
+    local v
+    if tag == T_STR then
+      v, pos = sunpack("<s4", blob, pos)
+    elseif tag == T_INT then
+      v, pos = sunpack("<j", blob, pos)
+    elseif tag == T_FLOAT then
+      v, pos = sunpack("<n", blob, pos)
+    elseif tag == T_TABLE then
+      local id
+      id, pos = sunpack("<j", blob, pos)
+      v = tables[id]
+    else
+      v = tag == T_TRUE
+    end
+    return v
+  end
+  for i = 1, count do
+    local t, entries = tables[i], nil
+    entries, pos = sunpack("<j", blob, pos)
+    for _ = 1, entries do
+      local k = decode()
+      t[k] = decode()
+    end
+  end
+  return tables[1]
+end
+
+function api.new_table()
+  return {}
+end
+
+return api

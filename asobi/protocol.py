@@ -1,0 +1,139 @@
+"""The wire protocol: frame parsing, validation, encoding and error codes.
+
+Pure functions only (no sockets, no server state), so every rule about what a client may send is
+in one place and testable on its own.  A frame is a JSON text message
+`{"type": str, "payload": object, "cid"?: str|int}`; every reply to a frame echoes its `cid`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+MODE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_CID_LENGTH = 128
+
+
+class ErrorCode(StrEnum):
+    INVALID_JSON = "invalid_json"
+    INVALID_MESSAGE = "invalid_message"
+    UNKNOWN_TYPE = "unknown_type"
+    UNAUTHENTICATED = "unauthenticated"
+    INVALID_TOKEN = "invalid_token"
+    UNKNOWN_MODE = "unknown_mode"
+    ALREADY_AUTHENTICATED = "already_authenticated"
+    ALREADY_QUEUED = "already_queued"
+    ALREADY_IN_MATCH = "already_in_match"
+    NOT_IN_MATCH = "not_in_match"
+    MATCH_FAILED = "match_failed"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    RATE_LIMITED = "rate_limited"
+    BINARY_NOT_SUPPORTED = "binary_not_supported"
+    INTERNAL = "internal_error"
+
+
+class ProtocolError(Exception):
+    """A frame the server refuses; becomes an `error` frame to the sender."""
+
+    def __init__(self, code: ErrorCode, message: str, cid: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.cid = cid
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: str
+    payload: dict[str, Any] = field(default_factory=dict)
+    cid: str | int | None = None
+
+
+# Frames a client may send.  Frames in AUTH_FREE need no session.
+CLIENT_TYPES = frozenset(
+    {
+        "auth.guest",
+        "session.connect",
+        "session.heartbeat",
+        "matchmaker.add",
+        "matchmaker.remove",
+        "match.input",
+        "match.leave",
+    }
+)
+AUTH_FREE = frozenset({"auth.guest", "session.connect", "session.heartbeat"})
+
+
+def parse_frame(data: str | bytes) -> Frame:
+    """Parse and validate the envelope of one client frame."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(ErrorCode.INVALID_JSON, f"frame is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "frame must be a JSON object")
+    cid = doc.get("cid")
+    if cid is not None and not _valid_cid(cid):
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            f"cid must be a string of at most {MAX_CID_LENGTH} characters or an integer",
+        )
+    kind = doc.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "frame needs a string 'type'", cid)
+    payload = doc.get("payload", {})
+    if payload is None:
+        payload = {}
+    if not isinstance(payload, dict):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'payload' must be a JSON object", cid)
+    if kind not in CLIENT_TYPES:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {kind[:64]!r}", cid)
+    return Frame(kind, payload, cid)
+
+
+def _valid_cid(cid: Any) -> bool:
+    if isinstance(cid, bool):
+        return False
+    if isinstance(cid, int):
+        return -(2**53) <= cid <= 2**53
+    return isinstance(cid, str) and len(cid) <= MAX_CID_LENGTH
+
+
+def require_str(frame: Frame, key: str, *, max_length: int = 4096) -> str:
+    value = frame.payload.get(key)
+    if not isinstance(value, str) or not value or len(value) > max_length:
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            f"{frame.type} needs payload.{key} as a non-empty string",
+            frame.cid,
+        )
+    return value
+
+
+def require_mode(frame: Frame) -> str:
+    mode = require_str(frame, "mode", max_length=64)
+    if not MODE_RE.match(mode):
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE, "mode must match [A-Za-z0-9_-]{1,64}", frame.cid
+        )
+    return mode
+
+
+def encode(kind: str, payload: Any, cid: Any = None) -> bytes:
+    """One server frame as UTF-8 JSON bytes, ready to send as a text message."""
+    if cid is None:
+        return orjson.dumps({"type": kind, "payload": payload})
+    return orjson.dumps({"type": kind, "payload": payload, "cid": cid})
+
+
+def encode_error(code: ErrorCode, message: str, cid: Any = None) -> bytes:
+    return encode("error", {"code": str(code), "message": message}, cid)
+
+
+def encode_raw_payload(kind: str, payload_json: bytes) -> bytes:
+    """A frame around an already-encoded payload (the per-tick path encodes the payload once)."""
+    return b'{"type":"' + kind.encode() + b'","payload":' + payload_json + b"}"

@@ -1,0 +1,277 @@
+"""Hot reload: noticing saves, vetting them, and following each reload until every match has it.
+
+`Reloader.apply_paths` is the whole decision for a batch of changed files: read, hash (an
+unchanged content is ignored), compile and run the top level in a throwaway sandbox (refused saves
+log `reload_failed` with the first three compiler errors), install the version in the registry and
+mark the affected matches.  Each match then switches at its own next tick boundary (see
+`asobi.engine`); the reloader collects their outcomes into one `ReloadRecord`, logs it once and
+keeps it in a bounded history served at `GET /api/v1/reloads`.
+
+Detection is separate (`watch_changes`): watchfiles (inotify) by default, an mtime poll as the
+fallback, or nothing at all when reloading is off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from asobi.engine import Engine, Match
+from asobi.scripts import MAX_ERRORS_REPORTED, ScriptError, ScriptRegistry, ScriptVersion
+
+log = structlog.get_logger("asobi.reload")
+
+HISTORY_SIZE = 256
+
+
+@dataclass(slots=True)
+class ReloadRecord:
+    id: int
+    script: str
+    hash: str
+    trigger: str
+    started_at: float
+    outcome: str = "pending"
+    version: str | None = None
+    elapsed_ms: float = 0.0
+    matches: list[str] = field(default_factory=list)
+    switched: list[str] = field(default_factory=list)
+    rolled_back: list[dict[str, str]] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    errors_truncated: bool = False
+    error_count: int = 0
+    _pending: set[str] = field(default_factory=set, repr=False)
+    _t0: float = field(default=0.0, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("_pending")
+        data.pop("_t0")
+        return data
+
+
+class ReloadHistory:
+    """The last HISTORY_SIZE reload attempts, newest last."""
+
+    def __init__(self, size: int = HISTORY_SIZE) -> None:
+        self._records: deque[ReloadRecord] = deque(maxlen=size)
+
+    def add(self, record: ReloadRecord) -> None:
+        self._records.append(record)
+
+    def as_list(self) -> list[dict[str, Any]]:
+        return [r.as_dict() for r in self._records]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._records)
+
+
+class Reloader:
+    """Turns file changes into script versions and follows them through every match."""
+
+    def __init__(self, registry: ScriptRegistry, engine: Engine, history: ReloadHistory) -> None:
+        self.registry = registry
+        self.engine = engine
+        self.history = history
+        self._ids = itertools.count(1)
+        self._in_flight: dict[str, ReloadRecord] = {}
+        self._match_record: dict[str, ReloadRecord] = {}
+        engine.listeners.append(self)
+
+    # -- decisions --------------------------------------------------------------------------------
+    def apply_paths(self, paths: Iterable[Path], trigger: str) -> list[ReloadRecord]:
+        """Consider each changed path once; returns the records of the attempts it made."""
+        records = []
+        names = sorted({n for n in (self.registry.relative_name(p) for p in paths) if n})
+        for name in names:
+            path = self.registry.game_dir / name
+            try:
+                source = path.read_bytes()
+            except FileNotFoundError:
+                if self.registry.remove(name):
+                    log.info("script_removed", script=name)
+                continue
+            except OSError as exc:
+                log.warning("script_unreadable", script=name, error=str(exc))
+                continue
+            record = self.apply_source(name, source, trigger)
+            if record is not None:
+                records.append(record)
+        return records
+
+    def apply_source(self, name: str, source: bytes, trigger: str) -> ReloadRecord | None:
+        t0 = time.perf_counter()
+        outcome = self.registry.update(name, source)
+        if outcome is None:
+            return None
+        if isinstance(outcome, ScriptError):
+            record = self._new_record(name, outcome.hash, trigger, t0)
+            record.outcome = "reload_failed"
+            record.errors = list(outcome.errors)
+            record.error_count = outcome.error_count
+            record.errors_truncated = outcome.truncated
+            self._finish(record)
+            return record
+        return self._schedule(outcome, trigger, t0)
+
+    def reload_now(self, name: str | None, trigger: str = "manual") -> list[ReloadRecord]:
+        """Re-read scripts from disk now (all of them when `name` is None)."""
+        if name is None:
+            paths = [p for p in self.registry.game_dir.rglob("*.lua") if p.is_file()]
+        else:
+            paths = [self.registry.game_dir / name]
+        return self.apply_paths(paths, trigger)
+
+    def _schedule(self, version: ScriptVersion, trigger: str, t0: float) -> ReloadRecord:
+        record = self._new_record(version.name, version.hash, trigger, t0)
+        record.version = version.version
+        previous = self._in_flight.pop(version.name, None)
+        affected = self.engine.schedule_reload(version)
+        for match in affected:
+            older = self._match_record.get(match.id)
+            if older is not None and older is not record:
+                older._pending.discard(match.id)
+                if not older._pending:
+                    self._settle(older)
+            self._match_record[match.id] = record
+            record._pending.add(match.id)
+        record.matches = [m.id for m in affected]
+        if previous is not None:
+            self._settle(previous)
+        if record._pending:
+            self._in_flight[version.name] = record
+        else:
+            record.outcome = "reloaded"
+            self._finish(record)
+        return record
+
+    # -- engine callbacks -------------------------------------------------------------------------
+    def reload_resolved(
+        self,
+        match: Match,
+        version: ScriptVersion,
+        outcome: str,
+        error: str | None,
+        elapsed_ms: float,
+    ) -> None:
+        record = self._match_record.pop(match.id, None)
+        if record is None:
+            return
+        record._pending.discard(match.id)
+        if outcome == "reloaded":
+            record.switched.append(match.id)
+        elif outcome == "reload_rolled_back":
+            record.rolled_back.append({"match_id": match.id, "error": error or ""})
+        else:
+            record.failed.append({"match_id": match.id, "error": error or ""})
+        self._settle(record)
+
+    def match_finished(self, match: Match, result: Any) -> None:
+        record = self._match_record.pop(match.id, None)
+        if record is not None:
+            record._pending.discard(match.id)
+            self._settle(record)
+
+    # -- records ----------------------------------------------------------------------------------
+    def _new_record(self, name: str, digest: str, trigger: str, t0: float) -> ReloadRecord:
+        return ReloadRecord(next(self._ids), name, digest, trigger, time.time(), _t0=t0)
+
+    def _settle(self, record: ReloadRecord) -> None:
+        if record._pending:
+            return
+        if self._in_flight.get(record.script) is record:
+            del self._in_flight[record.script]
+        if record.rolled_back:
+            record.outcome = "reload_rolled_back"
+        elif record.failed:
+            record.outcome = "reload_failed"
+        else:
+            record.outcome = "reloaded"
+        errors = [e["error"].split("\n", 1)[0] for e in record.rolled_back + record.failed]
+        record.error_count = len(errors)
+        record.errors = errors[:MAX_ERRORS_REPORTED]
+        record.errors_truncated = len(errors) > MAX_ERRORS_REPORTED
+        self._finish(record)
+
+    def _finish(self, record: ReloadRecord) -> None:
+        record.elapsed_ms = round((time.perf_counter() - record._t0) * 1000, 3)
+        self.history.add(record)
+        fields = record.as_dict()
+        event = fields.pop("outcome")
+        fields.pop("started_at")
+        if event == "reload_failed" and not record.matches:
+            for key in ("matches", "switched", "rolled_back", "failed"):
+                fields.pop(key)
+        if event == "reloaded":
+            log.info(event, **fields)
+        else:
+            log.warning(event, **fields)
+
+    def pending(self) -> int:
+        return sum(len(r._pending) for r in self._in_flight.values())
+
+
+# -- detection -------------------------------------------------------------------------------------
+def _snapshot(game_dir: Path) -> dict[Path, tuple[int, int]]:
+    stats = {}
+    for path in game_dir.rglob("*.lua"):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        stats[path] = (st.st_mtime_ns, st.st_size)
+    return stats
+
+
+async def poll_changes(reloader: Reloader, interval_s: float, stop: asyncio.Event) -> None:
+    """The fallback detector: compare mtimes and sizes every `interval_s`."""
+    game_dir = reloader.registry.game_dir
+    seen = await asyncio.to_thread(_snapshot, game_dir)
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), interval_s)
+            return
+        except TimeoutError:
+            pass
+        current = await asyncio.to_thread(_snapshot, game_dir)
+        changed = [p for p, sig in current.items() if seen.get(p) != sig]
+        changed += [p for p in seen if p not in current]
+        seen = current
+        if changed:
+            _apply_safely(reloader, changed, "poll")
+
+
+async def watch_changes(reloader: Reloader, debounce_ms: int, stop: asyncio.Event) -> None:
+    """inotify (or forced polling through WATCHFILES_FORCE_POLLING) via watchfiles.
+
+    watchfiles groups a burst of events until the directory is quiet for `debounce_ms`, and an
+    editor's atomic save (temp file + rename) arrives as an added file, which is handled the same
+    as a modification: what counts is the content now on disk.
+    """
+    import watchfiles
+
+    game_dir = reloader.registry.game_dir
+    async for changes in watchfiles.awatch(
+        game_dir,
+        step=max(debounce_ms, 1),
+        stop_event=stop,
+        recursive=True,
+        watch_filter=lambda _change, path: path.endswith(".lua"),
+    ):
+        _apply_safely(reloader, [Path(p) for _, p in changes], "watch")
+
+
+def _apply_safely(reloader: Reloader, paths: list[Path], trigger: str) -> None:
+    try:
+        reloader.apply_paths(paths, trigger)
+    except Exception:
+        log.exception("reload_crashed", paths=[str(p) for p in paths])

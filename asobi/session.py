@@ -1,0 +1,169 @@
+"""One client's conversation with the server: authentication and the frames it may send.
+
+A `Session` turns parsed frames into calls on the app and replies on its `Peer`.  It never touches
+a socket, so the whole protocol can be driven by tests with a fake peer; `asobi.server` feeds it
+the messages of a real WebSocket connection.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from asobi.app import App
+from asobi.auth import InvalidToken
+from asobi.hub import Peer
+from asobi.matchmaker import UnknownMode
+from asobi.protocol import (
+    AUTH_FREE,
+    ErrorCode,
+    Frame,
+    ProtocolError,
+    encode,
+    encode_error,
+    parse_frame,
+    require_mode,
+    require_str,
+)
+
+log = structlog.get_logger("asobi.session")
+
+CLOSE_REPLACED = 4000
+
+
+class Session:
+    def __init__(self, app: App, peer: Peer, remote: str = "") -> None:
+        self.app = app
+        self.peer = peer
+        self.remote = remote
+        self.player_id: str | None = None
+        self._handlers: dict[str, Callable[[Frame], None]] = {
+            "auth.guest": self._auth_guest,
+            "session.connect": self._connect,
+            "session.heartbeat": self._heartbeat,
+            "matchmaker.add": self._matchmaker_add,
+            "matchmaker.remove": self._matchmaker_remove,
+            "match.input": self._match_input,
+            "match.leave": self._match_leave,
+        }
+
+    @property
+    def authenticated(self) -> bool:
+        return self.player_id is not None
+
+    # -- entry points -----------------------------------------------------------------------------
+    def handle(self, data: str | bytes) -> None:
+        """Handle one text message; any refusal becomes an `error` frame, never an exception."""
+        try:
+            frame = parse_frame(data)
+            if frame.type not in AUTH_FREE and self.player_id is None:
+                raise ProtocolError(
+                    ErrorCode.UNAUTHENTICATED,
+                    "send session.connect with a token first (auth.guest gives you one)",
+                    frame.cid,
+                )
+            self._handlers[frame.type](frame)
+        except ProtocolError as exc:
+            self.send_error(exc.code, exc.message, exc.cid)
+        except Exception:
+            log.exception("frame_failed", player_id=self.player_id)
+            self.send_error(ErrorCode.INTERNAL, "the server could not handle this frame")
+
+    def closed(self) -> None:
+        """The connection is gone: queued tickets go, and the player leaves their match."""
+        player_id = self.player_id
+        if player_id is None:
+            return
+        self.player_id = None
+        if not self.app.hub.detach(player_id, self.peer):
+            return  # replaced by a newer connection, which keeps the seat
+        self.app.matchmaker.remove(player_id)
+        self.app.engine.remove_player(player_id)
+        log.info("session_closed", player_id=player_id)
+
+    # -- replies ----------------------------------------------------------------------------------
+    def reply(self, frame: Frame, kind: str, payload: Any) -> None:
+        self.peer.send_frame(encode(kind, payload, frame.cid))
+
+    def send_error(self, code: ErrorCode, message: str, cid: Any = None) -> None:
+        self.peer.send_frame(encode_error(code, message, cid))
+
+    # -- handlers ---------------------------------------------------------------------------------
+    def _auth_guest(self, frame: Frame) -> None:
+        player_id, token = self.app.signer.guest()
+        log.info("guest_created", player_id=player_id)
+        self.reply(frame, "auth.token", {"player_id": player_id, "token": token})
+
+    def _connect(self, frame: Frame) -> None:
+        token = require_str(frame, "token", max_length=8192)
+        try:
+            player_id = self.app.signer.verify(token)
+        except InvalidToken as exc:
+            raise ProtocolError(ErrorCode.INVALID_TOKEN, str(exc), frame.cid) from None
+        if self.player_id is not None and self.player_id != player_id:
+            raise ProtocolError(
+                ErrorCode.ALREADY_AUTHENTICATED,
+                f"this connection is already player {self.player_id}",
+                frame.cid,
+            )
+        self.player_id = player_id
+        previous = self.app.hub.attach(player_id, self.peer)
+        if previous is not None:
+            previous.close(CLOSE_REPLACED, "replaced by a newer connection for this player")
+        log.info(
+            "session_connected",
+            player_id=player_id,
+            remote=self.remote,
+            replaced=previous is not None,
+        )
+        self.reply(frame, "session.connected", {"player_id": player_id})
+        match = self.app.engine.match_of(player_id)
+        if match is not None:
+            self.peer.send_frame(
+                encode("match.rejoined", {"match_id": match.id, "mode": match.mode})
+            )
+
+    def _heartbeat(self, frame: Frame) -> None:
+        self.reply(frame, "session.heartbeat", {"ts": int(time.time() * 1000)})
+
+    def _matchmaker_add(self, frame: Frame) -> None:
+        mode = require_mode(frame)
+        assert self.player_id is not None
+        if self.app.engine.match_of(self.player_id) is not None:
+            raise ProtocolError(
+                ErrorCode.ALREADY_IN_MATCH, "leave your current match first", frame.cid
+            )
+        try:
+            ticket, existed = self.app.matchmaker.add(self.player_id, mode)
+        except UnknownMode:
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_MODE,
+                f"no script for mode {mode!r} (looked for {mode}.lua and match.lua)",
+                frame.cid,
+            ) from None
+        payload: dict[str, Any] = {"ticket_id": ticket.ticket_id, "mode": mode}
+        if existed:
+            payload["already_queued"] = True
+        self.reply(frame, "matchmaker.queued", payload)
+        self.app.matchmaker.process()
+
+    def _matchmaker_remove(self, frame: Frame) -> None:
+        ticket_id = require_str(frame, "ticket_id", max_length=64)
+        assert self.player_id is not None
+        removed = self.app.matchmaker.remove(self.player_id, ticket_id)
+        self.reply(frame, "matchmaker.removed", {"ticket_id": ticket_id, "removed": bool(removed)})
+
+    def _match_input(self, frame: Frame) -> None:
+        assert self.player_id is not None
+        if not self.app.engine.submit_input(self.player_id, frame.payload):
+            raise ProtocolError(ErrorCode.NOT_IN_MATCH, "you are not in a match", frame.cid)
+
+    def _match_leave(self, frame: Frame) -> None:
+        assert self.player_id is not None
+        match = self.app.engine.remove_player(self.player_id)
+        if match is None:
+            raise ProtocolError(ErrorCode.NOT_IN_MATCH, "you are not in a match", frame.cid)
+        self.reply(frame, "match.left", {"match_id": match.id})
