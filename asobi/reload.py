@@ -30,6 +30,7 @@ from asobi.scripts import MAX_ERRORS_REPORTED, ScriptError, ScriptRegistry, Scri
 log = structlog.get_logger("asobi.reload")
 
 HISTORY_SIZE = 256
+WATCH_TIMEOUT_MS = 100
 
 
 @dataclass(slots=True)
@@ -232,10 +233,14 @@ def _snapshot(game_dir: Path) -> dict[Path, tuple[int, int]]:
     return stats
 
 
-async def poll_changes(reloader: Reloader, interval_s: float, stop: asyncio.Event) -> None:
+async def poll_changes(
+    reloader: Reloader, interval_s: float, stop: asyncio.Event, ready: asyncio.Event
+) -> None:
     """The fallback detector: compare mtimes and sizes every `interval_s`."""
     game_dir = reloader.registry.game_dir
     seen = await asyncio.to_thread(_snapshot, game_dir)
+    _catch_up(reloader, "poll")
+    ready.set()
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), interval_s)
@@ -250,12 +255,17 @@ async def poll_changes(reloader: Reloader, interval_s: float, stop: asyncio.Even
             _apply_safely(reloader, changed, "poll")
 
 
-async def watch_changes(reloader: Reloader, debounce_ms: int, stop: asyncio.Event) -> None:
+async def watch_changes(
+    reloader: Reloader, debounce_ms: int, stop: asyncio.Event, ready: asyncio.Event
+) -> None:
     """inotify (or forced polling through WATCHFILES_FORCE_POLLING) via watchfiles.
 
     watchfiles groups a burst of events until the directory is quiet for `debounce_ms`, and an
     editor's atomic save (temp file + rename) arrives as an added file, which is handled the same
     as a modification: what counts is the content now on disk.
+
+    The watcher yields on a short timeout too: the first empty yield proves it is running, and
+    a catch-up pass then picks up anything saved between the server's start and that moment.
     """
     import watchfiles
 
@@ -265,9 +275,22 @@ async def watch_changes(reloader: Reloader, debounce_ms: int, stop: asyncio.Even
         step=max(debounce_ms, 1),
         stop_event=stop,
         recursive=True,
+        rust_timeout=WATCH_TIMEOUT_MS,
+        yield_on_timeout=True,
         watch_filter=lambda _change, path: path.endswith(".lua"),
     ):
-        _apply_safely(reloader, [Path(p) for _, p in changes], "watch")
+        if not ready.is_set():
+            _catch_up(reloader, "watch")
+            ready.set()
+        if changes:
+            _apply_safely(reloader, [Path(p) for _, p in changes], "watch")
+
+
+def _catch_up(reloader: Reloader, trigger: str) -> None:
+    try:
+        reloader.reload_now(None, trigger)
+    except Exception:
+        log.exception("reload_crashed", paths=["*"])
 
 
 def _apply_safely(reloader: Reloader, paths: list[Path], trigger: str) -> None:

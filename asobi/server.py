@@ -103,14 +103,19 @@ class AsobiServer:
         )
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
+        watching = asyncio.Event()
         if s.reload == "watch":
             self._watch_task = asyncio.create_task(
-                watch_changes(self.app.reloader, s.reload_debounce_ms, self._stop_watch)
+                watch_changes(self.app.reloader, s.reload_debounce_ms, self._stop_watch, watching)
             )
         elif s.reload == "poll":
             self._watch_task = asyncio.create_task(
-                poll_changes(self.app.reloader, s.reload_poll_ms / 1000, self._stop_watch)
+                poll_changes(
+                    self.app.reloader, s.reload_poll_ms / 1000, self._stop_watch, watching
+                )
             )
+        if self._watch_task is not None:
+            await asyncio.wait_for(watching.wait(), 10)
         log.info(
             "server_started",
             host=s.host,

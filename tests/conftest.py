@@ -1,0 +1,221 @@
+"""Shared fixtures: a real server on an ephemeral loopback port, real WebSocket clients, and the
+server's JSON log lines as parsed dicts.
+
+Every test gets its own server and game dir (function-scoped, like the test's event loop: mixing
+loop scopes leaves a server on an idle loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import websockets
+
+from asobi import log as logsetup
+from asobi.app import App
+from asobi.config import Settings
+from asobi.server import AsobiServer
+
+TUTORIAL = """\
+function init(state)
+  state.counter = 0
+  state.message = "hello"
+  return state
+end
+function tick(state)
+  state.counter = state.counter + 1
+  return state
+end
+function get_state(state, player_id)
+  return { counter = state.counter, message = state.message }
+end
+"""
+
+
+class LogCapture:
+    """A binary stream for structlog that keeps every JSON line it is given."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def write(self, data: bytes) -> None:
+        for raw in data.splitlines():
+            if raw.strip():
+                with self._lock:
+                    self.lines.append(orjson.loads(raw))
+
+    def flush(self) -> None:
+        pass
+
+    def events(self, name: str, since: int = 0) -> list[dict[str, Any]]:
+        with self._lock:
+            return [line for line in self.lines[since:] if line.get("event") == name]
+
+
+LOGS = LogCapture()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    logsetup.configure("debug", LOGS)
+
+
+@dataclass
+class Logs:
+    """The log lines written since the test started."""
+
+    start: int
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return LOGS.events(name, self.start)
+
+    async def wait_for(
+        self, name: str, predicate: Callable[[dict[str, Any]], bool] = lambda _: True,
+        timeout: float = 5.0,
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.events(name):
+                if predicate(line):
+                    return line
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no {name!r} log line within {timeout}s; saw {self.events(name)}")
+
+
+@pytest.fixture
+def logs() -> Logs:
+    return Logs(len(LOGS.lines))
+
+
+class Client:
+    """A real WebSocket client speaking asobi's JSON frames."""
+
+    def __init__(self, ws: websockets.ClientConnection) -> None:
+        self.ws = ws
+        self.player_id: str | None = None
+
+    async def send(self, kind: str, payload: Any = None, cid: Any = None) -> None:
+        frame: dict[str, Any] = {"type": kind, "payload": {} if payload is None else payload}
+        if cid is not None:
+            frame["cid"] = cid
+        await self.ws.send(orjson.dumps(frame).decode())
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        return orjson.loads(raw)
+
+    async def expect(self, kind: str, timeout: float = 5.0, skip: tuple[str, ...] = ()) -> dict:
+        """Next frame of type `kind`; frames of types in `skip` (and match.state) are passed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {kind!r} frame within {timeout}s")
+            frame = await self.recv(left)
+            if frame["type"] == kind:
+                return frame
+            if frame["type"] not in skip and frame["type"] != "match.state":
+                raise AssertionError(f"expected {kind!r}, got {frame}")
+
+    async def request(self, kind: str, payload: Any = None, reply: str | None = None) -> dict:
+        await self.send(kind, payload, cid=kind)
+        frame = await self.expect(reply or kind, skip=("matchmaker.matched",))
+        return frame
+
+    async def login_guest(self) -> str:
+        await self.send("auth.guest")
+        token = (await self.expect("auth.token"))["payload"]["token"]
+        await self.send("session.connect", {"token": token})
+        connected = await self.expect("session.connected")
+        self.player_id = connected["payload"]["player_id"]
+        return self.player_id
+
+    async def states(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The payloads of the next `count` match.state frames (other frames are skipped)."""
+        out = []
+        deadline = time.monotonic() + timeout
+        while len(out) < count:
+            frame = await self.recv(max(deadline - time.monotonic(), 0.001))
+            if frame["type"] == "match.state":
+                out.append(frame["payload"])
+        return out
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+@dataclass
+class Running:
+    app: App
+    server: AsobiServer
+    game_dir: Path
+    clients: list[Client] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.server.port}/ws"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    async def client(self) -> Client:
+        ws = await websockets.connect(self.url, max_size=2**22)
+        client = Client(ws)
+        self.clients.append(client)
+        return client
+
+    async def player(self, mode: str | None = None) -> Client:
+        """A guest client, logged in, and queued for `mode` when given."""
+        client = await self.client()
+        await client.login_guest()
+        if mode is not None:
+            await client.send("matchmaker.add", {"mode": mode})
+            await client.expect("matchmaker.queued")
+        return client
+
+    def write(self, name: str, source: str) -> None:
+        """Save a script the way a plain editor does (truncate and write in place)."""
+        (self.game_dir / name).write_text(source)
+
+
+@pytest.fixture
+async def start_server(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    running: list[Running] = []
+
+    async def start(files: dict[str, str] | None = None, **overrides: Any) -> Running:
+        game_dir = tmp_path / f"game{len(running)}"
+        game_dir.mkdir()
+        for name, source in (files if files is not None else {"match.lua": TUTORIAL}).items():
+            path = game_dir / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(source)
+        settings = Settings.from_env(
+            {},
+            host="127.0.0.1",
+            port=0,
+            game_dir=game_dir,
+            data_dir=tmp_path / "data",
+            secret="test-secret-with-enough-length-for-hs256",
+            **overrides,
+        )
+        app = App.create(settings)
+        server = AsobiServer(app)
+        await server.start()
+        run = Running(app, server, game_dir)
+        running.append(run)
+        return run
+
+    yield start
+    for run in running:
+        for client in run.clients:
+            await client.close()
+        await run.server.stop()
