@@ -1,0 +1,28 @@
+# asobi: Lua-scripted multiplayer match server.
+FROM python:3.12-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    ASOBI_HOST=0.0.0.0 \
+    ASOBI_PORT=8080 \
+    ASOBI_GAME_DIR=/game \
+    ASOBI_DATA_DIR=/data
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY asobi ./asobi
+RUN pip install . \
+ && useradd --create-home --uid 10001 asobi \
+ && mkdir -p /game /data \
+ && chown asobi:asobi /data
+
+COPY --chown=asobi:asobi game /game
+
+USER asobi
+EXPOSE 8080
+VOLUME ["/data"]
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s \
+  CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=2).status == 200 else 1)"
+
+CMD ["asobi", "serve"]

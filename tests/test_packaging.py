@@ -1,0 +1,75 @@
+"""The shipped container files and CLI agree with the package (no Docker engine needed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_compose_serves_the_example_game() -> None:
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    service = compose["services"]["asobi"]
+    assert service["build"] == "."
+    assert "8080:8080" in service["ports"]
+    game_mounts = [v for v in service["volumes"] if v.startswith("./game:")]
+    assert game_mounts == ["./game:/game"]
+    assert service["environment"]["ASOBI_GAME_DIR"] == "/game"
+    assert (ROOT / "game" / "match.lua").is_file()
+
+
+def test_dockerfile_runs_the_package_as_non_root() -> None:
+    lines = [ln.strip() for ln in (ROOT / "Dockerfile").read_text().splitlines()]
+    assert lines[0].startswith("# ") or lines[0].startswith("FROM")
+    assert any(ln.startswith("FROM python:3.1") and ln.endswith("-slim") for ln in lines)
+    assert any(ln.startswith("USER ") and ln != "USER root" for ln in lines)
+    assert 'CMD ["asobi", "serve"]' in lines
+    copied = [ln.split()[1] for ln in lines if ln.startswith("COPY") and "--chown" not in ln]
+    copied += [ln.split()[2] for ln in lines if ln.startswith("COPY --chown")]
+    for path in copied:
+        assert (ROOT / path).exists(), path
+
+
+def test_cli_check_passes_on_the_shipped_game() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "asobi", "check", "--game-dir", str(ROOT / "game")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "match.lua" in result.stdout
+
+
+def test_cli_check_reports_syntax_errors(tmp_path: Path) -> None:
+    (tmp_path / "match.lua").write_text("function tick(state\n")
+    (tmp_path / "ok.lua").write_text("return {}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "asobi", "check", "--game-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "error match.lua" in result.stdout
+    assert "ok    ok.lua" in result.stdout
+
+
+def test_cli_token_is_accepted_by_the_server_secret(tmp_path: Path) -> None:
+    from asobi.auth import TokenSigner, load_or_create_secret
+
+    result = subprocess.run(
+        [sys.executable, "-m", "asobi", "token", "alice", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    signer = TokenSigner(load_or_create_secret(tmp_path, None))
+    assert signer.verify(token) == "alice"
