@@ -1,11 +1,17 @@
-"""`asobi serve | token | check`: the command line, at the edge of everything else."""
+"""`asobi serve | token | check | reloads | reload`: the command line, at the edge of the rest."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
+
+import orjson
 
 from asobi import log as logsetup
 from asobi.config import RELOAD_MODES, Settings
@@ -68,6 +74,87 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def _server_url(args: argparse.Namespace) -> str:
+    if args.url:
+        return args.url.rstrip("/")
+    settings = Settings.from_env()
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def _get_json(url: str, headers: dict[str, str] | None = None) -> tuple[int, object]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, orjson.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read() or b"null")
+
+
+def _print_reloads(records: list[dict]) -> None:
+    columns = ("id", "when", "script", "outcome", "matches", "ms", "errors")
+    rows = []
+    for r in records:
+        when = time.strftime("%H:%M:%S", time.localtime(r.get("started_at", 0)))
+        errors = "; ".join(r.get("errors") or [])
+        if r.get("errors_truncated"):
+            errors += f" (+{r['error_count'] - len(r['errors'])} more)"
+        rows.append(
+            (
+                str(r["id"]),
+                when,
+                r["script"],
+                r["outcome"],
+                str(len(r.get("matches") or [])),
+                f"{r.get('elapsed_ms', 0):.1f}",
+                errors,
+            )
+        )
+    widths = [max([len(c), *(len(row[i]) for row in rows)]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_reloads(args: argparse.Namespace) -> int:
+    try:
+        status, body = _get_json(_server_url(args) + "/api/v1/reloads")
+    except OSError as exc:
+        print(f"asobi reloads: cannot reach the server: {exc}", file=sys.stderr)
+        return 2
+    if status != 200 or not isinstance(body, dict):
+        print(f"asobi reloads: server answered {status}: {body}", file=sys.stderr)
+        return 2
+    _print_reloads(body["reloads"])
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    token = Settings.from_env().admin_token
+    if not token:
+        print(
+            "asobi reload: set ASOBI_ADMIN_TOKEN (the same value as the server's)", file=sys.stderr
+        )
+        return 2
+    url = _server_url(args) + "/api/v1/admin/reload"
+    if args.script:
+        url += "?" + urllib.parse.urlencode({"script": args.script})
+    try:
+        status, body = _get_json(url, {"Authorization": f"Bearer {token}"})
+    except OSError as exc:
+        print(f"asobi reload: cannot reach the server: {exc}", file=sys.stderr)
+        return 2
+    if status != 200 or not isinstance(body, dict):
+        print(f"asobi reload: server answered {status}: {body}", file=sys.stderr)
+        return 2
+    records = body["reloads"]
+    if not records:
+        print("nothing changed on disk")
+        return 0
+    _print_reloads(records)
+    return 1 if any(r["outcome"] != "reloaded" for r in records) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asobi", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="compile every script and report errors (exit 1)")
     check.add_argument("--game-dir", type=Path, help="scripts (ASOBI_GAME_DIR, default ./game)")
     check.set_defaults(func=cmd_check)
+    reloads = sub.add_parser("reloads", help="print a running server's reload history")
+    reloads.add_argument("--url", help="server base URL (default from ASOBI_HOST/ASOBI_PORT)")
+    reloads.set_defaults(func=cmd_reloads)
+
+    reload = sub.add_parser("reload", help="ask a running server to reload scripts now")
+    reload.add_argument("script", nargs="?", help="one script (path under the game dir)")
+    reload.add_argument("--url", help="server base URL (default from ASOBI_HOST/ASOBI_PORT)")
+    reload.set_defaults(func=cmd_reload)
     return parser
 
 

@@ -20,9 +20,10 @@ class Settings:
     data_dir: Path = Path("./data")
     secret: str | None = None
     token_ttl_s: int = 7 * 24 * 3600
+    admin_token: str | None = None
     reload: str = "watch"
     reload_poll_ms: int = 200
-    reload_debounce_ms: int = 30
+    reload_debounce_ms: int = 50
     log_level: str = "info"
     max_frame_bytes: int = 64 * 1024
     max_message_bytes: int = 1024 * 1024

@@ -251,17 +251,13 @@ class Match:
     def run_tick(self) -> None:
         self.tick_no += 1
         self.lua.set_tick(self.tick_no)
-        for pid, payload in self.inputs:
-            if pid in self.players and self.lua.function("handle_input") is not None:
-                lua_input = self.lua.to_lua(payload)
-                self._apply(
-                    "handle_input", self._call("handle_input", self.state, pid.encode(), lua_input)
-                )
-        self.inputs.clear()
+        if self.inputs:
+            self._run_inputs()
         if self.pending is not None:
             version, self.pending = self.pending, None
-            if self._reload_transaction(version):
-                self._after_tick()
+            frames = self._reload_transaction(version)
+            if frames is not None:
+                self._after_tick(frames)
                 return
         result = self._call("tick", self.state)
         if self._apply("tick", result):
@@ -269,17 +265,25 @@ class Match:
         else:
             self.failures += 1
             if self.failures >= self.engine.config.max_consecutive_failures:
+                reason = first_line(self.last_error or "")
                 self.engine.finish(
-                    self,
-                    {
-                        "error": f"tick failed {self.failures} times in a row: "
-                        f"{first_line(self.last_error or '')}"
-                    },
+                    self, {"error": f"tick failed {self.failures} times in a row: {reason}"}
                 )
                 return
-        self._after_tick()
+        self._after_tick(None)
 
-    def _after_tick(self) -> None:
+    def _run_inputs(self) -> None:
+        inputs, self.inputs = self.inputs, []
+        if self.lua.function("handle_input") is None:
+            return
+        for pid, payload in inputs:
+            if pid in self.players:
+                result = self._call(
+                    "handle_input", self.state, pid.encode(), self.lua.to_lua(payload)
+                )
+                self._apply("handle_input", result)
+
+    def _after_tick(self, frames: list[tuple[str, bytes]] | None) -> None:
         if self._finished_flag():
             try:
                 result = to_python(self.state[b"_result"], what="state._result")
@@ -287,7 +291,11 @@ class Match:
                 result = None
             self.engine.finish(self, result)
             return
-        self.send_state()
+        if frames is None:
+            frames = self._render_states(self.lua, self.state, self.script.meta.shared_state)
+        send = self.engine.outbox.send
+        for pid, frame in frames:
+            send(pid, frame, droppable=True)
 
     def _finished_flag(self) -> bool:
         try:
@@ -296,54 +304,60 @@ class Match:
             return False
         return flag is not None and flag is not False
 
-    def send_state(self) -> None:
-        outbox = self.engine.outbox
-        if self.script.meta.shared_state:
-            frame = self._state_frame(None)
-            if frame is not None:
-                for pid in self.players:
-                    outbox.send(pid, frame, droppable=True)
-            return
-        for pid in self.players:
-            frame = self._state_frame(pid)
-            if frame is not None:
-                outbox.send(pid, frame, droppable=True)
+    def _render_states(
+        self, lua: MatchLua, state: Any, shared: bool, *, strict: bool = False
+    ) -> list[tuple[str, bytes]]:
+        """One `match.state` frame per player (one for all with `shared_state`).
 
-    def _state_frame(self, player_id: str | None) -> bytes | None:
-        result = self._call("get_state", self.state, player_id.encode() if player_id else None)
-        if not result.ok:
-            self._log_failure("get_state", result.error)
-            self.effects.frames.clear()
-            return None
-        try:
-            payload = to_python(result.value, what="get_state result")
-            body = orjson.dumps(payload)
-        except (ConversionError, TypeError) as exc:
-            self._log_failure("get_state", str(exc))
-            self.effects.frames.clear()
-            return None
-        self._commit_effects()
-        return encode_raw_payload("match.state", body)
+        Outside a reload a failing get_state costs that player this tick's frame; inside the
+        reload transaction (`strict`) it fails the whole transaction.
+        """
+        frames: list[tuple[str, bytes]] = []
+        for pid in (None,) if shared else self.players:
+            if not strict:
+                self.effects.frames.clear()
+            result = lua.call("get_state", state, pid.encode() if pid else None)
+            error = None if result.ok else result.error
+            if error is None:
+                try:
+                    body = orjson.dumps(to_python(result.value, what="get_state result"))
+                except (ConversionError, TypeError) as exc:
+                    error = str(exc)
+            if error is not None:
+                if strict:
+                    raise _CallFailed(f"get_state failed on the new code: {short_error(error)}")
+                self._log_failure("get_state", error)
+                self.effects.frames.clear()
+                continue
+            if not strict:
+                self._commit_effects()
+            frame = encode_raw_payload("match.state", body)
+            if pid is None:
+                frames.extend((member, frame) for member in self.players)
+            else:
+                frames.append((pid, frame))
+        return frames
 
     # -- reload transaction ----------------------------------------------------------------------
-    def _reload_transaction(self, version: ScriptVersion) -> bool:
-        """Try this tick on the new code.  True when the match switched (and the tick ran)."""
+    def _reload_transaction(self, version: ScriptVersion) -> list[tuple[str, bytes]] | None:
+        """Run this tick on the new code.  Returns the tick's state frames when the match
+        switched, None when it stays on the old code (which then runs the tick as usual)."""
         started = time.perf_counter()
         old = self.lua
         try:
             new = self._new_lua(version, (self.seed * 1_000_003 + self.tick_no) & (2**48 - 1))
         except ScriptLoadError as exc:
             self._reload_resolved(version, "reload_rolled_back", f"top-level code failed: {exc}")
-            return False
+            return None
         new.set_context(self.id, self.tick_no, self.players)
         copied = old.api_call("reload copy", "serialize", self.state, budget=old.limits.copy)
         if not copied.ok:
             self._reload_resolved(version, "reload_failed", f"state cannot cross: {copied.error}")
-            return False
+            return None
         restored = new.api_call("reload copy", "deserialize", copied.value, budget=new.limits.copy)
         if not restored.ok:
             self._reload_resolved(version, "reload_failed", f"state copy failed: {restored.error}")
-            return False
+            return None
         state = restored.value
         self.effects.frames.clear()
         self.lua = new
@@ -356,11 +370,12 @@ class Match:
                 state = self._result_state("migrate", migrated, state)
             ticked = new.call("tick", state)
             state = self._result_state("tick", ticked, state)
+            frames = self._render_states(new, state, version.meta.shared_state, strict=True)
         except _CallFailed as exc:
             self.lua = old
             self.effects.frames.clear()
             self._reload_resolved(version, "reload_rolled_back", exc.message)
-            return False
+            return None
         self.state = state
         self.script = version
         self.period = 1.0 / version.meta.tick_rate
@@ -368,11 +383,13 @@ class Match:
         self._commit_effects()
         elapsed = (time.perf_counter() - started) * 1000
         self._reload_resolved(version, "reloaded", None, elapsed_ms=elapsed)
-        if version.meta.notify_reload:
+        subscribers = self.engine.reload_subscribers
+        if subscribers:
             frame = encode("match.reloaded", {"match_id": self.id, "version": version.version})
             for pid in self.players:
-                self.engine.outbox.send(pid, frame)
-        return True
+                if pid in subscribers:
+                    self.engine.outbox.send(pid, frame)
+        return frames
 
     def _result_state(self, callback: str, result: CallResult, given: Any) -> Any:
         if not result.ok:
@@ -492,6 +509,8 @@ class Engine:
         self.ticks = 0
         self.lateness: deque[float] = deque(maxlen=65536)
         self.on_schedule_change: Callable[[float], None] | None = None
+        # Players who asked for `match.reloaded` frames (session.connect {notify_reload: true}).
+        self.reload_subscribers: set[str] = set()
 
     # -- matches ----------------------------------------------------------------------------------
     def start_match(self, mode: str, script: ScriptVersion, players: list[str]) -> Match:

@@ -18,7 +18,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ log = structlog.get_logger("asobi.reload")
 
 HISTORY_SIZE = 256
 WATCH_TIMEOUT_MS = 100
+WATCH_STEP_MS = 10
 
 
 @dataclass(slots=True)
@@ -50,14 +51,20 @@ class ReloadRecord:
     errors: list[str] = field(default_factory=list)
     errors_truncated: bool = False
     error_count: int = 0
+    restored_previous: bool = False
+    dependents: list[str] = field(default_factory=list)
     _pending: set[str] = field(default_factory=set, repr=False)
     _t0: float = field(default=0.0, repr=False)
+    _version: ScriptVersion | None = field(default=None, repr=False)
+    _previous: ScriptVersion | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("_pending")
-        data.pop("_t0")
-        return data
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if not f.name.startswith("_"):
+                value = getattr(self, f.name)
+                out[f.name] = list(value) if isinstance(value, list) else value
+        return out
 
 
 class ReloadHistory:
@@ -111,6 +118,7 @@ class Reloader:
 
     def apply_source(self, name: str, source: bytes, trigger: str) -> ReloadRecord | None:
         t0 = time.perf_counter()
+        previous = self.registry.get(name)
         outcome = self.registry.update(name, source)
         if outcome is None:
             return None
@@ -122,7 +130,7 @@ class Reloader:
             record.errors_truncated = outcome.truncated
             self._finish(record)
             return record
-        return self._schedule(outcome, trigger, t0)
+        return self._schedule(outcome, previous, trigger, t0)
 
     def reload_now(self, name: str | None, trigger: str = "manual") -> list[ReloadRecord]:
         """Re-read scripts from disk now (all of them when `name` is None)."""
@@ -132,9 +140,12 @@ class Reloader:
             paths = [self.registry.game_dir / name]
         return self.apply_paths(paths, trigger)
 
-    def _schedule(self, version: ScriptVersion, trigger: str, t0: float) -> ReloadRecord:
+    def _schedule(
+        self, version: ScriptVersion, previous: ScriptVersion | None, trigger: str, t0: float
+    ) -> ReloadRecord:
         record = self._new_record(version.name, version.hash, trigger, t0)
         record.version = version.version
+        record._version, record._previous = version, previous
         previous = self._in_flight.pop(version.name, None)
         affected = self.engine.schedule_reload(version)
         for match in affected:
@@ -146,6 +157,7 @@ class Reloader:
             self._match_record[match.id] = record
             record._pending.add(match.id)
         record.matches = [m.id for m in affected]
+        record.dependents = sorted({m.script.name for m in affected} - {version.name})
         if previous is not None:
             self._settle(previous)
         if record._pending:
@@ -193,6 +205,9 @@ class Reloader:
             del self._in_flight[record.script]
         if record.rolled_back:
             record.outcome = "reload_rolled_back"
+            if not record.switched and record._previous and record._version:
+                # Every match refused the new code: new matches keep starting on the old one.
+                record.restored_previous = self.registry.restore(record._previous, record._version)
         elif record.failed:
             record.outcome = "reload_failed"
         else:
@@ -233,10 +248,52 @@ def _snapshot(game_dir: Path) -> dict[Path, tuple[int, int]]:
     return stats
 
 
+class Debouncer:
+    """Collects changed paths until the game dir has been quiet for `quiet_s` (or `max_wait_s`
+    has passed since the first change), then applies them as one batch.
+
+    An editor's save can be several events (truncate, write, rename; swap files), and a save
+    storm many more: only the content on disk once it settles is loaded, and only once.
+    """
+
+    def __init__(self, reloader: Reloader, trigger: str, quiet_s: float, max_wait_s: float = 1.0):
+        self.reloader = reloader
+        self.trigger = trigger
+        self.quiet_s = quiet_s
+        self.max_wait_s = max_wait_s
+        self._paths: set[Path] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._first = 0.0
+
+    def add(self, paths: Iterable[Path]) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if not self._paths:
+            self._first = now
+        self._paths.update(paths)
+        if self._timer is not None:
+            self._timer.cancel()
+        when = min(now + self.quiet_s, self._first + self.max_wait_s)
+        self._timer = loop.call_at(when, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        paths, self._paths = sorted(self._paths), set()
+        if paths:
+            _apply_safely(self.reloader, paths, self.trigger)
+
+
 async def poll_changes(
     reloader: Reloader, interval_s: float, stop: asyncio.Event, ready: asyncio.Event
 ) -> None:
-    """The fallback detector: compare mtimes and sizes every `interval_s`."""
+    """The fallback detector: compare mtimes and sizes every `interval_s`.
+
+    A file whose signature changed is applied once its signature holds still for one more poll
+    (or right away when it did not change during the last poll), so a slow writer's half-saved
+    file is not loaded.
+    """
     game_dir = reloader.registry.game_dir
     seen = await asyncio.to_thread(_snapshot, game_dir)
     _catch_up(reloader, "poll")
@@ -260,19 +317,19 @@ async def watch_changes(
 ) -> None:
     """inotify (or forced polling through WATCHFILES_FORCE_POLLING) via watchfiles.
 
-    watchfiles groups a burst of events until the directory is quiet for `debounce_ms`, and an
-    editor's atomic save (temp file + rename) arrives as an added file, which is handled the same
-    as a modification: what counts is the content now on disk.
-
-    The watcher yields on a short timeout too: the first empty yield proves it is running, and
-    a catch-up pass then picks up anything saved between the server's start and that moment.
+    Events go through a `Debouncer` (quiet for `debounce_ms`).  An editor's atomic save (temp
+    file + rename) arrives as an added file and is handled like a modification: what counts is
+    the content now on disk.  The watcher also yields on a short timeout: the first empty yield
+    proves it is running, and a catch-up pass then picks up anything saved between the server's
+    start and that moment.
     """
     import watchfiles
 
     game_dir = reloader.registry.game_dir
+    debouncer = Debouncer(reloader, "watch", debounce_ms / 1000)
     async for changes in watchfiles.awatch(
         game_dir,
-        step=max(debounce_ms, 1),
+        step=WATCH_STEP_MS,
         stop_event=stop,
         recursive=True,
         rust_timeout=WATCH_TIMEOUT_MS,
@@ -283,7 +340,8 @@ async def watch_changes(
             _catch_up(reloader, "watch")
             ready.set()
         if changes:
-            _apply_safely(reloader, [Path(p) for _, p in changes], "watch")
+            debouncer.add(Path(p) for _, p in changes)
+    debouncer.flush()
 
 
 def _catch_up(reloader: Reloader, trigger: str) -> None:

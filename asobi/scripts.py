@@ -37,7 +37,6 @@ class ScriptMeta:
     tick_rate: float = 10.0
     shared_state: bool = False
     reload_dependents: bool = False
-    notify_reload: bool = False
     version: str | None = None
 
 
@@ -197,6 +196,15 @@ class ScriptRegistry:
             return problem
         return self.accept(name, source)
 
+    def restore(self, version: ScriptVersion, replaced: ScriptVersion) -> bool:
+        """Put `version` back in force if `replaced` still is (a reload every match rolled back:
+        new matches should not start on code that is known to fail)."""
+        if self._scripts.get(replaced.name) is not replaced:
+            return False
+        self._scripts[version.name] = version
+        self._rejected[replaced.name] = replaced.hash
+        return True
+
     def remove(self, name: str) -> bool:
         """A deleted file: stop offering it to new matches and `require` (running ones keep it)."""
         self._rejected.pop(name, None)
@@ -254,7 +262,6 @@ def _read_meta(probe: MatchLua) -> ScriptMeta:
         tick_rate=number("tick_rate", 10.0, MIN_TICK_RATE, MAX_TICK_RATE),
         shared_state=probe.global_value("shared_state") is True,
         reload_dependents=probe.global_value("reload_dependents") is True,
-        notify_reload=probe.global_value("notify_reload") is True,
         version=str(version) if isinstance(version, str | int | float) and version != "" else None,
     )
 

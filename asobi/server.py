@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import signal
 import time
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 import structlog
@@ -34,6 +36,7 @@ WS_PATH = "/ws"
 CLOSE_POLICY = 1008
 SOFT_BUFFER_BYTES = 256 * 1024
 HARD_BUFFER_BYTES = 4 * 1024 * 1024
+ADMIN_RELOAD_WAIT_S = 5.0
 
 
 class WebSocketPeer:
@@ -146,7 +149,9 @@ class AsobiServer:
         await self.stop()
 
     # -- HTTP -------------------------------------------------------------------------------------
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == WS_PATH:
             return None
@@ -157,7 +162,35 @@ class AsobiServer:
             return _json_response(connection, 200 if ready else 503, {"ready": ready})
         if path == "/api/v1/reloads":
             return _json_response(connection, 200, {"reloads": self.app.history.as_list()})
+        if path == "/api/v1/admin/reload":
+            return await self._admin_reload(connection, request)
         return _json_response(connection, 404, {"error": "not found", "path": path[:200]})
+
+    async def _admin_reload(self, connection: ServerConnection, request: Request) -> Response:
+        """Reload now (`asobi reload`), for setups where watching is off.  Guarded by the
+        ASOBI_ADMIN_TOKEN bearer token and disabled when none is configured.  It is a GET
+        because this port's HTTP side only serves the WebSocket handshake's method."""
+        expected = self.settings.admin_token
+        if not expected:
+            return _json_response(connection, 403, {"error": "ASOBI_ADMIN_TOKEN is not set"})
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+            return _json_response(connection, 401, {"error": "bad admin token"})
+        query = parse_qs(urlsplit(request.path).query)
+        script = (query.get("script") or [None])[0]
+        if (
+            script is not None
+            and self.app.registry.relative_name(self.app.registry.game_dir / script) != script
+        ):
+            return _json_response(connection, 400, {"error": f"not a script: {script[:200]}"})
+        records = self.app.reloader.reload_now(script, "manual")
+        # Answer once every affected match has switched or refused (a tick or two).
+        deadline = asyncio.get_running_loop().time() + ADMIN_RELOAD_WAIT_S
+        while any(r.outcome == "pending" for r in records):
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        return _json_response(connection, 200, {"reloads": [r.as_dict() for r in records]})
 
     # -- WebSocket --------------------------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:

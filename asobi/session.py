@@ -81,6 +81,7 @@ class Session:
         if not self.app.hub.detach(player_id, self.peer):
             return  # replaced by a newer connection, which keeps the seat
         self.app.matchmaker.remove(player_id)
+        self.app.engine.reload_subscribers.discard(player_id)
         self.app.engine.remove_player(player_id)
         log.info("session_closed", player_id=player_id)
 
@@ -119,6 +120,8 @@ class Session:
             remote=self.remote,
             replaced=previous is not None,
         )
+        if frame.payload.get("notify_reload") is True:
+            self.app.engine.reload_subscribers.add(player_id)
         self.reply(frame, "session.connected", {"player_id": player_id})
         match = self.app.engine.match_of(player_id)
         if match is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 
@@ -150,8 +149,14 @@ async def test_two_modes_reload_independently(start_server, logs: Logs) -> None:
     await b.expect("matchmaker.matched")
     server.write("match.lua", EDITED)
     await logs.wait_for("reloaded", lambda line: line["script"] == "match.lua")
-    await asyncio.sleep(0.3)
+    for _ in range(20):
+        (state,) = await a.states(1)
+        if state["message"].startswith("tick"):
+            break
+    else:
+        raise AssertionError("mode 'hello' never switched")
     a_states = await a.states(3)
+    assert all(s["message"].startswith("tick") for s in a_states)
     b_states = await b.states(3)
     assert all(s["message"].startswith("tick") for s in a_states)
     assert all(s["message"] == "other" for s in b_states)
