@@ -106,6 +106,17 @@ def short_error(message: str) -> str:
     return "\n".join(kept)
 
 
+def lua_kind(value: Any) -> str:
+    """The Lua type name of a value lupa handed over (strings arrive as bytes)."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, bytes):
+        return "string"
+    return MatchLua.type_name(value)
+
+
 def first_line(message: str) -> str:
     return message.split("\n", 1)[0]
 
@@ -472,7 +483,7 @@ class Match:
             return args[0]
         if not MatchLua.is_table(value):
             self._log_failure(
-                callback, f"{callback} returned a {type(value).__name__}, not a table"
+                callback, f"{callback} returned a {lua_kind(value)}, not a table (or nothing)"
             )
             return fallback
         return value
@@ -486,7 +497,7 @@ class Match:
         value = result.value
         if value is not None and not MatchLua.is_table(value):
             self._log_failure(
-                callback, f"{callback} returned a {type(value).__name__}, not a table"
+                callback, f"{callback} returned a {lua_kind(value)}, not a table (or nothing)"
             )
             self.effects.frames.clear()
             return False
@@ -605,6 +616,20 @@ class Engine:
             return False
         match.inputs.append((player_id, payload))
         return True
+
+    def join_match(self, match_id: str, player_id: str) -> str | None:
+        """Add a player to a running match (`join` runs); returns a refusal reason or None."""
+        match = self.matches.get(match_id)
+        if match is None or match.finished:
+            return "no such match"
+        current = self.player_match.get(player_id)
+        if current is not None and current != match_id:
+            return "already in another match"
+        reason = match.join(player_id)
+        if reason is None:
+            self.player_match[player_id] = match_id
+            log.info("player_joined", match_id=match_id, player_id=player_id)
+        return reason
 
     def remove_player(self, player_id: str) -> Match | None:
         """The player leaves their match (`leave` runs); an empty match ends."""
