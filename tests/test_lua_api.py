@@ -659,3 +659,37 @@ async def test_other_matches_are_untouched_by_a_failing_one(start_server) -> Non
     states = await good.states(5)
     ns = [s["n"] for s in states]
     assert ns == list(range(ns[0], ns[0] + 5))
+
+
+GARBAGE = """
+match_size = 2
+function init(state) state.inputs = 0 return state end
+function handle_input(state, player_id, input)
+  game.send(player_id, { note = "never sent" })
+  state.inputs = state.inputs + 1
+  if input.explode then error("bad input") end
+end
+function tick(state) return state end
+function get_state(state, player_id)
+  if player_id == game.players()[1] then return { name = "\\255\\254" } end
+  return { t = game.tick(), inputs = state.inputs }
+end
+"""
+
+
+async def test_players_get_no_garbage_from_failing_callbacks(start_server, logs: Logs) -> None:
+    server = await start_server({"match.lua": GARBAGE})
+    (a, b), info = await matched(server, "junk", 2)
+    await b.send("match.input", {"explode": True})
+    for state in await b.states(10):
+        if state["inputs"] == 1:
+            break
+    else:
+        raise AssertionError("the input was never handled")
+    # The input's in-place change stayed; its message was dropped; a's view never converts.
+    await no_frame_of(b, {"match.message"}, 0.2)
+    await no_frame_of(a, {"match.state", "match.message"}, 0.2)
+    (failure,) = script_failures(logs, info["match_id"], "handle_input")
+    assert "bad input" in failure["error"]
+    bad_state = script_failures(logs, info["match_id"], "get_state")[0]
+    assert bad_state["error"] == "get_state result.name is not valid UTF-8 text"
