@@ -478,15 +478,14 @@ class Match:
             self.effects.frames.clear()
             return fallback
         value = result.value
-        self._commit_effects()
-        if value is None:
-            return args[0]
-        if not MatchLua.is_table(value):
+        if value is not None and not MatchLua.is_table(value):
             self._log_failure(
                 callback, f"{callback} returned a {lua_kind(value)}, not a table (or nothing)"
             )
+            self.effects.frames.clear()
             return fallback
-        return value
+        self._commit_effects()
+        return args[0] if value is None else value
 
     def _apply(self, callback: str, result: CallResult) -> bool:
         """Adopt a callback's returned state (or keep the given one) and commit its effects."""
