@@ -46,6 +46,7 @@ class App:
             EngineConfig(
                 limits=settings.limits,
                 max_consecutive_failures=settings.max_consecutive_failures,
+                match_seed=settings.match_seed,
             ),
         )
         secret = load_or_create_secret(settings.data_dir, settings.secret)

@@ -29,6 +29,8 @@ class Settings:
     max_message_bytes: int = 1024 * 1024
     connect_timeout_s: float = 10.0
     max_consecutive_failures: int = 10
+    # ASOBI_MATCH_SEED: seed every match's random generator with this number (replays, tests).
+    match_seed: int | None = None
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
@@ -60,6 +62,8 @@ def _coerce(name: str, raw: str) -> Any:
     default = getattr(Settings, name, None)
     if name in ("game_dir", "data_dir"):
         return Path(raw)
+    if name == "match_seed":
+        return int(raw, 0)
     if isinstance(default, bool):
         return raw.lower() in ("1", "true", "yes", "on")
     if isinstance(default, int):

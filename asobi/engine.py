@@ -53,6 +53,15 @@ RESERVED_EVENTS = frozenset(
     }
 )
 MAX_TRACEBACK_LINES = 8
+_LOG_LEVELS = {
+    "debug": "debug",
+    "info": "info",
+    "warn": "warning",
+    "warning": "warning",
+    "error": "error",
+}
+# Traceback lines that point into the host (the sandbox chunk, xpcall) rather than game code.
+_TRACEBACK_NOISE = ("[C]: in function 'xpcall'", "=asobi", '[string "<python>"]')
 _PHASE_STEP = 0.6180339887498949  # golden ratio: spreads match phases evenly over a period
 
 
@@ -80,6 +89,8 @@ class EngineConfig:
     limits: Limits = field(default_factory=Limits)
     max_consecutive_failures: int = 10
     log_lines_per_second: float = 20.0
+    # Seed every match's random generator with this value instead of a fresh one (replays).
+    match_seed: int | None = None
 
 
 class MatchStartError(Exception):
@@ -89,10 +100,21 @@ class MatchStartError(Exception):
 def short_error(message: str) -> str:
     """First lines of a Lua error with its traceback, for logs."""
     lines = message.splitlines()
-    kept = [ln for ln in lines if "[C]: in function 'xpcall'" not in ln and "=asobi" not in ln]
+    kept = [ln for ln in lines if not any(noise in ln for noise in _TRACEBACK_NOISE)]
     if len(kept) > MAX_TRACEBACK_LINES:
         kept = [*kept[:MAX_TRACEBACK_LINES], f"... ({len(kept) - MAX_TRACEBACK_LINES} more lines)"]
     return "\n".join(kept)
+
+
+def lua_kind(value: Any) -> str:
+    """The Lua type name of a value lupa handed over (strings arrive as bytes)."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, bytes):
+        return "string"
+    return MatchLua.type_name(value)
 
 
 def first_line(message: str) -> str:
@@ -109,12 +131,19 @@ class _Effects:
 
 
 class MatchHost:
-    """The ScriptHost of one match: what its Lua code can ask of the server."""
+    """The ScriptHost of one match: what its Lua code can ask of the server.
+
+    `send` and `broadcast` return an error message instead of raising: a Python exception would
+    reach Lua as an opaque userdata, while sandbox.lua turns a returned message into a Lua error
+    pointing at the script line that made the call.
+    """
 
     def __init__(self, match: Match) -> None:
         self.match = match
-        self._log_tokens = 0.0
+        # The bucket starts full, so a match's first lines (from init, say) are never dropped.
+        self._log_tokens = match.engine.config.log_lines_per_second
         self._log_stamp = time.monotonic()
+        self._dropped_since = 0
 
     def log(self, level: bytes, message: bytes, meta: Any) -> None:
         match = self.match
@@ -124,12 +153,16 @@ class MatchHost:
         self._log_stamp = now
         if self._log_tokens < 1.0:
             match.logs_dropped += 1
+            self._dropped_since += 1
             return
         self._log_tokens -= 1.0
         lvl = level.decode(errors="replace") if isinstance(level, bytes) else "info"
-        if lvl not in ("debug", "info", "warning", "error"):
-            lvl = "info"
+        lvl = _LOG_LEVELS.get(lvl, "info")
         fields: dict[str, Any] = {}
+        if self._dropped_since:
+            # Lines lost to the rate limit since the previous line that got through.
+            fields["dropped"] = self._dropped_since
+            self._dropped_since = 0
         if meta is not None:
             try:
                 converted = to_python(meta, what="meta", max_nodes=200)
@@ -140,27 +173,35 @@ class MatchHost:
         text = message.decode(errors="replace")[:2000] if isinstance(message, bytes) else ""
         getattr(log, lvl)("script_log", match_id=match.id, mode=match.mode, message=text, **fields)
 
-    def send(self, player_id: Any, payload: Any) -> bool:
+    def send(self, player_id: Any, payload: Any) -> bytes | None:
         match = self.match
-        pid = player_id.decode(errors="replace") if isinstance(player_id, bytes) else None
-        if pid is None or pid not in match.players:
-            raise ValueError("game.send: unknown player id")
-        body = to_python(payload, what="game.send payload")
+        if not isinstance(player_id, bytes):
+            return b"game.send: player_id must be a string"
+        pid = player_id.decode(errors="replace")
+        if pid not in match.players:
+            return f"game.send: player {pid[:64]!r} is not in this match".encode()
+        try:
+            body = to_python(payload, what="game.send payload")
+        except ConversionError as exc:
+            return str(exc).encode()
         match.effects.frames.append(
             (pid, encode("match.message", {"match_id": match.id, "payload": body}))
         )
-        return True
+        return None
 
-    def broadcast(self, event: Any, payload: Any) -> bool:
+    def broadcast(self, event: Any, payload: Any) -> bytes | None:
         match = self.match
         name = event.decode(errors="replace") if isinstance(event, bytes) else ""
         if not EVENT_RE.match(name):
-            raise ValueError("game.broadcast: event name must match [A-Za-z0-9_-]{1,64}")
+            return b"game.broadcast: event name must match [A-Za-z0-9_-]{1,64}"
         if name in RESERVED_EVENTS:
-            raise ValueError(f"game.broadcast: event name '{name}' is reserved")
-        body = to_python(payload, what="game.broadcast payload")
+            return f"game.broadcast: event name '{name}' is reserved".encode()
+        try:
+            body = to_python(payload, what="game.broadcast payload")
+        except ConversionError as exc:
+            return str(exc).encode()
         match.effects.frames.append((None, encode(f"match.{name}", body)))
-        return True
+        return None
 
     def module(self, name: bytes) -> tuple[bytes | None, bytes]:
         source, chunkname = self.match.engine.registry.module_source(name)
@@ -180,7 +221,8 @@ class Match:
         self.mode = mode
         self.script = script
         self.players: list[str] = []
-        self.seed = random.getrandbits(48)
+        seed = engine.config.match_seed
+        self.seed = random.getrandbits(48) if seed is None else seed
         self.period = 1.0 / script.meta.tick_rate
         self.tick_no = 0
         self.deadline = 0.0
@@ -190,6 +232,10 @@ class Match:
         self.inputs: list[tuple[str, Any]] = []
         self.required: set[str] = set()
         self.effects = _Effects()
+        # Committed frames of init/join at match start, held back until the players have been
+        # told they are matched (`release_held`), so `matchmaker.matched` always comes first.
+        self._held: list[tuple[str | None, bytes]] | None = None
+        self.refused: dict[str, str] = {}
         self.logs_dropped = 0
         self.host = MatchHost(self)
         self.last_error: str | None = None
@@ -205,7 +251,12 @@ class Match:
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> list[str]:
-        """Run init then join for each initial player.  Returns the players refused by join."""
+        """Run init then join for each initial player.  Returns the players refused by join.
+
+        Frames the callbacks send are held until `release_held` (or the first tick), and a
+        broadcast from init reaches every player who then joined.
+        """
+        self._held = []
         ctx = self.lua.to_lua(
             {"match_id": self.id, "mode": self.mode, "players": self._initial_players}
         )
@@ -213,15 +264,29 @@ class Match:
         if result is None:
             raise MatchStartError(self.last_error or "init failed")
         self.state = result
-        refused = []
         for pid in self._initial_players:
             reason = self.join(pid)
             if reason is not None:
-                refused.append(pid)
-        return refused
+                self.refused[pid] = reason
+        if self._initial_players and not self.players:
+            reasons = sorted(set(self.refused.values()))
+            raise MatchStartError(f"join refused every player ({'; '.join(reasons)})")
+        return list(self.refused)
+
+    def release_held(self) -> None:
+        """Deliver what init/join sent at match start (after `matchmaker.matched`)."""
+        held, self._held = self._held, None
+        if held:
+            self.effects.frames[:0] = held
+            self._commit_effects()
 
     def join(self, player_id: str) -> str | None:
-        """Add a player; returns a refusal reason, or None when they are in."""
+        """Add a player; returns a refusal reason, or None when they are in.
+
+        `join` returning `nil, reason` refuses the player, and so does a `join` that fails: the
+        script's state never saw them, so letting them in would break the game's invariants.
+        Effects of a refused join are dropped.
+        """
         if player_id in self.players:
             return None
         if len(self.players) >= self.script.meta.max_players:
@@ -231,13 +296,18 @@ class Match:
         if self.lua.function("join") is None:
             return None
         result = self._call("join", self.state, player_id.encode())
-        if result.ok and result.value is None and len(result.values) > 1:
+        reason: str | None = None
+        if result.ok and not result.value and len(result.values) > 1:
+            raw = result.values[1]
+            reason = raw.decode(errors="replace")[:200] if isinstance(raw, bytes) else "refused"
+        elif not self._apply("join", result):
+            reason = "join failed"
+        if reason is not None:
+            self.effects.frames.clear()
             self.players.remove(player_id)
             self.lua.set_players(self.players)
-            reason = result.values[1]
-            return reason.decode(errors="replace") if isinstance(reason, bytes) else "refused"
-        self._apply("join", result)
-        return None
+            log.info("join_refused", match_id=self.id, player_id=player_id, reason=reason)
+        return reason
 
     def leave(self, player_id: str) -> None:
         if player_id not in self.players:
@@ -249,6 +319,8 @@ class Match:
 
     # -- one tick ---------------------------------------------------------------------------------
     def run_tick(self) -> None:
+        if self._held is not None:
+            self.release_held()
         self.tick_no += 1
         self.lua.set_tick(self.tick_no)
         if self.inputs:
@@ -287,8 +359,11 @@ class Match:
         if self._finished_flag():
             try:
                 result = to_python(self.state[b"_result"], what="state._result")
-            except (ConversionError, TypeError):
+            except (ConversionError, TypeError) as exc:
+                self._log_failure("tick", f"state._result cannot be sent: {exc}")
                 result = None
+            # Players see the final state, then the result.
+            self.send_state()
             self.engine.finish(self, result)
             return
         if frames is None:
@@ -420,15 +495,14 @@ class Match:
             self.effects.frames.clear()
             return fallback
         value = result.value
-        self._commit_effects()
-        if value is None:
-            return args[0]
-        if not MatchLua.is_table(value):
+        if value is not None and not MatchLua.is_table(value):
             self._log_failure(
-                callback, f"{callback} returned a {type(value).__name__}, not a table"
+                callback, f"{callback} returned a {lua_kind(value)}, not a table (or nothing)"
             )
+            self.effects.frames.clear()
             return fallback
-        return value
+        self._commit_effects()
+        return args[0] if value is None else value
 
     def _apply(self, callback: str, result: CallResult) -> bool:
         """Adopt a callback's returned state (or keep the given one) and commit its effects."""
@@ -439,7 +513,7 @@ class Match:
         value = result.value
         if value is not None and not MatchLua.is_table(value):
             self._log_failure(
-                callback, f"{callback} returned a {type(value).__name__}, not a table"
+                callback, f"{callback} returned a {lua_kind(value)}, not a table (or nothing)"
             )
             self.effects.frames.clear()
             return False
@@ -451,6 +525,10 @@ class Match:
     def _commit_effects(self) -> None:
         frames = self.effects.frames
         if not frames:
+            return
+        if self._held is not None:
+            self._held.extend(frames)
+            frames.clear()
             return
         outbox = self.engine.outbox
         for pid, frame in frames:
@@ -557,6 +635,20 @@ class Engine:
         match.inputs.append((player_id, payload))
         return True
 
+    def join_match(self, match_id: str, player_id: str) -> str | None:
+        """Add a player to a running match (`join` runs); returns a refusal reason or None."""
+        match = self.matches.get(match_id)
+        if match is None or match.finished:
+            return "no such match"
+        current = self.player_match.get(player_id)
+        if current is not None and current != match_id:
+            return "already in another match"
+        reason = match.join(player_id)
+        if reason is None:
+            self.player_match[player_id] = match_id
+            log.info("player_joined", match_id=match_id, player_id=player_id)
+        return reason
+
     def remove_player(self, player_id: str) -> Match | None:
         """The player leaves their match (`leave` runs); an empty match ends."""
         match = self.match_of(player_id)
@@ -582,7 +674,12 @@ class Engine:
         match.close()
         self.matches.pop(match.id, None)
         log.info(
-            "match_finished", match_id=match.id, mode=match.mode, ticks=match.tick_no, result=result
+            "match_finished",
+            match_id=match.id,
+            mode=match.mode,
+            ticks=match.tick_no,
+            result=result,
+            logs_dropped=match.logs_dropped,
         )
         for listener in self.listeners:
             listener.match_finished(match, result)

@@ -106,7 +106,11 @@ class Matchmaker:
         )
         for pid in match.players:
             self.outbox.send(pid, frame)
+        match.release_held()
         refused = [p for p in players if p not in match.players]
         for pid in refused:
-            self.outbox.send(pid, encode_error(ErrorCode.MATCH_FAILED, "the match refused you"))
+            reason = match.refused.get(pid, "refused")
+            self.outbox.send(
+                pid, encode_error(ErrorCode.MATCH_FAILED, f"the match refused you: {reason}")
+            )
         log.info("matched", match_id=match.id, mode=mode, players=match.players)

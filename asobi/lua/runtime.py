@@ -229,5 +229,9 @@ class MatchLua:
     def is_table(value: Any) -> bool:
         return lua54.lua_type(value) == "table"
 
+    @staticmethod
+    def type_name(value: Any) -> str:
+        return lua54.lua_type(value) or type(value).__name__
+
     def memory_used(self) -> int:
         return int(self.runtime.get_memory_used() or 0)

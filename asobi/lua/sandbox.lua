@@ -235,11 +235,17 @@ end
 function game.log(level, msg, meta)
   host_log(log_value(level), log_value(msg), type_(meta) == "table" and meta or nil)
 end
+-- The host returns an error message rather than raising, so the error is reported at the
+-- script line that called game.send / game.broadcast.
 function game.send(player_id, payload)
-  return host_send(player_id, payload)
+  local err = host_send(player_id, payload)
+  if err ~= nil then error_(err, 2) end
+  return true
 end
 function game.broadcast(event, payload)
-  return host_broadcast(event, payload)
+  local err = host_broadcast(event, payload)
+  if err ~= nil then error_(err, 2) end
+  return true
 end
 game.random = math.random
 env.game = game
