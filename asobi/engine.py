@@ -356,21 +356,19 @@ class Match:
                 self._apply("handle_input", result)
 
     def _after_tick(self, frames: list[tuple[str, bytes]] | None) -> None:
-        if self._finished_flag():
-            try:
-                result = to_python(self.state[b"_result"], what="state._result")
-            except (ConversionError, TypeError) as exc:
-                self._log_failure("tick", f"state._result cannot be sent: {exc}")
-                result = None
-            # Players see the final state, then the result.
-            self.send_state()
-            self.engine.finish(self, result)
-            return
         if frames is None:
             frames = self._render_states(self.lua, self.state, self.script.meta.shared_state)
         send = self.engine.outbox.send
         for pid, frame in frames:
             send(pid, frame, droppable=True)
+        if self._finished_flag():
+            # Players have seen the final state; now the result.
+            try:
+                result = to_python(self.state[b"_result"], what="state._result")
+            except (ConversionError, TypeError) as exc:
+                self._log_failure("tick", f"state._result cannot be sent: {exc}")
+                result = None
+            self.engine.finish(self, result)
 
     def _finished_flag(self) -> bool:
         try:
