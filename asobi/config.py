@@ -28,6 +28,8 @@ class Settings:
     max_message_bytes: int = 1024 * 1024
     connect_timeout_s: float = 10.0
     max_consecutive_failures: int = 10
+    # Empty: SQLite in data_dir.  postgresql://user:pass@host/db for PostgreSQL.
+    database_url: str = ""
     limits: Limits = field(default_factory=Limits)
 
     @classmethod

@@ -28,10 +28,13 @@ from typing import Any, Protocol
 import orjson
 import structlog
 
+from asobi.lua import persist
 from asobi.lua.convert import ConversionError, to_python
 from asobi.lua.runtime import CallResult, Limits, MatchLua, ScriptLoadError
 from asobi.protocol import encode, encode_raw_payload
 from asobi.scripts import ScriptRegistry, ScriptVersion
+from asobi.store import Store, StoreError, UnitOfWork
+from asobi.store.errors import NOT_CONFIGURED
 
 log = structlog.get_logger("asobi.engine")
 
@@ -100,12 +103,25 @@ def first_line(message: str) -> str:
 
 
 class _Effects:
-    """Frames produced by game.send / game.broadcast during one callback, committed on success."""
+    """Side effects of one callback, committed on success: frames produced by game.send /
+    game.broadcast, and the persistence writes of game.economy / leaderboard / storage (`work`,
+    a unit of work created on the first such call)."""
 
-    __slots__ = ("frames",)
+    __slots__ = ("frames", "work")
 
     def __init__(self) -> None:
         self.frames: list[tuple[str | None, bytes]] = []
+        self.work: UnitOfWork | None = None
+
+    def discard(self) -> None:
+        """The callback failed (or is starting): nothing it did may take effect."""
+        self.frames.clear()
+        self.work = None
+
+    def commit_work(self) -> None:
+        work, self.work = self.work, None
+        if work is not None:
+            work.commit()
 
 
 class MatchHost:
@@ -167,6 +183,26 @@ class MatchHost:
         if source is not None:
             self.match.required.add(chunkname.decode()[1:])
         return source, chunkname
+
+    def persist(self, lua: MatchLua, name: Any, *args: Any) -> Any:
+        """game.economy / game.leaderboard / game.storage.  Writes join the callback's unit of
+        work; the result is always a table, `{ok = ...}` or `{error = ...}`, never an error."""
+        try:
+            result = persist.call(self._work, name, args)
+        except Exception:
+            log.exception("persist_failed", match_id=self.match.id, call=repr(name)[:80])
+            result = {"error": "internal_error"}
+        return lua.to_lua(result)
+
+    def _work(self) -> UnitOfWork:
+        match = self.match
+        store = match.engine.store
+        if store is None:
+            raise StoreError(NOT_CONFIGURED, "this server has no store")
+        effects = match.effects
+        if effects.work is None:
+            effects.work = store.unit(match.id)
+        return effects.work
 
 
 class Match:
@@ -313,14 +349,14 @@ class Match:
         result = self._call("get_state", self.state, player_id.encode() if player_id else None)
         if not result.ok:
             self._log_failure("get_state", result.error)
-            self.effects.frames.clear()
+            self.effects.discard()
             return None
         try:
             payload = to_python(result.value, what="get_state result")
             body = orjson.dumps(payload)
         except (ConversionError, TypeError) as exc:
             self._log_failure("get_state", str(exc))
-            self.effects.frames.clear()
+            self.effects.discard()
             return None
         self._commit_effects()
         return encode_raw_payload("match.state", body)
@@ -345,7 +381,7 @@ class Match:
             self._reload_resolved(version, "reload_failed", f"state copy failed: {restored.error}")
             return False
         state = restored.value
-        self.effects.frames.clear()
+        self.effects.discard()
         self.lua = new
         try:
             if new.function("migrate") is not None:
@@ -358,7 +394,7 @@ class Match:
             state = self._result_state("tick", ticked, state)
         except _CallFailed as exc:
             self.lua = old
-            self.effects.frames.clear()
+            self.effects.discard()
             self._reload_resolved(version, "reload_rolled_back", exc.message)
             return False
         self.state = state
@@ -393,14 +429,14 @@ class Match:
 
     # -- calling Lua ------------------------------------------------------------------------------
     def _call(self, callback: str, *args: Any) -> CallResult:
-        self.effects.frames.clear()
+        self.effects.discard()
         return self.lua.call(callback, *args)
 
     def _callback(self, callback: str, *args: Any, fallback: Any) -> Any:
         result = self._call(callback, *args)
         if not result.ok:
             self._log_failure(callback, result.error)
-            self.effects.frames.clear()
+            self.effects.discard()
             return fallback
         value = result.value
         self._commit_effects()
@@ -417,14 +453,14 @@ class Match:
         """Adopt a callback's returned state (or keep the given one) and commit its effects."""
         if not result.ok:
             self._log_failure(callback, result.error)
-            self.effects.frames.clear()
+            self.effects.discard()
             return False
         value = result.value
         if value is not None and not MatchLua.is_table(value):
             self._log_failure(
                 callback, f"{callback} returned a {type(value).__name__}, not a table"
             )
-            self.effects.frames.clear()
+            self.effects.discard()
             return False
         if value is not None:
             self.state = value
@@ -432,6 +468,7 @@ class Match:
         return True
 
     def _commit_effects(self) -> None:
+        self.effects.commit_work()
         frames = self.effects.frames
         if not frames:
             return
@@ -492,6 +529,8 @@ class Engine:
         self.ticks = 0
         self.lateness: deque[float] = deque(maxlen=65536)
         self.on_schedule_change: Callable[[float], None] | None = None
+        # Persistence for game.economy / leaderboard / storage (set by the app; None: refused).
+        self.store: Store | None = None
 
     # -- matches ----------------------------------------------------------------------------------
     def start_match(self, mode: str, script: ScriptVersion, players: list[str]) -> Match:
