@@ -15,13 +15,13 @@ from typing import Any
 from tests.conftest import Client
 
 BANK = r"""
-tick_rate = 50
+tick_rate = 20
 
 local function call(pid, input)
   local op, e, lb, st = input.op, game.economy, game.leaderboard, game.storage
-  local who = input.pid or pid
-  if op == "grant" then return e.grant(who, input.currency or "gold", input.amount, input.reason)
-  elseif op == "debit" then return e.debit(who, input.currency or "gold", input.amount, input.reason)
+  local who, cur = input.pid or pid, input.currency or "gold"
+  if op == "grant" then return e.grant(who, cur, input.amount, input.reason)
+  elseif op == "debit" then return e.debit(who, cur, input.amount, input.reason)
   elseif op == "balance" then return e.balance(who)
   elseif op == "submit" then return lb.submit(input.board, who, input.score)
   elseif op == "top" then return lb.top(input.board, input.n)
@@ -31,6 +31,7 @@ local function call(pid, input)
   elseif op == "set" then return st.set(input.collection, input.key, input.value)
   elseif op == "pget" then return st.player_get(who, input.collection, input.key)
   elseif op == "pset" then return st.player_set(who, input.collection, input.key, input.value)
+  elseif op == "setbig" then return st.set(input.collection, input.key, string.rep("x", input.size))
   elseif op == "raw" then return e.grant(input.a1, input.a2, input.a3, input.a4)
   elseif op == "drain" then
     return { ok = true }
@@ -73,7 +74,8 @@ function tick(state)
 end
 
 function get_state(state, player_id)
-  return { done = state.done, drained = state.drained, left = state.drain and state.drain.left or -1 }
+  local left = state.drain and state.drain.left or -1
+  return { done = state.done, drained = state.drained, left = left }
 end
 """
 

@@ -142,6 +142,8 @@ class Store:
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Write out everything committed, then close.  What cannot be written is reported."""
+        if self._closing:
+            return
         self._closing = True
         self._wake.set()
         if self._task is not None:
