@@ -111,9 +111,7 @@ class AsobiServer:
             )
         elif s.reload == "poll":
             self._watch_task = asyncio.create_task(
-                poll_changes(
-                    self.app.reloader, s.reload_poll_ms / 1000, self._stop_watch, watching
-                )
+                poll_changes(self.app.reloader, s.reload_poll_ms / 1000, self._stop_watch, watching)
             )
         if self._watch_task is not None:
             await asyncio.wait_for(watching.wait(), 10)
