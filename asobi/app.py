@@ -6,10 +6,11 @@ registry, the engine, the matchmaker, the player hub, token signing and reload h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
+from asobi.accounts import Accounts
 from asobi.auth import TokenSigner, load_or_create_secret
 from asobi.config import Settings
 from asobi.engine import Engine, EngineConfig
@@ -17,6 +18,7 @@ from asobi.hub import Hub
 from asobi.matchmaker import Matchmaker
 from asobi.reload import Reloader, ReloadHistory
 from asobi.scripts import ScriptError, ScriptRegistry
+from asobi.store import Store, open_backend
 
 log = structlog.get_logger("asobi.app")
 
@@ -32,6 +34,8 @@ class App:
     history: ReloadHistory
     reloader: Reloader
     load_errors: list[ScriptError]
+    store: Store | None = field(default=None)
+    accounts: Accounts | None = field(default=None)
 
     @classmethod
     def create(cls, settings: Settings) -> App:
@@ -51,6 +55,8 @@ class App:
         )
         secret = load_or_create_secret(settings.data_dir, settings.secret)
         history = ReloadHistory()
+        store = Store(open_backend(settings.database_url, settings.data_dir))
+        engine.store = store
         return cls(
             settings=settings,
             registry=registry,
@@ -61,4 +67,18 @@ class App:
             history=history,
             reloader=Reloader(registry, engine, history),
             load_errors=load_errors,
+            store=store,
+            accounts=Accounts(store),
         )
+
+    async def open(self) -> None:
+        """Open what needs I/O before serving (the database)."""
+        if self.store is not None:
+            await self.store.start()
+
+    async def close(self) -> None:
+        """Write out what is pending and release resources."""
+        if self.accounts is not None:
+            self.accounts.close()
+        if self.store is not None:
+            await self.store.stop()

@@ -31,6 +31,8 @@ class Settings:
     max_consecutive_failures: int = 10
     # ASOBI_MATCH_SEED: seed every match's random generator with this number (replays, tests).
     match_seed: int | None = None
+    # Empty: SQLite in data_dir.  postgresql://user:pass@host/db for PostgreSQL.
+    database_url: str = ""
     limits: Limits = field(default_factory=Limits)
 
     @classmethod

@@ -28,10 +28,13 @@ from typing import Any, Protocol
 import orjson
 import structlog
 
+from asobi.lua import persist
 from asobi.lua.convert import ConversionError, to_python
 from asobi.lua.runtime import CallResult, Limits, MatchLua, ScriptLoadError
 from asobi.protocol import encode, encode_raw_payload
 from asobi.scripts import ScriptRegistry, ScriptVersion
+from asobi.store import Store, StoreError, UnitOfWork
+from asobi.store.errors import NOT_CONFIGURED
 
 log = structlog.get_logger("asobi.engine")
 
@@ -122,12 +125,25 @@ def first_line(message: str) -> str:
 
 
 class _Effects:
-    """Frames produced by game.send / game.broadcast during one callback, committed on success."""
+    """Side effects of one callback, committed on success: frames produced by game.send /
+    game.broadcast, and the persistence writes of game.economy / leaderboard / storage (`work`,
+    a unit of work created on the first such call)."""
 
-    __slots__ = ("frames",)
+    __slots__ = ("frames", "work")
 
     def __init__(self) -> None:
         self.frames: list[tuple[str | None, bytes]] = []
+        self.work: UnitOfWork | None = None
+
+    def discard(self) -> None:
+        """The callback failed (or is starting): nothing it did may take effect."""
+        self.frames.clear()
+        self.work = None
+
+    def commit_work(self) -> None:
+        work, self.work = self.work, None
+        if work is not None:
+            work.commit()
 
 
 class MatchHost:
@@ -208,6 +224,26 @@ class MatchHost:
         if source is not None:
             self.match.required.add(chunkname.decode()[1:])
         return source, chunkname
+
+    def persist(self, lua: MatchLua, name: Any, *args: Any) -> Any:
+        """game.economy / game.leaderboard / game.storage.  Writes join the callback's unit of
+        work; the result is always a table, `{ok = ...}` or `{error = ...}`, never an error."""
+        try:
+            result = persist.call(self._work, name, args)
+        except Exception:
+            log.exception("persist_failed", match_id=self.match.id, call=repr(name)[:80])
+            result = {"error": "internal_error"}
+        return lua.to_lua(result)
+
+    def _work(self) -> UnitOfWork:
+        match = self.match
+        store = match.engine.store
+        if store is None:
+            raise StoreError(NOT_CONFIGURED, "this server has no store")
+        effects = match.effects
+        if effects.work is None:
+            effects.work = store.unit(match.id)
+        return effects.work
 
 
 class Match:
@@ -303,7 +339,7 @@ class Match:
         elif not self._apply("join", result):
             reason = "join failed"
         if reason is not None:
-            self.effects.frames.clear()
+            self.effects.discard()
             self.players.remove(player_id)
             self.lua.set_players(self.players)
             log.info("join_refused", match_id=self.id, player_id=player_id, reason=reason)
@@ -388,7 +424,7 @@ class Match:
         frames: list[tuple[str, bytes]] = []
         for pid in (None,) if shared else self.players:
             if not strict:
-                self.effects.frames.clear()
+                self.effects.discard()
             result = lua.call("get_state", state, pid.encode() if pid else None)
             error = None if result.ok else result.error
             if error is None:
@@ -400,7 +436,7 @@ class Match:
                 if strict:
                     raise _CallFailed(f"get_state failed on the new code: {short_error(error)}")
                 self._log_failure("get_state", error)
-                self.effects.frames.clear()
+                self.effects.discard()
                 continue
             if not strict:
                 self._commit_effects()
@@ -432,7 +468,7 @@ class Match:
             self._reload_resolved(version, "reload_failed", f"state copy failed: {restored.error}")
             return None
         state = restored.value
-        self.effects.frames.clear()
+        self.effects.discard()
         self.lua = new
         try:
             if new.function("migrate") is not None:
@@ -446,7 +482,7 @@ class Match:
             frames = self._render_states(new, state, version.meta.shared_state, strict=True)
         except _CallFailed as exc:
             self.lua = old
-            self.effects.frames.clear()
+            self.effects.discard()
             self._reload_resolved(version, "reload_rolled_back", exc.message)
             return None
         self.state = state
@@ -483,21 +519,21 @@ class Match:
 
     # -- calling Lua ------------------------------------------------------------------------------
     def _call(self, callback: str, *args: Any) -> CallResult:
-        self.effects.frames.clear()
+        self.effects.discard()
         return self.lua.call(callback, *args)
 
     def _callback(self, callback: str, *args: Any, fallback: Any) -> Any:
         result = self._call(callback, *args)
         if not result.ok:
             self._log_failure(callback, result.error)
-            self.effects.frames.clear()
+            self.effects.discard()
             return fallback
         value = result.value
         if value is not None and not MatchLua.is_table(value):
             self._log_failure(
                 callback, f"{callback} returned a {lua_kind(value)}, not a table (or nothing)"
             )
-            self.effects.frames.clear()
+            self.effects.discard()
             return fallback
         self._commit_effects()
         return args[0] if value is None else value
@@ -506,14 +542,14 @@ class Match:
         """Adopt a callback's returned state (or keep the given one) and commit its effects."""
         if not result.ok:
             self._log_failure(callback, result.error)
-            self.effects.frames.clear()
+            self.effects.discard()
             return False
         value = result.value
         if value is not None and not MatchLua.is_table(value):
             self._log_failure(
                 callback, f"{callback} returned a {lua_kind(value)}, not a table (or nothing)"
             )
-            self.effects.frames.clear()
+            self.effects.discard()
             return False
         if value is not None:
             self.state = value
@@ -521,6 +557,7 @@ class Match:
         return True
 
     def _commit_effects(self) -> None:
+        self.effects.commit_work()
         frames = self.effects.frames
         if not frames:
             return
@@ -587,6 +624,8 @@ class Engine:
         self.on_schedule_change: Callable[[float], None] | None = None
         # Players who asked for `match.reloaded` frames (session.connect {notify_reload: true}).
         self.reload_subscribers: set[str] = set()
+        # Persistence for game.economy / leaderboard / storage (set by the app; None: refused).
+        self.store: Store | None = None
 
     # -- matches ----------------------------------------------------------------------------------
     def start_match(self, mode: str, script: ScriptVersion, players: list[str]) -> Match:

@@ -34,6 +34,10 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     BINARY_NOT_SUPPORTED = "binary_not_supported"
     INTERNAL = "internal_error"
+    USERNAME_TAKEN = "username_taken"
+    INVALID_CREDENTIALS = "invalid_credentials"
+    INVALID_ACCOUNT_INPUT = "invalid_account_input"
+    STORE_UNAVAILABLE = "store_unavailable"
 
 
 class ProtocolError(Exception):
@@ -63,9 +67,14 @@ CLIENT_TYPES = frozenset(
         "matchmaker.remove",
         "match.input",
         "match.leave",
+        "auth.register",
+        "auth.login",
+        "leaderboard.top",
     }
 )
-AUTH_FREE = frozenset({"auth.guest", "session.connect", "session.heartbeat"})
+AUTH_FREE = frozenset(
+    {"auth.guest", "session.connect", "session.heartbeat", "auth.register", "auth.login"}
+)
 
 
 def parse_frame(data: str | bytes) -> Frame:

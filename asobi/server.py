@@ -91,6 +91,7 @@ class AsobiServer:
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
+        await self.app.open()
         self._ticker = Ticker(self.app.engine)
         self.app.engine.clock = self._ticker.loop.time
         self._ticker.start()
@@ -136,6 +137,7 @@ class AsobiServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        await self.app.close()
         log.info("server_stopped")
 
     async def serve_forever(self) -> None:

@@ -7,12 +7,15 @@ the messages of a real WebSocket connection.
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
 
+from asobi.accounts import AccountError
 from asobi.app import App
 from asobi.auth import InvalidToken
 from asobi.hub import Peer
@@ -31,7 +34,12 @@ from asobi.protocol import (
 
 log = structlog.get_logger("asobi.session")
 
+BOARD_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+MAX_TOP = 100
+
 CLOSE_REPLACED = 4000
+MAX_HELD_FRAMES = 256
+LOAD_TIMEOUT_S = 3.0
 
 
 class Session:
@@ -48,7 +56,14 @@ class Session:
             "matchmaker.remove": self._matchmaker_remove,
             "match.input": self._match_input,
             "match.leave": self._match_leave,
+            "auth.register": self._auth_register,
+            "auth.login": self._auth_login,
+            "leaderboard.top": self._leaderboard_top,
         }
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Frames that arrive while the player's data is being loaded wait here (None: not
+        # loading), so nothing they do reaches a match before their wallet is resident.
+        self._held: list[str | bytes] | None = None
 
     @property
     def authenticated(self) -> bool:
@@ -57,6 +72,12 @@ class Session:
     # -- entry points -----------------------------------------------------------------------------
     def handle(self, data: str | bytes) -> None:
         """Handle one text message; any refusal becomes an `error` frame, never an exception."""
+        if self._held is not None:
+            if len(self._held) < MAX_HELD_FRAMES:
+                self._held.append(data)
+            else:
+                self.send_error(ErrorCode.RATE_LIMITED, "wait for session.connected")
+            return
         try:
             frame = parse_frame(data)
             if frame.type not in AUTH_FREE and self.player_id is None:
@@ -83,6 +104,8 @@ class Session:
         self.app.matchmaker.remove(player_id)
         self.app.engine.reload_subscribers.discard(player_id)
         self.app.engine.remove_player(player_id)
+        if self.app.store is not None:
+            self.app.store.release(player_id)
         log.info("session_closed", player_id=player_id)
 
     # -- replies ----------------------------------------------------------------------------------
@@ -123,6 +146,7 @@ class Session:
         if frame.payload.get("notify_reload") is True:
             self.app.engine.reload_subscribers.add(player_id)
         self.reply(frame, "session.connected", {"player_id": player_id})
+        self._load_player(player_id)
         match = self.app.engine.match_of(player_id)
         if match is not None:
             self.peer.send_frame(
@@ -170,3 +194,87 @@ class Session:
         if match is None:
             raise ProtocolError(ErrorCode.NOT_IN_MATCH, "you are not in a match", frame.cid)
         self.reply(frame, "match.left", {"match_id": match.id})
+
+    # -- accounts and persistence -----------------------------------------------------------------
+    def _spawn(self, frame: Frame, work: Coroutine[Any, Any, None]) -> None:
+        """Run a handler that waits on I/O; its refusals become error frames like any other."""
+
+        async def run() -> None:
+            try:
+                await work
+            except ProtocolError as exc:
+                self.send_error(exc.code, exc.message, exc.cid)
+            except Exception:
+                log.exception("frame_failed", player_id=self.player_id, type=frame.type)
+                self.send_error(ErrorCode.INTERNAL, "the server could not handle this frame")
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _account_error(self, frame: Frame, exc: AccountError) -> ProtocolError:
+        code = {
+            "taken": ErrorCode.USERNAME_TAKEN,
+            "credentials": ErrorCode.INVALID_CREDENTIALS,
+            "invalid_input": ErrorCode.INVALID_ACCOUNT_INPUT,
+            "busy": ErrorCode.RATE_LIMITED,
+        }.get(exc.kind, ErrorCode.STORE_UNAVAILABLE)
+        return ProtocolError(code, exc.message, frame.cid)
+
+    def _auth_register(self, frame: Frame) -> None:
+        self._spawn(frame, self._account(frame, register=True))
+
+    def _auth_login(self, frame: Frame) -> None:
+        self._spawn(frame, self._account(frame, register=False))
+
+    async def _account(self, frame: Frame, *, register: bool) -> None:
+        accounts = self.app.accounts
+        if accounts is None:
+            raise ProtocolError(ErrorCode.STORE_UNAVAILABLE, "accounts are not enabled", frame.cid)
+        username, password = frame.payload.get("username"), frame.payload.get("password")
+        try:
+            if register:
+                player_id = await accounts.register(username, password)
+            else:
+                player_id = await accounts.login(username, password)
+        except AccountError as exc:
+            raise self._account_error(frame, exc) from None
+        token = self.app.signer.issue(player_id)
+        self.reply(frame, "auth.token", {"player_id": player_id, "token": token})
+
+    def _leaderboard_top(self, frame: Frame) -> None:
+        board = require_str(frame, "board", max_length=64)
+        if not BOARD_RE.match(board):
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE, "board must match [A-Za-z0-9_.:-]{1,64}", frame.cid
+            )
+        n = frame.payload.get("n", 10)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_TOP:
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE, f"n must be an integer from 1 to {MAX_TOP}", frame.cid
+            )
+        entries = self.app.store.top(board, n) if self.app.store is not None else []
+        self.reply(frame, "leaderboard.top", {"board": board, "entries": entries})
+
+    def _load_player(self, player_id: str) -> None:
+        """Make the player's data resident; hold their next frames until it is (bounded)."""
+        store = self.app.store
+        if store is None or store.resident(player_id):
+            return
+        loaded = store.acquire(player_id)
+        self._held = []
+
+        async def wait() -> None:
+            try:
+                await asyncio.wait_for(asyncio.shield(loaded), LOAD_TIMEOUT_S)
+            except Exception as exc:
+                log.warning("player_load_slow", player_id=player_id, error=repr(exc))
+            held, self._held = self._held or [], None
+            for data in held:
+                if self.player_id is None:
+                    return
+                self.handle(data)
+
+        task = asyncio.get_running_loop().create_task(wait())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

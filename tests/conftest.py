@@ -8,8 +8,10 @@ loop scopes leaves a server on an idle loop).
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,8 +191,31 @@ class Running:
         (self.game_dir / name).write_text(source)
 
 
+TEST_DATABASE_URL = os.environ.get("ASOBI_TEST_DATABASE_URL", "")
+
+
 @pytest.fixture
-async def start_server(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+async def database_url() -> AsyncIterator[str]:
+    """The database for this test: "" (SQLite in the test's data dir) unless
+    ASOBI_TEST_DATABASE_URL names a PostgreSQL server, where each test gets its own schema."""
+    if not TEST_DATABASE_URL:
+        yield ""
+        return
+    import asyncpg
+
+    schema = "t_" + uuid.uuid4().hex[:16]
+    conn = await asyncpg.connect(TEST_DATABASE_URL)
+    try:
+        await conn.execute(f"CREATE SCHEMA {schema}")
+        sep = "&" if "?" in TEST_DATABASE_URL else "?"
+        yield f"{TEST_DATABASE_URL}{sep}search_path={schema}"
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def start_server(tmp_path: Path, database_url: str) -> AsyncIterator[Callable[..., Any]]:
     running: list[Running] = []
 
     async def start(files: dict[str, str] | None = None, **overrides: Any) -> Running:
@@ -207,7 +232,7 @@ async def start_server(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             game_dir=game_dir,
             data_dir=tmp_path / "data",
             secret="test-secret-with-enough-length-for-hs256",
-            **overrides,
+            **{"database_url": database_url, **overrides},
         )
         app = App.create(settings)
         server = AsobiServer(app)

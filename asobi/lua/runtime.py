@@ -11,6 +11,7 @@ and objects, helpers and exception classes of different runtime modules do not m
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -131,6 +132,8 @@ class MatchLua:
             attribute_filter=_deny_attributes,
             max_memory=limits.max_memory,
         )
+        # Persistence results are Lua tables, built in the runtime that made the call.
+        persist = getattr(host, "persist", None)
         host_table = self.runtime.table_from(
             {
                 b"now": time.perf_counter,
@@ -138,6 +141,7 @@ class MatchLua:
                 b"send": host.send,
                 b"broadcast": host.broadcast,
                 b"module": host.module,
+                b"persist": functools.partial(persist, self) if persist else None,
                 b"hook_count": limits.hook_count,
                 b"pattern_budget": limits.pattern_budget,
             }

@@ -9,6 +9,7 @@ local host = ...
 
 local now = host.now
 local host_log, host_send, host_broadcast, host_module = host.log, host.send, host.broadcast, host.module
+local host_persist = host.persist
 local HOOK_COUNT = host.hook_count
 local PATTERN_BUDGET = host.pattern_budget
 
@@ -248,6 +249,32 @@ function game.broadcast(event, payload)
   return true
 end
 game.random = math.random
+
+-- Persistence: every call returns a table, {ok = value} or {error = code, message = text}.
+-- Writes belong to the running callback and take effect only if it succeeds.
+local function persist(name)
+  return function(...)
+    if not host_persist then return { error = "not_configured" } end
+    return host_persist(name, ...)
+  end
+end
+game.economy = {
+  grant = persist("economy.grant"),
+  debit = persist("economy.debit"),
+  balance = persist("economy.balance"),
+}
+game.leaderboard = {
+  submit = persist("leaderboard.submit"),
+  top = persist("leaderboard.top"),
+  rank = persist("leaderboard.rank"),
+  around = persist("leaderboard.around"),
+}
+game.storage = {
+  get = persist("storage.get"),
+  set = persist("storage.set"),
+  player_get = persist("storage.player_get"),
+  player_set = persist("storage.player_set"),
+}
 env.game = game
 
 function env.print(...)

@@ -1,0 +1,146 @@
+"""game.economy / game.leaderboard / game.storage: Lua arguments in, `{ok=...}`/`{error=...}` out.
+
+The host side of the persistence calls.  Arguments arrive as Lua values; they are validated
+here and handed to the match's current `UnitOfWork`.  Nothing raises into the match: every
+refusal becomes `{error = code, message = text}`, and the calls that succeed return
+`{ok = value}` (for a missing storage key or rank, `ok` is nil).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from asobi.auth import PLAYER_ID_RE
+from asobi.lua.convert import ConversionError, to_python
+from asobi.store.errors import INVALID_ARGUMENT, StoreError
+from asobi.store.ops import GLOBAL_OWNER
+from asobi.store.store import UnitOfWork
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+KEY_RE = re.compile(r"^[A-Za-z0-9_.:@/-]{1,128}$")
+CURRENCY_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+MAX_AMOUNT = 10**15
+MAX_SCORE = 2**62
+MAX_N = 100
+MAX_REASON = 200
+
+
+def _bad(message: str) -> StoreError:
+    return StoreError(INVALID_ARGUMENT, message)
+
+
+def _text(value: Any, what: str, pattern: re.Pattern[str]) -> str:
+    if not isinstance(value, str) or not pattern.match(value):
+        raise _bad(f"{what} must be a string matching {pattern.pattern}")
+    return value
+
+
+def _pid(value: Any) -> str:
+    return _text(value, "player_id", PLAYER_ID_RE)
+
+
+def _int(value: Any, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"{what} must be an integer")
+    if not low <= value <= high:
+        raise _bad(f"{what} must be between {low} and {high}")
+    return value
+
+
+def _reason(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_REASON:
+        raise _bad(f"reason must be a string of at most {MAX_REASON} characters")
+    return value
+
+
+def _args(raw: tuple[Any, ...], count: int) -> list[Any]:
+    values = [to_python(v, what=f"argument {i + 1}") for i, v in enumerate(raw[:count])]
+    return values + [None] * (count - len(values))
+
+
+def _grant(w: UnitOfWork, a: list[Any]) -> Any:
+    return w.grant(
+        _pid(a[0]),
+        _text(a[1], "currency", CURRENCY_RE),
+        _int(a[2], "amount", 1, MAX_AMOUNT),
+        _reason(a[3]),
+    )
+
+
+def _debit(w: UnitOfWork, a: list[Any]) -> Any:
+    return w.debit(
+        _pid(a[0]),
+        _text(a[1], "currency", CURRENCY_RE),
+        _int(a[2], "amount", 1, MAX_AMOUNT),
+        _reason(a[3]),
+    )
+
+
+def _n(value: Any) -> int:
+    return 10 if value is None else _int(value, "n", 1, MAX_N)
+
+
+CALLS: dict[str, tuple[int, Callable[[UnitOfWork, list[Any]], Any]]] = {
+    "economy.grant": (4, _grant),
+    "economy.debit": (4, _debit),
+    "economy.balance": (1, lambda w, a: w.balance(_pid(a[0]))),
+    "leaderboard.submit": (
+        3,
+        lambda w, a: w.submit(
+            _text(a[0], "board", NAME_RE), _pid(a[1]), _int(a[2], "score", -MAX_SCORE, MAX_SCORE)
+        ),
+    ),
+    "leaderboard.top": (2, lambda w, a: w.top(_text(a[0], "board", NAME_RE), _n(a[1]))),
+    "leaderboard.rank": (2, lambda w, a: w.rank(_text(a[0], "board", NAME_RE), _pid(a[1]))),
+    "leaderboard.around": (
+        3,
+        lambda w, a: w.around(_text(a[0], "board", NAME_RE), _pid(a[1]), _n(a[2])),
+    ),
+    "storage.get": (
+        2,
+        lambda w, a: w.get(
+            GLOBAL_OWNER, _text(a[0], "collection", NAME_RE), _text(a[1], "key", KEY_RE)
+        ),
+    ),
+    "storage.set": (
+        3,
+        lambda w, a: w.set(
+            GLOBAL_OWNER, _text(a[0], "collection", NAME_RE), _text(a[1], "key", KEY_RE), a[2]
+        ),
+    ),
+    "storage.player_get": (
+        3,
+        lambda w, a: w.get(
+            _pid(a[0]), _text(a[1], "collection", NAME_RE), _text(a[2], "key", KEY_RE)
+        ),
+    ),
+    "storage.player_set": (
+        4,
+        lambda w, a: w.set(
+            _pid(a[0]), _text(a[1], "collection", NAME_RE), _text(a[2], "key", KEY_RE), a[3]
+        ),
+    ),
+}
+
+
+def call(work: Callable[[], UnitOfWork], name: Any, raw: tuple[Any, ...]) -> dict[str, Any]:
+    """Run one persistence call; `work` gives the callback's unit of work (created lazily)."""
+    try:
+        op = name.decode() if isinstance(name, bytes) else ""
+        spec = CALLS.get(op)
+        if spec is None:
+            raise _bad(f"unknown persistence call {op[:64]!r}")
+        count, fn = spec
+        try:
+            args = _args(raw, count)
+        except ConversionError as exc:
+            raise _bad(str(exc)) from None
+        return {"ok": fn(work(), args)}
+    except StoreError as exc:
+        if exc.message == exc.code:
+            return {"error": exc.code}
+        return {"error": exc.code, "message": exc.message}

@@ -1,0 +1,215 @@
+"""What the store writes, and the SQL that reads and writes it, shared by both backends.
+
+Every database job is a generator that yields `(sql, params)` and receives the rows; a backend
+runs it inside one transaction (`Backend.transact`).  Writing the logic once this way keeps
+SQLite (a blocking driver on a worker thread) and PostgreSQL (asyncpg) on exactly the same
+statements; SQL is written with `?` placeholders and each backend adapts them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+from asobi.store.migrations import CREATE_VERSIONS, LATEST, MIGRATIONS, SchemaTooNew
+
+Rows = list[tuple[Any, ...]]
+Job = Generator[tuple[str, tuple[Any, ...]], Rows, Any]
+
+GLOBAL_OWNER = ""  # storage rows without a player (player ids are never empty)
+
+
+@dataclass(slots=True)
+class LedgerOp:
+    player_id: str
+    currency: str
+    delta: int
+    reason: str | None
+    match_id: str | None
+
+
+@dataclass(slots=True)
+class ScoreOp:
+    board: str
+    player_id: str
+    score: int
+
+
+@dataclass(slots=True)
+class StorageOp:
+    owner: str
+    collection: str
+    key: str
+    value: str | None  # JSON text; None deletes
+
+
+Op = LedgerOp | ScoreOp | StorageOp
+
+
+@dataclass(slots=True)
+class BatchResult:
+    duplicate: bool = False
+    ledger: int = 0
+    conflicts: list[LedgerOp] = field(default_factory=list)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# -- schema ---------------------------------------------------------------------------------------
+def migrate(dialect: str) -> Job:
+    """Bring the schema to `LATEST`; returns the versions applied."""
+    if dialect == "postgresql":
+        # Two servers starting together must not both migrate.
+        yield ("SELECT pg_advisory_xact_lock(7231001)", ())
+    yield (CREATE_VERSIONS, ())
+    rows = yield ("SELECT version FROM schema_migrations", ())
+    done = {r[0] for r in rows}
+    if done and max(done) > LATEST:
+        raise SchemaTooNew(
+            f"database schema is at version {max(done)}, this server knows up to {LATEST}"
+        )
+    applied = []
+    for migration in MIGRATIONS:
+        if migration.version in done:
+            continue
+        for statement in migration.sql(dialect):
+            yield (statement, ())
+        yield (
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+            (migration.version, migration.name, now_ms()),
+        )
+        applied.append(migration.version)
+    return applied
+
+
+# -- write-behind batches -------------------------------------------------------------------------
+_GRANT = (
+    "INSERT INTO wallets (player_id, currency, balance) VALUES (?, ?, ?) "
+    "ON CONFLICT (player_id, currency) DO UPDATE SET balance = wallets.balance + excluded.balance "
+    "RETURNING balance"
+)
+_DEBIT = (
+    "UPDATE wallets SET balance = balance - ? "
+    "WHERE player_id = ? AND currency = ? AND balance >= ? RETURNING balance"
+)
+_LEDGER = (
+    "INSERT INTO ledger (player_id, currency, delta, balance, reason, match_id, created_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_SCORE = (
+    "INSERT INTO leaderboard (board, player_id, score, updated_at) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (board, player_id) DO UPDATE SET score = excluded.score, "
+    "updated_at = excluded.updated_at WHERE excluded.score > leaderboard.score"
+)
+_STORE = (
+    "INSERT INTO storage (owner, collection, key, value, updated_at) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (owner, collection, key) DO UPDATE SET value = excluded.value, "
+    "updated_at = excluded.updated_at"
+)
+_UNSTORE = "DELETE FROM storage WHERE owner = ? AND collection = ? AND key = ?"
+
+
+def apply_batch(batch_id: str, ops: list[Op]) -> Job:
+    """Write one batch atomically.  A batch id seen before is skipped, so a retry after a lost
+    commit acknowledgement never applies the same grants twice."""
+    ts = now_ms()
+    seen = yield (
+        "INSERT INTO applied_batches (id, applied_at) VALUES (?, ?) "
+        "ON CONFLICT (id) DO NOTHING RETURNING id",
+        (batch_id, ts),
+    )
+    result = BatchResult()
+    if not seen:
+        result.duplicate = True
+        return result
+    for op in ops:
+        if isinstance(op, LedgerOp):
+            if op.delta >= 0:
+                rows = yield (_GRANT, (op.player_id, op.currency, op.delta))
+            else:
+                amount = -op.delta
+                rows = yield (_DEBIT, (amount, op.player_id, op.currency, amount))
+            if not rows:
+                # Only another server writing the same wallet can get here: the database
+                # refuses to go negative and this debit is dropped (and reported).
+                result.conflicts.append(op)
+                continue
+            yield (
+                _LEDGER,
+                (op.player_id, op.currency, op.delta, rows[0][0], op.reason, op.match_id, ts),
+            )
+            result.ledger += 1
+        elif isinstance(op, ScoreOp):
+            yield (_SCORE, (op.board, op.player_id, op.score, ts))
+        elif op.value is None:
+            yield (_UNSTORE, (op.owner, op.collection, op.key))
+        else:
+            yield (_STORE, (op.owner, op.collection, op.key, op.value, ts))
+    if int(batch_id[-3:], 16) == 0:  # now and then, forget old batch ids
+        yield ("DELETE FROM applied_batches WHERE applied_at < ?", (ts - 24 * 3600 * 1000,))
+    return result
+
+
+# -- reads ----------------------------------------------------------------------------------------
+def load_player(player_id: str) -> Job:
+    wallet = yield ("SELECT currency, balance FROM wallets WHERE player_id = ?", (player_id,))
+    storage = yield (
+        "SELECT collection, key, value FROM storage WHERE owner = ?",
+        (player_id,),
+    )
+    return wallet, storage
+
+
+def load_boards() -> Job:
+    rows = yield (
+        "SELECT board, player_id, score FROM leaderboard ORDER BY board, score DESC, updated_at",
+        (),
+    )
+    return rows
+
+
+def load_global_storage() -> Job:
+    rows = yield ("SELECT collection, key, value FROM storage WHERE owner = ?", (GLOBAL_OWNER,))
+    return rows
+
+
+def ledger(player_id: str, limit: int) -> Job:
+    rows = yield (
+        "SELECT id, currency, delta, balance, reason, match_id FROM ledger "
+        "WHERE player_id = ? ORDER BY id LIMIT ?",
+        (player_id, limit),
+    )
+    return rows
+
+
+def ping() -> Job:
+    rows = yield ("SELECT 1", ())
+    return rows
+
+
+# -- accounts -------------------------------------------------------------------------------------
+def create_account(player_id: str, username: str, password_hash: str) -> Job:
+    """True when created, False when the username (case-insensitively) is taken."""
+    rows = yield (
+        "INSERT INTO accounts (player_id, username, username_key, password_hash, created_at) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING player_id",
+        (player_id, username, username.lower(), password_hash, now_ms()),
+    )
+    return bool(rows)
+
+
+def find_account(username: str) -> Job:
+    rows = yield (
+        "SELECT player_id, password_hash FROM accounts WHERE username_key = ?",
+        (username.lower(),),
+    )
+    return rows[0] if rows else None
+
+
+def update_hash(player_id: str, password_hash: str) -> Job:
+    yield ("UPDATE accounts SET password_hash = ? WHERE player_id = ?", (password_hash, player_id))
+    return None
