@@ -33,17 +33,17 @@ class Plan:
     window_s: float
     settle_s: float
     capacity_budget_s: float
-    reload_matches: int
+    reload_matches: tuple[int, ...]
     reload_saves: int
     profile_s: float
 
 
 FULL = Plan(
-    steps=(50, 100, 250, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000),
+    steps=(50, 100, 200, 250, 300, 350, 400, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000),
     window_s=6.0,
     settle_s=2.0,
     capacity_budget_s=200.0,
-    reload_matches=1000,
+    reload_matches=(200, 1000),
     reload_saves=20,
     profile_s=8.0,
 )
@@ -52,7 +52,7 @@ SMOKE = Plan(
     window_s=1.0,
     settle_s=0.3,
     capacity_budget_s=5.0,
-    reload_matches=5,
+    reload_matches=(5,),
     reload_saves=3,
     profile_s=0.0,
 )
@@ -82,15 +82,18 @@ async def run_reload(plan: Plan, work: Path, cores: Any, out: dict[str, Any]) ->
     target = AsobiTarget(work / "reload", server_core, Tally(), reload="watch")
     target.start()
     try:
-        result = await reload_bench.run(
-            target, plan.reload_matches, plan.reload_saves, plan.settle_s
-        )
-        out["reload"] = result.as_dict()
+        runs = []
+        for matches in plan.reload_matches:
+            result = await reload_bench.run(target, matches, plan.reload_saves, plan.settle_s)
+            runs.append(result.as_dict())
+        out["reload"] = runs
     finally:
         target.stop()
 
 
-async def run_colyseus(plan: Plan, work: Path, cores: Any, out: dict[str, Any], smoke: bool) -> None:
+async def run_colyseus(
+    plan: Plan, work: Path, cores: Any, out: dict[str, Any], smoke: bool
+) -> None:
     if not ColyseusTarget.installed():
         if smoke:
             out["colyseus"] = {"error": "not installed (the full run installs it with npm)"}
@@ -133,7 +136,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     }
     parts = args.only.split(",") if args.only else list(PARTS)
     with tempfile.TemporaryDirectory(prefix="asobi-bench-") as tmp:
-        work = Path(tmp)
+        work = Path(args.work) if args.work else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         if "asobi" in parts:
             await run_asobi(plan, work, cores, out)
         if "reload" in parts:
@@ -147,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny run (< 10 s) for CI")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--work", help="keep game dirs and server logs here (default: a temp dir)")
     args = parser.parse_args(argv)
     started = time.monotonic()
     out = asyncio.run(main_async(args))

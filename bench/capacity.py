@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench import game
+from bench import game, procs
 from bench.targets import AsobiTarget, Target, loadgen_cpu
 
 LATENESS_BOUND_MS = 10.0
@@ -37,10 +37,12 @@ class Step:
     jitter_p50_ms: float
     jitter_p99_ms: float
     loadgen_cpu_pct: float
+    foreign_cpu_pct: float
     rss_mib: float
     rss_per_idle_conn_kib: float | None = None
     rss_per_match_kib: float | None = None
     setup_s: float = 0.0
+    retried: bool = False
     ok: bool = False
 
 
@@ -68,6 +70,8 @@ async def measure(target: Target, window: float) -> dict[str, Any]:
     tally, server = target.tally, target.server
     assert server is not None
     await target.stats()  # drains the lateness collected so far
+    core = min(target.core) if target.core else None
+    busy0 = procs.core_busy_seconds(core) if core is not None else 0.0
     cpu0, lg0, (f0, g0, r0) = server.cpu(), loadgen_cpu(), tally.counters()
     tally.intervals.clear()
     tally.measuring = True
@@ -76,6 +80,7 @@ async def measure(target: Target, window: float) -> dict[str, Any]:
     tally.measuring = False
     t1 = time.monotonic()
     cpu1, lg1, (f1, g1, r1) = server.cpu(), loadgen_cpu(), tally.counters()
+    busy1 = procs.core_busy_seconds(core) if core is not None else 0.0
     stats = await target.stats()
     elapsed = t1 - t0
     frames = f1 - f0
@@ -96,8 +101,18 @@ async def measure(target: Target, window: float) -> dict[str, Any]:
         "jitter_p50_ms": pct(jitter, 0.5),
         "jitter_p99_ms": pct(jitter, 0.99),
         "loadgen_cpu_pct": 100 * (lg1 - lg0) / elapsed,
+        # other processes on the server's core (the machine may be shared): noise, not load
+        "foreign_cpu_pct": max(0.0, 100 * ((busy1 - busy0) - (cpu1 - cpu0)) / elapsed),
         "rss_mib": server.rss() / 2**20,
     }
+
+
+def _holds(figures: dict[str, Any]) -> bool:
+    return (
+        figures["lateness_p99_ms"] <= LATENESS_BOUND_MS
+        and figures["dropped"] == 0
+        and figures["repeated"] == 0
+    )
 
 
 async def run(
@@ -129,30 +144,40 @@ async def run(
             else:
                 await target.add_matches(add)
         except (TimeoutError, RuntimeError, OSError) as exc:
-            result.stopped = f"could not add matches up to {m}: {exc!r}"
+            alive = target.server.proc.poll() is None
+            result.stopped = (
+                f"could not add matches up to {m}: {exc!r}; server "
+                f"{'running' if alive else 'exited'}; last log lines:\n"
+                f"{target.server.log_tail(5)}"
+            )
             break
         setup = time.monotonic() - t0
         await asyncio.sleep(settle)
         figures = await measure(target, window)
+        retried = False
+        if not _holds(figures):
+            # one more window before calling it: a neighbour's burst on a shared machine
+            # should not decide the capacity; the better of the two windows is kept
+            again = await measure(target, window)
+            retried = True
+            if again["lateness_p99_ms"] < figures["lateness_p99_ms"]:
+                figures = again
         step = Step(
             matches=m,
             clients=len(target.players),
             rss_per_idle_conn_kib=per_conn,
             rss_per_match_kib=per_match,
             setup_s=round(setup, 2),
+            retried=retried,
             **figures,
         )
-        step.ok = (
-            step.lateness_p99_ms <= LATENESS_BOUND_MS
-            and step.dropped == 0
-            and step.repeated == 0
-            and target.tally.errors == 0
-        )
+        step.ok = _holds(figures) and target.tally.errors == 0
         result.steps.append(step)
         print(
             f"  {target.name:8} M={m:5} frames/s={step.frames_per_s:8.0f} "
             f"cpu={step.server_cpu_pct:5.1f}% us/frame={step.cpu_us_per_frame:6.1f} "
             f"late p99={step.lateness_p99_ms:6.1f}ms dropped={step.dropped} "
+            f"foreign={step.foreign_cpu_pct:4.1f}% "
             f"{'ok' if step.ok else 'FAIL'}",
             flush=True,
         )

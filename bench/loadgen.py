@@ -161,7 +161,7 @@ class ColyseusPlayer(_Player):
         if not data:
             return
         code = data[0]
-        if code == COLYSEUS_PATCH or code == COLYSEUS_STATE:
+        if code in (COLYSEUS_PATCH, COLYSEUS_STATE):
             self._arrived(time.monotonic())
         elif code == COLYSEUS_JOIN_ROOM:
             self.send(bytes([COLYSEUS_JOIN_ROOM]), text=False)
@@ -199,12 +199,12 @@ async def http_post_json(host: str, port: int, path: str, body: Any) -> Any:
     """A minimal HTTP/1.1 POST for Colyseus' matchmaking route (one connection per request)."""
     reader, writer = await asyncio.open_connection(host, port)
     payload = orjson.dumps(body)
-    writer.write(
+    head = (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-        f"Accept: application/json\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
-        .encode()
-        + payload
+        f"Accept: application/json\r\nContent-Length: {len(payload)}\r\n"
+        "Connection: close\r\n\r\n"
     )
+    writer.write(head.encode() + payload)
     await writer.drain()
     raw = await reader.read()
     writer.close()

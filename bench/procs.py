@@ -36,6 +36,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
 
 
+def core_busy_seconds(core: int) -> float:
+    """Busy time of one CPU (all processes) from /proc/stat, to see foreign load on it."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{core} "):
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, line.split()[1:9])
+            return (user + nice + system + irq + softirq + steal) / CLK_TCK
+    return 0.0
+
+
 def rss_bytes(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
 
@@ -121,13 +130,31 @@ def spawn(
 
 
 def spawn_asobi(
-    game_dir: Path, data_dir: Path, secret: str, *, reload: str, core: set[int] | None, log_path: Path
+    game_dir: Path,
+    data_dir: Path,
+    secret: str,
+    *,
+    reload: str,
+    core: set[int] | None,
+    log_path: Path,
 ) -> ServerProcess:
     stats = data_dir / "bench-stats.json"
     server = spawn(
         [
-            sys.executable, "-m", "asobi", "serve", "--host", "127.0.0.1", "--port", "0",
-            "--game-dir", str(game_dir), "--data-dir", str(data_dir), "--reload", reload,
+            sys.executable,
+            "-m",
+            "asobi",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--game-dir",
+            str(game_dir),
+            "--data-dir",
+            str(data_dir),
+            "--reload",
+            reload,
         ],
         log_path=log_path,
         env={"ASOBI_SECRET": secret, "ASOBI_BENCH_STATS": str(stats), "ASOBI_LOG_LEVEL": "info"},

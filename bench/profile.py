@@ -43,14 +43,39 @@ def record(pid: int, seconds: float, out: Path) -> dict[str, Any]:
         return {"error": "py-spy is not installed (pip install py-spy)"}
     raw = out.with_suffix(".txt")
     done = subprocess.run(
-        [exe, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
-         "--format", "raw", "--output", str(raw), "--nonblocking"],
+        [
+            exe,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(int(seconds)),
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "--output",
+            str(raw),
+            "--nonblocking",
+        ],
         capture_output=True,
         text=True,
     )
     if done.returncode != 0 or not raw.exists():
         return {"error": f"py-spy failed ({done.returncode}): {done.stderr.strip()[-400:]}"}
     return summarize(raw.read_text())
+
+
+# Entry frames every sample passes through: they say nothing about where the time goes.
+_ROOT_FILES = (
+    "<frozen runpy>",
+    "asyncio/runners.py",
+    "asyncio/base_events.py",
+    "asobi/cli.py",
+    "asobi/__main__.py",
+    "asyncio/events.py",
+)
+_ROOT_SUFFIXES = tuple(f + ")" for f in _ROOT_FILES)
 
 
 def summarize(text: str, top: int = 15) -> dict[str, Any]:
@@ -69,7 +94,8 @@ def summarize(text: str, top: int = 15) -> dict[str, Any]:
             continue
         own[frames[-1]] += n
         for name in set(frames):
-            inclusive[name] += n
+            if not name.endswith(_ROOT_SUFFIXES):
+                inclusive[name] += n
     if not total:
         return {"error": "no samples"}
     return {

@@ -48,8 +48,9 @@ class ReloadResult:
 
 
 async def run(target: AsobiTarget, matches: int, saves: int, settle: float) -> ReloadResult:
+    """Reload with `matches` running (matches are added to whatever already runs)."""
     tally = target.tally
-    await target.add_matches(matches)
+    await target.add_matches(matches - target.matches)
     tally.track_messages = True
     await asyncio.sleep(settle)
     await target.stats()
@@ -57,7 +58,7 @@ async def run(target: AsobiTarget, matches: int, saves: int, settle: float) -> R
     _, gaps0, repeats0 = tally.counters()
     period = tally.period
     for i in range(1, saves + 1):
-        message = f"v{i}"
+        message = f"m{matches}-v{i}"
         game.write_script(target.game_dir, message)
         t0 = time.monotonic()
         deadline = t0 + WAIT_PER_SAVE_S
@@ -83,9 +84,10 @@ async def run(target: AsobiTarget, matches: int, saves: int, settle: float) -> R
     stats = await target.stats()
     result.lateness_p99_ms = stats["lateness_p99_ms"]
     result.lateness_max_ms = stats["lateness_max_ms"]
+    summary = result.summary()
     print(
-        f"  reload   M={matches:5} saves={saves} first p50={result.summary()['first_frame_p50_ms']:.0f}ms "
-        f"all p50={result.summary()['all_matches_p50_ms']:.0f}ms skipped={result.skipped} "
+        f"  reload   M={matches:5} saves={saves} first p50={summary['first_frame_p50_ms']:.0f}ms "
+        f"all p50={summary['all_matches_p50_ms']:.0f}ms skipped={result.skipped} "
         f"repeated={result.repeated} timed_out={result.timed_out}",
         flush=True,
     )

@@ -166,9 +166,7 @@ class ColyseusTarget(Target):
         seats = [first]
         for _ in range(game.MATCH_SIZE - 1):
             seats.append(
-                await http_post_json(
-                    "127.0.0.1", port, f"/matchmake/joinById/{room['roomId']}", {}
-                )
+                await http_post_json("127.0.0.1", port, f"/matchmake/joinById/{room['roomId']}", {})
             )
         players = []
         for seat in seats:
