@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import os
 import signal
 import time
 from typing import Any
@@ -24,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from asobi import benchstats
 from asobi.app import App
 from asobi.protocol import ErrorCode
 from asobi.reload import poll_changes, watch_changes
@@ -147,6 +149,7 @@ class AsobiServer:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, done.set)
+        benchstats.install(loop, self.app, os.environ.get(benchstats.ENV))
         await done.wait()
         await self.stop()
 

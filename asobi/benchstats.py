@@ -1,0 +1,54 @@
+"""Opt-in tick statistics for the benchmark suite, read from outside the server process.
+
+With `ASOBI_BENCH_STATS=<file>` set, each SIGUSR1 writes the tick lateness percentiles collected
+since the previous signal (and counters) to that file as JSON, atomically.  Without the variable
+nothing is installed: the server's behaviour and cost are unchanged.  A signal keeps the measuring
+out of the WebSocket port and away from the frames being measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import orjson
+
+from asobi.app import App
+
+ENV = "ASOBI_BENCH_STATS"
+
+
+def snapshot(app: App) -> dict[str, float | int]:
+    """Lateness percentiles (ms) since the last snapshot, and running totals."""
+    values = sorted(app.engine.drain_lateness())
+    n = len(values)
+
+    def pct(q: float) -> float:
+        return values[min(n - 1, int(q * n))] * 1000 if n else 0.0
+
+    return {
+        "time": time.monotonic(),
+        "samples": n,
+        "lateness_p50_ms": pct(0.50),
+        "lateness_p99_ms": pct(0.99),
+        "lateness_max_ms": values[-1] * 1000 if n else 0.0,
+        "ticks": app.engine.ticks,
+        "matches": len(app.engine.matches),
+        "frames_sent": app.hub.frames_sent,
+        "connections": len(app.hub),
+    }
+
+
+def write(app: App, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(orjson.dumps(snapshot(app)))
+    os.replace(tmp, path)
+
+
+def install(loop: asyncio.AbstractEventLoop, app: App, target: str | None) -> None:
+    if not target:
+        return
+    loop.add_signal_handler(signal.SIGUSR1, write, app, Path(target))

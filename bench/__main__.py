@@ -1,0 +1,169 @@
+"""`python -m bench [--smoke] [--only asobi,reload,colyseus]`: run the suite on loopback.
+
+The server under test runs pinned to one core and this process (the load generator) to the
+other.  Prints a markdown report and writes the figures as JSON under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench import capacity, procs, profile, reload_bench, report
+from bench.loadgen import Tally
+from bench.targets import AsobiTarget, ColyseusTarget
+
+RESULTS = Path(__file__).parent / "results"
+PARTS = ("asobi", "reload", "colyseus")
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: tuple[int, ...]
+    window_s: float
+    settle_s: float
+    capacity_budget_s: float
+    reload_matches: tuple[int, ...]
+    reload_saves: int
+    profile_s: float
+
+
+FULL = Plan(
+    steps=(50, 100, 200, 250, 300, 350, 400, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000),
+    window_s=6.0,
+    settle_s=2.0,
+    capacity_budget_s=200.0,
+    reload_matches=(200, 1000),
+    reload_saves=20,
+    profile_s=8.0,
+)
+SMOKE = Plan(
+    steps=(10,),
+    window_s=1.0,
+    settle_s=0.3,
+    capacity_budget_s=5.0,
+    reload_matches=(5,),
+    reload_saves=3,
+    profile_s=0.0,
+)
+
+
+async def run_asobi(plan: Plan, work: Path, cores: Any, out: dict[str, Any]) -> None:
+    server_core, _ = cores
+    target = AsobiTarget(work / "asobi", server_core, Tally())
+    target.start()
+    try:
+        result = await capacity.run(
+            target, list(plan.steps), plan.window_s, plan.settle_s, plan.capacity_budget_s
+        )
+        out["asobi"] = result.as_dict()
+        if plan.profile_s and target.server is not None:
+            print(f"  profiling the server at {target.matches} matches ...", flush=True)
+            out["profile"] = {
+                "matches": target.matches,
+                **profile.record(target.server.pid, plan.profile_s, work / "profile"),
+            }
+    finally:
+        target.stop()
+
+
+async def run_reload(plan: Plan, work: Path, cores: Any, out: dict[str, Any]) -> None:
+    server_core, _ = cores
+    target = AsobiTarget(work / "reload", server_core, Tally(), reload="watch")
+    target.start()
+    try:
+        runs = []
+        for matches in plan.reload_matches:
+            result = await reload_bench.run(target, matches, plan.reload_saves, plan.settle_s)
+            runs.append(result.as_dict())
+        out["reload"] = runs
+    finally:
+        target.stop()
+
+
+async def run_colyseus(
+    plan: Plan, work: Path, cores: Any, out: dict[str, Any], smoke: bool
+) -> None:
+    if not ColyseusTarget.installed():
+        if smoke:
+            out["colyseus"] = {"error": "not installed (the full run installs it with npm)"}
+            return
+        print("  installing Colyseus from npm ...", flush=True)
+        why = ColyseusTarget.install()
+        if why is not None:
+            out["colyseus"] = {"error": why}
+            return
+    server_core, _ = cores
+    target = ColyseusTarget(work / "colyseus", server_core, Tally())
+    target.work.mkdir(parents=True, exist_ok=True)
+    try:
+        target.start()
+        result = await capacity.run(
+            target, list(plan.steps), plan.window_s, plan.settle_s, plan.capacity_budget_s
+        )
+        out["colyseus"] = result.as_dict()
+    except (RuntimeError, OSError) as exc:
+        out["colyseus"] = {"error": f"{exc}"}
+    finally:
+        target.stop()
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    plan = SMOKE if args.smoke else FULL
+    cores = procs.cores()
+    if cores[1]:
+        os.sched_setaffinity(0, cores[1])
+    out: dict[str, Any] = {
+        "smoke": args.smoke,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "pinned": cores[0] is not None,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "plan": plan.__dict__,
+    }
+    parts = args.only.split(",") if args.only else list(PARTS)
+    with tempfile.TemporaryDirectory(prefix="asobi-bench-") as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if "asobi" in parts:
+            await run_asobi(plan, work, cores, out)
+        if "reload" in parts:
+            await run_reload(plan, work, cores, out)
+        if "colyseus" in parts:
+            await run_colyseus(plan, work, cores, out, args.smoke)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny run (< 10 s) for CI")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--work", help="keep game dirs and server logs here (default: a temp dir)")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    out = asyncio.run(main_async(args))
+    out["elapsed_s"] = round(time.monotonic() - started, 1)
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = RESULTS / f"{stamp}{'-smoke' if args.smoke else ''}.json"
+    path.write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
+    print(report.markdown(out))
+    print(f"\nwrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+    return 0 if report.healthy(out) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

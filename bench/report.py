@@ -1,0 +1,237 @@
+"""The markdown report of one run (the JSON holds everything; this is the readable part)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+TARGET_MATCHES = 1000
+TARGET_US_PER_FRAME = 15.0
+TARGET_KIB_PER_CONN = 32.0
+TARGET_KIB_PER_MATCH = 100.0
+TARGET_RELOAD_MS = 150.0
+TARGET_SPREAD_TICKS = 2.0
+
+
+def _f(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}"
+
+
+def _steps_table(result: dict[str, Any]) -> list[str]:
+    lines = [
+        "| M matches | clients | frames/s (expected) | server CPU | CPU us/frame "
+        "| lateness p50 / p99 / max ms | dropped | jitter p99 ms | RSS MiB | foreign CPU "
+        "| holds |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for s in result["steps"]:
+        lines.append(
+            f"| {s['matches']} | {s['clients']} | {s['frames_per_s']:,.0f} "
+            f"({s['expected_per_s']:,.0f}) | {s['server_cpu_pct']:.0f}% "
+            f"| {s['cpu_us_per_frame']:.1f} | {s['lateness_p50_ms']:.1f} / "
+            f"{s['lateness_p99_ms']:.1f} / {s['lateness_max_ms']:.1f} | {s['dropped']} "
+            f"| {s['jitter_p99_ms']:.1f} | {s['rss_mib']:.0f} | {s['foreign_cpu_pct']:.0f}% "
+            f"| {'yes' if s['ok'] else 'no'} |"
+        )
+    return lines
+
+
+def _best_step(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The step used for per-frame and per-match figures: the largest that held the bound,
+    else the first one."""
+    held = [s for s in result.get("steps", []) if s["ok"]]
+    if held:
+        return held[-1]
+    steps = result.get("steps", [])
+    return steps[0] if steps else None
+
+
+def _common_step(a: dict[str, Any], b: dict[str, Any]) -> tuple[dict, dict]:
+    """The steps to compare per-frame cost on: the largest M both held (same load), else each
+    one's best."""
+    held_a = {s["matches"]: s for s in a["steps"] if s["ok"]}
+    held_b = {s["matches"]: s for s in b["steps"] if s["ok"]}
+    common = sorted(set(held_a) & set(held_b))
+    if common:
+        return held_a[common[-1]], held_b[common[-1]]
+    sa, sb = _best_step(a), _best_step(b)
+    assert sa is not None and sb is not None
+    return sa, sb
+
+
+def _rss(result: dict[str, Any]) -> tuple[float | None, float | None]:
+    """Per idle connection and per running match, from the step that added the most."""
+    steps = [s for s in result.get("steps", []) if s.get("rss_per_idle_conn_kib") is not None]
+    if not steps:
+        return None, None
+    biggest = max(
+        steps,
+        key=lambda s: (
+            s["matches"] - (steps[steps.index(s) - 1]["matches"] if steps.index(s) else 0)
+        ),
+    )
+    return biggest["rss_per_idle_conn_kib"], biggest["rss_per_match_kib"]
+
+
+def markdown(out: dict[str, Any]) -> str:
+    lines = [f"# asobi bench{' (smoke)' if out.get('smoke') else ''} — {out.get('started')}", ""]
+    machine = out.get("machine", {})
+    lines.append(
+        f"{machine.get('cpus')} CPUs, server and load generator "
+        f"{'pinned to separate cores' if machine.get('pinned') else 'NOT pinned (one core)'}, "
+        f'Python {machine.get("python")}; run took {out.get("elapsed_s")} s.  "foreign CPU" is '
+        "time other processes took on the server's core during the window (a shared machine); "
+        "a failing step is measured twice and the better window kept."
+    )
+    summary: list[tuple[str, str, str, str]] = []
+    asobi = out.get("asobi")
+    if asobi:
+        lines += ["", "## asobi capacity (M matches x 4 players, 10 Hz)", ""]
+        lines += _steps_table(asobi)
+        lines += [
+            "",
+            f"Largest M holding p99 lateness <= 10 ms with 0 dropped: "
+            f"**{asobi['largest_ok']}** ({asobi['stopped']}).",
+        ]
+        best = _best_step(asobi)
+        per_conn, per_match = _rss(asobi)
+        summary.append(
+            (
+                "matches x 4 at p99 <= 10 ms",
+                f">= {TARGET_MATCHES}",
+                str(asobi["largest_ok"]),
+                _met(asobi["largest_ok"] >= TARGET_MATCHES),
+            )
+        )
+        if best:
+            summary.append(
+                (
+                    "server CPU per delivered frame",
+                    f"<= {TARGET_US_PER_FRAME} us",
+                    f"{best['cpu_us_per_frame']:.1f} us (M={best['matches']})",
+                    _met(best["cpu_us_per_frame"] <= TARGET_US_PER_FRAME),
+                )
+            )
+        if per_conn is not None:
+            summary.append(
+                (
+                    "RSS per idle connection",
+                    f"<= {TARGET_KIB_PER_CONN:.0f} KiB",
+                    f"{per_conn:.1f} KiB",
+                    _met(per_conn <= TARGET_KIB_PER_CONN),
+                )
+            )
+            summary.append(
+                (
+                    "RSS per running match",
+                    f"<= {TARGET_KIB_PER_MATCH:.0f} KiB",
+                    f"{per_match:.1f} KiB",
+                    _met(per_match <= TARGET_KIB_PER_MATCH),
+                )
+            )
+    reloads = out.get("reload") or []
+    if reloads:
+        lines += ["", f"## Hot reload under load ({reloads[0]['saves']} saves per row)", ""]
+        lines += [
+            "| matches | save -> first new frame p50 / p99 ms | save -> all matches p50 / p99 ms "
+            "| spread max (ticks) | skipped | repeated | timed out | lateness p99 / max ms |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in reloads:
+            s = r["summary"]
+            lines.append(
+                f"| {r['matches']} | {s['first_frame_p50_ms']:.0f} / {s['first_frame_p99_ms']:.0f} "
+                f"| {s['all_matches_p50_ms']:.0f} / {s['all_matches_p99_ms']:.0f} "
+                f"| {s['spread_ticks_max']:.1f} | {r['skipped']} | {r['repeated']} "
+                f"| {r['timed_out']} | {r['lateness_p99_ms']:.1f} / {r['lateness_max_ms']:.1f} |"
+            )
+        for r in reloads:
+            s, at = r["summary"], f" ({r['matches']} matches)"
+            clean = not r["timed_out"]
+            summary.append(
+                (
+                    "reload median (save -> first new frame)" + at,
+                    f"<= {TARGET_RELOAD_MS:.0f} ms",
+                    f"{s['first_frame_p50_ms']:.0f} ms",
+                    _met(s["first_frame_p50_ms"] <= TARGET_RELOAD_MS and clean),
+                )
+            )
+            summary.append(
+                (
+                    "all matches on new code" + at,
+                    f"within {TARGET_SPREAD_TICKS:.0f} ticks",
+                    f"{s['spread_ticks_max']:.1f} ticks after the first",
+                    _met(s["spread_ticks_max"] <= TARGET_SPREAD_TICKS and clean),
+                )
+            )
+        bad = sum(r["skipped"] + r["repeated"] for r in reloads)
+        summary.append(("ticks skipped or repeated on reload", "0", str(bad), _met(bad == 0)))
+    coly = out.get("colyseus")
+    if coly:
+        lines += ["", "## Colyseus, same game and load", ""]
+        if "error" in coly:
+            lines.append(f"Not measured: {coly['error']}")
+        else:
+            lines += _steps_table(coly)
+            lines += [
+                "",
+                "Colyseus lateness is the overshoot of each 100 ms simulation interval, "
+                "measured inside the room (Colyseus does not report lateness); dropped is "
+                "not observable (patches carry no sequence number; Colyseus buffers "
+                "rather than drops).",
+                "",
+                f"Largest M holding p99 lateness <= 10 ms: **{coly['largest_ok']}** "
+                f"({coly['stopped']}).",
+            ]
+            if asobi and asobi.get("steps") and coly.get("steps"):
+                a, c = _common_step(asobi, coly)
+                cpu_ratio = a["cpu_us_per_frame"] / c["cpu_us_per_frame"]
+                m_ratio = asobi["largest_ok"] / coly["largest_ok"] if coly["largest_ok"] else None
+                lines += [
+                    "",
+                    "| ratio asobi / Colyseus | value |",
+                    "|---|---:|",
+                    f"| CPU per delivered state update (M={a['matches']} vs "
+                    f"M={c['matches']}) | {cpu_ratio:.2f} |",
+                    f"| largest M at p99 <= 10 ms | {_f(m_ratio, 2)} |",
+                ]
+                out["ratios"] = {"cpu_per_update": cpu_ratio, "largest_m": m_ratio}
+    prof = out.get("profile")
+    if prof and "self" in prof:
+        lines += [
+            "",
+            f"## Server profile (py-spy, {prof['matches']} matches, "
+            f"{prof['samples']} busy samples)",
+            "",
+            "| function (self time) | share |",
+            "|---|---:|",
+        ]
+        lines += [f"| `{name}` | {share}% |" for name, share in prof["self"][:12]]
+        lines += ["", "| function (inclusive) | share |", "|---|---:|"]
+        lines += [f"| `{name}` | {share}% |" for name, share in prof["inclusive"][:12]]
+    elif prof:
+        lines += ["", f"Profile not taken: {prof.get('error')}"]
+    if summary:
+        lines += ["", "## Targets", "", "| target | goal | measured | met |", "|---|---|---|:---:|"]
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary]
+    return "\n".join(lines)
+
+
+def _met(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def healthy(out: dict[str, Any]) -> bool:
+    """The harness worked (targets may still be missed): steps measured, reloads observed (an
+    overloaded server may miss the per-save wait: reported, not fatal), and no tick skipped or
+    repeated across reloads."""
+    asobi = out.get("asobi")
+    if asobi is not None and not asobi.get("steps"):
+        return False
+    for r in out.get("reload") or []:
+        if r["timed_out"] == r["saves"] or r["skipped"] or r["repeated"]:
+            return False
+    return True

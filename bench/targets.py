@@ -1,0 +1,196 @@
+"""The servers under test, behind one interface the workloads drive.
+
+A target starts its server pinned to the server core, adds matches of 4 clients each (clients of
+the shared `Tally`), and reports the server's own tick lateness since the previous call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from bench import game, procs
+from bench.loadgen import (
+    AsobiPlayer,
+    ColyseusPlayer,
+    Tally,
+    asobi_token,
+    connect,
+    gather_limited,
+    http_post_json,
+)
+
+PEERS = Path(__file__).parent / "peers"
+CONNECT_CONCURRENCY = 64
+
+
+class Target:
+    name = ""
+    stats_signal = signal.SIGUSR1
+
+    def __init__(self, work: Path, core: set[int] | None, tally: Tally) -> None:
+        self.work = work
+        self.core = core
+        self.tally = tally
+        self.server: procs.ServerProcess | None = None
+        self.matches = 0
+        self.players: list[Any] = []
+
+    async def stats(self) -> dict[str, Any]:
+        assert self.server is not None
+        return await procs.read_stats(self.server, self.stats_signal, asyncio.sleep)
+
+    def stop(self) -> None:
+        for player in self.players:
+            if player.transport is not None:
+                player.transport.disconnect()
+        if self.server is not None:
+            self.server.stop()
+
+
+class AsobiTarget(Target):
+    name = "asobi"
+
+    def __init__(
+        self, work: Path, core: set[int] | None, tally: Tally, reload: str = "off"
+    ) -> None:
+        super().__init__(work, core, tally)
+        self.reload = reload
+        self.secret = secrets.token_urlsafe(32)
+        self.game_dir = work / "game"
+        self.data_dir = work / "data"
+
+    def start(self) -> None:
+        self.game_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        game.write_script(self.game_dir, "v0")
+        self.server = procs.spawn_asobi(
+            self.game_dir,
+            self.data_dir,
+            self.secret,
+            reload=self.reload,
+            core=self.core,
+            log_path=self.work / "asobi.log",
+        )
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"ws://127.0.0.1:{self.server.port}/ws"
+
+    async def connect_idle(self, matches: int) -> list[AsobiPlayer]:
+        """4 clients per match, authenticated but not queued yet."""
+        base = len(self.players)
+        new = [
+            AsobiPlayer(self.tally, asobi_token(self.secret, f"bench-{base + i}"))
+            for i in range(matches * game.MATCH_SIZE)
+        ]
+        url = self.url
+
+        async def one(player: AsobiPlayer) -> None:
+            await connect(url, player)
+            await asyncio.wait_for(player.ready, 30)
+
+        await gather_limited([lambda p=p: one(p) for p in new], CONNECT_CONCURRENCY)
+        self.players.extend(new)
+        return new
+
+    async def start_matches(self, players: list[AsobiPlayer]) -> None:
+        for player in players:
+            player.queue(game.MODE)
+        await asyncio.wait_for(asyncio.gather(*(p.first_state for p in players)), 60)
+        self.matches += len(players) // game.MATCH_SIZE
+        self.tally.clients = len(self.players)
+
+    async def add_matches(self, matches: int) -> None:
+        await self.start_matches(await self.connect_idle(matches))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ColyseusTarget(Target):
+    name = "colyseus"
+    stats_signal = signal.SIGWINCH
+    dir = PEERS / "colyseus"
+
+    @classmethod
+    def installed(cls) -> bool:
+        return (cls.dir / "node_modules" / "@colyseus" / "core").is_dir()
+
+    @classmethod
+    def install(cls) -> str | None:
+        """npm install into bench/peers/colyseus; returns why it failed, or None."""
+        npm = shutil.which("npm")
+        if npm is None or shutil.which("node") is None:
+            return "node/npm not found on PATH"
+        done = subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=cls.dir,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if done.returncode != 0 or not cls.installed():
+            return f"npm install failed ({done.returncode}): {done.stderr.strip()[-500:]}"
+        return None
+
+    def start(self) -> None:
+        port = _free_port()
+        stats = self.work / "colyseus-stats.json"
+        self.server = procs.spawn(
+            ["node", "server.js"],
+            cwd=self.dir,
+            log_path=self.work / "colyseus.log",
+            env={"PORT": str(port), "BENCH_STATS": str(stats), "NODE_ENV": "production"},
+            core=self.core,
+            port_of=lambda text: port if f"LISTENING {port}" in text else None,
+        )
+        self.server.stats_path = stats
+
+    async def _one_match(self) -> list[ColyseusPlayer]:
+        assert self.server is not None
+        port = self.server.port
+        first = await http_post_json("127.0.0.1", port, "/matchmake/create/bench", {})
+        room = first["room"]
+        seats = [first]
+        for _ in range(game.MATCH_SIZE - 1):
+            seats.append(
+                await http_post_json("127.0.0.1", port, f"/matchmake/joinById/{room['roomId']}", {})
+            )
+        players = []
+        for seat in seats:
+            player = ColyseusPlayer(self.tally)
+            url = (
+                f"ws://127.0.0.1:{port}/{room['processId']}/{room['roomId']}"
+                f"?sessionId={seat['sessionId']}"
+            )
+            await connect(url, player)
+            players.append(player)
+        await asyncio.wait_for(asyncio.gather(*(p.ready for p in players)), 30)
+        return players
+
+    async def add_matches(self, matches: int) -> None:
+        groups = await gather_limited(
+            [self._one_match for _ in range(matches)], CONNECT_CONCURRENCY // game.MATCH_SIZE
+        )
+        new = [p for group in groups for p in group]
+        await asyncio.wait_for(asyncio.gather(*(p.first_state for p in new)), 60)
+        self.players.extend(new)
+        self.matches += matches
+        self.tally.clients = len(self.players)
+
+
+def loadgen_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
