@@ -6,7 +6,7 @@ registry, the engine, the matchmaker, the player hub, token signing and reload h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -15,6 +15,8 @@ from asobi.config import Settings
 from asobi.engine import Engine, EngineConfig
 from asobi.hub import Hub
 from asobi.matchmaker import Matchmaker
+from asobi.metrics import Metrics
+from asobi.presence import Presence
 from asobi.reload import Reloader, ReloadHistory
 from asobi.scripts import ScriptError, ScriptRegistry
 
@@ -32,6 +34,8 @@ class App:
     history: ReloadHistory
     reloader: Reloader
     load_errors: list[ScriptError]
+    presence: Presence
+    metrics: Metrics = field(default_factory=Metrics)
 
     @classmethod
     def create(cls, settings: Settings) -> App:
@@ -50,14 +54,19 @@ class App:
         )
         secret = load_or_create_secret(settings.data_dir, settings.secret)
         history = ReloadHistory()
+        metrics = Metrics()
         return cls(
             settings=settings,
             registry=registry,
             engine=engine,
             hub=hub,
-            matchmaker=Matchmaker(registry, engine, hub),
+            matchmaker=Matchmaker(
+                registry, engine, hub, ticket_ttl_s=settings.ticket_ttl_s, on_error=metrics.error
+            ),
             signer=TokenSigner(secret, settings.token_ttl_s),
             history=history,
             reloader=Reloader(registry, engine, history),
             load_errors=load_errors,
+            metrics=metrics,
+            presence=Presence(engine, settings.reconnect_grace_s),
         )

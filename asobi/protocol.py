@@ -30,6 +30,9 @@ class ErrorCode(StrEnum):
     ALREADY_IN_MATCH = "already_in_match"
     NOT_IN_MATCH = "not_in_match"
     MATCH_FAILED = "match_failed"
+    MATCH_NOT_FOUND = "match_not_found"
+    MATCH_FULL = "match_full"
+    JOIN_REFUSED = "join_refused"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     RATE_LIMITED = "rate_limited"
     BINARY_NOT_SUPPORTED = "binary_not_supported"
@@ -63,6 +66,8 @@ CLIENT_TYPES = frozenset(
         "matchmaker.remove",
         "match.input",
         "match.leave",
+        "match.list",
+        "match.join",
     }
 )
 AUTH_FREE = frozenset({"auth.guest", "session.connect", "session.heartbeat"})
@@ -117,6 +122,29 @@ def require_str(frame: Frame, key: str, *, max_length: int = 4096) -> str:
 def require_mode(frame: Frame) -> str:
     mode = require_str(frame, "mode", max_length=64)
     if not MODE_RE.match(mode):
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE, "mode must match [A-Za-z0-9_-]{1,64}", frame.cid
+        )
+    return mode
+
+
+def optional_str(frame: Frame, key: str, *, max_length: int = 4096) -> str | None:
+    """An optional string field: absent or null is None, anything else must be a string."""
+    value = frame.payload.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > max_length:
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            f"{frame.type}: payload.{key}, when given, must be a non-empty string",
+            frame.cid,
+        )
+    return value
+
+
+def optional_mode(frame: Frame) -> str | None:
+    mode = optional_str(frame, "mode", max_length=64)
+    if mode is not None and not MODE_RE.match(mode):
         raise ProtocolError(
             ErrorCode.INVALID_MESSAGE, "mode must match [A-Za-z0-9_-]{1,64}", frame.cid
         )
