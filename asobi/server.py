@@ -254,9 +254,7 @@ class AsobiServer:
             return _json_response(connection, 200 if ready else 503, {"ready": ready})
         if path == "/metrics":
             self._collect_metrics()
-            response = connection.respond(200, "")
-            response.body = self.metrics.exposition()
-            response.headers["Content-Length"] = str(len(response.body))
+            response = connection.respond(200, self.metrics.exposition().decode())
             del response.headers["Content-Type"]
             response.headers["Content-Type"] = CONTENT_TYPE_LATEST
             return response
