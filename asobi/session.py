@@ -145,14 +145,11 @@ class Session:
             )
             return
         resumed = presence.check(player_id, resume_token)
-        self.player_id = player_id
-        previous = self.app.hub.attach(player_id, self.peer)
-        if previous is not None:
-            previous.close(CLOSE_REPLACED, "replaced by a newer connection for this player")
         held = presence.reclaim(player_id)
         match = self.app.engine.match_of(player_id)
         if not resumed:
-            # A new session, not a continuation: the old session's seat and tickets are let go.
+            # A new session, not a continuation: the old session's seat and tickets are let go
+            # (before this socket is attached, so frames of the old seat never reach it).
             self.app.matchmaker.remove(player_id)
             if match is not None:
                 self.app.engine.remove_player(player_id)
@@ -161,6 +158,10 @@ class Session:
                 match = None
         elif held:
             self.app.metrics.seats.labels("resumed").inc()
+        self.player_id = player_id
+        previous = self.app.hub.attach(player_id, self.peer)
+        if previous is not None:
+            previous.close(CLOSE_REPLACED, "replaced by a newer connection for this player")
         log.info(
             "session_connected",
             player_id=player_id,
