@@ -40,6 +40,7 @@ class Settings:
     outbound_soft_bytes: int = 256 * 1024
     outbound_hard_bytes: int = 4 * 1024 * 1024
     slow_reader_timeout_s: float = 10.0
+    socket_sndbuf_bytes: int = 0  # 0: the kernel sizes (and autotunes) each send buffer
     ticket_ttl_s: float = 60.0
     reconnect_grace_s: float = 15.0
     max_consecutive_failures: int = 10
@@ -73,7 +74,8 @@ class Settings:
 
 
 def _coerce(name: str, raw: str) -> Any:
-    default = getattr(Settings, name, None)
+    # A slots dataclass keeps no defaults as class attributes: read them from the fields.
+    default = next((f.default for f in fields(Settings) if f.name == name), None)
     if name in ("game_dir", "data_dir"):
         return Path(raw)
     if isinstance(default, bool):

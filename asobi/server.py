@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import time
 from typing import Any
 
@@ -293,6 +294,12 @@ class AsobiServer:
         peer = WebSocketPeer(
             ws, self.metrics, s.outbound_soft_bytes, s.outbound_hard_bytes, s.slow_reader_timeout_s
         )
+        if s.socket_sndbuf_bytes > 0:
+            # Bytes the kernel queues for a client are invisible to the slow-reader check; a
+            # fixed send buffer bounds them (Linux autotunes up to tcp_wmem's max, often 4 MiB).
+            sock = ws.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, s.socket_sndbuf_bytes)
         remote = ws.remote_address[0] if ws.remote_address else ""
         session = Session(self.app, peer, remote)
         max_frame = s.max_frame_bytes

@@ -179,7 +179,10 @@ async def test_match_list_and_join(start_server) -> None:
     listed = await a.request("match.list", {}, "match.list")
     by_id = {m["match_id"]: m for m in listed["payload"]["matches"]}
     assert by_id[match_id] == {
-        "match_id": match_id, "mode": "m", "players": [a.player_id], "max_players": 3,
+        "match_id": match_id,
+        "mode": "m",
+        "players": [a.player_id],
+        "max_players": 3,
     }
     assert other_id in by_id
     only = await a.request("match.list", {"mode": "other"}, "match.list")
@@ -197,7 +200,9 @@ async def test_match_list_and_join(start_server) -> None:
     await b.expect("match.left", skip=("match.gone",))
     joined = await b.request("match.join", {"match_id": match_id}, "match.joined")
     assert joined["payload"] == {
-        "match_id": match_id, "mode": "m", "players": [a.player_id, b.player_id],
+        "match_id": match_id,
+        "mode": "m",
+        "players": [a.player_id, b.player_id],
     }
     counters = [s["counter"] for s in await b.states(3)]
     assert counters == list(range(counters[0], counters[0] + 3))

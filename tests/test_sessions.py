@@ -43,9 +43,9 @@ async def test_drop_and_resume_keeps_seat_and_state(start_server, logs: Logs) ->
     client, first = await connect(server, token)
     assert first["resumed"] is False
     await client.send("matchmaker.add", {"mode": "m"})
-    match_id = (await client.expect("matchmaker.matched", skip=("matchmaker.queued",)))[
-        "payload"
-    ]["match_id"]
+    match_id = (await client.expect("matchmaker.matched", skip=("matchmaker.queued",)))["payload"][
+        "match_id"
+    ]
     await client.send("match.input", {"add": 3})
     before = [s["counter"] for s in await client.states(5)]
     drop(client)
