@@ -224,7 +224,7 @@ async def test_match_list_and_join(start_server) -> None:
 
 async def test_match_full(start_server) -> None:
     server = await game_server(start_server)
-    a, match_id = await in_match(server)
+    _a, match_id = await in_match(server)
     for _ in range(2):
         p = await server.player()
         await p.request("match.join", {"match_id": match_id}, "match.joined")

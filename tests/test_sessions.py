@@ -137,11 +137,11 @@ async def test_resume_token_is_single_use(start_server) -> None:
     await client.send("matchmaker.add", {"mode": "m"})
     await client.expect("matchmaker.matched", skip=("matchmaker.queued",))
     drop(client)
-    back, second = await connect(server, token, first["resume_token"])
+    back, _second = await connect(server, token, first["resume_token"])
     await back.expect("match.rejoined")
     drop(back)
     # The first token was rotated away by the resumption.
-    stale, third = await connect(server, token, first["resume_token"])
+    _stale, third = await connect(server, token, first["resume_token"])
     assert third["resumed"] is False
     await wait_until(lambda: server.app.engine.match_of("dave") is None)
 
