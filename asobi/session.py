@@ -23,6 +23,7 @@ from asobi.protocol import (
     ErrorCode,
     Frame,
     ProtocolError,
+    check_input,
     encode,
     encode_error,
     optional_mode,
@@ -216,7 +217,7 @@ class Session:
 
     def _match_input(self, frame: Frame) -> None:
         assert self.player_id is not None
-        if not self.app.engine.submit_input(self.player_id, frame.payload):
+        if not self.app.engine.submit_input(self.player_id, check_input(frame)):
             raise ProtocolError(ErrorCode.NOT_IN_MATCH, "you are not in a match", frame.cid)
 
     def _match_leave(self, frame: Frame) -> None:

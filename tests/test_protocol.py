@@ -276,3 +276,30 @@ async def test_match_state_every_tick_is_raw_json(start_server) -> None:
     raw = await asyncio.wait_for(client.ws.recv(), 2)
     frame = orjson.loads(raw)
     assert frame["type"] == "match.state" and set(frame["payload"]) >= {"counter", "inputs"}
+
+
+async def test_match_input_lua_cannot_take_is_refused(start_server, logs: Logs) -> None:
+    server = await game_server(start_server)
+    client, match_id = await in_match(server)
+    deep = {"x": 1}
+    for _ in range(40):
+        deep = {"x": deep}
+    payloads = [
+        orjson.dumps(deep).decode(),
+        '{"add": 9223372036854775808}',
+        '{"add": 18446744073709551615}',
+        orjson.dumps({"many": [0] * 20_000}).decode(),
+    ]
+    for i, payload in enumerate(payloads):
+        await client.ws.send(f'{{"type": "match.input", "cid": {i}, "payload": {payload}}}')
+        error = await client.expect("error")
+        assert error["payload"]["code"] == "invalid_message" and error["cid"] == i
+    await client.send("match.input", {"add": 2**63 - 1})
+    for _ in range(20):
+        (state,) = await client.states(1)
+        if state["inputs"] == 2**63 - 1:
+            break
+    else:
+        raise AssertionError("the largest integer did not reach handle_input")
+    assert server.app.engine.matches[match_id]
+    assert not logs.events("match_crashed")
