@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
@@ -121,8 +121,15 @@ class Fuzzer:
         request(
             ws, {"type": "session.connect", "payload": {"token": self.token}}, "session.connected"
         )
-        ws.send(orjson.dumps({"type": "match.join", "payload": {"match_id": self.match_id}}))
-        return ws
+        join = {"type": "match.join", "payload": {"match_id": self.match_id}, "cid": "join"}
+        ws.send(orjson.dumps(join).decode())
+        while True:
+            frame = orjson.loads(ws.recv(timeout=5))
+            if frame.get("cid") == "join":
+                assert frame["type"] == "match.joined" or (
+                    frame["payload"]["code"] == "already_in_match"
+                ), frame
+                return ws
 
     def throw(self, raw: str | bytes, *, text: bool) -> None:
         try:
@@ -246,6 +253,10 @@ def test_arbitrary_frames_never_break_the_server(threaded_server: ThreadedServer
         suppress_health_check=list(HealthCheck),
     )
     @given(st.lists(throws, min_size=1, max_size=5))
+    # Known-nasty frames always run, whatever hypothesis draws.
+    @example([('{"type":"match.input","payload":{"x":' + nested(1000, "list") + "}}", True)])
+    @example([('{"type":"match.input","payload":{"add":18446744073709551615}}', True)])
+    @example([(b"\xff\xfe", True), (b"\x00", False), ("[" * 5000 + "]" * 5000, True)])
     def fuzz(batch: list[tuple[str | bytes, bool]]) -> None:
         if time.monotonic() > deadline:
             return
