@@ -16,6 +16,8 @@ from asobi.config import Settings
 from asobi.engine import Engine, EngineConfig
 from asobi.hub import Hub
 from asobi.matchmaker import Matchmaker
+from asobi.metrics import Metrics
+from asobi.presence import Presence
 from asobi.reload import Reloader, ReloadHistory
 from asobi.scripts import ScriptError, ScriptRegistry
 from asobi.store import Store, open_backend
@@ -34,6 +36,8 @@ class App:
     history: ReloadHistory
     reloader: Reloader
     load_errors: list[ScriptError]
+    presence: Presence
+    metrics: Metrics = field(default_factory=Metrics)
     store: Store | None = field(default=None)
     accounts: Accounts | None = field(default=None)
 
@@ -57,18 +61,23 @@ class App:
         history = ReloadHistory()
         store = Store(open_backend(settings.database_url, settings.data_dir))
         engine.store = store
+        metrics = Metrics()
         return cls(
             settings=settings,
             registry=registry,
             engine=engine,
             hub=hub,
-            matchmaker=Matchmaker(registry, engine, hub),
+            matchmaker=Matchmaker(
+                registry, engine, hub, ticket_ttl_s=settings.ticket_ttl_s, on_error=metrics.error
+            ),
             signer=TokenSigner(secret, settings.token_ttl_s),
             history=history,
             reloader=Reloader(registry, engine, history),
             load_errors=load_errors,
             store=store,
             accounts=Accounts(store),
+            metrics=metrics,
+            presence=Presence(engine, settings.reconnect_grace_s),
         )
 
     async def open(self) -> None:

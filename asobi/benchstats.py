@@ -23,7 +23,8 @@ ENV = "ASOBI_BENCH_STATS"
 
 def snapshot(app: App) -> dict[str, float | int]:
     """Lateness percentiles (ms) since the last snapshot, and running totals."""
-    values = sorted(app.engine.drain_lateness())
+    app.metrics.observe_lateness(app.engine.drain_lateness())
+    values = sorted(app.metrics.drain_recent_lateness())
     n = len(values)
 
     def pct(q: float) -> float:

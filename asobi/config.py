@@ -10,6 +10,7 @@ from typing import Any
 from asobi.lua.runtime import Limits
 
 RELOAD_MODES = ("watch", "poll", "off")
+COMPRESSION_MODES = ("none", "deflate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,21 @@ class Settings:
     max_frame_bytes: int = 64 * 1024
     max_message_bytes: int = 1024 * 1024
     connect_timeout_s: float = 10.0
+    # WebSocket limits and hygiene (see docs/protocol.md).
+    rate_limit_per_s: float = 60.0
+    rate_limit_burst: int = 60
+    max_connections: int = 10_000
+    connect_rate_per_ip: float = 20.0
+    connect_burst_per_ip: int = 40
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    compression: str = "none"
+    outbound_soft_bytes: int = 256 * 1024
+    outbound_hard_bytes: int = 4 * 1024 * 1024
+    slow_reader_timeout_s: float = 10.0
+    socket_sndbuf_bytes: int = 0  # 0: the kernel sizes (and autotunes) each send buffer
+    ticket_ttl_s: float = 60.0
+    reconnect_grace_s: float = 15.0
     max_consecutive_failures: int = 10
     # ASOBI_MATCH_SEED: seed every match's random generator with this number (replays, tests).
     match_seed: int | None = None
@@ -57,11 +73,14 @@ class Settings:
         settings = cls(**values)
         if settings.reload not in RELOAD_MODES:
             raise ValueError(f"ASOBI_RELOAD must be one of {', '.join(RELOAD_MODES)}")
+        if settings.compression not in COMPRESSION_MODES:
+            raise ValueError(f"ASOBI_COMPRESSION must be one of {', '.join(COMPRESSION_MODES)}")
         return settings
 
 
 def _coerce(name: str, raw: str) -> Any:
-    default = getattr(Settings, name, None)
+    # A slots dataclass keeps no defaults as class attributes: read them from the fields.
+    default = next((f.default for f in fields(Settings) if f.name == name), None)
     if name in ("game_dir", "data_dir"):
         return Path(raw)
     if name == "match_seed":

@@ -100,6 +100,15 @@ class MatchStartError(Exception):
     """`init` (or the script's top level) failed; the match never started."""
 
 
+class JoinRefused(Exception):
+    """`join_match` said no; `reason` is one of not_found, full, refused, in_match."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
 def short_error(message: str) -> str:
     """First lines of a Lua error with its traceback, for logs."""
     lines = message.splitlines()
@@ -672,19 +681,31 @@ class Engine:
         match.inputs.append((player_id, payload))
         return True
 
-    def join_match(self, match_id: str, player_id: str) -> str | None:
-        """Add a player to a running match (`join` runs); returns a refusal reason or None."""
+    def list_matches(self, mode: str | None = None, limit: int = 100) -> list[Match]:
+        """Running matches, oldest first, optionally of one mode."""
+        out = []
+        for match in self.matches.values():
+            if not match.finished and (mode is None or match.mode == mode):
+                out.append(match)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def join_match(self, player_id: str, match_id: str) -> Match:
+        """Backfill: seat the player in a running match with room (`join` may refuse)."""
+        if self.match_of(player_id) is not None:
+            raise JoinRefused("in_match", "leave your current match first")
         match = self.matches.get(match_id)
         if match is None or match.finished:
-            return "no such match"
-        current = self.player_match.get(player_id)
-        if current is not None and current != match_id:
-            return "already in another match"
+            raise JoinRefused("not_found", "no running match with this id")
+        if len(match.players) >= match.script.meta.max_players:
+            raise JoinRefused("full", "match is full")
         reason = match.join(player_id)
-        if reason is None:
-            self.player_match[player_id] = match_id
-            log.info("player_joined", match_id=match_id, player_id=player_id)
-        return reason
+        if reason is not None:
+            raise JoinRefused("refused", reason)
+        self.player_match[player_id] = match.id
+        log.info("player_joined", match_id=match.id, player_id=player_id)
+        return match
 
     def remove_player(self, player_id: str) -> Match | None:
         """The player leaves their match (`leave` runs); an empty match ends."""

@@ -1,14 +1,18 @@
 """First-come-first-served matchmaking per mode.
 
 Tickets wait in one queue per mode; as soon as `match_size` players of a mode are waiting the
-oldest ones are matched and a match starts.  The matchmaker knows nothing about sockets: it tells
+oldest ones are matched and a match starts.  A player holds at most one ticket per mode, and a
+ticket that waits longer than its time to live expires (`matchmaker.expired`), so a queue never
+fills with players who stopped waiting.  The matchmaker knows nothing about sockets: it tells
 players what happened through the same `Outbox` the engine uses.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -25,6 +29,7 @@ class Ticket:
     ticket_id: str
     player_id: str
     mode: str
+    expires_at: float = float("inf")
 
 
 class UnknownMode(Exception):
@@ -32,10 +37,22 @@ class UnknownMode(Exception):
 
 
 class Matchmaker:
-    def __init__(self, registry: ScriptRegistry, engine: Engine, outbox: Outbox) -> None:
+    def __init__(
+        self,
+        registry: ScriptRegistry,
+        engine: Engine,
+        outbox: Outbox,
+        *,
+        ticket_ttl_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
         self.registry = registry
         self.engine = engine
         self.outbox = outbox
+        self.ticket_ttl_s = ticket_ttl_s
+        self.clock = clock
+        self.on_error = on_error
         self._queues: dict[str, OrderedDict[str, Ticket]] = {}
         self._by_player: dict[str, list[Ticket]] = {}
 
@@ -46,7 +63,8 @@ class Matchmaker:
         for ticket in self._by_player.get(player_id, ()):
             if ticket.mode == mode:
                 return ticket, True
-        ticket = Ticket(uuid.uuid4().hex, player_id, mode)
+        expires = self.clock() + self.ticket_ttl_s if self.ticket_ttl_s > 0 else float("inf")
+        ticket = Ticket(uuid.uuid4().hex, player_id, mode, expires)
         self._queues.setdefault(mode, OrderedDict())[ticket.ticket_id] = ticket
         self._by_player.setdefault(player_id, []).append(ticket)
         log.info("ticket_queued", ticket_id=ticket.ticket_id, player_id=player_id, mode=mode)
@@ -74,6 +92,34 @@ class Matchmaker:
     def queued(self, mode: str) -> int:
         return len(self._queues.get(mode, ()))
 
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def expire(self, now: float | None = None) -> list[Ticket]:
+        """Drop tickets past their time to live and tell their players."""
+        now = self.clock() if now is None else now
+        expired = []
+        for queue in self._queues.values():
+            # One TTL for all tickets: queue order is expiry order, so stop at the first live one.
+            while queue:
+                ticket = next(iter(queue.values()))
+                if ticket.expires_at > now:
+                    break
+                self._forget(ticket)
+                expired.append(ticket)
+        for ticket in expired:
+            self.outbox.send(
+                ticket.player_id,
+                encode("matchmaker.expired", {"ticket_id": ticket.ticket_id, "mode": ticket.mode}),
+            )
+            log.info(
+                "ticket_expired",
+                ticket_id=ticket.ticket_id,
+                player_id=ticket.player_id,
+                mode=ticket.mode,
+            )
+        return expired
+
     def process(self) -> None:
         """Start a match for every mode with enough waiting players."""
         for mode, queue in list(self._queues.items()):
@@ -99,6 +145,7 @@ class Matchmaker:
         except MatchStartError as exc:
             frame = encode_error(ErrorCode.MATCH_FAILED, f"match could not start: {exc}")
             for pid in players:
+                self._error()
                 self.outbox.send(pid, frame)
             return
         frame = encode(
@@ -109,8 +156,13 @@ class Matchmaker:
         match.release_held()
         refused = [p for p in players if p not in match.players]
         for pid in refused:
+            self._error()
             reason = match.refused.get(pid, "refused")
             self.outbox.send(
                 pid, encode_error(ErrorCode.MATCH_FAILED, f"the match refused you: {reason}")
             )
         log.info("matched", match_id=match.id, mode=mode, players=match.players)
+
+    def _error(self) -> None:
+        if self.on_error is not None:
+            self.on_error(str(ErrorCode.MATCH_FAILED))

@@ -16,6 +16,11 @@ import orjson
 
 MODE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_CID_LENGTH = 128
+# match.input payloads become Lua tables: keep them within what the Lua bridge converts
+# (nesting depth of asobi.lua.convert, Lua's 64-bit integers) and bounded in size.
+MAX_INPUT_DEPTH = 32
+MAX_INPUT_NODES = 10_000
+LUA_INT_MIN, LUA_INT_MAX = -(2**63), 2**63 - 1
 
 
 class ErrorCode(StrEnum):
@@ -30,6 +35,9 @@ class ErrorCode(StrEnum):
     ALREADY_IN_MATCH = "already_in_match"
     NOT_IN_MATCH = "not_in_match"
     MATCH_FAILED = "match_failed"
+    MATCH_NOT_FOUND = "match_not_found"
+    MATCH_FULL = "match_full"
+    JOIN_REFUSED = "join_refused"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     RATE_LIMITED = "rate_limited"
     BINARY_NOT_SUPPORTED = "binary_not_supported"
@@ -70,6 +78,8 @@ CLIENT_TYPES = frozenset(
         "auth.register",
         "auth.login",
         "leaderboard.top",
+        "match.list",
+        "match.join",
     }
 )
 AUTH_FREE = frozenset(
@@ -130,6 +140,61 @@ def require_mode(frame: Frame) -> str:
             ErrorCode.INVALID_MESSAGE, "mode must match [A-Za-z0-9_-]{1,64}", frame.cid
         )
     return mode
+
+
+def optional_str(frame: Frame, key: str, *, max_length: int = 4096) -> str | None:
+    """An optional string field: absent or null is None, anything else must be a string."""
+    value = frame.payload.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > max_length:
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            f"{frame.type}: payload.{key}, when given, must be a non-empty string",
+            frame.cid,
+        )
+    return value
+
+
+def optional_mode(frame: Frame) -> str | None:
+    mode = optional_str(frame, "mode", max_length=64)
+    if mode is not None and not MODE_RE.match(mode):
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE, "mode must match [A-Za-z0-9_-]{1,64}", frame.cid
+        )
+    return mode
+
+
+def check_input(frame: Frame) -> dict[str, Any]:
+    """The payload of a match.input, refused when Lua could not take it (walked iteratively:
+    the nesting is what is being checked, so it must not cost recursion)."""
+    stack: list[tuple[Any, int]] = [(frame.payload, 0)]
+    nodes = 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_INPUT_NODES:
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE,
+                f"match.input payload holds more than {MAX_INPUT_NODES} values",
+                frame.cid,
+            )
+        if isinstance(value, dict | list):
+            if depth >= MAX_INPUT_DEPTH:
+                raise ProtocolError(
+                    ErrorCode.INVALID_MESSAGE,
+                    f"match.input payload is nested deeper than {MAX_INPUT_DEPTH} levels",
+                    frame.cid,
+                )
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+        elif isinstance(value, int) and not LUA_INT_MIN <= value <= LUA_INT_MAX:
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE,
+                "match.input integers must fit in 64 bits (signed)",
+                frame.cid,
+            )
+    return frame.payload
 
 
 def encode(kind: str, payload: Any, cid: Any = None) -> bytes:

@@ -4,7 +4,9 @@ This is the only module that touches sockets.  Each connection gets a `Session` 
 a `WebSocketPeer` (how frames reach the wire).  Frames are written synchronously with
 `websockets.broadcast`, which never waits for a slow reader: the peer watches the transport's
 write buffer itself and drops stale `match.state` frames for a client that cannot keep up rather
-than buffering without bound or delaying anyone else.
+than buffering without bound or delaying anyone else.  Admission (connection cap, per-IP connect
+rate), per-connection frame limits and the HTTP routes (/health, /ready, /metrics) live here too,
+because they are decisions about sockets.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import contextlib
 import hmac
 import os
 import signal
+import socket
 import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
 import structlog
+from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -27,6 +31,8 @@ from websockets.protocol import State
 
 from asobi import benchstats
 from asobi.app import App
+from asobi.limits import KeyedBuckets, TokenBucket
+from asobi.metrics import Metrics
 from asobi.protocol import ErrorCode
 from asobi.reload import poll_changes, watch_changes
 from asobi.session import Session
@@ -36,34 +42,81 @@ log = structlog.get_logger("asobi.server")
 
 WS_PATH = "/ws"
 CLOSE_POLICY = 1008
-SOFT_BUFFER_BYTES = 256 * 1024
-HARD_BUFFER_BYTES = 4 * 1024 * 1024
 ADMIN_RELOAD_WAIT_S = 5.0
+HOUSEKEEPING_S = 0.25
+PRUNE_EVERY_S = 10.0
 
 
 class WebSocketPeer:
-    """Writes frames to one connection without ever awaiting."""
+    """Writes frames to one connection without ever awaiting.
 
-    __slots__ = ("_closing", "dropped", "ws")
+    A client that cannot keep up loses its stale `match.state` frames (`droppable`: the next
+    tick's frame supersedes them) once the transport holds more than `soft` bytes; it is closed
+    when the buffer passes `hard` bytes or stays over `soft` for `stuck_s` seconds.  Writes to
+    other connections never wait for it.
+    """
 
-    def __init__(self, ws: ServerConnection) -> None:
+    __slots__ = (
+        "_closing",
+        "dropped",
+        "hard",
+        "metrics",
+        "player_id",
+        "soft",
+        "stuck_s",
+        "stuck_since",
+        "ws",
+    )
+
+    def __init__(
+        self, ws: ServerConnection, metrics: Metrics, soft: int, hard: int, stuck_s: float
+    ) -> None:
         self.ws = ws
+        self.metrics = metrics
+        self.soft = soft
+        self.hard = hard
+        self.stuck_s = stuck_s
+        self.stuck_since = 0.0
         self.dropped = 0
+        self.player_id: str | None = None
         self._closing: asyncio.Task[None] | None = None
 
     def send_frame(self, frame: bytes, *, droppable: bool = False) -> None:
         ws = self.ws
-        if ws.protocol.state is not State.OPEN:
+        if self._closing is not None or ws.protocol.state is not State.OPEN:
             return
         transport = ws.transport
-        if droppable and transport is not None:
-            buffered = transport.get_write_buffer_size()
-            if buffered > SOFT_BUFFER_BYTES:
-                self.dropped += 1
-                if buffered > HARD_BUFFER_BYTES:
-                    self.close(CLOSE_POLICY, "client is not reading its frames")
+        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        if buffered > self.soft:
+            now = time.monotonic()
+            if not self.stuck_since:
+                self.stuck_since = now
+            if buffered > self.hard or now - self.stuck_since > self.stuck_s:
+                self._slow_reader(buffered, now)
                 return
+            if droppable:
+                self.dropped += 1
+                self.metrics.frames_dropped += 1
+                return
+        elif self.stuck_since:
+            self.stuck_since = 0.0
+        self.metrics.frames_sent += 1
         broadcast((ws,), frame, text=True)
+
+    def _slow_reader(self, buffered: int, now: float) -> None:
+        log.warning(
+            "slow_reader_closed",
+            player_id=self.player_id,
+            buffered=buffered,
+            dropped=self.dropped,
+            stuck_s=round(now - self.stuck_since, 3),
+        )
+        self.metrics.closed.labels("slow_reader").inc()
+        self.close(CLOSE_POLICY, "client is not reading its frames")
+        # Closing waits for the peer's close frame; a stuck reader never sends it.
+        transport = self.ws.transport
+        if transport is not None:
+            asyncio.get_running_loop().call_later(1.0, transport.abort)
 
     def close(self, code: int, reason: str) -> None:
         if self._closing is None:
@@ -83,12 +136,27 @@ class AsobiServer:
     def __init__(self, app: App) -> None:
         self.app = app
         self.settings = app.settings
+        self.metrics = app.metrics
         self._server: Server | None = None
         self._ticker: Ticker | None = None
         self._stop_watch = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.peers: set[WebSocketPeer] = set()
+        self._ip_buckets = KeyedBuckets(
+            self.settings.connect_rate_per_ip, self.settings.connect_burst_per_ip
+        )
         self.started_at = time.time()
         self.port = 0
+        self.metrics.bind(
+            connections=lambda: len(self.peers),
+            players=lambda: len(self.app.hub),
+            matches=lambda: len(self.app.engine.matches),
+            ticks=lambda: self.app.engine.ticks,
+            seats_held=lambda: len(self.app.presence),
+            tickets=lambda: len(self.app.matchmaker),
+        )
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -102,13 +170,14 @@ class AsobiServer:
             s.host,
             s.port,
             process_request=self._process_request,
-            compression=None,
+            compression="deflate" if s.compression == "deflate" else None,
             max_size=s.max_message_bytes,
-            ping_interval=20,
-            ping_timeout=20,
+            ping_interval=s.ping_interval_s or None,
+            ping_timeout=s.ping_timeout_s or None,
         )
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
+        self._housekeeping = asyncio.create_task(self._housekeep())
         watching = asyncio.Event()
         if s.reload == "watch":
             self._watch_task = asyncio.create_task(
@@ -127,13 +196,20 @@ class AsobiServer:
             game_dir=str(self.app.registry.game_dir),
             reload=s.reload,
             scripts=self.app.registry.names(),
+            compression=s.compression,
+            max_connections=s.max_connections,
         )
 
     async def stop(self) -> None:
+        self._stopping = True
         self._stop_watch.set()
         if self._watch_task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._watch_task, 2)
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
         if self._ticker is not None:
             self._ticker.stop()
         if self._server is not None:
@@ -153,18 +229,49 @@ class AsobiServer:
         await done.wait()
         await self.stop()
 
+    async def _housekeep(self) -> None:
+        """Timers that need no precision: ticket expiry, seat grace, metrics, bucket pruning."""
+        last_prune = time.monotonic()
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_S)
+            now = time.monotonic()
+            try:
+                self.app.matchmaker.expire(now)
+                expired = self.app.presence.expire(now)
+                if expired:
+                    self.metrics.seats.labels("expired").inc(len(expired))
+                    if self.app.store is not None:
+                        for player_id in expired:
+                            self.app.store.release(player_id)
+                self._collect_metrics()
+                if now - last_prune > PRUNE_EVERY_S:
+                    self._ip_buckets.prune(now)
+                    last_prune = now
+            except Exception:
+                log.exception("housekeeping_failed")
+
+    def _collect_metrics(self) -> None:
+        self.metrics.observe_lateness(self.app.engine.drain_lateness())
+        self.metrics.count_reloads(self.app.history)
+
     # -- HTTP -------------------------------------------------------------------------------------
     async def _process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == WS_PATH:
-            return None
+            return self._admit(connection)
         if path == "/health":
             return _json_response(connection, 200, {"status": "ok"})
         if path == "/ready":
-            ready = self._server is not None and self._ticker is not None
+            ready = self._ready()
             return _json_response(connection, 200 if ready else 503, {"ready": ready})
+        if path == "/metrics":
+            self._collect_metrics()
+            response = connection.respond(200, self.metrics.exposition().decode())
+            del response.headers["Content-Type"]
+            response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+            return response
         if path == "/api/v1/reloads":
             return _json_response(connection, 200, {"reloads": self.app.history.as_list()})
         if path == "/api/v1/admin/reload":
@@ -197,16 +304,60 @@ class AsobiServer:
             await asyncio.sleep(0.01)
         return _json_response(connection, 200, {"reloads": [r.as_dict() for r in records]})
 
+    def _ready(self) -> bool:
+        return (
+            self._server is not None
+            and self._ticker is not None
+            and not self._stopping
+            and len(self.peers) < self.settings.max_connections
+        )
+
+    def _admit(self, connection: ServerConnection) -> Response | None:
+        """Refuse a WebSocket handshake over the connection cap (503) or the IP's rate (429)."""
+        if len(self.peers) >= self.settings.max_connections:
+            self.metrics.refused.labels("capacity").inc()
+            log.warning("connection_refused", reason="capacity", connections=len(self.peers))
+            response = _json_response(connection, 503, {"error": "server is at capacity"})
+            response.headers["Retry-After"] = "5"
+            return response
+        ip = connection.remote_address[0] if connection.remote_address else ""
+        if not self._ip_buckets.take(ip, time.monotonic()):
+            self.metrics.refused.labels("ip_rate").inc()
+            log.warning("connection_refused", reason="ip_rate", remote=ip)
+            response = _json_response(connection, 429, {"error": "too many connection attempts"})
+            response.headers["Retry-After"] = "1"
+            return response
+        return None
+
     # -- WebSocket --------------------------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
-        peer = WebSocketPeer(ws)
+        s = self.settings
+        peer = WebSocketPeer(
+            ws, self.metrics, s.outbound_soft_bytes, s.outbound_hard_bytes, s.slow_reader_timeout_s
+        )
+        if s.socket_sndbuf_bytes > 0:
+            # Bytes the kernel queues for a client are invisible to the slow-reader check; a
+            # fixed send buffer bounds them (Linux autotunes up to tcp_wmem's max, often 4 MiB).
+            sock = ws.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, s.socket_sndbuf_bytes)
         remote = ws.remote_address[0] if ws.remote_address else ""
         session = Session(self.app, peer, remote)
-        max_frame = self.settings.max_frame_bytes
+        max_frame = s.max_frame_bytes
         loop = asyncio.get_running_loop()
-        deadline = loop.call_later(self.settings.connect_timeout_s, self._auth_deadline, session)
+        bucket = TokenBucket(s.rate_limit_per_s, s.rate_limit_burst, loop.time())
+        deadline = loop.call_later(s.connect_timeout_s, self._auth_deadline, session)
+        self.peers.add(peer)
         try:
             async for message in ws:
+                if not bucket.take(loop.time()):
+                    # Not parsed (that is the work being limited), so no cid to echo.
+                    session.send_error(
+                        ErrorCode.RATE_LIMITED,
+                        f"more than {s.rate_limit_per_s:g} frames per second",
+                        droppable=True,
+                    )
+                    continue
                 if isinstance(message, bytes):
                     session.send_error(
                         ErrorCode.BINARY_NOT_SUPPORTED, "send JSON text frames, not binary"
@@ -221,14 +372,17 @@ class AsobiServer:
                     continue
                 session.handle(message)
                 if session.authenticated:
+                    peer.player_id = session.player_id
                     deadline.cancel()
         except ConnectionClosed:
             pass
         finally:
+            self.peers.discard(peer)
             deadline.cancel()
             session.closed()
 
-    @staticmethod
-    def _auth_deadline(session: Session) -> None:
+    def _auth_deadline(self, session: Session) -> None:
         if not session.authenticated:
+            log.info("auth_timeout", remote=session.remote)
+            self.metrics.closed.labels("auth_timeout").inc()
             session.peer.close(CLOSE_POLICY, "authenticate with session.connect within the limit")

@@ -18,6 +18,7 @@ import structlog
 from asobi.accounts import AccountError
 from asobi.app import App
 from asobi.auth import InvalidToken
+from asobi.engine import JoinRefused
 from asobi.hub import Peer
 from asobi.matchmaker import UnknownMode
 from asobi.protocol import (
@@ -25,8 +26,11 @@ from asobi.protocol import (
     ErrorCode,
     Frame,
     ProtocolError,
+    check_input,
     encode,
     encode_error,
+    optional_mode,
+    optional_str,
     parse_frame,
     require_mode,
     require_str,
@@ -40,6 +44,12 @@ MAX_TOP = 100
 CLOSE_REPLACED = 4000
 MAX_HELD_FRAMES = 256
 LOAD_TIMEOUT_S = 3.0
+JOIN_ERRORS = {
+    "not_found": ErrorCode.MATCH_NOT_FOUND,
+    "full": ErrorCode.MATCH_FULL,
+    "refused": ErrorCode.JOIN_REFUSED,
+    "in_match": ErrorCode.ALREADY_IN_MATCH,
+}
 
 
 class Session:
@@ -59,6 +69,8 @@ class Session:
             "auth.register": self._auth_register,
             "auth.login": self._auth_login,
             "leaderboard.top": self._leaderboard_top,
+            "match.list": self._match_list,
+            "match.join": self._match_join,
         }
         self._tasks: set[asyncio.Task[None]] = set()
         # Frames that arrive while the player's data is being loaded wait here (None: not
@@ -94,7 +106,8 @@ class Session:
             self.send_error(ErrorCode.INTERNAL, "the server could not handle this frame")
 
     def closed(self) -> None:
-        """The connection is gone: queued tickets go, and the player leaves their match."""
+        """The connection is gone: queued tickets go; a match seat is held for the grace period
+        (`leave` runs when it ends without a resume), or given up at once without one."""
         player_id = self.player_id
         if player_id is None:
             return
@@ -103,17 +116,28 @@ class Session:
             return  # replaced by a newer connection, which keeps the seat
         self.app.matchmaker.remove(player_id)
         self.app.engine.reload_subscribers.discard(player_id)
-        self.app.engine.remove_player(player_id)
-        if self.app.store is not None:
-            self.app.store.release(player_id)
-        log.info("session_closed", player_id=player_id)
+        presence = self.app.presence
+        match = self.app.engine.match_of(player_id)
+        if match is not None and presence.hold(player_id, time.monotonic()):
+            # The match may still credit the player during the grace period: data stays resident
+            # until the seat is given up (server housekeeping releases it).
+            log.info("seat_held", player_id=player_id, match_id=match.id, grace_s=presence.grace_s)
+        else:
+            presence.forget(player_id)
+            self.app.engine.remove_player(player_id)
+            if self.app.store is not None:
+                self.app.store.release(player_id)
+        log.info("session_closed", player_id=player_id, seat_held=presence.is_held(player_id))
 
     # -- replies ----------------------------------------------------------------------------------
     def reply(self, frame: Frame, kind: str, payload: Any) -> None:
         self.peer.send_frame(encode(kind, payload, frame.cid))
 
-    def send_error(self, code: ErrorCode, message: str, cid: Any = None) -> None:
-        self.peer.send_frame(encode_error(code, message, cid))
+    def send_error(
+        self, code: ErrorCode, message: str, cid: Any = None, *, droppable: bool = False
+    ) -> None:
+        self.app.metrics.error(str(code))
+        self.peer.send_frame(encode_error(code, message, cid), droppable=droppable)
 
     # -- handlers ---------------------------------------------------------------------------------
     def _auth_guest(self, frame: Frame) -> None:
@@ -123,16 +147,44 @@ class Session:
 
     def _connect(self, frame: Frame) -> None:
         token = require_str(frame, "token", max_length=8192)
+        resume_token = optional_str(frame, "resume_token", max_length=256)
         try:
             player_id = self.app.signer.verify(token)
         except InvalidToken as exc:
             raise ProtocolError(ErrorCode.INVALID_TOKEN, str(exc), frame.cid) from None
-        if self.player_id is not None and self.player_id != player_id:
-            raise ProtocolError(
-                ErrorCode.ALREADY_AUTHENTICATED,
-                f"this connection is already player {self.player_id}",
-                frame.cid,
+        presence = self.app.presence
+        if self.player_id is not None:
+            if self.player_id != player_id:
+                raise ProtocolError(
+                    ErrorCode.ALREADY_AUTHENTICATED,
+                    f"this connection is already player {self.player_id}",
+                    frame.cid,
+                )
+            # Same player on the same socket again: nothing changes but the resume token.
+            self.reply(
+                frame,
+                "session.connected",
+                {
+                    "player_id": player_id,
+                    "resume_token": presence.issue(player_id),
+                    "resumed": True,
+                },
             )
+            return
+        resumed = presence.check(player_id, resume_token)
+        held = presence.reclaim(player_id)
+        match = self.app.engine.match_of(player_id)
+        if not resumed:
+            # A new session, not a continuation: the old session's seat and tickets are let go
+            # (before this socket is attached, so frames of the old seat never reach it).
+            self.app.matchmaker.remove(player_id)
+            if match is not None:
+                self.app.engine.remove_player(player_id)
+                log.info("seat_released", player_id=player_id, match_id=match.id)
+                self.app.metrics.seats.labels("released").inc()
+                match = None
+        elif held:
+            self.app.metrics.seats.labels("resumed").inc()
         self.player_id = player_id
         previous = self.app.hub.attach(player_id, self.peer)
         if previous is not None:
@@ -142,12 +194,21 @@ class Session:
             player_id=player_id,
             remote=self.remote,
             replaced=previous is not None,
+            resumed=resumed,
+            match_id=match.id if match is not None else None,
+        )
+        self.reply(
+            frame,
+            "session.connected",
+            {
+                "player_id": player_id,
+                "resume_token": presence.issue(player_id),
+                "resumed": resumed,
+            },
         )
         if frame.payload.get("notify_reload") is True:
             self.app.engine.reload_subscribers.add(player_id)
-        self.reply(frame, "session.connected", {"player_id": player_id})
         self._load_player(player_id)
-        match = self.app.engine.match_of(player_id)
         if match is not None:
             self.peer.send_frame(
                 encode("match.rejoined", {"match_id": match.id, "mode": match.mode})
@@ -185,7 +246,7 @@ class Session:
 
     def _match_input(self, frame: Frame) -> None:
         assert self.player_id is not None
-        if not self.app.engine.submit_input(self.player_id, frame.payload):
+        if not self.app.engine.submit_input(self.player_id, check_input(frame)):
             raise ProtocolError(ErrorCode.NOT_IN_MATCH, "you are not in a match", frame.cid)
 
     def _match_leave(self, frame: Frame) -> None:
@@ -278,3 +339,30 @@ class Session:
         task = asyncio.get_running_loop().create_task(wait())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _match_list(self, frame: Frame) -> None:
+        mode = optional_mode(frame)
+        matches = [
+            {
+                "match_id": m.id,
+                "mode": m.mode,
+                "players": list(m.players),
+                "max_players": m.script.meta.max_players,
+            }
+            for m in self.app.engine.list_matches(mode)
+        ]
+        self.reply(frame, "match.list", {"matches": matches})
+
+    def _match_join(self, frame: Frame) -> None:
+        match_id = require_str(frame, "match_id", max_length=64)
+        assert self.player_id is not None
+        try:
+            match = self.app.engine.join_match(self.player_id, match_id)
+        except JoinRefused as exc:
+            raise ProtocolError(JOIN_ERRORS[exc.reason], exc.message, frame.cid) from None
+        self.app.matchmaker.remove(self.player_id)
+        self.reply(
+            frame,
+            "match.joined",
+            {"match_id": match.id, "mode": match.mode, "players": list(match.players)},
+        )

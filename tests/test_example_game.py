@@ -103,7 +103,7 @@ async def test_two_players_race_to_a_winner(start_server, logs: Logs) -> None:
 
 
 async def test_bad_input_is_refused_privately_and_a_leaver_forfeits(start_server) -> None:
-    server = await start_server(game_files())
+    server = await start_server(game_files(), reconnect_grace_s=0.2)
     a = await server.player("arena")
     b = await server.player("arena")
     await a.expect("matchmaker.matched")

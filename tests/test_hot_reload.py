@@ -225,7 +225,7 @@ async def test_state_holding_a_function_is_refused_with_a_reason(start_server, l
 
 async def test_many_matches_reload_without_skipping(start_server, logs: Logs) -> None:
     count = 200
-    server = await start_server()
+    server = await start_server(connect_burst_per_ip=count)
     clients = []
     for _ in range(count):
         client = await server.client()

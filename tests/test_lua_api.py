@@ -188,7 +188,8 @@ end
 
 
 async def test_leave_on_match_leave_and_on_disconnect(start_server, logs: Logs) -> None:
-    server = await start_server({"trio.lua": LEAVE})
+    # A dropped player's seat is held for the reconnect grace period; keep it short here.
+    server = await start_server({"trio.lua": LEAVE}, reconnect_grace_s=0.2)
     (a, b, c), info = await matched(server, "trio", 3)
     match_id = info["match_id"]
     await a.send("match.leave")
@@ -563,13 +564,17 @@ async def test_max_players_caps_joins_after_matchmaking(start_server) -> None:
     c = await server.player()
     engine = server.app.engine
     assert engine.matches[info["match_id"]].script.meta.max_players == 2
-    assert engine.join_match(info["match_id"], b.player_id) is None
+    await b.send("match.join", {"match_id": info["match_id"]})
+    joined = await b.expect("match.joined")
+    assert joined["payload"]["match_id"] == info["match_id"]
     await b.states(1)  # b now receives the match's frames
-    assert engine.join_match(info["match_id"], c.player_id) == "match is full"
+    await c.send("match.join", {"match_id": info["match_id"]})
+    assert (await c.expect("error"))["payload"]["code"] == "match_full"
     assert engine.match_of(c.player_id) is None
     # Without max_players a match holds exactly match_size players.
     _, solo = await matched(server, "solo", 1)
-    assert engine.join_match(solo["match_id"], c.player_id) == "match is full"
+    await c.send("match.join", {"match_id": solo["match_id"]})
+    assert (await c.expect("error"))["payload"]["code"] == "match_full"
 
 
 async def test_config_lua_maps_modes_to_files(start_server) -> None:

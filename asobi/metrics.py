@@ -1,0 +1,138 @@
+"""Prometheus metrics for one server, in a registry of its own.
+
+A dedicated `CollectorRegistry` (not the process-global one) keeps two servers in one process
+(tests) from sharing or clashing over metrics.  Hot-path counts (frames written or dropped,
+ticks) are plain integers read at scrape time by a custom collector: a prometheus `Counter`
+takes a lock per increment, which is measurable at tens of thousands of frames per second.
+Tick lateness is fed into a histogram from the engine's lateness buffer, drained periodically.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+LATENESS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.frames_sent = 0
+        self.frames_dropped = 0
+        self.recent_lateness: deque[float] = deque(maxlen=65536)
+        self.tick_lateness = Histogram(
+            "asobi_tick_lateness_seconds",
+            "How late each match tick ran: actual minus scheduled time.",
+            buckets=LATENESS_BUCKETS,
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "asobi_errors",
+            "Error frames sent to clients, by code.",
+            ["code"],
+            registry=self.registry,
+        )
+        self.reloads = Counter(
+            "asobi_reloads", "Script reloads, by outcome.", ["outcome"], registry=self.registry
+        )
+        self.refused = Counter(
+            "asobi_connections_refused",
+            "WebSocket handshakes refused, by reason (capacity, ip_rate).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.closed = Counter(
+            "asobi_connections_closed_by_server",
+            "Connections the server closed, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.seats = Counter(
+            "asobi_seats",
+            "Seats held for dropped players, by how the hold ended (resumed, expired, released).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self._live = _LiveCollector(self)
+        self.registry.register(self._live)
+        self._last_reload_id = 0
+
+    def bind(self, **gauges: Callable[[], float]) -> None:
+        """Values read at scrape time: connections, matches, ticks..."""
+        self._live.sources.update(gauges)
+
+    def error(self, code: str) -> None:
+        self.errors.labels(code).inc()
+
+    def observe_lateness(self, values: Iterable[float]) -> None:
+        observe = self.tick_lateness.observe
+        recent = self.recent_lateness
+        for value in values:
+            observe(value if value > 0 else 0.0)
+            recent.append(value)
+
+    def drain_recent_lateness(self) -> list[float]:
+        """Raw samples since the last call (exact percentiles for the benchmark suite)."""
+        values = list(self.recent_lateness)
+        self.recent_lateness.clear()
+        return values
+
+    def count_reloads(self, records: Iterable[Any]) -> None:
+        """Count reload records newer than the last seen (history ids only grow)."""
+        newest = self._last_reload_id
+        for record in records:
+            if record.id > self._last_reload_id:
+                self.reloads.labels(record.outcome).inc()
+                newest = max(newest, record.id)
+        self._last_reload_id = newest
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _LiveCollector(Collector):
+    """Gauges and integer counters read from the running server when scraped."""
+
+    COUNTERS = {"ticks": "Match ticks run."}
+    GAUGES = {
+        "connections": "Open WebSocket connections.",
+        "players": "Authenticated players with a live connection.",
+        "matches": "Running matches.",
+        "seats_held": "Seats kept for players whose connection dropped (grace period).",
+        "tickets": "Matchmaker tickets waiting.",
+    }
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.sources: dict[str, Callable[[], float]] = {}
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        sent = CounterMetricFamily("asobi_frames_sent", "Frames written to client connections.")
+        sent.add_metric([], m.frames_sent)
+        yield sent
+        dropped = CounterMetricFamily(
+            "asobi_frames_dropped",
+            "Stale match.state frames dropped for clients that could not keep up.",
+        )
+        dropped.add_metric([], m.frames_dropped)
+        yield dropped
+        for name, doc in self.COUNTERS.items():
+            source = self.sources.get(name)
+            if source is not None:
+                family = CounterMetricFamily(f"asobi_{name}", doc)
+                family.add_metric([], source())
+                yield family
+        for name, doc in self.GAUGES.items():
+            source = self.sources.get(name)
+            if source is not None:
+                yield GaugeMetricFamily(f"asobi_{name}", doc, value=source())

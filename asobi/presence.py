@@ -1,0 +1,74 @@
+"""Seats kept for dropped players, and the resume tokens that reclaim them.
+
+When a player's connection drops mid-match they keep their seat for a grace period: `leave` is
+not called yet and the match runs on.  A new connection that presents the player's current
+resume token within the grace period takes the seat back; after it, the player leaves for real.
+
+A resume token is an opaque random value (not a signed one): the seat it reclaims lives only in
+this process's memory, so a server-side value costs nothing extra, can be rotated on every
+`session.connect` (a token is good for one resumption) and is forgotten with the seat.  It binds
+the new socket to the session that held the seat; the long-lived player token alone only proves
+who the player is.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import structlog
+
+from asobi.engine import Engine
+
+log = structlog.get_logger("asobi.presence")
+
+
+class Presence:
+    def __init__(self, engine: Engine, grace_s: float) -> None:
+        self.engine = engine
+        self.grace_s = grace_s
+        self._tokens: dict[str, str] = {}
+        self._held: dict[str, float] = {}
+
+    def issue(self, player_id: str) -> str:
+        """A fresh resume token for the player's new session (the previous one stops working)."""
+        token = secrets.token_urlsafe(24)
+        self._tokens[player_id] = token
+        return token
+
+    def check(self, player_id: str, token: str | None) -> bool:
+        current = self._tokens.get(player_id)
+        return token is not None and current is not None and secrets.compare_digest(current, token)
+
+    def hold(self, player_id: str, now: float) -> bool:
+        """The player's socket dropped: keep their seat until `now + grace`.  False when there is
+        no grace period (the caller should remove them right away)."""
+        if self.grace_s <= 0:
+            self._tokens.pop(player_id, None)
+            return False
+        self._held[player_id] = now + self.grace_s
+        return True
+
+    def reclaim(self, player_id: str) -> bool:
+        """A new connection arrived: the hold ends; True when there was one."""
+        return self._held.pop(player_id, None) is not None
+
+    def forget(self, player_id: str) -> None:
+        self._held.pop(player_id, None)
+        self._tokens.pop(player_id, None)
+
+    def is_held(self, player_id: str) -> bool:
+        return player_id in self._held
+
+    def expire(self, now: float) -> list[str]:
+        """Players whose grace ended: they leave their match now (`leave` runs)."""
+        gone = [pid for pid, deadline in self._held.items() if deadline <= now]
+        for pid in gone:
+            self.forget(pid)
+            match = self.engine.remove_player(pid)
+            log.info(
+                "seat_expired", player_id=pid, match_id=match.id if match is not None else None
+            )
+        return gone
+
+    def __len__(self) -> int:
+        return len(self._held)
