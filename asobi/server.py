@@ -26,6 +26,7 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
@@ -45,6 +46,25 @@ CLOSE_POLICY = 1008
 ADMIN_RELOAD_WAIT_S = 5.0
 HOUSEKEEPING_S = 0.25
 PRUNE_EVERY_S = 10.0
+
+
+_last_frame: bytes = b""
+_last_wire: bytes = b""
+
+
+def _wire(frame: bytes) -> bytes:
+    """`frame` as an unmasked WebSocket text frame, serialized by websockets.
+
+    A shared `match.state` frame goes to every player of a match one after the other: the
+    one-entry cache (by identity) frames it once for all of them.  Writing the serialized frame
+    to the transport is what `websockets.broadcast` does after framing; it is only used on
+    connections without extensions (no per-connection compression state).
+    """
+    global _last_frame, _last_wire
+    if frame is not _last_frame:
+        _last_wire = Frame(Opcode.TEXT, frame).serialize(mask=False, extensions=())
+        _last_frame = frame
+    return _last_wire
 
 
 class WebSocketPeer:
@@ -101,7 +121,10 @@ class WebSocketPeer:
         elif self.stuck_since:
             self.stuck_since = 0.0
         self.metrics.frames_sent += 1
-        broadcast((ws,), frame, text=True)
+        if ws.protocol.extensions:
+            broadcast((ws,), frame, text=True)  # per-connection compression: let websockets frame
+        else:
+            transport.write(_wire(frame))
 
     def _slow_reader(self, buffered: int, now: float) -> None:
         log.warning(

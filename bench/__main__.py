@@ -24,7 +24,7 @@ from bench.loadgen import Tally
 from bench.targets import AsobiTarget, ColyseusTarget
 
 RESULTS = Path(__file__).parent / "results"
-PARTS = ("asobi", "reload", "colyseus")
+PARTS = ("asobi", "shared", "reload", "colyseus")
 
 
 @dataclass(frozen=True)
@@ -58,16 +58,19 @@ SMOKE = Plan(
 )
 
 
-async def run_asobi(plan: Plan, work: Path, cores: Any, out: dict[str, Any]) -> None:
+async def run_asobi(
+    plan: Plan, work: Path, cores: Any, out: dict[str, Any], shared: bool = False
+) -> None:
     server_core, _ = cores
-    target = AsobiTarget(work / "asobi", server_core, Tally())
+    key = "asobi-shared" if shared else "asobi"
+    target = AsobiTarget(work / key, server_core, Tally(), shared=shared)
     target.start()
     try:
         result = await capacity.run(
             target, list(plan.steps), plan.window_s, plan.settle_s, plan.capacity_budget_s
         )
-        out["asobi"] = result.as_dict()
-        if plan.profile_s and target.server is not None:
+        out[key] = result.as_dict()
+        if plan.profile_s and target.server is not None and not shared:
             print(f"  profiling the server at {target.matches} matches ...", flush=True)
             out["profile"] = {
                 "matches": target.matches,
@@ -140,6 +143,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         work.mkdir(parents=True, exist_ok=True)
         if "asobi" in parts:
             await run_asobi(plan, work, cores, out)
+        if "shared" in parts and not (args.smoke and not args.only):
+            await run_asobi(plan, work, cores, out, shared=True)
         if "reload" in parts:
             await run_reload(plan, work, cores, out)
         if "colyseus" in parts:

@@ -59,13 +59,18 @@ end
 """
 
 
-def script(message: str) -> str:
-    return SCRIPT % {"message": message}
+def script(message: str, shared: bool = False) -> str:
+    """The bench script; `shared` makes get_state player-independent (`shared_state = true`):
+    called once per tick, encoded once, the same frame for all 4 players."""
+    text = SCRIPT % {"message": message}
+    if shared:
+        text = "shared_state = true\n" + text.replace(" you = player_id,", ' you = "all",')
+    return text
 
 
-def write_script(game_dir: Path, message: str) -> None:
+def write_script(game_dir: Path, message: str, shared: bool = False) -> None:
     """Save like an editor does: write a temp file, then rename it over match.lua."""
     target = game_dir / "match.lua"
     tmp = game_dir / ".match.lua.tmp"
-    tmp.write_text(script(message))
+    tmp.write_text(script(message, shared))
     os.replace(tmp, target)

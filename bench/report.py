@@ -132,6 +132,38 @@ def markdown(out: dict[str, Any]) -> str:
                     _met(per_match <= TARGET_KIB_PER_MATCH),
                 )
             )
+    shared = out.get("asobi-shared")
+    if shared:
+        lines += [
+            "",
+            "## asobi capacity, `shared_state = true` (one get_state and one encoding per tick, "
+            "the same frame for the 4 players)",
+            "",
+        ]
+        lines += _steps_table(shared)
+        lines += [
+            "",
+            f"Largest M holding p99 lateness <= 10 ms with 0 dropped: "
+            f"**{shared['largest_ok']}** ({shared['stopped']}).",
+        ]
+        best = _best_step(shared)
+        summary.append(
+            (
+                "matches x 4 at p99 <= 10 ms (shared_state)",
+                f">= {TARGET_MATCHES}",
+                str(shared["largest_ok"]),
+                _met(shared["largest_ok"] >= TARGET_MATCHES),
+            )
+        )
+        if best:
+            summary.append(
+                (
+                    "server CPU per delivered frame (shared_state)",
+                    f"<= {TARGET_US_PER_FRAME} us",
+                    f"{best['cpu_us_per_frame']:.1f} us (M={best['matches']})",
+                    _met(best["cpu_us_per_frame"] <= TARGET_US_PER_FRAME),
+                )
+            )
     reloads = out.get("reload") or []
     if reloads:
         lines += ["", f"## Hot reload under load ({reloads[0]['saves']} saves per row)", ""]
@@ -199,6 +231,16 @@ def markdown(out: dict[str, Any]) -> str:
                     f"| largest M at p99 <= 10 ms | {_f(m_ratio, 2)} |",
                 ]
                 out["ratios"] = {"cpu_per_update": cpu_ratio, "largest_m": m_ratio}
+            if shared and shared.get("steps") and coly.get("steps"):
+                a, c = _common_step(shared, coly)
+                cpu_ratio = a["cpu_us_per_frame"] / c["cpu_us_per_frame"]
+                m_ratio = shared["largest_ok"] / coly["largest_ok"] if coly["largest_ok"] else None
+                lines += [
+                    f"| CPU per delivered state update, shared_state (M={a['matches']} vs "
+                    f"M={c['matches']}) | {cpu_ratio:.2f} |",
+                    f"| largest M at p99 <= 10 ms, shared_state | {_f(m_ratio, 2)} |",
+                ]
+                out["ratios_shared"] = {"cpu_per_update": cpu_ratio, "largest_m": m_ratio}
     prof = out.get("profile")
     if prof and "self" in prof:
         lines += [

@@ -59,10 +59,18 @@ class AsobiTarget(Target):
     name = "asobi"
 
     def __init__(
-        self, work: Path, core: set[int] | None, tally: Tally, reload: str = "off"
+        self,
+        work: Path,
+        core: set[int] | None,
+        tally: Tally,
+        reload: str = "off",
+        shared: bool = False,
     ) -> None:
         super().__init__(work, core, tally)
         self.reload = reload
+        self.shared = shared
+        if shared:
+            self.name = "asobi-shared"
         self.secret = secrets.token_urlsafe(32)
         self.game_dir = work / "game"
         self.data_dir = work / "data"
@@ -70,7 +78,7 @@ class AsobiTarget(Target):
     def start(self) -> None:
         self.game_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        game.write_script(self.game_dir, "v0")
+        game.write_script(self.game_dir, "v0", self.shared)
         self.server = procs.spawn_asobi(
             self.game_dir,
             self.data_dir,

@@ -28,52 +28,118 @@ class ConversionError(ValueError):
 
 
 def to_python(value: Any, *, what: str = "value", max_nodes: int = MAX_NODES) -> Any:
-    """Convert a Lua value (as lupa hands it over, strings as bytes) into JSON-ready data."""
-    budget = [max_nodes]
-    return _convert(value, what, 0, budget)
+    """Convert a Lua value (as lupa hands it over, strings as bytes) into JSON-ready data.
 
-
-def _decode(raw: bytes, path: str) -> str:
+    This runs for every `match.state` frame, so the walk is written for speed: scalars are
+    handled inline, and the path of an offending value is only assembled when there is one.
+    """
     try:
-        return raw.decode()
+        kind = type(value)
+        if kind is bytes:
+            return value.decode()
+        if kind is int or kind is float or kind is bool or value is None:
+            return value
+        return _table(value, [max_nodes], 0)
     except UnicodeDecodeError:
-        raise ConversionError(f"{path} is not valid UTF-8 text") from None
+        raise ConversionError(f"{what} is not valid UTF-8 text") from None
+    except _Failure as failure:
+        raise ConversionError(failure.describe(what)) from None
 
 
-def _convert(value: Any, path: str, depth: int, budget: list[int]) -> Any:
-    if isinstance(value, bytes):
-        return _decode(value, path)
-    if value is None or isinstance(value, bool | int | float):
-        return value
+class _Failure(Exception):
+    """Raised deep in the walk; parents add their key on the way up."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.keys: list[str] = []
+
+    def describe(self, root: str) -> str:
+        path = root
+        for key in reversed(self.keys):
+            path += key
+        return f"{path} {self.problem}"
+
+
+def _table(value: Any, budget: list[int], depth: int) -> Any:
     kind = _lua_type(value)
     if kind != "table":
-        raise ConversionError(f"{path} is a {kind or type(value).__name__}, which is not data")
+        raise _Failure(f"is a {kind or type(value).__name__}, which is not data")
     if depth >= MAX_DEPTH:
-        raise ConversionError(f"{path} is nested deeper than {MAX_DEPTH} levels (a cycle?)")
+        raise _Failure(f"is nested deeper than {MAX_DEPTH} levels (a cycle?)")
     items = list(value.items())
-    budget[0] -= len(items) + 1
-    if budget[0] < 0:
-        raise ConversionError(f"{path} holds too many values (limit {MAX_NODES})")
-    if not items:
-        return {}
     n = len(items)
-    if all(type(k) is int for k, _ in items):
-        keys = {k for k, _ in items}
-        if min(keys) == 1 and max(keys) == n:
-            ordered = sorted(items, key=lambda kv: kv[0])
-            return [_convert(v, f"{path}[{k}]", depth + 1, budget) for k, v in ordered]
+    budget[0] -= n + 1
+    if budget[0] < 0:
+        raise _Failure(f"holds too many values (limit {MAX_NODES})")
+    if not n:
+        return {}
+    if type(items[0][0]) is int and _is_sequence(items):
+        out_list = []
+        append = out_list.append
+        for index, v in items:
+            kind = type(v)
+            try:
+                if kind is bytes:
+                    v = v.decode()
+                elif not (kind is int or kind is float or kind is bool):
+                    v = _table(v, budget, depth + 1)
+            except UnicodeDecodeError:
+                failure = _Failure("is not valid UTF-8 text")
+                failure.keys.append(f"[{index}]")
+                raise failure from None
+            except _Failure as failure:
+                failure.keys.append(f"[{index}]")
+                raise
+            append(v)
+        return out_list
     out: dict[str, Any] = {}
     for k, v in items:
-        if isinstance(k, bytes):
-            key = _decode(k, f"{path} key")
-        elif isinstance(k, bool):
+        kind = type(k)
+        if kind is bytes:
+            try:
+                key = k.decode()
+            except UnicodeDecodeError:
+                raise _Failure("has a key that is not valid UTF-8 text") from None
+        elif kind is bool:
             key = "true" if k else "false"
-        elif isinstance(k, int | float):
-            key = repr(k) if isinstance(k, float) else str(k)
+        elif kind is int:
+            key = str(k)
+        elif kind is float:
+            key = repr(k)
         else:
-            raise ConversionError(f"{path} has a key that is not a string or number")
-        out[key] = _convert(v, f"{path}.{key}", depth + 1, budget)
+            raise _Failure("has a key that is not a string or number")
+        kind = type(v)
+        try:
+            if kind is bytes:
+                v = v.decode()
+            elif not (kind is int or kind is float or kind is bool):
+                v = _table(v, budget, depth + 1)
+        except UnicodeDecodeError:
+            failure = _Failure("is not valid UTF-8 text")
+            failure.keys.append(f".{key}")
+            raise failure from None
+        except _Failure as failure:
+            failure.keys.append(f".{key}")
+            raise
+        out[key] = v
     return out
+
+
+def _is_sequence(items: list[tuple[Any, Any]]) -> bool:
+    """Keys exactly 1..n.  Lua hands the array part over in order, so check that first; a
+    sequence stored in the hash part arrives shuffled and is sorted in place."""
+    for expected, (k, _) in enumerate(items, 1):
+        if k != expected or type(k) is not int:
+            break
+    else:
+        return True
+    if not all(type(k) is int for k, _ in items):
+        return False
+    items.sort(key=lambda kv: kv[0])
+    return (
+        items[0][0] == 1 and items[-1][0] == len(items) and len({k for k, _ in items}) == len(items)
+    )
 
 
 def to_lua(runtime: Any, value: Any) -> Any:

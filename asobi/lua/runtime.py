@@ -50,6 +50,32 @@ class Limits:
         return float(getattr(self, callback, self.tick))
 
 
+_DEFAULT_LIMITS = Limits()
+_BUDGETS = {
+    name: _DEFAULT_LIMITS.budget(name)
+    for name in (
+        "init",
+        "join",
+        "leave",
+        "handle_input",
+        "tick",
+        "get_state",
+        "migrate",
+        "load",
+        "copy",
+    )
+}
+_LABELS: dict[str, bytes] = {}
+_now = time.perf_counter
+
+
+def _label(label: str) -> bytes:
+    encoded = _LABELS.get(label)
+    if encoded is None:
+        encoded = _LABELS[label] = label.encode()
+    return encoded
+
+
 class ScriptHost(Protocol):
     """What a match's Lua code may ask of the server (the game.* API and require)."""
 
@@ -152,6 +178,7 @@ class MatchLua:
         self._ctx = self.api[b"ctx"]
         self._global = self.api[b"global"]
         self._functions: dict[str, Any] = {}
+        self._budgets: dict[str, float] = {}
 
     # -- loading --------------------------------------------------------------------------------
     def load(self, source: bytes, chunkname: str) -> Any:
@@ -189,11 +216,14 @@ class MatchLua:
         fn = self.function(callback)
         if fn is None:
             return CallResult(False, error=f"{callback} is not defined")
-        return self.call_function(callback, fn, *args, budget=self.limits.budget(callback))
+        budget = self._budgets.get(callback)
+        if budget is None:
+            budget = self._budgets[callback] = self.limits.budget(callback)
+        return self.call_function(callback, fn, *args, budget=budget)
 
     def call_function(self, label: str, fn: Any, *args: Any, budget: float) -> CallResult:
         try:
-            out = self._call(label.encode(), budget, fn, *args)
+            out = self._call(_label(label), _now() + budget, fn, *args)
         except LuaMemoryError:
             return CallResult(
                 False, error=f"{label} ran out of memory (cap {self.limits.max_memory} bytes)"

@@ -72,11 +72,12 @@ end
 
 local api = {}
 
--- Call fn(...) with a wall-clock budget in seconds.  Returns true, results... or false, message.
-function api.call(label, budget, fn, ...)
+-- Call fn(...) until a wall-clock deadline (host perf_counter seconds; the host computes it, which
+-- saves a call back into the host per call).  Returns true, results... or false, message.
+function api.call(label, until_time, fn, ...)
   exceeded = nil
   budget_label = label
-  deadline = now() + budget
+  deadline = until_time
   sethook(hook, "", HOOK_COUNT)
   return finish(xpcall_(fn, message_handler, ...))
 end
