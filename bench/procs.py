@@ -157,7 +157,15 @@ def spawn_asobi(
             reload,
         ],
         log_path=log_path,
-        env={"ASOBI_SECRET": secret, "ASOBI_BENCH_STATS": str(stats), "ASOBI_LOG_LEVEL": "info"},
+        env={
+            "ASOBI_SECRET": secret,
+            "ASOBI_BENCH_STATS": str(stats),
+            "ASOBI_LOG_LEVEL": "info",
+            # Every bench client connects from 127.0.0.1: lift the per-IP handshake limits.
+            "ASOBI_CONNECT_RATE_PER_IP": "100000",
+            "ASOBI_CONNECT_BURST_PER_IP": "100000",
+            "ASOBI_MAX_CONNECTIONS": "100000",
+        },
         core=core,
         port_of=_asobi_port,
     )

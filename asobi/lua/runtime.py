@@ -26,6 +26,19 @@ LuaSyntaxError = lua54.LuaSyntaxError
 LuaMemoryError = lua54.LuaMemoryError
 
 _SANDBOX_SOURCE = resources.files("asobi.lua").joinpath("sandbox.lua").read_bytes()
+
+
+@functools.cache
+def _sandbox_bytecode() -> bytes:
+    """sandbox.lua compiled once per process.
+
+    Every match (and every reload of a match) gets a fresh Lua state; loading this precompiled
+    chunk instead of compiling the source halves the cost of making one.  Only this host chunk is
+    loaded as bytecode: game scripts are always compiled from text (mode "t").
+    """
+    compiler = lua54.LuaRuntime(register_eval=False, register_builtins=False, encoding=None)
+    dump = compiler.execute(b"return function(src) return string.dump(load(src, '=asobi')) end")
+    return bytes(dump(_SANDBOX_SOURCE))
 _MAX_ERROR_CHARS = 2000
 
 
@@ -170,10 +183,11 @@ class MatchLua:
                 b"persist": functools.partial(persist, self) if persist else None,
                 b"hook_count": limits.hook_count,
                 b"pattern_budget": limits.pattern_budget,
+                b"seed": seed,
             }
         )
-        self.api = self.runtime.execute(_SANDBOX_SOURCE, host_table)
-        self.runtime.execute(b"local seed = ... math.randomseed(seed)", seed)
+        real_load = self.runtime.globals()[b"load"]
+        self.api = real_load(_sandbox_bytecode(), b"=asobi", b"b")(host_table)
         self._call = self.api[b"call"]
         self._ctx = self.api[b"ctx"]
         self._global = self.api[b"global"]

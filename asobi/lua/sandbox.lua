@@ -6,6 +6,7 @@
 -- never reach the real globals, `debug`, `load`, `string.dump` or the lupa module: it only sees
 -- `env`, and every function in `env` was chosen here.
 local host = ...
+math.randomseed(host.seed)
 
 local now = host.now
 local host_log, host_send, host_broadcast, host_module = host.log, host.send, host.broadcast, host.module
