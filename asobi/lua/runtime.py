@@ -25,6 +25,7 @@ LuaSyntaxError = lua54.LuaSyntaxError
 LuaMemoryError = lua54.LuaMemoryError
 
 _SANDBOX_SOURCE = resources.files("asobi.lua").joinpath("sandbox.lua").read_bytes()
+_PATTERNS_SOURCE = resources.files("asobi.lua").joinpath("patterns.lua").read_bytes()
 _MAX_ERROR_CHARS = 2000
 
 
@@ -140,6 +141,7 @@ class MatchLua:
                 b"module": host.module,
                 b"hook_count": limits.hook_count,
                 b"pattern_budget": limits.pattern_budget,
+                b"patterns_source": _PATTERNS_SOURCE,
             }
         )
         self.api = self.runtime.execute(_SANDBOX_SOURCE, host_table)

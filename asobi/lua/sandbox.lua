@@ -81,15 +81,31 @@ function api.call(label, budget, fn, ...)
 end
 
 ---------------------------------------------------------------------------------------------------
--- Pattern functions run inside C where no hook fires.  Estimate the worst-case backtracking work
--- (subject length to the power of the number of quantifiers, plus one when the pattern is not
--- anchored) and refuse calls that could stall the server.
+-- Pattern functions.  The C matcher backtracks inside one C call where no hook fires, so a
+-- pathological pattern could stall the server for minutes.  Each call's worst-case work is
+-- estimated; cheap calls take the C fast path, expensive ones run the same algorithm in Lua
+-- (patterns.lua), where the count hook keeps checking the budget: a pathological call then fails
+-- like any runaway loop, and an ordinary call on a long string still gets the right answer.
+--
+-- Estimate: attempts (1 when anchored, else one per start position) x per-attempt work.  Per
+-- attempt, every repetition item (`*`, `+`, `-`), `%b` and back-reference can try every position
+-- of the subject, a `?` doubles the work, and the items themselves cost up to the pattern length.
+-- A plain search (`find` with plain, or no special characters) is memchr/memcmp: cheap per byte.
 ---------------------------------------------------------------------------------------------------
-local function quantifiers(p)
-  local count, i, n, in_set = 0, 1, #p, false
-  while i <= n do
+local patterns = load_(host.patterns_source, "=patterns.lua", "t")()
+local pfind, pmatch, pgmatch, pgsub = patterns.find, patterns.match, patterns.gmatch, patterns.gsub
+local SPECIALS = patterns.SPECIALS
+local PLAIN_BYTES_PER_STEP = 32
+
+local function pattern_cost(n, p, anchored_ok)
+  local m, i = #p, 1
+  local reps, optional = 0, 0
+  local in_set = false
+  while i <= m do
     local c = sbyte(p, i)
-    if c == 37 then -- '%': skip the escaped character
+    if c == 37 then -- '%': look at the escaped character
+      local e = sbyte(p, i + 1)
+      if not in_set and (e == 98 or (e and e >= 49 and e <= 57)) then reps = reps + 1 end
       i = i + 1
     elseif in_set then
       if c == 93 then in_set = false end -- ']'
@@ -97,26 +113,33 @@ local function quantifiers(p)
       in_set = true
       if sbyte(p, i + 1) == 94 then i = i + 1 end -- '[^'
       if sbyte(p, i + 1) == 93 then i = i + 1 end -- literal ']' first in set
-    elseif c == 42 or c == 43 or c == 45 or c == 63 then -- '*', '+', '-', '?'
-      count = count + 1
+    elseif c == 42 or c == 43 or c == 45 then -- '*', '+', '-'
+      reps = reps + 1
+    elseif c == 63 then -- '?'
+      optional = optional + 1
     end
     i = i + 1
   end
-  return count
+  local starts = (anchored_ok and sbyte(p, 1) == 94) and 1 or n + 1
+  local items = m < n + 1 and m or n + 1
+  return starts * items * (n + 1) ^ reps * 2 ^ optional
 end
 
-local function guard_pattern(s, p, scans)
-  if type_(s) ~= "string" or type_(p) ~= "string" then return end
+-- True when the C matcher could run too long for this subject and pattern.
+local function expensive(s, p, anchored_ok, plain)
   local n = #s
-  if n <= 32 then return end
-  local k = quantifiers(p)
-  local power = k
-  if scans or sbyte(p, 1) ~= 94 then power = power + 1 end
-  if power <= 1 then return end
-  if n ^ power > PATTERN_BUDGET then
-    error_(sformat("pattern %q is too expensive for a %d-byte subject "
-      .. "(%d quantifiers); use a simpler pattern or a shorter string", p, n, k), 3)
+  if plain or not sfind(p, SPECIALS) then
+    local m = #p
+    return (n + 1) * (m < n + 1 and m or n + 1) > PATTERN_BUDGET * PLAIN_BYTES_PER_STEP
   end
+  return pattern_cost(n, p, anchored_ok) > PATTERN_BUDGET
+end
+
+-- Numbers are valid subjects and patterns (the C library converts them); convert them the same
+-- way first so the estimate sees the real text.
+local function as_text(v)
+  if type_(v) == "number" then return tostring_(v) end
+  return v
 end
 
 local safe_string = {}
@@ -124,19 +147,31 @@ for k, v in next_, string do
   if k ~= "dump" then safe_string[k] = v end
 end
 function safe_string.find(s, p, init, plain)
-  if not plain then guard_pattern(s, p, false) end
+  s, p = as_text(s), as_text(p)
+  if type_(s) == "string" and type_(p) == "string" and expensive(s, p, true, plain) then
+    return pfind(s, p, init, plain)
+  end
   return sfind(s, p, init, plain)
 end
 function safe_string.match(s, p, init)
-  guard_pattern(s, p, false)
+  s, p = as_text(s), as_text(p)
+  if type_(s) == "string" and type_(p) == "string" and expensive(s, p, true, false) then
+    return pmatch(s, p, init)
+  end
   return smatch(s, p, init)
 end
 function safe_string.gmatch(s, p, init)
-  guard_pattern(s, p, true)
+  s, p = as_text(s), as_text(p)
+  if type_(s) == "string" and type_(p) == "string" and expensive(s, p, false, false) then
+    return pgmatch(s, p, init)
+  end
   return sgmatch(s, p, init)
 end
 function safe_string.gsub(s, p, repl, n)
-  guard_pattern(s, p, true)
+  s, p = as_text(s), as_text(p)
+  if type_(s) == "string" and type_(p) == "string" and expensive(s, p, true, false) then
+    return pgsub(s, p, repl, n)
+  end
   return sgsub(s, p, repl, n)
 end
 
@@ -283,6 +318,7 @@ function api.global(name)
 end
 
 api.env = env
+api.patterns = patterns
 
 ---------------------------------------------------------------------------------------------------
 -- State copy across a reload.  Only data crosses: tables (shared references and cycles keep their
