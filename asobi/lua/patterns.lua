@@ -70,6 +70,7 @@ local CLASS = {
   [117] = make_set(is_upper), -- u
   [119] = make_set(is_alnum), -- w
   [120] = make_set(function(c) return is_digit(c) or between(c, 97, 102) or between(c, 65, 70) end),
+  [122] = make_set(function(c) return c == 0 end), -- z (deprecated, still accepted by 5.4)
 }
 
 local ANY = make_set(function() return true end)
@@ -381,7 +382,7 @@ end
 -- Arguments, as luaL_check* would treat them.
 ---------------------------------------------------------------------------------------------------
 local function arg_error(argn, fname, msg)
-  throw(sformat("bad argument #%d to '%s' (%s)", argn, fname, msg))
+  throw(sformat("bad argument #%d to 'string.%s' (%s)", argn, fname, msg))
 end
 
 local function check_string(v, argn, fname)

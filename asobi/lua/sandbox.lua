@@ -142,6 +142,15 @@ local function as_text(v)
   return v
 end
 
+-- Errors of the C functions are re-raised one level up, so that like the Lua path's they point at
+-- the script line that made the call, not at these wrappers.  Calls that run script code (gsub
+-- with a function or table) are not wrapped: their errors must pass through untouched.
+local function c_result(ok, ...)
+  if ok then return ... end
+  if exceeded then error_(exceeded, 0) end
+  error_((...), 2)
+end
+
 local safe_string = {}
 for k, v in next_, string do
   if k ~= "dump" then safe_string[k] = v end
@@ -151,28 +160,32 @@ function safe_string.find(s, p, init, plain)
   if type_(s) == "string" and type_(p) == "string" and expensive(s, p, true, plain) then
     return pfind(s, p, init, plain)
   end
-  return sfind(s, p, init, plain)
+  return c_result(pcall_(sfind, s, p, init, plain))
 end
 function safe_string.match(s, p, init)
   s, p = as_text(s), as_text(p)
   if type_(s) == "string" and type_(p) == "string" and expensive(s, p, true, false) then
     return pmatch(s, p, init)
   end
-  return smatch(s, p, init)
+  return c_result(pcall_(smatch, s, p, init))
 end
 function safe_string.gmatch(s, p, init)
   s, p = as_text(s), as_text(p)
   if type_(s) == "string" and type_(p) == "string" and expensive(s, p, false, false) then
     return pgmatch(s, p, init)
   end
-  return sgmatch(s, p, init)
+  local ok, iter = pcall_(sgmatch, s, p, init)
+  if not ok then error_(iter, 2) end
+  return iter
 end
 function safe_string.gsub(s, p, repl, n)
   s, p = as_text(s), as_text(p)
   if type_(s) == "string" and type_(p) == "string" and expensive(s, p, true, false) then
     return pgsub(s, p, repl, n)
   end
-  return sgsub(s, p, repl, n)
+  local tr = type_(repl)
+  if tr == "function" or tr == "table" then return sgsub(s, p, repl, n) end
+  return c_result(pcall_(sgsub, s, p, repl, n))
 end
 
 -- Method calls on strings (`s:find(...)`) go through the string metatable: point it at the safe
