@@ -39,6 +39,19 @@ local function hook()
   end
 end
 
+-- One VM instruction can also be expensive on its own (`s .. s` on megabytes, a table resize):
+-- hundreds of those fit between two count-hook checks.  Such instructions allocate, so the garbage
+-- collector keeps finishing cycles; a finalizer that re-arms itself every cycle checks the clock
+-- and, past the deadline, makes the hook fire at the very next instruction.  (Errors cannot be
+-- raised from a finalizer, hence the hook.)  A false alarm costs one hook call and the count is
+-- restored.
+local probe_mt = {}
+probe_mt.__gc = function()
+  if deadline ~= huge and now() > deadline then sethook(hook, "", 1) end
+  setmetatable_({}, probe_mt)
+end
+setmetatable_({}, probe_mt)
+
 local function reraise_if_exceeded(...)
   if exceeded then error_(exceeded, 0) end
   return ...
@@ -60,8 +73,8 @@ local function message_handler(e)
 end
 
 local function finish(ok, ...)
-  sethook()
   deadline = huge
+  sethook()
   local ex = exceeded
   exceeded = nil
   if ex then return false, ex end
@@ -78,6 +91,23 @@ function api.call(label, budget, fn, ...)
   deadline = now() + budget
   sethook(hook, "", HOOK_COUNT)
   return finish(xpcall_(fn, message_handler, ...))
+end
+
+---------------------------------------------------------------------------------------------------
+-- Work done inside one C call is invisible to the count hook, which only counts VM instructions:
+-- a loop of `s:upper()` on an 8 MB string runs hundreds of such calls between two hook checks and
+-- overshoots the budget by seconds.  Wrappers of library functions whose cost grows with their
+-- data charge that cost here; past about a millisecond of accumulated work the clock is checked.
+---------------------------------------------------------------------------------------------------
+local CHARGE_STEP = 1 << 20 -- units are bytes of simple C work (copying, scanning)
+local charged = 0
+
+local function charge(units)
+  charged = charged + units
+  if charged >= CHARGE_STEP then
+    charged = 0
+    hook()
+  end
 end
 
 ---------------------------------------------------------------------------------------------------
@@ -125,14 +155,20 @@ local function pattern_cost(n, p, anchored_ok)
   return starts * items * (n + 1) ^ reps * 2 ^ optional
 end
 
--- True when the C matcher could run too long for this subject and pattern.
+-- True when the C matcher could run too long for this subject and pattern; otherwise the C call
+-- will run, and its estimated work is charged.
 local function expensive(s, p, anchored_ok, plain)
   local n = #s
+  local cost
   if plain or not sfind(p, SPECIALS) then
     local m = #p
-    return (n + 1) * (m < n + 1 and m or n + 1) > PATTERN_BUDGET * PLAIN_BYTES_PER_STEP
+    cost = (n + 1) * (m < n + 1 and m or n + 1) / PLAIN_BYTES_PER_STEP
+  else
+    cost = pattern_cost(n, p, anchored_ok)
   end
-  return pattern_cost(n, p, anchored_ok) > PATTERN_BUDGET
+  if cost > PATTERN_BUDGET then return true end
+  charge(cost * 4 + n)
+  return false
 end
 
 -- Numbers are valid subjects and patterns (the C library converts them); convert them the same
@@ -188,6 +224,41 @@ function safe_string.gsub(s, p, repl, n)
   return c_result(pcall_(sgsub, s, p, repl, n))
 end
 
+-- Charged string functions.  `("").rep(s, huge)` is answered directly: C would loop `huge` times
+-- copying nothing.
+local srep, supper, slower, sreverse, ssub_, spack_ = string.rep, string.upper, string.lower,
+  string.reverse, string.sub, string.pack
+local tointeger, tonumber_ = math.tointeger, tonumber
+
+local function charged_result(r)
+  if type_(r) == "string" then charge(#r) end
+  return r
+end
+
+local function charged_count(...)
+  charge(select_("#", ...))
+  return ...
+end
+
+function safe_string.rep(s, n, sep)
+  if s == "" and (sep == nil or sep == "") and (type_(n) == "number" or type_(n) == "string") then
+    local k = tointeger(tonumber_(n))
+    if k and k > 1 then n = 1 end
+  end
+  return charged_result(srep(s, n, sep))
+end
+function safe_string.upper(s) return charged_result(supper(s)) end
+function safe_string.lower(s) return charged_result(slower(s)) end
+function safe_string.reverse(s) return charged_result(sreverse(s)) end
+function safe_string.sub(s, i, j) return charged_result(ssub_(s, i, j)) end
+function safe_string.format(fmt, ...) return charged_result(sformat(fmt, ...)) end
+function safe_string.pack(fmt, ...) return charged_result(spack_(fmt, ...)) end
+function safe_string.byte(s, i, j) return charged_count(sbyte(s, i, j)) end
+function safe_string.char(...)
+  charge(select_("#", ...))
+  return charged_result(string.char(...))
+end
+
 -- Method calls on strings (`s:find(...)`) go through the string metatable: point it at the safe
 -- table and lock it, so `getmetatable("").__index` cannot hand out the real string library.
 do
@@ -218,6 +289,53 @@ env.string = safe_string
 env.table = copy(table)
 env.math = copy(math)
 env.utf8 = copy(utf8)
+
+-- Table and utf8 functions whose single C call can walk a whole table or string are charged; a
+-- large sort without a comparator gets a Lua one, so the hook can stop it between comparisons.
+do
+  local t_concat, t_insert, t_remove, t_move, t_sort, t_unpack =
+    table.concat, table.insert, table.remove, table.move, table.sort, table.unpack
+  local rawlen_ = rawlen
+  local function size(t)
+    if type_(t) == "table" then return rawlen_(t) end
+    return 0
+  end
+  local function less(a, b) return a < b end
+  env.table.concat = function(t, sep, i, j) return charged_result(t_concat(t, sep, i, j)) end
+  env.table.insert = function(t, ...)
+    if select_("#", ...) > 1 then charge(size(t) * 16) end
+    return t_insert(t, ...)
+  end
+  env.table.remove = function(t, ...)
+    if select_("#", ...) > 0 then charge(size(t) * 16) end
+    return t_remove(t, ...)
+  end
+  env.table.move = function(a1, f, e, t, a2)
+    if type_(f) == "number" and type_(e) == "number" and e > f then charge((e - f) * 16) end
+    return t_move(a1, f, e, t, a2)
+  end
+  env.table.sort = function(t, comp)
+    local n = size(t)
+    charge(n * 16)
+    if comp == nil and n > 20000 then comp = less end
+    return t_sort(t, comp)
+  end
+  env.table.unpack = function(t, i, j) return charged_count(t_unpack(t, i, j)) end
+  local u_len, u_codepoint, u_offset, u_char = utf8.len, utf8.codepoint, utf8.offset, utf8.char
+  env.utf8.len = function(s, ...)
+    if type_(s) == "string" then charge(#s) end
+    return u_len(s, ...)
+  end
+  env.utf8.offset = function(s, ...)
+    if type_(s) == "string" then charge(#s) end
+    return u_offset(s, ...)
+  end
+  env.utf8.codepoint = function(s, i, j, lax) return charged_count(u_codepoint(s, i, j, lax)) end
+  env.utf8.char = function(...)
+    charge(select_("#", ...))
+    return charged_result(u_char(...))
+  end
+end
 env.os = { time = os.time, clock = os.clock, date = os.date }
 
 function env.setmetatable(t, mt)
