@@ -282,7 +282,7 @@ class Match:
     def _after_tick(self) -> None:
         if self._finished_flag():
             try:
-                result = to_python(self.state[b"_result"], what="state._result")
+                result = to_python(self.lua.field(self.state, "_result"), what="state._result")
             except (ConversionError, TypeError):
                 result = None
             self.engine.finish(self, result)
@@ -291,7 +291,7 @@ class Match:
 
     def _finished_flag(self) -> bool:
         try:
-            flag = self.state[b"_finished"]
+            flag = self.lua.field(self.state, "_finished")
         except (TypeError, KeyError):
             return False
         return flag is not None and flag is not False

@@ -149,6 +149,7 @@ class MatchLua:
         self._call = self.api[b"call"]
         self._ctx = self.api[b"ctx"]
         self._global = self.api[b"global"]
+        self._field = self.api[b"field"]
         self._functions: dict[str, Any] = {}
 
     # -- loading --------------------------------------------------------------------------------
@@ -173,6 +174,10 @@ class MatchLua:
             return to_python(self._global(name.encode()), what=name)
         except ConversionError:
             return None
+
+    def field(self, table: Any, name: str) -> Any:
+        """`table[name]` without metamethods (no script code runs outside a budget)."""
+        return self._field(table, name.encode())
 
     def function(self, name: str) -> Any:
         """The script's global function `name`, or None.  Looked up once per loaded script."""

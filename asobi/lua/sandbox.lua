@@ -448,6 +448,13 @@ function api.global(name)
   return rawget_(env, name)
 end
 
+-- A field of a script table read without metamethods: the host reads state._finished after every
+-- tick, outside any budget, and a script's __index must not run there.
+function api.field(t, key)
+  if type_(t) ~= "table" then return nil end
+  return rawget_(t, key)
+end
+
 api.env = env
 api.patterns = patterns
 
