@@ -235,6 +235,17 @@ local function charged_result(r)
   return r
 end
 
+-- Run a C function; its error is re-raised at the level of the script that called the wrapper
+-- (level 1 is this function, 2 the wrapper, 3 the script).
+local function c_call(fn, ...)
+  local ok, r = pcall_(fn, ...)
+  if not ok then
+    if exceeded then error_(exceeded, 0) end
+    error_(r, 3)
+  end
+  return r
+end
+
 local function charged_count(...)
   charge(select_("#", ...))
   return ...
@@ -245,14 +256,14 @@ function safe_string.rep(s, n, sep)
     local k = tointeger(tonumber_(n))
     if k and k > 1 then n = 1 end
   end
-  return charged_result(srep(s, n, sep))
+  return charged_result(c_call(srep, s, n, sep))
 end
-function safe_string.upper(s) return charged_result(supper(s)) end
-function safe_string.lower(s) return charged_result(slower(s)) end
-function safe_string.reverse(s) return charged_result(sreverse(s)) end
-function safe_string.sub(s, i, j) return charged_result(ssub_(s, i, j)) end
-function safe_string.format(fmt, ...) return charged_result(sformat(fmt, ...)) end
-function safe_string.pack(fmt, ...) return charged_result(spack_(fmt, ...)) end
+function safe_string.upper(s) return charged_result(c_call(supper, s)) end
+function safe_string.lower(s) return charged_result(c_call(slower, s)) end
+function safe_string.reverse(s) return charged_result(c_call(sreverse, s)) end
+function safe_string.sub(s, i, j) return charged_result(c_call(ssub_, s, i, j)) end
+function safe_string.format(fmt, ...) return charged_result(c_call(sformat, fmt, ...)) end
+function safe_string.pack(fmt, ...) return charged_result(c_call(spack_, fmt, ...)) end
 function safe_string.byte(s, i, j) return charged_count(sbyte(s, i, j)) end
 function safe_string.char(...)
   charge(select_("#", ...))
@@ -349,8 +360,15 @@ function env.pcall(f, ...)
   return reraise_if_exceeded(pcall_(f, ...))
 end
 
+-- An error raised by the hook leaves Lua's hooks switched off until the protected call unwinds,
+-- and the message handler runs before that: a script handler would run with no budget at all.
+-- Once the budget is spent, the script's handler is therefore skipped.
 function env.xpcall(f, handler, ...)
-  return reraise_if_exceeded(xpcall_(f, handler, ...))
+  local function guarded(e)
+    if exceeded then return exceeded end
+    return handler(e)
+  end
+  return reraise_if_exceeded(xpcall_(f, guarded, ...))
 end
 
 local function co_new(f)
@@ -390,6 +408,20 @@ local function log_value(v)
   return tostring_(v)
 end
 
+-- Host functions are Python: an exception they raise reaches Lua as a Python object.  Scripts get
+-- its text instead, so no Python object is ever within their reach.
+local function host_result(ok, ...)
+  if ok then return ... end
+  if exceeded then error_(exceeded, 0) end
+  local e = ...
+  if type_(e) ~= "string" then e = tostring_(e) end
+  error_(e, 2)
+end
+
+local function host_call(fn, ...)
+  return host_result(pcall_(fn, ...))
+end
+
 local game = {}
 function game.id() return ctx.match_id end
 function game.tick() return ctx.tick end
@@ -399,13 +431,13 @@ function game.players()
   return out
 end
 function game.log(level, msg, meta)
-  host_log(log_value(level), log_value(msg), type_(meta) == "table" and meta or nil)
+  host_call(host_log, log_value(level), log_value(msg), type_(meta) == "table" and meta or nil)
 end
 function game.send(player_id, payload)
-  return host_send(player_id, payload)
+  return host_call(host_send, player_id, payload)
 end
 function game.broadcast(event, payload)
-  return host_broadcast(event, payload)
+  return host_call(host_broadcast, event, payload)
 end
 game.random = math.random
 env.game = game
@@ -413,7 +445,7 @@ env.game = game
 function env.print(...)
   local parts = {}
   for i = 1, select_("#", ...) do parts[i] = log_value((select_(i, ...))) end
-  host_log("info", tconcat(parts, "\t"), nil)
+  host_call(host_log, "info", tconcat(parts, "\t"), nil)
 end
 
 local loaded = {}
@@ -425,7 +457,7 @@ function env.require(name)
   local cached = rawget_(loaded, name)
   if cached ~= nil then return cached end
   if loading[name] then error_("module '" .. name .. "' is required in a loop", 2) end
-  local source, chunkname = host_module(name)
+  local source, chunkname = host_call(host_module, name)
   if source == nil then error_(chunkname, 2) end
   local chunk, err = load_(source, chunkname, "t", env)
   if not chunk then error_(err, 2) end
