@@ -78,9 +78,7 @@ class Logs:
         return LOGS.events(name, self.start)
 
     async def wait_for(
-        self,
-        name: str,
-        predicate: Callable[[dict[str, Any]], bool] = lambda _: True,
+        self, name: str, predicate: Callable[[dict[str, Any]], bool] = lambda _: True,
         timeout: float = 5.0,
     ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
