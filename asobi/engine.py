@@ -64,7 +64,8 @@ _LOG_LEVELS = {
     "error": "error",
 }
 # Traceback lines that point into the host (the sandbox chunk, xpcall) rather than game code.
-_TRACEBACK_NOISE = ("[C]: in function 'xpcall'", "=asobi", '[string "<python>"]')
+# Traceback frames of the server's own Lua (the sandbox and the pattern matcher), not the game's.
+_TRACEBACK_NOISE = ("[C]: in function 'xpcall'", "asobi:", "patterns.lua:", '[string "<python>"]')
 _PHASE_STEP = 0.6180339887498949  # golden ratio: spreads match phases evenly over a period
 
 
@@ -111,8 +112,8 @@ class JoinRefused(Exception):
 
 def short_error(message: str) -> str:
     """First lines of a Lua error with its traceback, for logs."""
-    lines = message.splitlines()
-    kept = [ln for ln in lines if not any(noise in ln for noise in _TRACEBACK_NOISE)]
+    first, *rest = message.splitlines() or [""]
+    kept = [first] + [ln for ln in rest if not ln.lstrip().startswith(_TRACEBACK_NOISE)]
     if len(kept) > MAX_TRACEBACK_LINES:
         kept = [*kept[:MAX_TRACEBACK_LINES], f"... ({len(kept) - MAX_TRACEBACK_LINES} more lines)"]
     return "\n".join(kept)
@@ -409,7 +410,7 @@ class Match:
         if self._finished_flag():
             # Players have seen the final state; now the result.
             try:
-                result = to_python(self.state[b"_result"], what="state._result")
+                result = to_python(self.lua.field(self.state, "_result"), what="state._result")
             except (ConversionError, TypeError) as exc:
                 self._log_failure("tick", f"state._result cannot be sent: {exc}")
                 result = None
@@ -417,7 +418,7 @@ class Match:
 
     def _finished_flag(self) -> bool:
         try:
-            flag = self.state[b"_finished"]
+            flag = self.lua.field(self.state, "_finished")
         except (TypeError, KeyError):
             return False
         return flag is not None and flag is not False

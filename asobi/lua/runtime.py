@@ -26,19 +26,22 @@ LuaSyntaxError = lua54.LuaSyntaxError
 LuaMemoryError = lua54.LuaMemoryError
 
 _SANDBOX_SOURCE = resources.files("asobi.lua").joinpath("sandbox.lua").read_bytes()
+_PATTERNS_SOURCE = resources.files("asobi.lua").joinpath("patterns.lua").read_bytes()
 
 
 @functools.cache
-def _sandbox_bytecode() -> bytes:
-    """sandbox.lua compiled once per process.
+def _host_bytecode(source: bytes, name: bytes) -> bytes:
+    """A host chunk (sandbox.lua, patterns.lua) compiled once per process.
 
-    Every match (and every reload of a match) gets a fresh Lua state; loading this precompiled
-    chunk instead of compiling the source halves the cost of making one.  Only this host chunk is
-    loaded as bytecode: game scripts are always compiled from text (mode "t").
+    Every match (and every reload of a match) gets a fresh Lua state; loading precompiled host
+    chunks instead of compiling their source more than halves the cost of making one.  Only these
+    host chunks are loaded as bytecode: game scripts are always compiled from text (mode "t").
     """
     compiler = lua54.LuaRuntime(register_eval=False, register_builtins=False, encoding=None)
-    dump = compiler.execute(b"return function(src) return string.dump(load(src, '=asobi')) end")
-    return bytes(dump(_SANDBOX_SOURCE))
+    dump = compiler.execute(b"return function(src, n) return string.dump(load(src, n)) end")
+    return bytes(dump(source, name))
+
+
 _MAX_ERROR_CHARS = 2000
 
 
@@ -184,13 +187,17 @@ class MatchLua:
                 b"hook_count": limits.hook_count,
                 b"pattern_budget": limits.pattern_budget,
                 b"seed": seed,
+                b"patterns_chunk": _host_bytecode(_PATTERNS_SOURCE, b"=patterns.lua"),
             }
         )
         real_load = self.runtime.globals()[b"load"]
-        self.api = real_load(_sandbox_bytecode(), b"=asobi", b"b")(host_table)
+        self.api = real_load(_host_bytecode(_SANDBOX_SOURCE, b"=asobi"), b"=asobi", b"b")(
+            host_table
+        )
         self._call = self.api[b"call"]
         self._ctx = self.api[b"ctx"]
         self._global = self.api[b"global"]
+        self._field = self.api[b"field"]
         self._functions: dict[str, Any] = {}
         self._budgets: dict[str, float] = {}
 
@@ -216,6 +223,10 @@ class MatchLua:
             return to_python(self._global(name.encode()), what=name)
         except ConversionError:
             return None
+
+    def field(self, table: Any, name: str) -> Any:
+        """`table[name]` without metamethods (no script code runs outside a budget)."""
+        return self._field(table, name.encode())
 
     def function(self, name: str) -> Any:
         """The script's global function `name`, or None.  Looked up once per loaded script."""

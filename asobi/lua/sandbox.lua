@@ -41,6 +41,19 @@ local function hook()
   end
 end
 
+-- One VM instruction can also be expensive on its own (`s .. s` on megabytes, a table resize):
+-- hundreds of those fit between two count-hook checks.  Such instructions allocate, so the garbage
+-- collector keeps finishing cycles; a finalizer that re-arms itself every cycle checks the clock
+-- and, past the deadline, makes the hook fire at the very next instruction.  (Errors cannot be
+-- raised from a finalizer, hence the hook.)  A false alarm costs one hook call and the count is
+-- restored.
+local probe_mt = {}
+probe_mt.__gc = function()
+  if deadline ~= huge and now() > deadline then sethook(hook, "", 1) end
+  setmetatable_({}, probe_mt)
+end
+setmetatable_({}, probe_mt)
+
 local function reraise_if_exceeded(...)
   if exceeded then error_(exceeded, 0) end
   return ...
@@ -62,8 +75,8 @@ local function message_handler(e)
 end
 
 local function finish(ok, ...)
-  sethook()
   deadline = huge
+  sethook()
   local ex = exceeded
   exceeded = nil
   if ex then return false, ex end
@@ -84,15 +97,48 @@ function api.call(label, until_time, fn, ...)
 end
 
 ---------------------------------------------------------------------------------------------------
--- Pattern functions run inside C where no hook fires.  Estimate the worst-case backtracking work
--- (subject length to the power of the number of quantifiers, plus one when the pattern is not
--- anchored) and refuse calls that could stall the server.
+-- Work done inside one C call is invisible to the count hook, which only counts VM instructions:
+-- a loop of `s:upper()` on an 8 MB string runs hundreds of such calls between two hook checks and
+-- overshoots the budget by seconds.  Wrappers of library functions whose cost grows with their
+-- data charge that cost here; past about a millisecond of accumulated work the clock is checked.
 ---------------------------------------------------------------------------------------------------
-local function quantifiers(p)
-  local count, i, n, in_set = 0, 1, #p, false
-  while i <= n do
+local CHARGE_STEP = 1 << 20 -- units are bytes of simple C work (copying, scanning)
+local charged = 0
+
+local function charge(units)
+  charged = charged + units
+  if charged >= CHARGE_STEP then
+    charged = 0
+    hook()
+  end
+end
+
+---------------------------------------------------------------------------------------------------
+-- Pattern functions.  The C matcher backtracks inside one C call where no hook fires, so a
+-- pathological pattern could stall the server for minutes.  Each call's worst-case work is
+-- estimated; cheap calls take the C fast path, expensive ones run the same algorithm in Lua
+-- (patterns.lua), where the count hook keeps checking the budget: a pathological call then fails
+-- like any runaway loop, and an ordinary call on a long string still gets the right answer.
+--
+-- Estimate: attempts (1 when anchored, else one per start position) x per-attempt work.  Per
+-- attempt, every repetition item (`*`, `+`, `-`), `%b` and back-reference can try every position
+-- of the subject, a `?` doubles the work, and the items themselves cost up to the pattern length.
+-- A plain search (`find` with plain, or no special characters) is memchr/memcmp: cheap per byte.
+---------------------------------------------------------------------------------------------------
+local patterns = load_(host.patterns_chunk, "=patterns.lua", "b")()
+local pfind, pmatch, pgmatch, pgsub = patterns.find, patterns.match, patterns.gmatch, patterns.gsub
+local SPECIALS = patterns.SPECIALS
+local PLAIN_BYTES_PER_STEP = 32
+
+local function pattern_cost(n, p, anchored_ok)
+  local m, i = #p, 1
+  local reps, optional = 0, 0
+  local in_set = false
+  while i <= m do
     local c = sbyte(p, i)
-    if c == 37 then -- '%': skip the escaped character
+    if c == 37 then -- '%': look at the escaped character
+      local e = sbyte(p, i + 1)
+      if not in_set and (e == 98 or (e and e >= 49 and e <= 57)) then reps = reps + 1 end
       i = i + 1
     elseif in_set then
       if c == 93 then in_set = false end -- ']'
@@ -100,26 +146,48 @@ local function quantifiers(p)
       in_set = true
       if sbyte(p, i + 1) == 94 then i = i + 1 end -- '[^'
       if sbyte(p, i + 1) == 93 then i = i + 1 end -- literal ']' first in set
-    elseif c == 42 or c == 43 or c == 45 or c == 63 then -- '*', '+', '-', '?'
-      count = count + 1
+    elseif c == 42 or c == 43 or c == 45 then -- '*', '+', '-'
+      reps = reps + 1
+    elseif c == 63 then -- '?'
+      optional = optional + 1
     end
     i = i + 1
   end
-  return count
+  local starts = (anchored_ok and sbyte(p, 1) == 94) and 1 or n + 1
+  local items = m < n + 1 and m or n + 1
+  return starts * items * (n + 1) ^ reps * 2 ^ optional
 end
 
-local function guard_pattern(s, p, scans)
-  if type_(s) ~= "string" or type_(p) ~= "string" then return end
+-- True when the C matcher could run too long for this subject and pattern; otherwise the C call
+-- will run, and its estimated work is charged.
+local function expensive(s, p, anchored_ok, plain)
   local n = #s
-  if n <= 32 then return end
-  local k = quantifiers(p)
-  local power = k
-  if scans or sbyte(p, 1) ~= 94 then power = power + 1 end
-  if power <= 1 then return end
-  if n ^ power > PATTERN_BUDGET then
-    error_(sformat("pattern %q is too expensive for a %d-byte subject "
-      .. "(%d quantifiers); use a simpler pattern or a shorter string", p, n, k), 3)
+  local cost
+  if plain or not sfind(p, SPECIALS) then
+    local m = #p
+    cost = (n + 1) * (m < n + 1 and m or n + 1) / PLAIN_BYTES_PER_STEP
+  else
+    cost = pattern_cost(n, p, anchored_ok)
   end
+  if cost > PATTERN_BUDGET then return true end
+  charge(cost * 4 + n)
+  return false
+end
+
+-- Numbers are valid subjects and patterns (the C library converts them); convert them the same
+-- way first so the estimate sees the real text.
+local function as_text(v)
+  if type_(v) == "number" then return tostring_(v) end
+  return v
+end
+
+-- Errors of the C functions are re-raised one level up, so that like the Lua path's they point at
+-- the script line that made the call, not at these wrappers.  Calls that run script code (gsub
+-- with a function or table) are not wrapped: their errors must pass through untouched.
+local function c_result(ok, ...)
+  if ok then return ... end
+  if exceeded then error_(exceeded, 0) end
+  error_((...), 2)
 end
 
 local safe_string = {}
@@ -127,20 +195,82 @@ for k, v in next_, string do
   if k ~= "dump" then safe_string[k] = v end
 end
 function safe_string.find(s, p, init, plain)
-  if not plain then guard_pattern(s, p, false) end
-  return sfind(s, p, init, plain)
+  s, p = as_text(s), as_text(p)
+  if type_(s) == "string" and type_(p) == "string" and expensive(s, p, true, plain) then
+    return pfind(s, p, init, plain)
+  end
+  return c_result(pcall_(sfind, s, p, init, plain))
 end
 function safe_string.match(s, p, init)
-  guard_pattern(s, p, false)
-  return smatch(s, p, init)
+  s, p = as_text(s), as_text(p)
+  if type_(s) == "string" and type_(p) == "string" and expensive(s, p, true, false) then
+    return pmatch(s, p, init)
+  end
+  return c_result(pcall_(smatch, s, p, init))
 end
 function safe_string.gmatch(s, p, init)
-  guard_pattern(s, p, true)
-  return sgmatch(s, p, init)
+  s, p = as_text(s), as_text(p)
+  if type_(s) == "string" and type_(p) == "string" and expensive(s, p, false, false) then
+    return pgmatch(s, p, init)
+  end
+  local ok, iter = pcall_(sgmatch, s, p, init)
+  if not ok then error_(iter, 2) end
+  return iter
 end
 function safe_string.gsub(s, p, repl, n)
-  guard_pattern(s, p, true)
-  return sgsub(s, p, repl, n)
+  s, p = as_text(s), as_text(p)
+  if type_(s) == "string" and type_(p) == "string" and expensive(s, p, true, false) then
+    return pgsub(s, p, repl, n)
+  end
+  local tr = type_(repl)
+  if tr == "function" or tr == "table" then return sgsub(s, p, repl, n) end
+  return c_result(pcall_(sgsub, s, p, repl, n))
+end
+
+-- Charged string functions.  `("").rep(s, huge)` is answered directly: C would loop `huge` times
+-- copying nothing.
+local srep, supper, slower, sreverse, ssub_, spack_ = string.rep, string.upper, string.lower,
+  string.reverse, string.sub, string.pack
+local tointeger, tonumber_ = math.tointeger, tonumber
+
+local function charged_result(r)
+  if type_(r) == "string" then charge(#r) end
+  return r
+end
+
+-- Run a C function; its error is re-raised at the level of the script that called the wrapper
+-- (level 1 is this function, 2 the wrapper, 3 the script).
+local function c_call(fn, ...)
+  local ok, r = pcall_(fn, ...)
+  if not ok then
+    if exceeded then error_(exceeded, 0) end
+    error_(r, 3)
+  end
+  return r
+end
+
+local function charged_count(...)
+  charge(select_("#", ...))
+  return ...
+end
+
+function safe_string.rep(s, n, sep)
+  if s == "" and (sep == nil or sep == "") and (type_(n) == "number" or type_(n) == "string") then
+    local k = tointeger(tonumber_(n))
+    if k and k > 1 then n = 1 end
+  end
+  return charged_result(c_call(srep, s, n, sep))
+end
+function safe_string.upper(s) return charged_result(c_call(supper, s)) end
+function safe_string.lower(s) return charged_result(c_call(slower, s)) end
+function safe_string.reverse(s) return charged_result(c_call(sreverse, s)) end
+function safe_string.sub(s, i, j) return charged_result(c_call(ssub_, s, i, j)) end
+function safe_string.format(fmt, ...) return charged_result(c_call(sformat, fmt, ...)) end
+function safe_string.pack(fmt, ...) return charged_result(c_call(spack_, fmt, ...)) end
+function safe_string.byte(s, i, j) return charged_count(sbyte(s, i, j)) end
+function safe_string.char(...)
+  charge(select_("#", ...))
+  return charged_result(string.char(...))
 end
 
 -- Method calls on strings (`s:find(...)`) go through the string metatable: point it at the safe
@@ -173,6 +303,53 @@ env.string = safe_string
 env.table = copy(table)
 env.math = copy(math)
 env.utf8 = copy(utf8)
+
+-- Table and utf8 functions whose single C call can walk a whole table or string are charged; a
+-- large sort without a comparator gets a Lua one, so the hook can stop it between comparisons.
+do
+  local t_concat, t_insert, t_remove, t_move, t_sort, t_unpack =
+    table.concat, table.insert, table.remove, table.move, table.sort, table.unpack
+  local rawlen_ = rawlen
+  local function size(t)
+    if type_(t) == "table" then return rawlen_(t) end
+    return 0
+  end
+  local function less(a, b) return a < b end
+  env.table.concat = function(t, sep, i, j) return charged_result(t_concat(t, sep, i, j)) end
+  env.table.insert = function(t, ...)
+    if select_("#", ...) > 1 then charge(size(t) * 16) end
+    return t_insert(t, ...)
+  end
+  env.table.remove = function(t, ...)
+    if select_("#", ...) > 0 then charge(size(t) * 16) end
+    return t_remove(t, ...)
+  end
+  env.table.move = function(a1, f, e, t, a2)
+    if type_(f) == "number" and type_(e) == "number" and e > f then charge((e - f) * 16) end
+    return t_move(a1, f, e, t, a2)
+  end
+  env.table.sort = function(t, comp)
+    local n = size(t)
+    charge(n * 16)
+    if comp == nil and n > 20000 then comp = less end
+    return t_sort(t, comp)
+  end
+  env.table.unpack = function(t, i, j) return charged_count(t_unpack(t, i, j)) end
+  local u_len, u_codepoint, u_offset, u_char = utf8.len, utf8.codepoint, utf8.offset, utf8.char
+  env.utf8.len = function(s, ...)
+    if type_(s) == "string" then charge(#s) end
+    return u_len(s, ...)
+  end
+  env.utf8.offset = function(s, ...)
+    if type_(s) == "string" then charge(#s) end
+    return u_offset(s, ...)
+  end
+  env.utf8.codepoint = function(s, i, j, lax) return charged_count(u_codepoint(s, i, j, lax)) end
+  env.utf8.char = function(...)
+    charge(select_("#", ...))
+    return charged_result(u_char(...))
+  end
+end
 env.os = { time = os.time, clock = os.clock, date = os.date }
 
 function env.setmetatable(t, mt)
@@ -186,8 +363,15 @@ function env.pcall(f, ...)
   return reraise_if_exceeded(pcall_(f, ...))
 end
 
+-- An error raised by the hook leaves Lua's hooks switched off until the protected call unwinds,
+-- and the message handler runs before that: a script handler would run with no budget at all.
+-- Once the budget is spent, the script's handler is therefore skipped.
 function env.xpcall(f, handler, ...)
-  return reraise_if_exceeded(xpcall_(f, handler, ...))
+  local function guarded(e)
+    if exceeded then return exceeded end
+    return handler(e)
+  end
+  return reraise_if_exceeded(xpcall_(f, guarded, ...))
 end
 
 local function co_new(f)
@@ -227,6 +411,20 @@ local function log_value(v)
   return tostring_(v)
 end
 
+-- Host functions are Python: an exception they raise reaches Lua as a Python object.  Scripts get
+-- its text instead, so no Python object is ever within their reach.
+local function host_result(ok, ...)
+  if ok then return ... end
+  if exceeded then error_(exceeded, 0) end
+  local e = ...
+  if type_(e) ~= "string" then e = tostring_(e) end
+  error_(e, 2)
+end
+
+local function host_call(fn, ...)
+  return host_result(pcall_(fn, ...))
+end
+
 local game = {}
 function game.id() return ctx.match_id end
 function game.tick() return ctx.tick end
@@ -236,17 +434,17 @@ function game.players()
   return out
 end
 function game.log(level, msg, meta)
-  host_log(log_value(level), log_value(msg), type_(meta) == "table" and meta or nil)
+  host_call(host_log, log_value(level), log_value(msg), type_(meta) == "table" and meta or nil)
 end
 -- The host returns an error message rather than raising, so the error is reported at the
 -- script line that called game.send / game.broadcast.
 function game.send(player_id, payload)
-  local err = host_send(player_id, payload)
+  local err = host_call(host_send, player_id, payload)
   if err ~= nil then error_(err, 2) end
   return true
 end
 function game.broadcast(event, payload)
-  local err = host_broadcast(event, payload)
+  local err = host_call(host_broadcast, event, payload)
   if err ~= nil then error_(err, 2) end
   return true
 end
@@ -282,7 +480,7 @@ env.game = game
 function env.print(...)
   local parts = {}
   for i = 1, select_("#", ...) do parts[i] = log_value((select_(i, ...))) end
-  host_log("info", tconcat(parts, "\t"), nil)
+  host_call(host_log, "info", tconcat(parts, "\t"), nil)
 end
 
 local loaded = {}
@@ -294,7 +492,7 @@ function env.require(name)
   local cached = rawget_(loaded, name)
   if cached ~= nil then return cached end
   if loading[name] then error_("module '" .. name .. "' is required in a loop", 2) end
-  local source, chunkname = host_module(name)
+  local source, chunkname = host_call(host_module, name)
   if source == nil then error_(chunkname, 2) end
   local chunk, err = load_(source, chunkname, "t", env)
   if not chunk then error_(err, 2) end
@@ -317,7 +515,15 @@ function api.global(name)
   return rawget_(env, name)
 end
 
+-- A field of a script table read without metamethods: the host reads state._finished after every
+-- tick, outside any budget, and a script's __index must not run there.
+function api.field(t, key)
+  if type_(t) ~= "table" then return nil end
+  return rawget_(t, key)
+end
+
 api.env = env
+api.patterns = patterns
 
 ---------------------------------------------------------------------------------------------------
 -- State copy across a reload.  Only data crosses: tables (shared references and cycles keep their

@@ -1,0 +1,345 @@
+"""Hostile match scripts against a real server, with real clients.
+
+Every attack runs in its own match next to a victim match.  The attack must be refused (the
+capability is simply not there) or contained (the callback fails within its budget, the match ends
+after `max_consecutive_failures` failed ticks), and meanwhile the victim must keep ticking on time:
+its counter climbs by one per frame and no two frames are further apart than its tick period plus
+the hostile callback's budget plus some slack for the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import pytest
+from lupa import lua54
+
+from asobi.lua.runtime import Limits
+from tests.conftest import Client, Logs
+
+TICK_BUDGET = 0.02
+LIMITS = Limits(tick=TICK_BUDGET, init=0.2, join=0.05, get_state=0.01, max_memory=16 * 2**20)
+FAILURES = 3
+VICTIM_RATE = 20.0
+SLACK = 0.06  # scheduling noise on a loaded test machine
+
+VICTIM = """
+tick_rate = 20
+function init(state) state.counter = 0 return state end
+function tick(state) state.counter = state.counter + 1 return state end
+function get_state(state) return { counter = state.counter } end
+"""
+
+HOSTILE = """
+tick_rate = 20
+function init(state) state.n = 0 return state end
+function tick(state)
+  state.n = state.n + 1
+  {attack}
+  return state
+end
+function get_state(state) return {{ n = state.n }} end
+"""
+
+
+def bytecode_module() -> str:
+    """A precompiled chunk, as a script author could produce with luac or string.dump."""
+    lua = lua54.LuaRuntime(encoding=None)
+    dumped = lua.execute(b"return string.dump(function() return os.execute end)")
+    return dumped.decode("latin-1")
+
+
+class VictimWatch:
+    """Collects the victim's frames (arrival time, counter) while an attack runs."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.frames: list[tuple[float, int]] = []
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            (state,) = await self.client.states(1, timeout=10)
+            self.frames.append((time.monotonic(), state["counter"]))
+
+    async def stop(self, min_frames: int = 8) -> None:
+        """Stop watching once at least `min_frames` frames were seen (a short attack still gets
+        a meaningful sample)."""
+        deadline = time.monotonic() + 5
+        while len(self.frames) < min_frames and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    def assert_on_time(self, budget: float) -> None:
+        assert len(self.frames) >= 5, self.frames
+        counters = [c for _, c in self.frames]
+        assert counters == list(range(counters[0], counters[0] + len(counters))), counters
+        gaps = [b[0] - a[0] for a, b in zip(self.frames, self.frames[1:], strict=False)]
+        allowed = 1 / VICTIM_RATE + budget + SLACK
+        assert max(gaps) <= allowed, f"victim stalled {max(gaps):.3f}s (allowed {allowed:.3f}s)"
+
+
+async def start(start_server: Any, hostile: str, **files: str) -> tuple[Any, VictimWatch]:
+    server = await start_server(
+        {"victim.lua": VICTIM, "hostile.lua": hostile, **files},
+        limits=LIMITS,
+        max_consecutive_failures=FAILURES,
+    )
+    victim = await server.player("victim")
+    await victim.expect("matchmaker.matched")
+    await victim.states(2)
+    return server, VictimWatch(victim)
+
+
+async def join_hostile(server: Any) -> tuple[Client, str]:
+    player = await server.player("hostile")
+    matched = await player.expect("matchmaker.matched")
+    return player, matched["payload"]["match_id"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Refused: the capability does not exist inside the sandbox.
+# --------------------------------------------------------------------------------------------------
+PROBES = """
+local function try(f)
+  local ok, e = pcall(f)
+  return (ok and "ok: " or "error: ") .. tostring(e)
+end
+local function userdata_in(root)
+  local seen, found = {}, {}
+  local function walk(t, path)
+    if seen[t] then return end
+    seen[t] = true
+    for k, v in pairs(t) do
+      local kind = type(v)
+      if kind == "userdata" or kind == "thread" then
+        found[#found + 1] = path .. "." .. tostring(k)
+      end
+      if kind == "table" then walk(v, path .. "." .. tostring(k)) end
+    end
+  end
+  walk(root, "_G")
+  return table.concat(found, ",")
+end
+local later = {}
+probes = {
+  os_execute = type(os.execute),
+  os_exit = type(os.exit),
+  os_getenv = type(os.getenv),
+  io = type(io),
+  io_open = try(function() return io.open("/etc/passwd") end),
+  require_python = try(function() return require("python") end),
+  require_bytecode = try(function() return require("evil") end),
+  package = type(package),
+  package_loaded = try(function() return package.loaded.python end),
+  load = type(load),
+  loadstring = type(loadstring),
+  dofile = type(dofile),
+  loadfile = type(loadfile),
+  string_dump = type(string.dump),
+  method_dump = type(("").dump),
+  string_metatable = tostring(getmetatable("")),
+  string_index = try(function() return getmetatable("").__index end),
+  set_string_metatable = try(function() return setmetatable("", {}) end),
+  debug = type(debug),
+  rawget_debug = type(rawget(_G, "debug")),
+  rawget_dump = type(rawget(string, "dump")),
+  env_metatable = type(getmetatable(_G)),
+  python = type(python),
+  collectgarbage = type(collectgarbage),
+  gc = try(function() return setmetatable({}, { __gc = function() while true do end end }) end),
+  send_error = (function()
+    local ok, e = pcall(game.send, "nobody", { x = 1 })
+    return type(e)
+  end)(),
+  broadcast_error = (function()
+    local ok, e = pcall(game.broadcast, "state", {})
+    return type(e)
+  end)(),
+  userdata = userdata_in(_G),
+}
+-- A __gc added after setmetatable never marks the object for finalization (Lua 5.4 rule).
+for i = 1, 100 do
+  local mt = {}
+  later[i] = setmetatable({}, mt)
+  mt.__gc = function() while true do end end
+end
+later = nil
+function init(state) state.garbage = 0 return state end
+function tick(state)
+  local t = {}
+  for i = 1, 2000 do t[i] = { i } end -- churn so the collector runs
+  state.garbage = state.garbage + 1
+  return state
+end
+function get_state(state) return { probes = probes, garbage = state.garbage } end
+"""
+
+
+async def test_escapes_are_refused(start_server: Any, logs: Logs) -> None:
+    server, watch = await start(start_server, PROBES, **{"evil.lua": bytecode_module()})
+    player, match_id = await join_hostile(server)
+    states = await player.states(6)
+    probes = states[-1]["probes"]
+    assert states[-1]["garbage"] > states[0]["garbage"]
+    await watch.stop()
+    watch.assert_on_time(budget=0.0)
+
+    for name in (
+        "os_execute", "os_exit", "os_getenv", "io", "package", "load", "loadstring", "dofile",
+        "loadfile", "string_dump", "method_dump", "debug", "rawget_debug", "rawget_dump",
+        "env_metatable", "python", "collectgarbage",
+    ):  # fmt: skip
+        assert probes[name] == "nil", (name, probes[name])
+    assert probes["io_open"].startswith("error: ") and "io" in probes["io_open"]
+    assert "module 'python' not found" in probes["require_python"]
+    assert "module 'evil' not found" in probes["require_bytecode"]
+    assert probes["package_loaded"].startswith("error: ")
+    assert probes["string_metatable"] == "false"
+    assert "attempt to index a boolean value" in probes["string_index"]
+    assert probes["set_string_metatable"].startswith("error: ")
+    assert "__gc metamethods are not allowed" in probes["gc"]
+    assert probes["send_error"] == "string"
+    assert probes["broadcast_error"] == "string"
+    assert probes["userdata"] == ""
+    rejected = [line for line in logs.events("script_rejected") if line.get("script") == "evil.lua"]
+    assert rejected, logs.events("script_rejected")
+    assert not [e for e in logs.events("callback_failed") if e["match_id"] == match_id]
+
+
+# --------------------------------------------------------------------------------------------------
+# Contained: the callback fails within its budget; the match ends after repeated failures.
+# --------------------------------------------------------------------------------------------------
+BIG = 'local s = ("x"):rep(4 * 2^20)'
+BIG_HALF = 'local s = ("x"):rep(2 * 2^20)'
+ATTACKS = {
+    "infinite_loop": ("while true do end", "exceeded its time budget"),
+    "coroutine_loop": (
+        "coroutine.wrap(function() while true do end end)()",
+        "exceeded its time budget",
+    ),
+    "resume_loop": (
+        "local co = coroutine.create(function() while true do end end) "
+        "local ok, e = coroutine.resume(co) state.swallowed = e",
+        "exceeded its time budget",
+    ),
+    "pcall_in_a_loop": (
+        "while true do pcall(function() while true do end end) end",
+        "exceeded its time budget",
+    ),
+    "xpcall_handler_loop": (
+        "xpcall(function() while true do end end, function() while true do end end)",
+        "exceeded its time budget",
+    ),
+    "memory_bomb": (
+        "local t, s = {}, ('x'):rep(2^20) for i = 1, 1e9 do t[i] = s .. i end",
+        "memory",
+    ),
+    "string_rep_huge": ("local s = ('x'):rep(2^27)", "not enough memory"),
+    "string_rep_too_large": ("local s = ('x'):rep(2^62)", "resulting string too large"),
+    "string_rep_empty_huge": ("while true do local s = (''):rep(1e15) end", "time budget"),
+    "big_c_calls_in_a_loop": (BIG + " while true do local t = s:upper() end", "time budget"),
+    "big_concat_in_a_loop": (BIG_HALF + " while true do local t = s .. s end", "time budget"),
+    "pathological_pattern": (
+        'local r = string.find(("a"):rep(3000), ".-.-.-.-b$")',
+        "exceeded its time budget",
+    ),
+    "quadratic_plain_find": (
+        'local s = ("a"):rep(2^20) local r = s:find(("a"):rep(2^19) .. "b", 1, true)',
+        "exceeded its time budget",
+    ),
+    "deep_recursion": (
+        "local function f(n) return 1 + f(n + 1) end f(1)",
+        ("stack overflow", "exceeded its time budget", "memory"),
+    ),
+    "hostile_error_object": (
+        "error(setmetatable({}, { __tostring = function() while true do end end }))",
+        "error object of type table",
+    ),
+    "gc_metamethod": ("setmetatable({}, { __gc = function() end })", "__gc metamethods"),
+    "state_index_loop": (
+        "setmetatable(state, { __index = function() while true do end end })",
+        "returned",  # the tick itself succeeds; see the dedicated test
+    ),
+}
+CONTAINED = {k: v for k, v in ATTACKS.items() if k != "state_index_loop"}
+
+
+@pytest.mark.parametrize("attack", sorted(CONTAINED))
+async def test_attack_is_contained(start_server: Any, logs: Logs, attack: str) -> None:
+    source, expected = CONTAINED[attack]
+    server, watch = await start(start_server, HOSTILE.format(attack=source))
+    player, match_id = await join_hostile(server)
+    started = time.monotonic()
+    finished = await player.expect("match.finished", timeout=10)
+    elapsed = time.monotonic() - started
+    await asyncio.sleep(0.15)
+    await watch.stop()
+
+    error = finished["payload"]["result"]["error"]
+    assert error.startswith(f"tick failed {FAILURES} times in a row: ")
+    expected_any = (expected,) if isinstance(expected, str) else expected
+    assert any(e in error for e in expected_any), error
+    # FAILURES failed ticks at 20 Hz, each cut at its budget (plus set-up and slack).
+    assert elapsed < FAILURES * (1 / 20 + TICK_BUDGET) + 1.0
+    watch.assert_on_time(TICK_BUDGET)
+    failed = [e for e in logs.events("callback_failed") if e["match_id"] == match_id]
+    assert len(failed) == FAILURES
+    assert all(e["callback"] == "tick" and e["error"] for e in failed)
+    finished_log = await logs.wait_for("match_finished", lambda e: e["match_id"] == match_id)
+    assert finished_log["result"] == {"error": error}
+
+
+async def test_callback_failed_log_has_a_truncated_traceback(start_server: Any, logs: Logs) -> None:
+    attack = (
+        "local function f(n) if n == 0 then error('too deep: ' .. string.rep('x', 10)) end "
+        "return 1 + f(n - 1) end f(40)"
+    )
+    server, watch = await start(start_server, HOSTILE.format(attack=attack))
+    player, match_id = await join_hostile(server)
+    await player.expect("match.finished", timeout=10)
+    await watch.stop()
+    line = await logs.wait_for("callback_failed", lambda e: e["match_id"] == match_id)
+    assert line["callback"] == "tick"
+    assert line["error"].startswith("hostile.lua:") and "too deep: xxxxxxxxxx" in line["error"]
+    assert "\n" not in line["error"]
+    trace = line["traceback"].splitlines()
+    assert trace[0] == line["error"]
+    assert len(trace) <= 9 and trace[-1].startswith("... (") and trace[-1].endswith("more lines)")
+    assert any("hostile.lua" in t for t in trace[1:])
+
+
+async def test_state_metamethods_never_run_outside_a_budget(start_server: Any) -> None:
+    """The host reads state._finished after each tick; a looping __index must not run there."""
+    source, _ = ATTACKS["state_index_loop"]
+    server, watch = await start(start_server, HOSTILE.format(attack=source))
+    player, _ = await join_hostile(server)
+    states = await player.states(5, timeout=5)
+    ns = [s["n"] for s in states]
+    assert ns == list(range(ns[0], ns[0] + 5))
+    await watch.stop()
+    watch.assert_on_time(TICK_BUDGET)
+
+
+async def test_hostile_input_handler_is_contained(start_server: Any, logs: Logs) -> None:
+    """Players can trigger the attack too: a looping handle_input fails alone, the tick goes on."""
+    script = HOSTILE.format(attack="") + (
+        "function handle_input(state, player, input) while true do end end\n"
+    )
+    server, watch = await start(start_server, script)
+    player, match_id = await join_hostile(server)
+    for _ in range(3):
+        await player.send("match.input", {"move": 1})
+    line = await logs.wait_for(
+        "callback_failed", lambda e: e["match_id"] == match_id and e["callback"] == "handle_input"
+    )
+    assert line["error"] == "handle_input exceeded its time budget"
+    states = await player.states(3)
+    assert states[-1]["n"] > states[0]["n"]
+    await watch.stop()
+    watch.assert_on_time(LIMITS.handle_input)
