@@ -125,9 +125,18 @@ end
 -- of the subject, a `?` doubles the work, and the items themselves cost up to the pattern length.
 -- A plain search (`find` with plain, or no special characters) is memchr/memcmp: cheap per byte.
 ---------------------------------------------------------------------------------------------------
-local patterns = load_(host.patterns_chunk, "=patterns.lua", "b")()
-local pfind, pmatch, pgmatch, pgsub = patterns.find, patterns.match, patterns.gmatch, patterns.gsub
-local SPECIALS = patterns.SPECIALS
+-- The Lua matcher is loaded on first use: building its tables costs more than the rest of a new
+-- match state, and most matches never need it.
+local patterns_chunk, patterns = host.patterns_chunk, nil
+local function lua_matcher()
+  if patterns == nil then patterns = load_(patterns_chunk, "=patterns.lua", "b")() end
+  return patterns
+end
+local function pfind(...) return lua_matcher().find(...) end
+local function pmatch(...) return lua_matcher().match(...) end
+local function pgmatch(...) return lua_matcher().gmatch(...) end
+local function pgsub(...) return lua_matcher().gsub(...) end
+local SPECIALS = "[%^%$%*%+%?%.%(%[%%%-]" -- as in patterns.lua
 local PLAIN_BYTES_PER_STEP = 32
 
 local function pattern_cost(n, p, anchored_ok)
