@@ -153,7 +153,7 @@ def latin1(text: str) -> bytes:
 @pytest.fixture(scope="module")
 def compare() -> Any:
     lua = runtime()
-    return lua.runtime.execute(COMPARE, lua.api[b"patterns"])
+    return lua.runtime.execute(COMPARE, lua.api[b"patterns"]())
 
 
 FAST = settings(

@@ -532,7 +532,7 @@ function api.field(t, key)
 end
 
 api.env = env
-api.patterns = patterns
+api.patterns = lua_matcher -- for tests that compare it with the C library
 
 ---------------------------------------------------------------------------------------------------
 -- State copy across a reload.  Only data crosses: tables (shared references and cycles keep their
