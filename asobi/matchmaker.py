@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from asobi.engine import Engine, MatchStartError, Outbox
+from asobi.engine import Engine, Outbox
+from asobi.match import MatchStartError
 from asobi.protocol import ErrorCode, encode, encode_error
 from asobi.scripts import ScriptRegistry
 

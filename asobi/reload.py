@@ -24,7 +24,8 @@ from typing import Any
 
 import structlog
 
-from asobi.engine import Engine, Match
+from asobi.engine import Engine
+from asobi.match import Match
 from asobi.scripts import MAX_ERRORS_REPORTED, ScriptError, ScriptRegistry, ScriptVersion
 
 log = structlog.get_logger("asobi.reload")

@@ -13,6 +13,7 @@ userdata are refused.
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Any
 
 from lupa import lua54
@@ -67,7 +68,8 @@ def _table(value: Any, budget: list[int], depth: int) -> Any:
         raise _Failure(f"is a {kind or type(value).__name__}, which is not data")
     if depth >= MAX_DEPTH:
         raise _Failure(f"is nested deeper than {MAX_DEPTH} levels (a cycle?)")
-    items = list(value.items())
+    # Never copy more than the remaining budget out of Lua: a huge table fails fast.
+    items = list(islice(value.items(), max(budget[0], 0) + 1))
     n = len(items)
     budget[0] -= n + 1
     if budget[0] < 0:

@@ -1,0 +1,566 @@
+"""One match: its sandboxed Lua state, its players, one tick, and the reload transaction.
+
+A `Match` owns one Lua state and the match state table inside it.  `run_tick` feeds the inputs
+that arrived since the last tick to `handle_input`, runs `tick`, renders `get_state` for every
+player and hands the frames to the engine's `Outbox`.  Side effects of a callback (frames from
+`game.send` / `game.broadcast`, persistence writes) are held until the callback succeeds.
+
+Hot reload happens here, at a tick boundary, as a transaction: the new code is loaded into a fresh
+Lua state, the state is copied across as plain data, `migrate`, the tick and `get_state` run on the
+copy with their side effects held, and only if all of that succeeds does the match switch.
+Otherwise the copy is dropped and the old code runs the same tick, so no tick is skipped or
+repeated.  Nothing here does I/O: time and scheduling belong to `asobi.engine`.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import structlog
+
+from asobi.lua import persist
+from asobi.lua.convert import ConversionError, to_python
+from asobi.lua.runtime import CallResult, MatchLua, ScriptLoadError
+from asobi.protocol import encode, encode_raw_payload
+from asobi.scripts import ScriptVersion
+from asobi.store import StoreError, UnitOfWork
+from asobi.store.errors import NOT_CONFIGURED
+
+if TYPE_CHECKING:
+    from asobi.engine import Engine
+
+log = structlog.get_logger("asobi.match")
+
+EVENT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+RESERVED_EVENTS = frozenset(
+    {
+        "state",
+        "finished",
+        "message",
+        "reloaded",
+        "input",
+        "leave",
+        "left",
+        "join",
+        "joined",
+        "list",
+        "rejoined",
+        "error",
+    }
+)
+MAX_TRACEBACK_LINES = 8
+_LOG_LEVELS = {
+    "debug": "debug",
+    "info": "info",
+    "warn": "warning",
+    "warning": "warning",
+    "error": "error",
+}
+# Traceback frames of the server's own Lua (the sandbox and the pattern matcher), not the game's.
+_TRACEBACK_NOISE = ("[C]: in function 'xpcall'", "asobi:", "patterns.lua:", '[string "<python>"]')
+
+
+class MatchStartError(Exception):
+    """`init` (or the script's top level) failed; the match never started."""
+
+
+def short_error(message: str) -> str:
+    """First lines of a Lua error with its traceback, for logs."""
+    first, *rest = message.splitlines() or [""]
+    kept = [first] + [ln for ln in rest if not ln.lstrip().startswith(_TRACEBACK_NOISE)]
+    if len(kept) > MAX_TRACEBACK_LINES:
+        kept = [*kept[:MAX_TRACEBACK_LINES], f"... ({len(kept) - MAX_TRACEBACK_LINES} more lines)"]
+    return "\n".join(kept)
+
+
+def lua_kind(value: Any) -> str:
+    """The Lua type name of a value lupa handed over (strings arrive as bytes)."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, bytes):
+        return "string"
+    return MatchLua.type_name(value)
+
+
+def first_line(message: str) -> str:
+    return message.split("\n", 1)[0]
+
+
+class _Effects:
+    """Side effects of one callback, committed on success: frames produced by game.send /
+    game.broadcast, and the persistence writes of game.economy / leaderboard / storage (`work`,
+    a unit of work created on the first such call)."""
+
+    __slots__ = ("frames", "work")
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[str | None, bytes]] = []
+        self.work: UnitOfWork | None = None
+
+    def discard(self) -> None:
+        """The callback failed (or is starting): nothing it did may take effect."""
+        self.frames.clear()
+        self.work = None
+
+    def commit_work(self) -> None:
+        work, self.work = self.work, None
+        if work is not None:
+            work.commit()
+
+
+class MatchHost:
+    """The ScriptHost of one match: what its Lua code can ask of the server.
+
+    `send` and `broadcast` return an error message instead of raising: a Python exception would
+    reach Lua as an opaque userdata, while sandbox.lua turns a returned message into a Lua error
+    pointing at the script line that made the call.
+    """
+
+    def __init__(self, match: Match) -> None:
+        self.match = match
+        # The bucket starts full, so a match's first lines (from init, say) are never dropped.
+        self._log_tokens = match.engine.config.log_lines_per_second
+        self._log_stamp = time.monotonic()
+        self._dropped_since = 0
+
+    def log(self, level: bytes, message: bytes, meta: Any) -> None:
+        match = self.match
+        rate = match.engine.config.log_lines_per_second
+        now = time.monotonic()
+        self._log_tokens = min(rate, self._log_tokens + (now - self._log_stamp) * rate)
+        self._log_stamp = now
+        if self._log_tokens < 1.0:
+            match.logs_dropped += 1
+            self._dropped_since += 1
+            return
+        self._log_tokens -= 1.0
+        lvl = level.decode(errors="replace") if isinstance(level, bytes) else "info"
+        lvl = _LOG_LEVELS.get(lvl, "info")
+        fields: dict[str, Any] = {}
+        if self._dropped_since:
+            # Lines lost to the rate limit since the previous line that got through.
+            fields["dropped"] = self._dropped_since
+            self._dropped_since = 0
+        if meta is not None:
+            try:
+                converted = to_python(meta, what="meta", max_nodes=200)
+                if isinstance(converted, dict):
+                    fields["meta"] = converted
+            except ConversionError:
+                pass
+        text = message.decode(errors="replace")[:2000] if isinstance(message, bytes) else ""
+        getattr(log, lvl)("script_log", match_id=match.id, mode=match.mode, message=text, **fields)
+
+    def send(self, player_id: Any, payload: Any) -> bytes | None:
+        match = self.match
+        if not isinstance(player_id, bytes):
+            return b"game.send: player_id must be a string"
+        pid = player_id.decode(errors="replace")
+        if pid not in match.players:
+            return f"game.send: player {pid[:64]!r} is not in this match".encode()
+        try:
+            body = to_python(payload, what="game.send payload")
+        except ConversionError as exc:
+            return str(exc).encode()
+        match.effects.frames.append(
+            (pid, encode("match.message", {"match_id": match.id, "payload": body}))
+        )
+        return None
+
+    def broadcast(self, event: Any, payload: Any) -> bytes | None:
+        match = self.match
+        name = event.decode(errors="replace") if isinstance(event, bytes) else ""
+        if not EVENT_RE.match(name):
+            return b"game.broadcast: event name must match [A-Za-z0-9_-]{1,64}"
+        if name in RESERVED_EVENTS:
+            return f"game.broadcast: event name '{name}' is reserved".encode()
+        try:
+            body = to_python(payload, what="game.broadcast payload")
+        except ConversionError as exc:
+            return str(exc).encode()
+        match.effects.frames.append((None, encode(f"match.{name}", body)))
+        return None
+
+    def module(self, name: bytes) -> tuple[bytes | None, bytes]:
+        source, chunkname = self.match.engine.registry.module_source(name)
+        if source is not None:
+            self.match.required.add(chunkname.decode()[1:])
+        return source, chunkname
+
+    def persist(self, lua: MatchLua, name: Any, *args: Any) -> Any:
+        """game.economy / game.leaderboard / game.storage.  Writes join the callback's unit of
+        work; the result is always a table, `{ok = ...}` or `{error = ...}`, never an error."""
+        try:
+            result = persist.call(self._work, name, args)
+        except Exception:
+            log.exception("persist_failed", match_id=self.match.id, call=repr(name)[:80])
+            result = {"error": "internal_error"}
+        return lua.to_lua(result)
+
+    def _work(self) -> UnitOfWork:
+        match = self.match
+        store = match.engine.store
+        if store is None:
+            raise StoreError(NOT_CONFIGURED, "this server has no store")
+        effects = match.effects
+        if effects.work is None:
+            effects.work = store.unit(match.id)
+        return effects.work
+
+
+class Match:
+    """One running match: its Lua state, players, schedule and pending reload."""
+
+    def __init__(
+        self, engine: Engine, match_id: str, mode: str, script: ScriptVersion, players: list[str]
+    ) -> None:
+        self.engine = engine
+        self.id = match_id
+        self.mode = mode
+        self.script = script
+        self.players: list[str] = []
+        seed = engine.config.match_seed
+        self.seed = random.getrandbits(48) if seed is None else seed
+        self.period = 1.0 / script.meta.tick_rate
+        self.tick_no = 0
+        self.deadline = 0.0
+        self.failures = 0
+        self.finished = False
+        self.pending: ScriptVersion | None = None
+        self.inputs: list[tuple[str, Any]] = []
+        self.required: set[str] = set()
+        self.effects = _Effects()
+        # Committed frames of init/join at match start, held back until the players have been
+        # told they are matched (`release_held`), so `matchmaker.matched` always comes first.
+        self._held: list[tuple[str | None, bytes]] | None = None
+        self.refused: dict[str, str] = {}
+        self.logs_dropped = 0
+        self.host = MatchHost(self)
+        self.last_error: str | None = None
+        self.lua = self._new_lua(script, self.seed)
+        self.state: Any = None
+        self._initial_players = players
+
+    def _new_lua(self, script: ScriptVersion, seed: int) -> MatchLua:
+        lua = MatchLua(self.host, self.engine.config.limits, seed=seed)
+        lua.load(script.source, script.name)
+        lua.set_context(self.id, self.tick_no, self.players)
+        return lua
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> list[str]:
+        """Run init then join for each initial player.  Returns the players refused by join.
+
+        Frames the callbacks send are held until `release_held` (or the first tick), and a
+        broadcast from init reaches every player who then joined.
+        """
+        self._held = []
+        ctx = self.lua.to_lua(
+            {"match_id": self.id, "mode": self.mode, "players": self._initial_players}
+        )
+        result = self._callback("init", self.lua.new_table(), ctx, fallback=None)
+        if result is None:
+            raise MatchStartError(self.last_error or "init failed")
+        self.state = result
+        for pid in self._initial_players:
+            reason = self.join(pid)
+            if reason is not None:
+                self.refused[pid] = reason
+        if self._initial_players and not self.players:
+            reasons = sorted(set(self.refused.values()))
+            raise MatchStartError(f"join refused every player ({'; '.join(reasons)})")
+        return list(self.refused)
+
+    def release_held(self) -> None:
+        """Deliver what init/join sent at match start (after `matchmaker.matched`)."""
+        held, self._held = self._held, None
+        if held:
+            self.effects.frames[:0] = held
+            self._commit_effects()
+
+    def join(self, player_id: str) -> str | None:
+        """Add a player; returns a refusal reason, or None when they are in.
+
+        `join` returning `nil, reason` refuses the player, and so does a `join` that fails: the
+        script's state never saw them, so letting them in would break the game's invariants.
+        Effects of a refused join are dropped.
+        """
+        if player_id in self.players:
+            return None
+        if len(self.players) >= self.script.meta.max_players:
+            return "match is full"
+        self.players.append(player_id)
+        self.lua.set_players(self.players)
+        if self.lua.function("join") is None:
+            return None
+        result = self._call("join", self.state, player_id.encode())
+        reason: str | None = None
+        if result.ok and not result.value and len(result.values) > 1:
+            raw = result.values[1]
+            reason = raw.decode(errors="replace")[:200] if isinstance(raw, bytes) else "refused"
+        elif not self._apply("join", result):
+            reason = "join failed"
+        if reason is not None:
+            self.effects.discard()
+            self.players.remove(player_id)
+            self.lua.set_players(self.players)
+            log.info("join_refused", match_id=self.id, player_id=player_id, reason=reason)
+        return reason
+
+    def leave(self, player_id: str) -> None:
+        if player_id not in self.players:
+            return
+        if self.lua.function("leave") is not None:
+            self._apply("leave", self._call("leave", self.state, player_id.encode()))
+        self.players.remove(player_id)
+        self.lua.set_players(self.players)
+
+    # -- one tick ---------------------------------------------------------------------------------
+    def run_tick(self) -> None:
+        if self._held is not None:
+            self.release_held()
+        self.tick_no += 1
+        self.lua.set_tick(self.tick_no)
+        if self.inputs:
+            self._run_inputs()
+        if self.pending is not None:
+            version, self.pending = self.pending, None
+            frames = self._reload_transaction(version)
+            if frames is not None:
+                self._after_tick(frames)
+                return
+        result = self._call("tick", self.state)
+        if self._apply("tick", result):
+            self.failures = 0
+        else:
+            self.failures += 1
+            if self.failures >= self.engine.config.max_consecutive_failures:
+                reason = first_line(self.last_error or "")
+                self.engine.finish(
+                    self, {"error": f"tick failed {self.failures} times in a row: {reason}"}
+                )
+                return
+        self._after_tick(None)
+
+    def _run_inputs(self) -> None:
+        inputs, self.inputs = self.inputs, []
+        if self.lua.function("handle_input") is None:
+            return
+        for pid, payload in inputs:
+            if pid in self.players:
+                result = self._call(
+                    "handle_input", self.state, pid.encode(), self.lua.to_lua(payload)
+                )
+                self._apply("handle_input", result)
+
+    def _after_tick(self, frames: list[tuple[str, bytes]] | None) -> None:
+        if frames is None:
+            frames = self._render_states(self.lua, self.state, self.script.meta.shared_state)
+        send = self.engine.outbox.send
+        for pid, frame in frames:
+            send(pid, frame, droppable=True)
+        if self._finished_flag():
+            # Players have seen the final state; now the result.
+            try:
+                result = to_python(self.lua.field(self.state, "_result"), what="state._result")
+            except (ConversionError, TypeError) as exc:
+                self._log_failure("tick", f"state._result cannot be sent: {exc}")
+                result = None
+            self.engine.finish(self, result)
+
+    def _finished_flag(self) -> bool:
+        try:
+            flag = self.lua.field(self.state, "_finished")
+        except (TypeError, KeyError):
+            return False
+        return flag is not None and flag is not False
+
+    def _render_states(
+        self, lua: MatchLua, state: Any, shared: bool, *, strict: bool = False
+    ) -> list[tuple[str, bytes]]:
+        """One `match.state` frame per player (one for all with `shared_state`).
+
+        Outside a reload a failing get_state costs that player this tick's frame; inside the
+        reload transaction (`strict`) it fails the whole transaction.
+        """
+        frames: list[tuple[str, bytes]] = []
+        for pid in (None,) if shared else self.players:
+            if not strict:
+                self.effects.discard()
+            result = lua.call("get_state", state, pid.encode() if pid else None)
+            error = None if result.ok else result.error
+            if error is None:
+                try:
+                    body = orjson.dumps(to_python(result.value, what="get_state result"))
+                except (ConversionError, TypeError) as exc:
+                    error = str(exc)
+            if error is not None:
+                if strict:
+                    raise _CallFailed(f"get_state failed on the new code: {short_error(error)}")
+                self._log_failure("get_state", error)
+                self.effects.discard()
+                continue
+            if not strict:
+                self._commit_effects()
+            frame = encode_raw_payload("match.state", body)
+            if pid is None:
+                frames.extend((member, frame) for member in self.players)
+            else:
+                frames.append((pid, frame))
+        return frames
+
+    # -- reload transaction ----------------------------------------------------------------------
+    def _reload_transaction(self, version: ScriptVersion) -> list[tuple[str, bytes]] | None:
+        """Run this tick on the new code.  Returns the tick's state frames when the match
+        switched, None when it stays on the old code (which then runs the tick as usual)."""
+        started = time.perf_counter()
+        old = self.lua
+        try:
+            new = self._new_lua(version, (self.seed * 1_000_003 + self.tick_no) & (2**48 - 1))
+        except ScriptLoadError as exc:
+            self._reload_resolved(version, "reload_rolled_back", f"top-level code failed: {exc}")
+            return None
+        new.set_context(self.id, self.tick_no, self.players)
+        copied = old.api_call("reload copy", "serialize", self.state, budget=old.limits.copy)
+        if not copied.ok:
+            self._reload_resolved(version, "reload_failed", f"state cannot cross: {copied.error}")
+            return None
+        restored = new.api_call("reload copy", "deserialize", copied.value, budget=new.limits.copy)
+        if not restored.ok:
+            self._reload_resolved(version, "reload_failed", f"state copy failed: {restored.error}")
+            return None
+        state = restored.value
+        self.effects.discard()
+        self.lua = new
+        try:
+            if new.function("migrate") is not None:
+                info = new.to_lua(
+                    {"from_version": self.script.version, "to_version": version.version}
+                )
+                migrated = new.call("migrate", state, info)
+                state = self._result_state("migrate", migrated, state)
+            ticked = new.call("tick", state)
+            state = self._result_state("tick", ticked, state)
+            frames = self._render_states(new, state, version.meta.shared_state, strict=True)
+        except _CallFailed as exc:
+            self.lua = old
+            self.effects.discard()
+            self._reload_resolved(version, "reload_rolled_back", exc.message)
+            return None
+        self.state = state
+        self.script = version
+        self.period = 1.0 / version.meta.tick_rate
+        self.failures = 0
+        self._commit_effects()
+        elapsed = (time.perf_counter() - started) * 1000
+        self._reload_resolved(version, "reloaded", None, elapsed_ms=elapsed)
+        subscribers = self.engine.reload_subscribers
+        if subscribers:
+            frame = encode("match.reloaded", {"match_id": self.id, "version": version.version})
+            for pid in self.players:
+                if pid in subscribers:
+                    self.engine.outbox.send(pid, frame)
+        return frames
+
+    def _result_state(self, callback: str, result: CallResult, given: Any) -> Any:
+        if not result.ok:
+            raise _CallFailed(f"{callback} failed on the new code: {short_error(result.error)}")
+        value = result.value
+        if value is None:
+            return given
+        if not MatchLua.is_table(value):
+            raise _CallFailed(
+                f"{callback} on the new code returned a {type(value).__name__}, not a table"
+            )
+        return value
+
+    def _reload_resolved(
+        self, version: ScriptVersion, outcome: str, error: str | None, elapsed_ms: float = 0.0
+    ) -> None:
+        self.engine.listener_reload(self, version, outcome, error, elapsed_ms)
+
+    # -- calling Lua ------------------------------------------------------------------------------
+    def _call(self, callback: str, *args: Any) -> CallResult:
+        self.effects.discard()
+        return self.lua.call(callback, *args)
+
+    def _callback(self, callback: str, *args: Any, fallback: Any) -> Any:
+        result = self._call(callback, *args)
+        if not result.ok:
+            self._log_failure(callback, result.error)
+            self.effects.discard()
+            return fallback
+        value = result.value
+        if value is not None and not MatchLua.is_table(value):
+            self._log_failure(
+                callback, f"{callback} returned a {lua_kind(value)}, not a table (or nothing)"
+            )
+            self.effects.discard()
+            return fallback
+        self._commit_effects()
+        return args[0] if value is None else value
+
+    def _apply(self, callback: str, result: CallResult) -> bool:
+        """Adopt a callback's returned state (or keep the given one) and commit its effects."""
+        if not result.ok:
+            self._log_failure(callback, result.error)
+            self.effects.discard()
+            return False
+        value = result.value
+        if value is not None and not MatchLua.is_table(value):
+            self._log_failure(
+                callback, f"{callback} returned a {lua_kind(value)}, not a table (or nothing)"
+            )
+            self.effects.discard()
+            return False
+        if value is not None:
+            self.state = value
+        self._commit_effects()
+        return True
+
+    def _commit_effects(self) -> None:
+        self.effects.commit_work()
+        frames = self.effects.frames
+        if not frames:
+            return
+        if self._held is not None:
+            self._held.extend(frames)
+            frames.clear()
+            return
+        outbox = self.engine.outbox
+        for pid, frame in frames:
+            if pid is None:
+                for member in self.players:
+                    outbox.send(member, frame)
+            else:
+                outbox.send(pid, frame)
+        frames.clear()
+
+    def _log_failure(self, callback: str, error: str) -> None:
+        self.last_error = error
+        log.error(
+            "callback_failed",
+            match_id=self.id,
+            mode=self.mode,
+            callback=callback,
+            tick=self.tick_no,
+            error=first_line(error),
+            traceback=short_error(error),
+        )
+
+    def close(self) -> None:
+        self.finished = True
+        self.state = None
+        self.inputs.clear()
+
+
+class _CallFailed(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
