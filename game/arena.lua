@@ -12,6 +12,8 @@
 --   match.hurry    ten seconds left (broadcast)
 --   match.message  private: a welcome with your spawn point, or why your input was refused
 --   match.finished {result = {winner, reason, scores}}
+-- The winner's score goes to the "arena" leaderboard (`leaderboard.top {board = "arena"}`) and
+-- they are granted that many "gems" (game.economy).
 
 local grid = require("lib.grid")
 
@@ -50,6 +52,12 @@ local function finish(state, winner, reason)
   state._finished = true
   state._result = { winner = winner, reason = reason, scores = scores(state) }
   game.log("info", "arena over", { winner = winner or "draw", reason = reason })
+  if winner then
+    -- Persistent results (docs/persistence.md): the best score per player on the "arena" board,
+    -- and a prize.  They are written only if this callback succeeds, together with the state.
+    game.leaderboard.submit("arena", winner, state.players[winner].score)
+    game.economy.grant(winner, "gems", state.players[winner].score, "arena win")
+  end
 end
 
 function init(state, ctx)

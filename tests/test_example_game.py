@@ -100,6 +100,11 @@ async def test_two_players_race_to_a_winner(start_server, logs: Logs) -> None:
     assert info["match_id"] not in server.app.engine.matches
     line = await logs.wait_for("script_log", lambda ln: ln["message"] == "arena over")
     assert line["meta"] == {"winner": winner, "reason": "target"}
+    # The winner's score is on the leaderboard, as any client can read it.
+    viewer = await server.player()
+    board = await viewer.request("leaderboard.top", {"board": "arena", "n": 5})
+    assert board["payload"]["entries"][0]["player_id"] == winner
+    assert board["payload"]["entries"][0]["score"] == outcome["scores"][winner]
 
 
 async def test_bad_input_is_refused_privately_and_a_leaver_forfeits(start_server) -> None:
