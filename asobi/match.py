@@ -264,7 +264,8 @@ class Match:
         ctx = self.lua.to_lua(
             {"match_id": self.id, "mode": self.mode, "players": self._initial_players}
         )
-        result = self._callback("init", self.lua.new_table(), ctx, fallback=None)
+        blank = self.lua.new_table()
+        result = self._outcome("init", self._call("init", blank, ctx), blank)
         if result is None:
             raise MatchStartError(self.last_error or "init failed")
         self.state = result
@@ -490,38 +491,27 @@ class Match:
         self.effects.discard()
         return self.lua.call(callback, *args)
 
-    def _callback(self, callback: str, *args: Any, fallback: Any) -> Any:
-        result = self._call(callback, *args)
-        if not result.ok:
-            self._log_failure(callback, result.error)
-            self.effects.discard()
-            return fallback
+    def _outcome(self, callback: str, result: CallResult, given: Any) -> Any:
+        """The state a callback leaves: the table it returned, or `given` when it returned
+        nothing; its effects are committed.  None when it failed: logged, effects discarded."""
         value = result.value
-        if value is not None and not MatchLua.is_table(value):
-            self._log_failure(
-                callback, f"{callback} returned a {lua_kind(value)}, not a table (or nothing)"
-            )
-            self.effects.discard()
-            return fallback
-        self._commit_effects()
-        return args[0] if value is None else value
+        if not result.ok:
+            error = result.error
+        elif value is not None and not MatchLua.is_table(value):
+            error = f"{callback} returned a {lua_kind(value)}, not a table (or nothing)"
+        else:
+            self._commit_effects()
+            return given if value is None else value
+        self._log_failure(callback, error)
+        self.effects.discard()
+        return None
 
     def _apply(self, callback: str, result: CallResult) -> bool:
-        """Adopt a callback's returned state (or keep the given one) and commit its effects."""
-        if not result.ok:
-            self._log_failure(callback, result.error)
-            self.effects.discard()
+        """Adopt a callback's outcome as the match state; False when it failed."""
+        state = self._outcome(callback, result, self.state)
+        if state is None:
             return False
-        value = result.value
-        if value is not None and not MatchLua.is_table(value):
-            self._log_failure(
-                callback, f"{callback} returned a {lua_kind(value)}, not a table (or nothing)"
-            )
-            self.effects.discard()
-            return False
-        if value is not None:
-            self.state = value
-        self._commit_effects()
+        self.state = state
         return True
 
     def _commit_effects(self) -> None:

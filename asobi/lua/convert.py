@@ -76,6 +76,8 @@ def _table(value: Any, budget: list[int], depth: int) -> Any:
         raise _Failure(f"holds too many values (limit {MAX_NODES})")
     if not n:
         return {}
+    # The scalar cases are written out in both loops below on purpose: a helper call per value
+    # would cost more than the rest of the walk.
     if type(items[0][0]) is int and _is_sequence(items):
         out_list = []
         append = out_list.append
