@@ -38,7 +38,7 @@ def _host_bytecode(source: bytes, name: bytes) -> bytes:
     host chunks are loaded as bytecode: game scripts are always compiled from text (mode "t").
     """
     compiler = lua54.LuaRuntime(register_eval=False, register_builtins=False, encoding=None)
-    dump = compiler.execute(b"return function(src, n) return string.dump(load(src, n)) end")
+    dump = compiler.execute(b"return function(src, n) return string.dump(load(src, n), true) end")
     return bytes(dump(source, name))
 
 
