@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
+import weakref
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, NoReturn, Protocol
@@ -183,7 +184,10 @@ class MatchLua:
                 b"send": host.send,
                 b"broadcast": host.broadcast,
                 b"module": host.module,
-                b"persist": functools.partial(persist, self) if persist else None,
+                # A weak proxy: a strong reference from inside the Lua state back to this object
+                # would be a cycle only the cyclic GC can break, and dead match states would then
+                # pile up and be freed in one long pause.
+                b"persist": functools.partial(persist, weakref.proxy(self)) if persist else None,
                 b"hook_count": limits.hook_count,
                 b"pattern_budget": limits.pattern_budget,
                 b"seed": seed,
