@@ -53,6 +53,7 @@ RESERVED_EVENTS = frozenset(
     }
 )
 MAX_TRACEBACK_LINES = 8
+FAILURE_LINES_PER_TICK = 3
 _LOG_LEVELS = {
     "debug": "debug",
     "info": "info",
@@ -243,6 +244,9 @@ class Match:
         self.logs_dropped = 0
         self.host = MatchHost(self)
         self.last_error: str | None = None
+        self._failure_tick = -1
+        self._failure_lines = 0
+        self._failures_suppressed = 0
         self.lua = self._new_lua(script, self.seed)
         self.state: Any = None
         self._initial_players = players
@@ -533,7 +537,17 @@ class Match:
         frames.clear()
 
     def _log_failure(self, callback: str, error: str) -> None:
+        """Log a failed callback, at most FAILURE_LINES_PER_TICK lines per tick: a get_state
+        that fails for every player of a big match would otherwise write a line per player per
+        tick.  The next line logged says how many were left out."""
         self.last_error = error
+        if self._failure_tick != self.tick_no:
+            self._failure_tick, self._failure_lines = self.tick_no, 0
+        self._failure_lines += 1
+        if self._failure_lines > FAILURE_LINES_PER_TICK:
+            self._failures_suppressed += 1
+            return
+        suppressed, self._failures_suppressed = self._failures_suppressed, 0
         log.error(
             "callback_failed",
             match_id=self.id,
@@ -542,6 +556,7 @@ class Match:
             tick=self.tick_no,
             error=first_line(error),
             traceback=short_error(error),
+            **({"suppressed": suppressed} if suppressed else {}),
         )
 
     def close(self) -> None:

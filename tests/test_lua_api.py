@@ -698,3 +698,23 @@ async def test_players_get_no_garbage_from_failing_callbacks(start_server, logs:
     assert "bad input" in failure["error"]
     bad_state = script_failures(logs, info["match_id"], "get_state")[0]
     assert bad_state["error"] == "get_state result.name is not valid UTF-8 text"
+
+
+async def test_failing_get_state_logs_are_capped_per_tick(start_server, logs: Logs) -> None:
+    script = """
+match_size = 6
+function init(state) state.n = 0 return state end
+function tick(state) state.n = state.n + 1 return state end
+function get_state(state, player_id) error("broken view") end
+"""
+    server = await start_server({"match.lua": script})
+    players = [await server.player("six") for _ in range(6)]
+    await players[0].expect("matchmaker.matched")
+    await logs.wait_for("callback_failed", lambda ln: "suppressed" in ln, timeout=5)
+    lines = [ln for ln in logs.events("callback_failed") if ln["callback"] == "get_state"]
+    per_tick: dict[int, int] = {}
+    for line in lines:
+        per_tick[line["tick"]] = per_tick.get(line["tick"], 0) + 1
+    # Six players fail every tick; three lines a tick are logged, the rest counted.
+    assert max(per_tick.values()) == 3
+    assert any(ln.get("suppressed") == 3 for ln in lines)
