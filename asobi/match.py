@@ -431,7 +431,6 @@ class Match:
         except ScriptLoadError as exc:
             self._reload_resolved(version, "reload_rolled_back", f"top-level code failed: {exc}")
             return None
-        new.set_context(self.id, self.tick_no, self.players)
         copied = old.api_call("reload copy", "serialize", self.state, budget=old.limits.copy)
         if not copied.ok:
             self._reload_resolved(version, "reload_failed", f"state cannot cross: {copied.error}")
