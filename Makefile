@@ -1,11 +1,14 @@
 PYTHON ?= .venv/bin/python
 
-.PHONY: bench bench-smoke test lint
+.PHONY: bench bench-smoke bench-deps test lint
 
-bench:  ## full suite (~12 min): capacity, reload under load, Colyseus side by side
+bench-deps:  ## picows (load generator) and py-spy (profile)
+	$(PYTHON) -m pip install -q -e '.[bench]'
+
+bench: bench-deps  ## full suite (~10 min): capacity, reload under load, Colyseus side by side
 	$(PYTHON) -m bench
 
-bench-smoke:  ## the < 10 s run CI uses
+bench-smoke: bench-deps  ## the < 10 s run CI uses
 	$(PYTHON) -m bench --smoke
 
 test:
