@@ -59,7 +59,7 @@ async def run(target: AsobiTarget, matches: int, saves: int, settle: float) -> R
     period = tally.period
     for i in range(1, saves + 1):
         message = f"m{matches}-v{i}"
-        game.write_script(target.game_dir, message)
+        game.write_script(target.game_dir, message, target.shared)
         t0 = time.monotonic()
         deadline = t0 + WAIT_PER_SAVE_S
         key = message.encode()
