@@ -358,11 +358,16 @@ class Match:
         if self.lua.function("handle_input") is None:
             return
         for pid, payload in inputs:
-            if pid in self.players:
-                result = self._call(
-                    "handle_input", self.state, pid.encode(), self.lua.to_lua(payload)
-                )
-                self._apply("handle_input", result)
+            if pid not in self.players:
+                continue
+            try:
+                lua_input = self.lua.to_lua(payload)
+            except ConversionError as exc:
+                self._log_failure("handle_input", f"input refused: {exc}")
+                continue
+            self._apply(
+                "handle_input", self._call("handle_input", self.state, pid.encode(), lua_input)
+            )
 
     def _after_tick(self, frames: list[tuple[str, bytes]] | None) -> None:
         if frames is None:

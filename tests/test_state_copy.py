@@ -140,3 +140,17 @@ def test_copy_is_budgeted() -> None:
     state = old.call_function("make", old.function("make"), budget=5.0).value
     result = old.api_call("reload copy", "serialize", state, budget=0.001)
     assert not result.ok and result.error == "reload copy exceeded its time budget"
+
+
+def test_python_data_into_lua_is_bounded() -> None:
+    """Whoever hands data to Lua, nesting beyond the limit is refused, not a recursion crash."""
+    from asobi.lua.convert import MAX_DEPTH, ConversionError
+
+    lua = runtime()
+    deep: Any = []
+    for _ in range(1000):
+        deep = [deep]
+    with pytest.raises(ConversionError, match=f"deeper than {MAX_DEPTH}"):
+        lua.to_lua(deep)
+    table = lua.to_lua({"a": [1, 2, {"b": "c"}]})
+    assert table[b"a"][3][b"b"] == b"c"

@@ -146,18 +146,23 @@ def _is_sequence(items: list[tuple[Any, Any]]) -> bool:
     )
 
 
-def to_lua(runtime: Any, value: Any) -> Any:
-    """Convert plain Python data into Lua values inside `runtime` (strings become bytes)."""
+def to_lua(runtime: Any, value: Any, _depth: int = 0) -> Any:
+    """Convert plain Python data into Lua values inside `runtime` (strings become bytes).
+
+    Bounded like `to_python`: data nested deeper than MAX_DEPTH is refused here, whoever the
+    caller is, rather than exhausting Python's recursion.
+    """
     if isinstance(value, str):
         return value.encode()
-    if isinstance(value, dict):
+    if isinstance(value, dict | list | tuple):
+        if _depth >= MAX_DEPTH:
+            raise ConversionError(f"data is nested deeper than {MAX_DEPTH} levels")
         table = runtime.table()
-        for k, v in value.items():
-            table[to_lua(runtime, k)] = to_lua(runtime, v)
-        return table
-    if isinstance(value, list | tuple):
-        table = runtime.table()
-        for i, v in enumerate(value, 1):
-            table[i] = to_lua(runtime, v)
+        if isinstance(value, dict):
+            for k, v in value.items():
+                table[to_lua(runtime, k, _depth + 1)] = to_lua(runtime, v, _depth + 1)
+        else:
+            for i, v in enumerate(value, 1):
+                table[i] = to_lua(runtime, v, _depth + 1)
         return table
     return value
