@@ -23,7 +23,7 @@ ENV = "ASOBI_BENCH_STATS"
 
 def snapshot(app: App) -> dict[str, float | int]:
     """Lateness percentiles (ms) since the last snapshot, and running totals."""
-    app.metrics.observe_lateness(app.engine.drain_lateness())
+    app.metrics.take_lateness(app.engine)
     values = sorted(app.metrics.drain_recent_lateness())
     n = len(values)
 
@@ -38,7 +38,7 @@ def snapshot(app: App) -> dict[str, float | int]:
         "lateness_max_ms": values[-1] * 1000 if n else 0.0,
         "ticks": app.engine.ticks,
         "matches": len(app.engine.matches),
-        "frames_sent": app.hub.frames_sent,
+        "frames_sent": app.metrics.frames_sent,
         "connections": len(app.hub),
     }
 

@@ -128,16 +128,24 @@ def _print_reloads(records: list[dict]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
-def cmd_reloads(args: argparse.Namespace) -> int:
+def _reload_records(command: str, url: str, headers: dict[str, str] | None = None) -> list | None:
+    """The `reloads` list a server route answers with, or None after printing why not."""
     try:
-        status, body = _get_json(_server_url(args) + "/api/v1/reloads")
+        status, body = _get_json(url, headers)
     except OSError as exc:
-        print(f"asobi reloads: cannot reach the server: {exc}", file=sys.stderr)
-        return 2
+        print(f"asobi {command}: cannot reach the server: {exc}", file=sys.stderr)
+        return None
     if status != 200 or not isinstance(body, dict):
-        print(f"asobi reloads: server answered {status}: {body}", file=sys.stderr)
+        print(f"asobi {command}: server answered {status}: {body}", file=sys.stderr)
+        return None
+    return body["reloads"]
+
+
+def cmd_reloads(args: argparse.Namespace) -> int:
+    records = _reload_records("reloads", _server_url(args) + "/api/v1/reloads")
+    if records is None:
         return 2
-    _print_reloads(body["reloads"])
+    _print_reloads(records)
     return 0
 
 
@@ -151,15 +159,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
     url = _server_url(args) + "/api/v1/admin/reload"
     if args.script:
         url += "?" + urllib.parse.urlencode({"script": args.script})
-    try:
-        status, body = _get_json(url, {"Authorization": f"Bearer {token}"})
-    except OSError as exc:
-        print(f"asobi reload: cannot reach the server: {exc}", file=sys.stderr)
+    records = _reload_records("reload", url, {"Authorization": f"Bearer {token}"})
+    if records is None:
         return 2
-    if status != 200 or not isinstance(body, dict):
-        print(f"asobi reload: server answered {status}: {body}", file=sys.stderr)
-        return 2
-    records = body["reloads"]
     if not records:
         print("nothing changed on disk")
         return 0

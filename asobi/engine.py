@@ -15,7 +15,7 @@ import itertools
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -277,6 +277,3 @@ class Engine:
         values = list(self.lateness)
         self.lateness.clear()
         return values
-
-    def all_players(self) -> Iterable[str]:
-        return self.player_match.keys()

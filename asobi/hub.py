@@ -20,7 +20,6 @@ class Peer(Protocol):
 class Hub:
     def __init__(self) -> None:
         self._peers: dict[str, Peer] = {}
-        self.frames_sent = 0
 
     def attach(self, player_id: str, peer: Peer) -> Peer | None:
         """Bind the player to `peer`; returns the connection it replaces, if any."""
@@ -40,7 +39,6 @@ class Hub:
     def send(self, player_id: str, frame: bytes, *, droppable: bool = False) -> None:
         peer = self._peers.get(player_id)
         if peer is not None:
-            self.frames_sent += 1
             peer.send_frame(frame, droppable=droppable)
 
     def __len__(self) -> int:

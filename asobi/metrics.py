@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from asobi.engine import Engine
 
 LATENESS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -69,6 +72,10 @@ class Metrics:
 
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()
+
+    def take_lateness(self, engine: Engine) -> None:
+        """Move the engine's tick lateness samples into the histogram (and the raw window)."""
+        self.observe_lateness(engine.drain_lateness())
 
     def observe_lateness(self, values: Iterable[float]) -> None:
         observe = self.tick_lateness.observe

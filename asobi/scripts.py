@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from asobi.lua.convert import ConversionError, to_python
 from asobi.lua.runtime import Limits, MatchLua, ScriptLoadError, compile_check
 from asobi.protocol import MODE_RE
@@ -279,7 +277,3 @@ def _read_modes(returned: Any) -> dict[str, str] | str:
     ):
         return 'config.lua must return a table of {mode = "file.lua"}'
     return {k: v for k, v in data.items() if MODE_RE.match(k)}
-
-
-def describe(errors: list[ScriptError]) -> bytes:
-    return orjson.dumps([e.as_log() for e in errors])

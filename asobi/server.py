@@ -274,7 +274,7 @@ class AsobiServer:
                 log.exception("housekeeping_failed")
 
     def _collect_metrics(self) -> None:
-        self.metrics.observe_lateness(self.app.engine.drain_lateness())
+        self.metrics.take_lateness(self.app.engine)
         self.metrics.count_reloads(self.app.history)
 
     # -- HTTP -------------------------------------------------------------------------------------

@@ -295,6 +295,3 @@ class MatchLua:
     @staticmethod
     def type_name(value: Any) -> str:
         return lua54.lua_type(value) or type(value).__name__
-
-    def memory_used(self) -> int:
-        return int(self.runtime.get_memory_used() or 0)
