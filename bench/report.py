@@ -89,32 +89,8 @@ def markdown(out: dict[str, Any]) -> str:
     summary: list[tuple[str, str, str, str]] = []
     asobi = out.get("asobi")
     if asobi:
-        lines += ["", "## asobi capacity (M matches x 4 players, 10 Hz)", ""]
-        lines += _steps_table(asobi)
-        lines += [
-            "",
-            f"Largest M holding p99 lateness <= 10 ms with 0 dropped: "
-            f"**{asobi['largest_ok']}** ({asobi['stopped']}).",
-        ]
-        best = _best_step(asobi)
+        lines += _capacity(asobi, "## asobi capacity (M matches x 4 players, 10 Hz)", "", summary)
         per_conn, per_match = _rss(asobi)
-        summary.append(
-            (
-                "matches x 4 at p99 <= 10 ms",
-                f">= {TARGET_MATCHES}",
-                str(asobi["largest_ok"]),
-                _met(asobi["largest_ok"] >= TARGET_MATCHES),
-            )
-        )
-        if best:
-            summary.append(
-                (
-                    "server CPU per delivered frame",
-                    f"<= {TARGET_US_PER_FRAME} us",
-                    f"{best['cpu_us_per_frame']:.1f} us (M={best['matches']})",
-                    _met(best["cpu_us_per_frame"] <= TARGET_US_PER_FRAME),
-                )
-            )
         if per_conn is not None:
             summary.append(
                 (
@@ -134,36 +110,11 @@ def markdown(out: dict[str, Any]) -> str:
             )
     shared = out.get("asobi-shared")
     if shared:
-        lines += [
-            "",
+        title = (
             "## asobi capacity, `shared_state = true` (one get_state and one encoding per tick, "
-            "the same frame for the 4 players)",
-            "",
-        ]
-        lines += _steps_table(shared)
-        lines += [
-            "",
-            f"Largest M holding p99 lateness <= 10 ms with 0 dropped: "
-            f"**{shared['largest_ok']}** ({shared['stopped']}).",
-        ]
-        best = _best_step(shared)
-        summary.append(
-            (
-                "matches x 4 at p99 <= 10 ms (shared_state)",
-                f">= {TARGET_MATCHES}",
-                str(shared["largest_ok"]),
-                _met(shared["largest_ok"] >= TARGET_MATCHES),
-            )
+            "the same frame for the 4 players)"
         )
-        if best:
-            summary.append(
-                (
-                    "server CPU per delivered frame (shared_state)",
-                    f"<= {TARGET_US_PER_FRAME} us",
-                    f"{best['cpu_us_per_frame']:.1f} us (M={best['matches']})",
-                    _met(best["cpu_us_per_frame"] <= TARGET_US_PER_FRAME),
-                )
-            )
+        lines += _capacity(shared, title, " (shared_state)", summary)
     reloads = out.get("reload") or []
     if reloads:
         lines += ["", f"## Hot reload under load ({reloads[0]['saves']} saves per row)", ""]
@@ -218,29 +169,13 @@ def markdown(out: dict[str, Any]) -> str:
                 f"Largest M holding p99 lateness <= 10 ms: **{coly['largest_ok']}** "
                 f"({coly['stopped']}).",
             ]
-            if asobi and asobi.get("steps") and coly.get("steps"):
-                a, c = _common_step(asobi, coly)
-                cpu_ratio = a["cpu_us_per_frame"] / c["cpu_us_per_frame"]
-                m_ratio = asobi["largest_ok"] / coly["largest_ok"] if coly["largest_ok"] else None
-                lines += [
-                    "",
-                    "| ratio asobi / Colyseus | value |",
-                    "|---|---:|",
-                    f"| CPU per delivered state update (M={a['matches']} vs "
-                    f"M={c['matches']}) | {cpu_ratio:.2f} |",
-                    f"| largest M at p99 <= 10 ms | {_f(m_ratio, 2)} |",
-                ]
-                out["ratios"] = {"cpu_per_update": cpu_ratio, "largest_m": m_ratio}
-            if shared and shared.get("steps") and coly.get("steps"):
-                a, c = _common_step(shared, coly)
-                cpu_ratio = a["cpu_us_per_frame"] / c["cpu_us_per_frame"]
-                m_ratio = shared["largest_ok"] / coly["largest_ok"] if coly["largest_ok"] else None
-                lines += [
-                    f"| CPU per delivered state update, shared_state (M={a['matches']} vs "
-                    f"M={c['matches']}) | {cpu_ratio:.2f} |",
-                    f"| largest M at p99 <= 10 ms, shared_state | {_f(m_ratio, 2)} |",
-                ]
-                out["ratios_shared"] = {"cpu_per_update": cpu_ratio, "largest_m": m_ratio}
+            ratio_rows = [
+                _ratio(asobi, coly, "", "ratios", out),
+                _ratio(shared, coly, ", shared_state", "ratios_shared", out),
+            ]
+            rows = [row for pair in ratio_rows if pair for row in pair]
+            if rows:
+                lines += ["", "| ratio asobi / Colyseus | value |", "|---|---:|", *rows]
     prof = out.get("profile")
     if prof and "self" in prof:
         lines += [
@@ -260,6 +195,54 @@ def markdown(out: dict[str, Any]) -> str:
         lines += ["", "## Targets", "", "| target | goal | measured | met |", "|---|---|---|:---:|"]
         lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary]
     return "\n".join(lines)
+
+
+def _capacity(
+    result: dict[str, Any], title: str, label: str, summary: list[tuple[str, str, str, str]]
+) -> list[str]:
+    """One capacity run: its table and largest M, and its rows of the targets summary."""
+    lines = ["", title, "", *_steps_table(result)]
+    lines += [
+        "",
+        f"Largest M holding p99 lateness <= 10 ms with 0 dropped: "
+        f"**{result['largest_ok']}** ({result['stopped']}).",
+    ]
+    summary.append(
+        (
+            f"matches x 4 at p99 <= 10 ms{label}",
+            f">= {TARGET_MATCHES}",
+            str(result["largest_ok"]),
+            _met(result["largest_ok"] >= TARGET_MATCHES),
+        )
+    )
+    best = _best_step(result)
+    if best:
+        summary.append(
+            (
+                f"server CPU per delivered frame{label}",
+                f"<= {TARGET_US_PER_FRAME} us",
+                f"{best['cpu_us_per_frame']:.1f} us (M={best['matches']})",
+                _met(best["cpu_us_per_frame"] <= TARGET_US_PER_FRAME),
+            )
+        )
+    return lines
+
+
+def _ratio(
+    ours: dict[str, Any] | None, coly: dict[str, Any], label: str, key: str, out: dict[str, Any]
+) -> list[str] | None:
+    """asobi / Colyseus ratios for one capacity run (also stored in `out[key]`)."""
+    if not ours or not ours.get("steps") or not coly.get("steps"):
+        return None
+    a, c = _common_step(ours, coly)
+    cpu_ratio = a["cpu_us_per_frame"] / c["cpu_us_per_frame"]
+    m_ratio = ours["largest_ok"] / coly["largest_ok"] if coly["largest_ok"] else None
+    out[key] = {"cpu_per_update": cpu_ratio, "largest_m": m_ratio}
+    return [
+        f"| CPU per delivered state update{label} (M={a['matches']} vs M={c['matches']}) "
+        f"| {cpu_ratio:.2f} |",
+        f"| largest M at p99 <= 10 ms{label} | {_f(m_ratio, 2)} |",
+    ]
 
 
 def _met(ok: bool) -> str:
