@@ -253,7 +253,7 @@ class Match:
 
     def _new_lua(self, script: ScriptVersion, seed: int) -> MatchLua:
         lua = MatchLua(self.host, self.engine.config.limits, seed=seed)
-        lua.load(script.source, script.name)
+        lua.load_compiled(script.code, script.name)
         lua.set_context(self.id, self.tick_no, self.players)
         return lua
 
@@ -428,37 +428,39 @@ class Match:
     # -- reload transaction ----------------------------------------------------------------------
     def _reload_transaction(self, version: ScriptVersion) -> list[tuple[str, bytes]] | None:
         """Run this tick on the new code.  Returns the tick's state frames when the match
-        switched, None when it stays on the old code (which then runs the tick as usual)."""
+        switched, None when it stays on the old code (which then runs the tick as usual).
+
+        The new version is loaded into a fresh environment of the match's own Lua state and runs
+        on a data-only copy of the state; nothing it can write to is shared with the running
+        version, so rolling back is putting the old environment back.
+        """
         started = time.perf_counter()
-        old = self.lua
-        try:
-            new = self._new_lua(version, (self.seed * 1_000_003 + self.tick_no) & (2**48 - 1))
-        except ScriptLoadError as exc:
-            self._reload_resolved(version, "reload_rolled_back", f"top-level code failed: {exc}")
-            return None
-        copied = old.api_call("reload copy", "serialize", self.state, budget=old.limits.copy)
+        lua = self.lua
+        copied = lua.copy_state(self.state)
         if not copied.ok:
             self._reload_resolved(version, "reload_failed", f"state cannot cross: {copied.error}")
             return None
-        restored = new.api_call("reload copy", "deserialize", copied.value, budget=new.limits.copy)
-        if not restored.ok:
-            self._reload_resolved(version, "reload_failed", f"state copy failed: {restored.error}")
-            return None
-        state = restored.value
-        self.effects.discard()
-        self.lua = new
+        running = lua.current()
         try:
-            if new.function("migrate") is not None:
-                info = new.to_lua(
+            lua.load_compiled(version.code, version.name)
+        except ScriptLoadError as exc:
+            self.effects.discard()
+            self._reload_resolved(version, "reload_rolled_back", f"top-level code failed: {exc}")
+            return None
+        state = copied.value
+        self.effects.discard()
+        try:
+            if lua.function("migrate") is not None:
+                info = lua.to_lua(
                     {"from_version": self.script.version, "to_version": version.version}
                 )
-                migrated = new.call("migrate", state, info)
+                migrated = lua.call("migrate", state, info)
                 state = self._result_state("migrate", migrated, state)
-            ticked = new.call("tick", state)
+            ticked = lua.call("tick", state)
             state = self._result_state("tick", ticked, state)
-            frames = self._render_states(new, state, version.meta.shared_state, strict=True)
+            frames = self._render_states(lua, state, version.meta.shared_state, strict=True)
         except _CallFailed as exc:
-            self.lua = old
+            lua.restore(running)
             self.effects.discard()
             self._reload_resolved(version, "reload_rolled_back", exc.message)
             return None

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from asobi.lua.convert import ConversionError, to_python
-from asobi.lua.runtime import Limits, MatchLua, ScriptLoadError, compile_check
+from asobi.lua.runtime import Limits, MatchLua, ScriptLoadError, compile_script
 from asobi.protocol import MODE_RE
 
 MODULE_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
@@ -40,8 +40,12 @@ class ScriptMeta:
 
 @dataclass(frozen=True, slots=True)
 class ScriptVersion:
+    """One accepted content of a script.  `code` is its bytecode, compiled once from `source`:
+    every match that starts or reloads on this version loads the same bytes."""
+
     name: str
     source: bytes
+    code: bytes
     hash: str
     meta: ScriptMeta = field(default_factory=ScriptMeta)
 
@@ -144,7 +148,7 @@ class ScriptRegistry:
         script = self._scripts.get(path)
         if script is None:
             return None, f"module '{text}' not found (looked for {path} in the game dir)".encode()
-        return script.source, ("@" + path).encode()
+        return script.code, ("@" + path).encode()
 
     # -- loading ---------------------------------------------------------------------------------
     def relative_name(self, path: Path) -> str | None:
@@ -159,20 +163,20 @@ class ScriptRegistry:
         errors: list[ScriptError] = []
         paths = sorted(p for p in self.game_dir.rglob("*.lua") if p.is_file())
         # Compile everything first so that top-level `require`s see every module.
-        pending: dict[str, bytes] = {}
+        pending: dict[str, tuple[bytes, bytes]] = {}
         for path in paths:
             name = self.relative_name(path)
             if name is None:
                 continue
             source = path.read_bytes()
-            problem = self._compile_problem(name, source)
-            if problem:
-                errors.append(problem)
+            code = self._compile(name, source)
+            if isinstance(code, ScriptError):
+                errors.append(code)
                 continue
-            pending[name] = source
-            self._scripts[name] = ScriptVersion(name, source, content_hash(source))
-        for name, source in pending.items():
-            outcome = self.accept(name, source)
+            pending[name] = (source, code)
+            self._scripts[name] = ScriptVersion(name, source, code, content_hash(source))
+        for name, (source, code) in pending.items():
+            outcome = self.accept(name, source, code)
             if isinstance(outcome, ScriptError):
                 self._scripts.pop(name, None)
                 errors.append(outcome)
@@ -188,11 +192,11 @@ class ScriptRegistry:
         current = self._scripts.get(name)
         if (current and current.hash == digest) or self._rejected.get(name) == digest:
             return None
-        problem = self._compile_problem(name, source)
-        if problem:
+        code = self._compile(name, source)
+        if isinstance(code, ScriptError):
             self._rejected[name] = digest
-            return problem
-        return self.accept(name, source)
+            return code
+        return self.accept(name, source, code)
 
     def restore(self, version: ScriptVersion, replaced: ScriptVersion) -> bool:
         """Put `version` back in force if `replaced` still is (a reload every match rolled back:
@@ -210,12 +214,12 @@ class ScriptRegistry:
             self._modes = {}
         return self._scripts.pop(name, None) is not None
 
-    def accept(self, name: str, source: bytes) -> ScriptVersion | ScriptError:
+    def accept(self, name: str, source: bytes, code: bytes) -> ScriptVersion | ScriptError:
         """Run the top level once in a throwaway sandbox to read its globals, then install it."""
         digest = content_hash(source)
         probe = MatchLua(_ProbeHost(self), self.limits, seed=0)
         try:
-            returned = probe.load(source, name)
+            returned = probe.load_compiled(code, name)
         except ScriptLoadError as exc:
             self._rejected[name] = digest
             return script_errors(name, source, [str(exc).split("\nstack traceback:")[0]])
@@ -226,22 +230,23 @@ class ScriptRegistry:
             if isinstance(modes, str):
                 self._rejected[name] = digest
                 return script_errors(name, source, [modes])
-        version = ScriptVersion(name, source, digest, meta)
+        version = ScriptVersion(name, source, code, digest, meta)
         self._scripts[name] = version
         self._rejected.pop(name, None)
         if modes is not None:
             self._modes = modes
         return version
 
-    def _compile_problem(self, name: str, source: bytes) -> ScriptError | None:
+    def _compile(self, name: str, source: bytes) -> bytes | ScriptError:
+        """The script's bytecode, or why it was refused."""
         if len(source) > MAX_SCRIPT_BYTES:
             return script_errors(name, source, [f"{name} is larger than {MAX_SCRIPT_BYTES} bytes"])
         if source.startswith(b"\x1bLua"):
             return script_errors(name, source, [f"{name}: precompiled bytecode is not accepted"])
-        message = compile_check(source, name)
-        if message is None:
-            return None
-        return script_errors(name, source, message.splitlines())
+        try:
+            return compile_script(source, name)
+        except ScriptLoadError as exc:
+            return script_errors(name, source, str(exc).splitlines())
 
 
 def _read_meta(probe: MatchLua) -> ScriptMeta:

@@ -162,6 +162,66 @@ async def test_failing_migrate_rolls_back(start_server, logs: Logs) -> None:
     assert_consecutive([s["counter"] for s in states])
 
 
+LIBRARY_V1 = """
+function string.tag(s) return "v1:" .. s end
+function init(state) state.counter = 0 return state end
+function tick(state) state.counter = state.counter + 1 return state end
+function get_state(state, pid)
+  return { counter = state.counter, tag = ("x"):tag(), up = ("a"):upper(), pi = math.floor(3.7),
+           has_poison = rawget(_G, "poison") ~= nil, tagged = string.tag ~= nil }
+end
+"""
+
+# Its top level vandalises every library table it can reach, then its tick fails.
+LIBRARY_POISON = """
+string.upper = function() return "poisoned" end
+string.tag = function() return "poisoned" end
+math.floor = nil
+table.insert = nil
+game.random = nil
+poison = true
+function init(state) return state end
+function tick(state) error("bad version") end
+function get_state(state, pid) return {} end
+"""
+
+# A good version that does not define string.tag: the old version's method must not leak in.
+LIBRARY_V3 = """
+function init(state) state.counter = 0 return state end
+function tick(state) state.counter = state.counter + 1 return state end
+function get_state(state, pid)
+  return { counter = state.counter, tag = "v3", up = ("a"):upper(), pi = math.floor(3.7),
+           has_poison = rawget(_G, "poison") ~= nil, tagged = string.tag ~= nil,
+           method = pcall(function() return ("x"):tag() end) }
+end
+"""
+
+
+async def test_versions_share_no_library_tables(start_server, logs: Logs) -> None:
+    """Versions of a script run in one Lua state but each has its own environment: a
+    rolled-back version that rewrote `string`, `math` and `table` leaves the running one as it
+    was, and a new version does not inherit the old one's additions (not even string methods)."""
+    server = await start_server({"match.lua": LIBRARY_V1})
+    client = await server.player("hello")
+    await client.expect("matchmaker.matched")
+    before = await client.states(2)
+    assert before[-1]["tag"] == "v1:x" and before[-1]["up"] == "A" and before[-1]["pi"] == 3
+    server.write("match.lua", LIBRARY_POISON)
+    line = await logs.wait_for("reload_rolled_back")
+    assert "bad version" in line["errors"][0]
+    after = await client.states(3)
+    for state in after:
+        assert (state["tag"], state["up"], state["pi"]) == ("v1:x", "A", 3)
+        assert state["has_poison"] is False and state["tagged"] is True
+    assert_consecutive([s["counter"] for s in before + after])
+    server.write("match.lua", LIBRARY_V3)
+    states = await wait_for_message(client, lambda s: s["tag"] == "v3")
+    last = states[-1]
+    assert (last["up"], last["pi"], last["has_poison"]) == ("A", 3, False)
+    assert last["tagged"] is False and last["method"] is False
+    assert_consecutive([s["counter"] for s in before + after + states])
+
+
 SHARED_V1 = """
 function init(state)
   local shared = { n = 0 }

@@ -1,7 +1,7 @@
-"""The state copy a reload makes: serialize in the old Lua state, deserialize in a fresh one.
+"""The state copy a reload makes: the new version of a script runs on a data-only copy.
 
-The shape checks run in Lua, in the new state, because Python wrappers of Lua tables cannot tell
-two references to one table apart.
+The shape checks run in Lua because Python wrappers of Lua tables cannot tell two references to
+one table apart.
 """
 
 from __future__ import annotations
@@ -54,6 +54,33 @@ function check(s)
   expect(count == 19, "key count " .. count)
   return table.concat(problems, "; ")
 end
+
+-- No table of the copy is a table of the original: the new code cannot touch the running state.
+function disjoint(a, b)
+  local seen, queue, i = { [a] = true }, { a }, 1
+  while queue[i] do
+    for k, v in pairs(queue[i]) do
+      for _, x in ipairs({ k, v }) do
+        if type(x) == "table" and not seen[x] then seen[x] = true; queue[#queue + 1] = x end
+      end
+    end
+    i = i + 1
+  end
+  local count = 0
+  queue, i = { b }, 1
+  local visited = { [b] = true }
+  while queue[i] do
+    if seen[queue[i]] then return false end
+    count = count + 1
+    for k, v in pairs(queue[i]) do
+      for _, x in ipairs({ k, v }) do
+        if type(x) == "table" and not visited[x] then visited[x] = true; queue[#queue + 1] = x end
+      end
+    end
+    i = i + 1
+  end
+  return count
+end
 """
 
 
@@ -63,37 +90,36 @@ def runtime() -> MatchLua:
     return lua
 
 
-def copy(old: MatchLua, new: MatchLua, state: Any) -> Any:
-    blob = old.api_call("reload copy", "serialize", state, budget=1.0)
-    assert blob.ok, blob.error
-    assert isinstance(blob.value, bytes)
-    restored = new.api_call("reload copy", "deserialize", blob.value, budget=1.0)
-    assert restored.ok, restored.error
-    return restored.value
+def copy(lua: MatchLua, state: Any) -> Any:
+    copied = lua.copy_state(state)
+    assert copied.ok, copied.error
+    return copied.value
 
 
 def test_shape_and_values_survive_the_copy() -> None:
-    old, new = runtime(), runtime()
-    built = old.call("build")
+    lua = runtime()
+    built = lua.call("build")
     assert built.ok, built.error
-    assert old.call("check", built.value).value == b""  # the checks hold on the original
-    restored = copy(old, new, built.value)
-    assert new.call("check", restored).value == b""
+    assert lua.call("check", built.value).value == b""  # the checks hold on the original
+    copied = copy(lua, built.value)
+    assert lua.call("check", copied).value == b""
+    # root, shared, empty, nested, deeper, deepest, ring, ring.next
+    assert lua.call("disjoint", built.value, copied).value == 8
 
 
 def test_copy_of_a_copy_is_identical() -> None:
-    a, b, c = runtime(), runtime(), runtime()
-    state = a.call("build").value
-    once = copy(a, b, state)
-    twice = copy(b, c, once)
-    assert c.call("check", twice).value == b""
+    lua = runtime()
+    state = lua.call("build").value
+    twice = copy(lua, copy(lua, state))
+    assert lua.call("check", twice).value == b""
+    assert lua.call("disjoint", state, twice).value == 8
 
 
 def test_empty_state() -> None:
-    old, new = runtime(), runtime()
-    restored = copy(old, new, old.new_table())
-    assert MatchLua.is_table(restored)
-    assert list(restored.items()) == []
+    lua = runtime()
+    copied = copy(lua, lua.new_table())
+    assert MatchLua.is_table(copied)
+    assert list(copied.items()) == []
 
 
 @pytest.mark.parametrize(
@@ -119,14 +145,14 @@ def test_non_data_is_refused_with_its_path(setup: str, message: str) -> None:
     old = runtime()
     old.load(f"function make() local s = {{ ok = 1 }} {setup} return s end".encode(), "bad.lua")
     state = old.call("make").value
-    result = old.api_call("reload copy", "serialize", state, budget=1.0)
+    result = old.copy_state(state)
     assert not result.ok
     assert message in result.error
 
 
 def test_state_that_is_not_a_table() -> None:
     old = runtime()
-    result = old.api_call("reload copy", "serialize", 42, budget=1.0)
+    result = old.copy_state(42)
     assert not result.ok and "state is a number, not a table" in result.error
 
 
@@ -138,7 +164,7 @@ def test_copy_is_budgeted() -> None:
         "big.lua",
     )
     state = old.call_function("make", old.function("make"), budget=5.0).value
-    result = old.api_call("reload copy", "serialize", state, budget=0.001)
+    result = old.call_function("reload copy", old.api[b"copy"], state, budget=0.001)
     assert not result.ok and result.error == "reload copy exceeded its time budget"
 
 

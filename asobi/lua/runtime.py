@@ -139,10 +139,13 @@ def error_text(raw: Any) -> str:
     return text
 
 
-def compile_check(source: bytes, chunkname: str) -> str | None:
-    """Compile `source` without running it; return the compiler's error, or None when it is valid.
+def compile_script(source: bytes, chunkname: str) -> bytes:
+    """Compile a script's text once; every match then loads the returned bytecode.
 
-    A throwaway runtime is used so that checking a script never touches a running match.
+    Raises ScriptLoadError with the compiler's message.  A throwaway runtime is used, so that
+    compiling never touches a running match; nothing of the script runs here.  The bytecode keeps
+    its debug information (error messages name the file and line).  Loading precompiled code is
+    safe only because it comes from this compiler: bytecode from anywhere else is never loaded.
     """
     runtime = lua54.LuaRuntime(
         register_eval=False,
@@ -151,15 +154,28 @@ def compile_check(source: bytes, chunkname: str) -> str | None:
         attribute_filter=_deny_attributes,
         max_memory=64 * 1024 * 1024,
     )
-    loader = runtime.execute(b"return function(s, n) return load(s, n, 't', {}) end")
+    compiler = runtime.execute(
+        b"return function(s, n) "
+        b"local fn, err = load(s, n, 't', {}) "
+        b"if not fn then return nil, err end "
+        b"return string.dump(fn) end"
+    )
     try:
-        result = loader(source, ("@" + chunkname).encode())
+        result = compiler(source, ("@" + chunkname).encode())
     except LuaError as exc:
-        return error_text(exc)
-    if isinstance(result, tuple):
-        fn, err = ((*result, None, None))[:2]
-        return None if fn is not None else error_text(err)
-    return None if result is not None else "could not compile"
+        raise ScriptLoadError(error_text(exc)) from None
+    code, err = ((*result, None))[:2] if isinstance(result, tuple) else (result, None)
+    if not isinstance(code, bytes):
+        raise ScriptLoadError(error_text(err or b"could not compile"))
+    return code
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedScript:
+    """Which loaded version of a script a MatchLua runs (`MatchLua.current` / `restore`)."""
+
+    env: Any
+    functions: dict[str, Any]
 
 
 class MatchLua:
@@ -202,29 +218,57 @@ class MatchLua:
         self._ctx = self.api[b"ctx"]
         self._global = self.api[b"global"]
         self._field = self.api[b"field"]
-        self._functions: dict[str, Any] = {}
+        self._new_env = self.api[b"new_env"]
+        self._activate = self.api[b"activate"]
+        self._loaded = LoadedScript(None, {})
         self._budgets: dict[str, float] = {}
 
     # -- loading --------------------------------------------------------------------------------
     def load(self, source: bytes, chunkname: str) -> Any:
-        """Compile the script into the sandbox env and run its top-level code under a budget.
+        """Compile script text into a new environment and run its top-level code (budgeted).
 
         Returns what the chunk returned (a module's table, `config.lua`'s mode map).
         """
-        loaded = self.api[b"load"](source, ("@" + chunkname).encode())
-        chunk, err = ((*loaded, None))[:2] if isinstance(loaded, tuple) else (loaded, None)
-        if chunk is None:
+        return self._load(self.api[b"load"], source, chunkname)
+
+    def load_compiled(self, code: bytes, chunkname: str) -> Any:
+        """`load` for bytecode made by `compile_script` (a reload compiles once for all matches)."""
+        return self._load(self.api[b"load_compiled"], code, chunkname)
+
+    def _load(self, loader: Any, chunk: bytes, chunkname: str) -> Any:
+        """Each load gets a fresh environment, so versions of a script never share a table.
+
+        The new version becomes the running one; if its top level fails, the previous one is
+        put back and ScriptLoadError raised.  `restore` puts it back later (a reload rolled back).
+        """
+        previous = self._loaded
+        env = self._new_env()
+        self._activate(env)
+        self._loaded = LoadedScript(env, {})
+        loaded = loader(env, chunk, ("@" + chunkname).encode())
+        fn, err = ((*loaded, None))[:2] if isinstance(loaded, tuple) else (loaded, None)
+        if fn is None:
+            self.restore(previous)
             raise ScriptLoadError(error_text(err or b"could not compile"))
-        result = self.call_function("load", chunk, budget=self.limits.load)
+        result = self.call_function("load", fn, budget=self.limits.load)
         if not result.ok:
+            self.restore(previous)
             raise ScriptLoadError(result.error)
-        self._functions.clear()
         return result.value
+
+    def current(self) -> LoadedScript:
+        return self._loaded
+
+    def restore(self, loaded: LoadedScript) -> None:
+        """Run `loaded` again (what `current` returned before a newer version was loaded)."""
+        self._loaded = loaded
+        if loaded.env is not None:
+            self._activate(loaded.env)
 
     def global_value(self, name: str) -> Any:
         """A script global as plain data (None when unset or not convertible)."""
         try:
-            return to_python(self._global(name.encode()), what=name)
+            return to_python(self._global(self._loaded.env, name.encode()), what=name)
         except ConversionError:
             return None
 
@@ -234,10 +278,15 @@ class MatchLua:
 
     def function(self, name: str) -> Any:
         """The script's global function `name`, or None.  Looked up once per loaded script."""
-        if name not in self._functions:
-            value = self._global(name.encode())
-            self._functions[name] = value if lua54.lua_type(value) == "function" else None
-        return self._functions[name]
+        functions = self._loaded.functions
+        if name not in functions:
+            value = self._global(self._loaded.env, name.encode())
+            functions[name] = value if lua54.lua_type(value) == "function" else None
+        return functions[name]
+
+    def copy_state(self, state: Any) -> CallResult:
+        """A data-only copy of `state` for a new version to run on (see `api.copy`)."""
+        return self.call_function("reload copy", self.api[b"copy"], state, budget=self.limits.copy)
 
     # -- calling --------------------------------------------------------------------------------
     def call(self, callback: str, *args: Any) -> CallResult:
@@ -264,10 +313,6 @@ class MatchLua:
         if out[0] is True:
             return CallResult(True, out[1:])
         return CallResult(False, error=error_text(out[1] if len(out) > 1 else b"unknown error"))
-
-    def api_call(self, label: str, name: str, *args: Any, budget: float) -> CallResult:
-        """Run one of the sandbox's own host functions (serialize, deserialize) under a budget."""
-        return self.call_function(label, self.api[name.encode()], *args, budget=budget)
 
     # -- context and data ------------------------------------------------------------------------
     def set_context(self, match_id: str, tick: int, players: list[str]) -> None:

@@ -1,10 +1,10 @@
 -- Host side of a match's Lua state.
 --
 -- This chunk runs once in every fresh Lua state, with the real standard library, before any game
--- code.  It captures what the host needs in locals, builds the whitelisted environment that game
--- scripts are compiled into, and returns the host API (a table only Python holds).  Game code can
--- never reach the real globals, `debug`, `load`, `string.dump` or the lupa module: it only sees
--- `env`, and every function in `env` was chosen here.
+-- code.  It captures what the host needs in locals, builds the whitelisted library that game
+-- scripts see, and returns the host API (a table only Python holds).  Game code can never reach
+-- the real globals, `debug`, `load`, `string.dump` or the lupa module: it only sees the
+-- environment `new_env` made for its version, and every function in it was chosen here.
 local host = ...
 math.randomseed(host.seed)
 
@@ -19,9 +19,8 @@ local co_create, co_resume, co_status, co_yield = coroutine.create, coroutine.re
 local co_running, co_isyieldable, co_close = coroutine.running, coroutine.isyieldable, coroutine.close
 local pcall_, xpcall_, error_, type_, select_, next_ = pcall, xpcall, error, type, select, next
 local tostring_, setmetatable_, getmetatable_, rawget_, load_ = tostring, setmetatable, getmetatable, rawget, load
-local spack, sunpack, sfind, smatch, sgmatch, sgsub, ssub, sformat, sbyte =
-  string.pack, string.unpack, string.find, string.match, string.gmatch, string.gsub, string.sub,
-  string.format, string.byte
+local sfind, smatch, sgmatch, sgsub, sformat, sbyte =
+  string.find, string.match, string.gmatch, string.gsub, string.format, string.byte
 local tconcat = table.concat
 local mtype, huge = math.type, math.huge
 
@@ -282,16 +281,18 @@ function safe_string.char(...)
   return charged_result(string.char(...))
 end
 
--- Method calls on strings (`s:find(...)`) go through the string metatable: point it at the safe
+-- Method calls on strings (`s:find(...)`) go through the string metatable: point it at a safe
 -- table and lock it, so `getmetatable("").__index` cannot hand out the real string library.
-do
-  local mt = getmetatable_("")
-  mt.__index = safe_string
-  mt.__metatable = false
-end
+local string_mt = getmetatable_("")
+string_mt.__index = safe_string
+string_mt.__metatable = false
 
 ---------------------------------------------------------------------------------------------------
--- The environment game scripts see.
+-- What game scripts see.  The library tables and functions are built once per Lua state; every
+-- loaded version of a script then gets its own environment (`new_env`) holding copies of them.
+-- A reload compiles the new code into a fresh environment of the same state and a rolled-back
+-- reload just drops it: nothing one version can write to is shared with another, and the string
+-- metatable always points at the active version's `string` table (`api.activate`).
 ---------------------------------------------------------------------------------------------------
 local function copy(t)
   local out = {}
@@ -299,19 +300,18 @@ local function copy(t)
   return out
 end
 
-local env = {}
-env._G = env
-env._VERSION = _VERSION
+local base = {}
 for _, name in next_, {
   "assert", "error", "ipairs", "next", "pairs", "rawequal", "rawget", "rawlen", "rawset", "select",
   "tonumber", "tostring", "type", "getmetatable",
 } do
-  env[name] = _G[name]
+  base[name] = _G[name]
 end
-env.string = safe_string
-env.table = copy(table)
-env.math = copy(math)
-env.utf8 = copy(utf8)
+base._VERSION = _VERSION
+
+local lib_table = copy(table)
+local lib_math = copy(math)
+local lib_utf8 = copy(utf8)
 
 -- Table and utf8 functions whose single C call can walk a whole table or string are charged; a
 -- large sort without a comparator gets a Lua one, so the hook can stop it between comparisons.
@@ -324,58 +324,58 @@ do
     return 0
   end
   local function less(a, b) return a < b end
-  env.table.concat = function(t, sep, i, j) return charged_result(t_concat(t, sep, i, j)) end
-  env.table.insert = function(t, ...)
+  lib_table.concat = function(t, sep, i, j) return charged_result(t_concat(t, sep, i, j)) end
+  lib_table.insert = function(t, ...)
     if select_("#", ...) > 1 then charge(size(t) * 16) end
     return t_insert(t, ...)
   end
-  env.table.remove = function(t, ...)
+  lib_table.remove = function(t, ...)
     if select_("#", ...) > 0 then charge(size(t) * 16) end
     return t_remove(t, ...)
   end
-  env.table.move = function(a1, f, e, t, a2)
+  lib_table.move = function(a1, f, e, t, a2)
     if type_(f) == "number" and type_(e) == "number" and e > f then charge((e - f) * 16) end
     return t_move(a1, f, e, t, a2)
   end
-  env.table.sort = function(t, comp)
+  lib_table.sort = function(t, comp)
     local n = size(t)
     charge(n * 16)
     if comp == nil and n > 20000 then comp = less end
     return t_sort(t, comp)
   end
-  env.table.unpack = function(t, i, j) return charged_count(t_unpack(t, i, j)) end
+  lib_table.unpack = function(t, i, j) return charged_count(t_unpack(t, i, j)) end
   local u_len, u_codepoint, u_offset, u_char = utf8.len, utf8.codepoint, utf8.offset, utf8.char
-  env.utf8.len = function(s, ...)
+  lib_utf8.len = function(s, ...)
     if type_(s) == "string" then charge(#s) end
     return u_len(s, ...)
   end
-  env.utf8.offset = function(s, ...)
+  lib_utf8.offset = function(s, ...)
     if type_(s) == "string" then charge(#s) end
     return u_offset(s, ...)
   end
-  env.utf8.codepoint = function(s, i, j, lax) return charged_count(u_codepoint(s, i, j, lax)) end
-  env.utf8.char = function(...)
+  lib_utf8.codepoint = function(s, i, j, lax) return charged_count(u_codepoint(s, i, j, lax)) end
+  lib_utf8.char = function(...)
     charge(select_("#", ...))
     return charged_result(u_char(...))
   end
 end
-env.os = { time = os.time, clock = os.clock, date = os.date }
+local lib_os = { time = os.time, clock = os.clock, date = os.date }
 
-function env.setmetatable(t, mt)
+function base.setmetatable(t, mt)
   if type_(mt) == "table" and rawget_(mt, "__gc") ~= nil then
     error_("__gc metamethods are not allowed in match scripts", 2)
   end
   return setmetatable_(t, mt)
 end
 
-function env.pcall(f, ...)
+function base.pcall(f, ...)
   return reraise_if_exceeded(pcall_(f, ...))
 end
 
 -- An error raised by the hook leaves Lua's hooks switched off until the protected call unwinds,
 -- and the message handler runs before that: a script handler would run with no budget at all.
 -- Once the budget is spent, the script's handler is therefore skipped.
-function env.xpcall(f, handler, ...)
+function base.xpcall(f, handler, ...)
   local function guarded(e)
     if exceeded then return exceeded end
     return handler(e)
@@ -395,7 +395,7 @@ local function wrap_results(ok, ...)
   return ...
 end
 
-env.coroutine = {
+local lib_coroutine = {
   create = co_new,
   resume = function(co, ...) return reraise_if_exceeded(co_resume(co, ...)) end,
   wrap = function(f)
@@ -434,30 +434,30 @@ local function host_call(fn, ...)
   return host_result(pcall_(fn, ...))
 end
 
-local game = {}
-function game.id() return ctx.match_id end
-function game.tick() return ctx.tick end
-function game.players()
+local lib_game = {}
+function lib_game.id() return ctx.match_id end
+function lib_game.tick() return ctx.tick end
+function lib_game.players()
   local out = {}
   for i, p in next_, ctx.players do out[i] = p end
   return out
 end
-function game.log(level, msg, meta)
+function lib_game.log(level, msg, meta)
   host_call(host_log, log_value(level), log_value(msg), type_(meta) == "table" and meta or nil)
 end
 -- The host returns an error message rather than raising, so the error is reported at the
 -- script line that called game.send / game.broadcast.
-function game.send(player_id, payload)
+function lib_game.send(player_id, payload)
   local err = host_call(host_send, player_id, payload)
   if err ~= nil then error_(err, 2) end
   return true
 end
-function game.broadcast(event, payload)
+function lib_game.broadcast(event, payload)
   local err = host_call(host_broadcast, event, payload)
   if err ~= nil then error_(err, 2) end
   return true
 end
-game.random = math.random
+lib_game.random = math.random
 
 -- Persistence: every call returns a table, {ok = value} or {error = code, message = text}.
 -- Writes belong to the running callback and take effect only if it succeeds.
@@ -467,60 +467,95 @@ local function persist(name)
     return host_persist(name, ...)
   end
 end
-game.economy = {
-  grant = persist("economy.grant"),
-  debit = persist("economy.debit"),
-  balance = persist("economy.balance"),
+local lib_persist = {
+  economy = {
+    grant = persist("economy.grant"),
+    debit = persist("economy.debit"),
+    balance = persist("economy.balance"),
+  },
+  leaderboard = {
+    submit = persist("leaderboard.submit"),
+    top = persist("leaderboard.top"),
+    rank = persist("leaderboard.rank"),
+    around = persist("leaderboard.around"),
+  },
+  storage = {
+    get = persist("storage.get"),
+    set = persist("storage.set"),
+    player_get = persist("storage.player_get"),
+    player_set = persist("storage.player_set"),
+  },
 }
-game.leaderboard = {
-  submit = persist("leaderboard.submit"),
-  top = persist("leaderboard.top"),
-  rank = persist("leaderboard.rank"),
-  around = persist("leaderboard.around"),
-}
-game.storage = {
-  get = persist("storage.get"),
-  set = persist("storage.set"),
-  player_get = persist("storage.player_get"),
-  player_set = persist("storage.player_set"),
-}
-env.game = game
 
-function env.print(...)
+function base.print(...)
   local parts = {}
   for i = 1, select_("#", ...) do parts[i] = log_value((select_(i, ...))) end
   host_call(host_log, "info", tconcat(parts, "\t"), nil)
 end
 
-local loaded = {}
-env._ASOBI_LOADED = loaded
-local loading = {}
-
-function env.require(name)
-  if type_(name) ~= "string" then error_("require expects a module name", 2) end
-  local cached = rawget_(loaded, name)
-  if cached ~= nil then return cached end
-  if loading[name] then error_("module '" .. name .. "' is required in a loop", 2) end
-  local source, chunkname = host_call(host_module, name)
-  if source == nil then error_(chunkname, 2) end
-  local chunk, err = load_(source, chunkname, "t", env)
-  if not chunk then error_(err, 2) end
-  loading[name] = true
-  local ok, result = pcall_(chunk, name)
-  loading[name] = nil
-  reraise_if_exceeded()
-  if not ok then error_(result, 0) end
-  if result == nil then result = true end
-  loaded[name] = result
-  return result
+-- Scripts and modules arrive compiled (the host compiles a saved file once, from text, and hands
+-- the same bytecode to every match); this is the only place that loads them.
+local function load_compiled(code, chunkname, env)
+  return load_(code, chunkname, "b", env)
 end
 
--- Compile a script's text into the environment.  Mode "t" refuses precompiled bytecode.
-function api.load(source, chunkname)
+local env_strings = setmetatable_({}, { __mode = "k" })
+
+local function new_env()
+  local env = copy(base)
+  env._G = env
+  local s = copy(safe_string)
+  env_strings[env] = s
+  env.string = s
+  env.table = copy(lib_table)
+  env.math = copy(lib_math)
+  env.utf8 = copy(lib_utf8)
+  env.os = copy(lib_os)
+  env.coroutine = copy(lib_coroutine)
+  local game = copy(lib_game)
+  for name, fns in next_, lib_persist do game[name] = copy(fns) end
+  env.game = game
+
+  local loaded, loading = {}, {}
+  env._ASOBI_LOADED = loaded
+  function env.require(name)
+    if type_(name) ~= "string" then error_("require expects a module name", 2) end
+    local cached = rawget_(loaded, name)
+    if cached ~= nil then return cached end
+    if loading[name] then error_("module '" .. name .. "' is required in a loop", 2) end
+    local code, chunkname = host_call(host_module, name)
+    if code == nil then error_(chunkname, 2) end
+    local chunk, err = load_compiled(code, chunkname, env)
+    if not chunk then error_(err, 2) end
+    loading[name] = true
+    local ok, result = pcall_(chunk, name)
+    loading[name] = nil
+    reraise_if_exceeded()
+    if not ok then error_(result, 0) end
+    if result == nil then result = true end
+    loaded[name] = result
+    return result
+  end
+  return env
+end
+
+api.new_env = new_env
+
+-- Make `env` the running version: method calls on strings (`s:upper()`) use its `string` table.
+function api.activate(env)
+  string_mt.__index = env_strings[env]
+end
+
+-- Compile a script's text into an environment.  Mode "t" refuses precompiled bytecode.
+function api.load(env, source, chunkname)
   return load_(source, chunkname, "t", env)
 end
 
-function api.global(name)
+function api.load_compiled(env, code, chunkname)
+  return load_compiled(code, chunkname, env)
+end
+
+function api.global(env, name)
   return rawget_(env, name)
 end
 
@@ -531,97 +566,68 @@ function api.field(t, key)
   return rawget_(t, key)
 end
 
-api.env = env
 api.patterns = lua_matcher -- for tests that compare it with the C library
 
 ---------------------------------------------------------------------------------------------------
--- State copy across a reload.  Only data crosses: tables (shared references and cycles keep their
--- shape), strings (binary-safe), integers and floats (kept apart), booleans.  The copy travels as
--- one binary string, so nothing of the old Lua state reaches the new one.
+-- State copy for a reload.  The new version runs on a copy, so a rolled-back reload leaves the
+-- running state untouched.  Only data is copied: tables (shared references and cycles keep their
+-- shape), strings, integers and floats, booleans.  Functions, coroutines and tables with a
+-- metatable belong to the old code; meeting one fails the copy with the path to it.
 ---------------------------------------------------------------------------------------------------
-local T_FALSE, T_TRUE, T_INT, T_FLOAT, T_STR, T_TABLE = 0, 1, 2, 3, 4, 5
-
 local function path_join(path, key)
   if type_(key) == "string" and smatch(key, "^[%a_][%w_]*$") then return path .. "." .. key end
   return path .. "[" .. tostring_(key) .. "]"
 end
 
-function api.serialize(root)
-  if type_(root) ~= "table" then error_("state is a " .. type_(root) .. ", not a table", 0) end
-  local ids, queue, paths, out, n = { [root] = 1 }, { root }, { "state" }, {}, 0
-  local function encode(v, path)
-    local t = type_(v)
-    if t == "string" then
-      return spack("<Bs4", T_STR, v)
-    elseif t == "number" then
-      if mtype(v) == "integer" then return spack("<Bj", T_INT, v) end
-      return spack("<Bn", T_FLOAT, v)
-    elseif t == "boolean" then
-      return spack("<B", v and T_TRUE or T_FALSE)
-    elseif t == "table" then
-      if getmetatable_(v) ~= nil then
-        error_(path .. " has a metatable; only plain data survives a reload", 0)
-      end
-      local id = ids[v]
-      if not id then
-        id = #queue + 1
-        ids[v], queue[id], paths[id] = id, v, path
-      end
-      return spack("<Bj", T_TABLE, id)
-    end
-    error_(path .. " is a " .. t .. "; only plain data survives a reload", 0)
-  end
-  if getmetatable_(root) ~= nil then
-    error_("state has a metatable; only plain data survives a reload", 0)
-  end
-  local i = 1
-  while queue[i] do
-    local t, path, count = queue[i], paths[i], 0
-    local body = {}
-    for k, v in next_, t do
-      count = count + 1
-      body[#body + 1] = encode(k, path .. "(key)")
-      body[#body + 1] = encode(v, path_join(path, k))
-    end
-    n = n + 1
-    out[n] = spack("<j", count) .. tconcat(body)
-    i = i + 1
-  end
-  return spack("<j", #queue) .. tconcat(out)
+local KEY = {} -- marks a step to a table that was reached as a key
+
+local function step(path, key)
+  if key == KEY then return path .. "(key)" end
+  return path_join(path, key)
 end
 
-function api.deserialize(blob)
-  local count, pos = sunpack("<j", blob)
-  local tables = {}
-  for i = 1, count do tables[i] = {} end
-  local function decode()
-    local tag
-    tag, pos = sunpack("<B", blob, pos)
-    local v
-    if tag == T_STR then
-      v, pos = sunpack("<s4", blob, pos)
-    elseif tag == T_INT then
-      v, pos = sunpack("<j", blob, pos)
-    elseif tag == T_FLOAT then
-      v, pos = sunpack("<n", blob, pos)
-    elseif tag == T_TABLE then
-      local id
-      id, pos = sunpack("<j", blob, pos)
-      v = tables[id]
-    else
-      v = tag == T_TRUE
-    end
-    return v
+function api.copy(root)
+  if type_(root) ~= "table" then error_("state is a " .. type_(root) .. ", not a table", 0) end
+  -- Tables are copied breadth first.  Each remembers its parent and key, so a path is only built
+  -- when an error needs it.
+  local copies, queue, parent, via = {}, {}, {}, {}
+  local function path_of(i)
+    if i == 1 then return "state" end
+    return step(path_of(parent[i]), via[i])
   end
-  for i = 1, count do
-    local t, entries = tables[i], nil
-    entries, pos = sunpack("<j", blob, pos)
-    for _ = 1, entries do
-      local k = decode()
-      t[k] = decode()
-    end
+  local function refuse(i, key, what)
+    error_((i == 0 and "state" or step(path_of(i), key)) .. what, 0)
   end
-  return tables[1]
+  local function value(v, i, key)
+    local t = type_(v)
+    if t == "table" then
+      local c = copies[v]
+      if c == nil then
+        if getmetatable_(v) ~= nil then
+          refuse(i, key, " has a metatable; only plain data survives a reload")
+        end
+        c = {}
+        copies[v] = c
+        local n = #queue + 1
+        queue[n], parent[n], via[n] = v, i, key
+      end
+      return c
+    elseif t == "string" or t == "number" or t == "boolean" then
+      return v
+    end
+    refuse(i, key, " is a " .. t .. "; only plain data survives a reload")
+  end
+  local out = value(root, 0, nil)
+  local i = 1
+  while queue[i] do
+    local src = queue[i]
+    local dst = copies[src]
+    for k, v in next_, src do
+      dst[value(k, i, KEY)] = value(v, i, k)
+    end
+    i = i + 1
+  end
+  return out
 end
 
 function api.new_table()
