@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from bench import capacity, procs, profile, reload_bench, report
+from bench import capacity, procs, profile, reload_bench, report, switch_cost
 from bench.loadgen import Tally
 from bench.targets import AsobiTarget, ColyseusTarget
 
@@ -33,8 +33,10 @@ class Plan:
     window_s: float
     settle_s: float
     capacity_budget_s: float
-    reload_matches: tuple[int, ...]
+    # (matches, shared_state) per row; rows of one get_state mode share a server, in order
+    reload_runs: tuple[tuple[int, bool], ...]
     reload_saves: int
+    switch_matches: int
     profile_s: float
 
 
@@ -43,8 +45,11 @@ FULL = Plan(
     window_s=6.0,
     settle_s=2.0,
     capacity_budget_s=200.0,
-    reload_matches=(200, 1000),
+    # 400 per-player and 1,000 shared_state matches are what one core carries (see capacity);
+    # 1,000 per-player matches is 2.5 times that, kept to show an overloaded server.
+    reload_runs=((200, False), (400, False), (1000, False), (1000, True)),
     reload_saves=20,
+    switch_matches=300,
     profile_s=8.0,
 )
 SMOKE = Plan(
@@ -52,8 +57,9 @@ SMOKE = Plan(
     window_s=1.0,
     settle_s=0.3,
     capacity_budget_s=5.0,
-    reload_matches=(5,),
+    reload_runs=((5, False),),
     reload_saves=3,
+    switch_matches=20,
     profile_s=0.0,
 )
 
@@ -82,16 +88,25 @@ async def run_asobi(
 
 async def run_reload(plan: Plan, work: Path, cores: Any, out: dict[str, Any]) -> None:
     server_core, _ = cores
-    target = AsobiTarget(work / "reload", server_core, Tally(), reload="watch")
-    target.start()
-    try:
-        runs = []
-        for matches in plan.reload_matches:
-            result = await reload_bench.run(target, matches, plan.reload_saves, plan.settle_s)
-            runs.append(result.as_dict())
-        out["reload"] = runs
-    finally:
-        target.stop()
+    out["switch_cost"] = [
+        switch_cost.measure(shared, matches=plan.switch_matches).as_dict()
+        for shared in (False, True)
+    ]
+    runs: list[dict[str, Any]] = []
+    out["reload"] = runs
+    for shared in (False, True):
+        rows = [matches for matches, mode in plan.reload_runs if mode is shared]
+        if not rows:
+            continue
+        name = "reload-shared" if shared else "reload"
+        target = AsobiTarget(work / name, server_core, Tally(), reload="watch", shared=shared)
+        target.start()
+        try:
+            for matches in rows:
+                result = await reload_bench.run(target, matches, plan.reload_saves, plan.settle_s)
+                runs.append(result.as_dict())
+        finally:
+            target.stop()
 
 
 async def run_colyseus(

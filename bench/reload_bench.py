@@ -25,6 +25,7 @@ WAIT_PER_SAVE_S = 5.0
 class ReloadResult:
     matches: int
     saves: int
+    shared: bool = False
     first_frame_ms: list[float] = field(default_factory=list)
     all_matches_ms: list[float] = field(default_factory=list)
     spread_ticks: list[float] = field(default_factory=list)
@@ -54,7 +55,7 @@ async def run(target: AsobiTarget, matches: int, saves: int, settle: float) -> R
     tally.track_messages = True
     await asyncio.sleep(settle)
     await target.stats()
-    result = ReloadResult(matches, saves)
+    result = ReloadResult(matches, saves, target.shared)
     _, gaps0, repeats0 = tally.counters()
     period = tally.period
     for i in range(1, saves + 1):
@@ -86,7 +87,8 @@ async def run(target: AsobiTarget, matches: int, saves: int, settle: float) -> R
     result.lateness_max_ms = stats["lateness_max_ms"]
     summary = result.summary()
     print(
-        f"  reload   M={matches:5} saves={saves} first p50={summary['first_frame_p50_ms']:.0f}ms "
+        f"  reload   M={matches:5} shared={target.shared} saves={saves} "
+        f"first p50={summary['first_frame_p50_ms']:.0f}ms "
         f"all p50={summary['all_matches_p50_ms']:.0f}ms skipped={result.skipped} "
         f"repeated={result.repeated} timed_out={result.timed_out}",
         flush=True,

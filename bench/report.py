@@ -115,24 +115,41 @@ def markdown(out: dict[str, Any]) -> str:
             "the same frame for the 4 players)"
         )
         lines += _capacity(shared, title, " (shared_state)", summary)
+    switches = out.get("switch_cost") or []
+    if switches:
+        lines += [
+            "",
+            "## Cost of switching code, per match (in-process, engine only)",
+            "",
+            "| get_state | normal tick us | switching tick us | extra us "
+            "| extra for 1,000 matches |",
+            "|:---|---:|---:|---:|---:|",
+        ]
+        for c in switches:
+            lines.append(
+                f"| {_mode(c)} | {c['normal_us']:.1f} | {c['switching_us']:.1f} "
+                f"| {c['extra_us']:.1f} | {c['extra_us']:.0f} ms |"
+            )
     reloads = out.get("reload") or []
     if reloads:
         lines += ["", f"## Hot reload under load ({reloads[0]['saves']} saves per row)", ""]
         lines += [
-            "| matches | save -> first new frame p50 / p99 ms | save -> all matches p50 / p99 ms "
-            "| spread max (ticks) | skipped | repeated | timed out | lateness p99 / max ms |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| matches | get_state | save -> first new frame p50 / p99 ms "
+            "| save -> all matches p50 / p99 ms | spread max (ticks) | skipped | repeated "
+            "| timed out | lateness p99 / max ms |",
+            "|---:|:---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in reloads:
             s = r["summary"]
             lines.append(
-                f"| {r['matches']} | {s['first_frame_p50_ms']:.0f} / {s['first_frame_p99_ms']:.0f} "
+                f"| {r['matches']} | {_mode(r)} "
+                f"| {s['first_frame_p50_ms']:.0f} / {s['first_frame_p99_ms']:.0f} "
                 f"| {s['all_matches_p50_ms']:.0f} / {s['all_matches_p99_ms']:.0f} "
                 f"| {s['spread_ticks_max']:.1f} | {r['skipped']} | {r['repeated']} "
                 f"| {r['timed_out']} | {r['lateness_p99_ms']:.1f} / {r['lateness_max_ms']:.1f} |"
             )
         for r in reloads:
-            s, at = r["summary"], f" ({r['matches']} matches)"
+            s, at = r["summary"], f" ({r['matches']} matches, {_mode(r)})"
             clean = not r["timed_out"]
             summary.append(
                 (
@@ -243,6 +260,10 @@ def _ratio(
         f"| {cpu_ratio:.2f} |",
         f"| largest M at p99 <= 10 ms{label} | {_f(m_ratio, 2)} |",
     ]
+
+
+def _mode(reload_run: dict[str, Any]) -> str:
+    return "shared" if reload_run.get("shared") else "per-player"
 
 
 def _met(ok: bool) -> str:

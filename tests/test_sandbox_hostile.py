@@ -343,3 +343,63 @@ async def test_hostile_input_handler_is_contained(start_server: Any, logs: Logs)
     assert states[-1]["n"] > states[0]["n"]
     await watch.stop()
     watch.assert_on_time(LIMITS.handle_input)
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole reachable surface, pinned: a name appearing here is a decision, not an accident.
+# --------------------------------------------------------------------------------------------------
+SURFACE = {
+    "_G": (
+        "_ASOBI_LOADED _G _VERSION assert coroutine error game getmetatable ipairs math next os "
+        "pairs pcall print rawequal rawget rawlen rawset require select setmetatable string table "
+        "tonumber tostring type utf8 xpcall"
+    ),
+    "string": (
+        "byte char find format gmatch gsub len lower match pack packsize rep reverse sub unpack "
+        "upper"
+    ),
+    "table": "concat insert move pack remove sort unpack",
+    "math": (
+        "abs acos asin atan ceil cos deg exp floor fmod huge log max maxinteger min mininteger "
+        "modf pi rad random randomseed sin sqrt tan tointeger type ult"
+    ),
+    "utf8": "char charpattern codepoint codes len offset",
+    "os": "clock date time",
+    "coroutine": "close create isyieldable resume running status wrap yield",
+    "game": "broadcast economy id leaderboard log players random send storage tick",
+    "game.economy": "balance debit grant",
+    "game.leaderboard": "around rank submit top",
+    "game.storage": "get player_get player_set set",
+}
+
+LIST_SURFACE = b"""
+local function keys(t)
+  local out = {}
+  for k in pairs(t) do out[#out + 1] = k end
+  table.sort(out)
+  return table.concat(out, " ")
+end
+function surface()
+  return {
+    _G = keys(_G), string = keys(string), table = keys(table), math = keys(math),
+    utf8 = keys(utf8), os = keys(os), coroutine = keys(coroutine), game = keys(game),
+    ["game.economy"] = keys(game.economy), ["game.leaderboard"] = keys(game.leaderboard),
+    ["game.storage"] = keys(game.storage),
+  }
+end
+"""
+
+
+def test_reachable_surface_is_exactly_the_whitelist() -> None:
+    from asobi.lua.convert import to_python
+    from asobi.lua.runtime import MatchLua
+    from tests.test_patterns import _QuietHost
+
+    lua = MatchLua(_QuietHost(), Limits(), seed=1)
+    lua.load(LIST_SURFACE, "surface.lua")
+    result = lua.call("surface")
+    assert result.ok, result.error
+    surface = to_python(result.value, what="surface")
+    # `surface` itself is a global of this script.
+    surface["_G"] = " ".join(k for k in surface["_G"].split() if k != "surface")
+    assert surface == SURFACE

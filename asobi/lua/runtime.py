@@ -34,9 +34,9 @@ _PATTERNS_SOURCE = resources.files("asobi.lua").joinpath("patterns.lua").read_by
 def _host_bytecode(source: bytes, name: bytes) -> bytes:
     """A host chunk (sandbox.lua, patterns.lua) compiled once per process.
 
-    Every match (and every reload of a match) gets a fresh Lua state; loading precompiled host
-    chunks instead of compiling their source more than halves the cost of making one.  Only these
-    host chunks are loaded as bytecode: game scripts are always compiled from text (mode "t").
+    Every match gets a fresh Lua state; loading precompiled host chunks instead of compiling their
+    source more than halves the cost of making one.  Game scripts are compiled from text only, by
+    `compile_script`.
     """
     compiler = lua54.LuaRuntime(register_eval=False, register_builtins=False, encoding=None)
     dump = compiler.execute(b"return function(src, n) return string.dump(load(src, n), true) end")
@@ -218,7 +218,7 @@ class MatchLua:
         self._ctx = self.api[b"ctx"]
         self._global = self.api[b"global"]
         self._field = self.api[b"field"]
-        self._new_env = self.api[b"new_env"]
+        self._install = self.api[b"install"]
         self._activate = self.api[b"activate"]
         self._loaded = LoadedScript(None, {})
         self._budgets: dict[str, float] = {}
@@ -229,32 +229,32 @@ class MatchLua:
 
         Returns what the chunk returned (a module's table, `config.lua`'s mode map).
         """
-        return self._load(self.api[b"load"], source, chunkname)
+        return self._load(source, chunkname, b"t")
 
     def load_compiled(self, code: bytes, chunkname: str) -> Any:
         """`load` for bytecode made by `compile_script` (a reload compiles once for all matches)."""
-        return self._load(self.api[b"load_compiled"], code, chunkname)
+        return self._load(code, chunkname, b"b")
 
-    def _load(self, loader: Any, chunk: bytes, chunkname: str) -> Any:
+    def _load(self, chunk: bytes, chunkname: str, mode: bytes) -> Any:
         """Each load gets a fresh environment, so versions of a script never share a table.
 
-        The new version becomes the running one; if its top level fails, the previous one is
-        put back and ScriptLoadError raised.  `restore` puts it back later (a reload rolled back).
+        The new version becomes the running one; if it fails to compile or its top level fails,
+        the previous one is put back and ScriptLoadError raised.  `restore` puts it back later
+        (a reload rolled back).
         """
         previous = self._loaded
-        env = self._new_env()
-        self._activate(env)
-        self._loaded = LoadedScript(env, {})
-        loaded = loader(env, chunk, ("@" + chunkname).encode())
-        fn, err = ((*loaded, None))[:2] if isinstance(loaded, tuple) else (loaded, None)
-        if fn is None:
-            self.restore(previous)
-            raise ScriptLoadError(error_text(err or b"could not compile"))
-        result = self.call_function("load", fn, budget=self.limits.load)
+        result = self.call_function(
+            "load", self._install, chunk, ("@" + chunkname).encode(), mode, budget=self.limits.load
+        )
         if not result.ok:
             self.restore(previous)
             raise ScriptLoadError(result.error)
-        return result.value
+        env = result.value
+        if env is None:
+            message = result.values[1] if len(result.values) > 1 else None
+            raise ScriptLoadError(error_text(message or b"could not compile"))
+        self._loaded = LoadedScript(env, {})
+        return result.values[1] if len(result.values) > 1 else None
 
     def current(self) -> LoadedScript:
         return self._loaded
@@ -262,8 +262,7 @@ class MatchLua:
     def restore(self, loaded: LoadedScript) -> None:
         """Run `loaded` again (what `current` returned before a newer version was loaded)."""
         self._loaded = loaded
-        if loaded.env is not None:
-            self._activate(loaded.env)
+        self._activate(loaded.env)
 
     def global_value(self, name: str) -> Any:
         """A script global as plain data (None when unset or not convertible)."""

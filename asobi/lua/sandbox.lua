@@ -501,20 +501,59 @@ end
 
 local env_strings = setmetatable_({}, { __mode = "k" })
 
+-- A new environment: every table in it is new, every function in it one of those built above.
+-- The tables are written out in full (rather than copied in a loop) because this runs on every
+-- reload of every match: a constructor allocates each table at its final size in one go.  This is
+-- also the complete list of what game code can reach.
 local function new_env()
-  local env = copy(base)
+  local S, T, M, U, O, C, B = safe_string, lib_table, lib_math, lib_utf8, lib_os, lib_coroutine, base
+  local G, E, L, P = lib_game, lib_persist.economy, lib_persist.leaderboard, lib_persist.storage
+  local string_ = {
+    byte = S.byte, char = S.char, find = S.find, format = S.format, gmatch = S.gmatch,
+    gsub = S.gsub, len = S.len, lower = S.lower, match = S.match, pack = S.pack,
+    packsize = S.packsize, rep = S.rep, reverse = S.reverse, sub = S.sub, unpack = S.unpack,
+    upper = S.upper,
+  }
+  local env = {
+    assert = B.assert, error = B.error, getmetatable = B.getmetatable, ipairs = B.ipairs,
+    next = B.next, pairs = B.pairs, pcall = B.pcall, print = B.print, rawequal = B.rawequal,
+    rawget = B.rawget, rawlen = B.rawlen, rawset = B.rawset, select = B.select,
+    setmetatable = B.setmetatable, tonumber = B.tonumber, tostring = B.tostring, type = B.type,
+    xpcall = B.xpcall, _VERSION = B._VERSION,
+    string = string_,
+    table = {
+      concat = T.concat, insert = T.insert, move = T.move, pack = T.pack, remove = T.remove,
+      sort = T.sort, unpack = T.unpack,
+    },
+    math = {
+      abs = M.abs, acos = M.acos, asin = M.asin, atan = M.atan, ceil = M.ceil, cos = M.cos,
+      deg = M.deg, exp = M.exp, floor = M.floor, fmod = M.fmod, huge = M.huge, log = M.log,
+      max = M.max, maxinteger = M.maxinteger, min = M.min, mininteger = M.mininteger,
+      modf = M.modf, pi = M.pi, rad = M.rad, random = M.random, randomseed = M.randomseed,
+      sin = M.sin, sqrt = M.sqrt, tan = M.tan, tointeger = M.tointeger, type = M.type,
+      ult = M.ult,
+    },
+    utf8 = {
+      char = U.char, charpattern = U.charpattern, codepoint = U.codepoint, codes = U.codes,
+      len = U.len, offset = U.offset,
+    },
+    os = { clock = O.clock, date = O.date, time = O.time },
+    coroutine = {
+      close = C.close, create = C.create, isyieldable = C.isyieldable, resume = C.resume,
+      running = C.running, status = C.status, wrap = C.wrap, yield = C.yield,
+    },
+    game = {
+      id = G.id, tick = G.tick, players = G.players, log = G.log, send = G.send,
+      broadcast = G.broadcast, random = G.random,
+      economy = { grant = E.grant, debit = E.debit, balance = E.balance },
+      leaderboard = { submit = L.submit, top = L.top, rank = L.rank, around = L.around },
+      storage = {
+        get = P.get, set = P.set, player_get = P.player_get, player_set = P.player_set,
+      },
+    },
+  }
   env._G = env
-  local s = copy(safe_string)
-  env_strings[env] = s
-  env.string = s
-  env.table = copy(lib_table)
-  env.math = copy(lib_math)
-  env.utf8 = copy(lib_utf8)
-  env.os = copy(lib_os)
-  env.coroutine = copy(lib_coroutine)
-  local game = copy(lib_game)
-  for name, fns in next_, lib_persist do game[name] = copy(fns) end
-  env.game = game
+  env_strings[env] = string_
 
   local loaded, loading = {}, {}
   env._ASOBI_LOADED = loaded
@@ -539,20 +578,22 @@ local function new_env()
   return env
 end
 
-api.new_env = new_env
-
--- Make `env` the running version: method calls on strings (`s:upper()`) use its `string` table.
-function api.activate(env)
+-- Load a script into a new environment and run its top level (the host calls this under the
+-- "load" budget).  Returns the environment and what the chunk returned, or nil and the compiler's
+-- message.  From the moment its top level starts, the new version is the active one: string
+-- methods are looked up in its `string` table.  `mode` is "t" for text, "b" only for code the
+-- host compiled itself.
+function api.install(code, chunkname, mode)
+  local env = new_env()
+  local chunk, err = load_(code, chunkname, mode, env)
+  if not chunk then return nil, err end
   string_mt.__index = env_strings[env]
+  return env, chunk()
 end
 
--- Compile a script's text into an environment.  Mode "t" refuses precompiled bytecode.
-function api.load(env, source, chunkname)
-  return load_(source, chunkname, "t", env)
-end
-
-function api.load_compiled(env, code, chunkname)
-  return load_compiled(code, chunkname, env)
+-- Make `env` the running version again (a reload rolled back); nil before any script is loaded.
+function api.activate(env)
+  string_mt.__index = env and env_strings[env] or safe_string
 end
 
 function api.global(env, name)
@@ -586,44 +627,74 @@ local function step(path, key)
   return path_join(path, key)
 end
 
+-- The path of `target` in the state, found the way the copy walks it (breadth first).  Only
+-- built for an error message, so the copy itself does not track paths.
+local function path_to(root, target)
+  local parent, via, queue, i = { [root] = false }, {}, { root }, 1
+  while queue[i] do
+    local t = queue[i]
+    if t == target then break end
+    for k, v in next_, t do
+      if type_(k) == "table" and parent[k] == nil then
+        parent[k], via[k] = t, KEY
+        queue[#queue + 1] = k
+      end
+      if type_(v) == "table" and parent[v] == nil then
+        parent[v], via[v] = t, k
+        queue[#queue + 1] = v
+      end
+    end
+    i = i + 1
+  end
+  if target == root then return "state" end
+  return step(path_to(root, parent[target]), via[target])
+end
+
+local function refuse(root, src, key, v)
+  local t = type_(v)
+  local what = t == "table" and " has a metatable" or (" is a " .. t)
+  error_(step(path_to(root, src), key) .. what .. "; only plain data survives a reload", 0)
+end
+
 function api.copy(root)
   if type_(root) ~= "table" then error_("state is a " .. type_(root) .. ", not a table", 0) end
-  -- Tables are copied breadth first.  Each remembers its parent and key, so a path is only built
-  -- when an error needs it.
-  local copies, queue, parent, via = {}, {}, {}, {}
-  local function path_of(i)
-    if i == 1 then return "state" end
-    return step(path_of(parent[i]), via[i])
+  if getmetatable_(root) ~= nil then
+    error_("state has a metatable; only plain data survives a reload", 0)
   end
-  local function refuse(i, key, what)
-    error_((i == 0 and "state" or step(path_of(i), key)) .. what, 0)
-  end
-  local function value(v, i, key)
-    local t = type_(v)
-    if t == "table" then
-      local c = copies[v]
-      if c == nil then
-        if getmetatable_(v) ~= nil then
-          refuse(i, key, " has a metatable; only plain data survives a reload")
-        end
-        c = {}
-        copies[v] = c
-        local n = #queue + 1
-        queue[n], parent[n], via[n] = v, i, key
-      end
-      return c
-    elseif t == "string" or t == "number" or t == "boolean" then
-      return v
-    end
-    refuse(i, key, " is a " .. t .. "; only plain data survives a reload")
-  end
-  local out = value(root, 0, nil)
-  local i = 1
-  while queue[i] do
+  local out = {}
+  local copies, queue, n, i = { [root] = out }, { root }, 1, 1
+  while i <= n do
     local src = queue[i]
     local dst = copies[src]
     for k, v in next_, src do
-      dst[value(k, i, KEY)] = value(v, i, k)
+      local ck, cv = k, v
+      local t = type_(k)
+      if t == "table" then
+        ck = copies[k]
+        if ck == nil then
+          if getmetatable_(k) ~= nil then refuse(root, src, KEY, k) end
+          ck = {}
+          copies[k] = ck
+          n = n + 1
+          queue[n] = k
+        end
+      elseif t ~= "string" and t ~= "number" and t ~= "boolean" then
+        refuse(root, src, KEY, k)
+      end
+      t = type_(v)
+      if t == "table" then
+        cv = copies[v]
+        if cv == nil then
+          if getmetatable_(v) ~= nil then refuse(root, src, k, v) end
+          cv = {}
+          copies[v] = cv
+          n = n + 1
+          queue[n] = v
+        end
+      elseif t ~= "string" and t ~= "number" and t ~= "boolean" then
+        refuse(root, src, k, v)
+      end
+      dst[ck] = cv
     end
     i = i + 1
   end
