@@ -26,6 +26,7 @@ def snapshot(app: App) -> dict[str, float | int]:
     app.metrics.take_lateness(app.engine)
     values = sorted(app.metrics.drain_recent_lateness())
     n = len(values)
+    gc_pauses = app.metrics.drain_recent_gc_pauses()
 
     def pct(q: float) -> float:
         return values[min(n - 1, int(q * n))] * 1000 if n else 0.0
@@ -36,6 +37,9 @@ def snapshot(app: App) -> dict[str, float | int]:
         "lateness_p50_ms": pct(0.50),
         "lateness_p99_ms": pct(0.99),
         "lateness_max_ms": values[-1] * 1000 if n else 0.0,
+        "gc_collections": len(gc_pauses),
+        "gc_pause_total_ms": sum(gc_pauses) * 1000,
+        "gc_pause_max_ms": max(gc_pauses, default=0.0) * 1000,
         "ticks": app.engine.ticks,
         "matches": len(app.engine.matches),
         "frames_sent": app.metrics.frames_sent,

@@ -43,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logsetup.configure(settings.log_level)
     app = App.create(settings)
     _tune_gc()
+    app.metrics.watch_gc()
     asyncio.run(AsobiServer(app).serve_forever())
     return 0
 

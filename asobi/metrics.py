@@ -9,6 +9,8 @@ Tick lateness is fed into a histogram from the engine's lateness buffer, drained
 
 from __future__ import annotations
 
+import gc
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -62,6 +64,15 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.gc_pause = Histogram(
+            "asobi_gc_pause_seconds",
+            "Python garbage collector pauses, by generation (they delay every tick).",
+            ["generation"],
+            buckets=LATENESS_BUCKETS,
+            registry=self.registry,
+        )
+        self.recent_gc_pauses: deque[float] = deque(maxlen=4096)
+        self._gc_started = 0.0
         self._live = _LiveCollector(self)
         self.registry.register(self._live)
         self._last_reload_id = 0
@@ -88,6 +99,25 @@ class Metrics:
         """Raw samples since the last call (exact percentiles for the benchmark suite)."""
         values = list(self.recent_lateness)
         self.recent_lateness.clear()
+        return values
+
+    def watch_gc(self) -> None:
+        """Time every garbage collection (process-wide, so only the served app calls this): a
+        tick lateness spike that lines up with a long generation-2 pause is the collector, not
+        the game."""
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._gc_started
+        self.gc_pause.labels(str(info.get("generation", ""))).observe(pause)
+        self.recent_gc_pauses.append(pause)
+
+    def drain_recent_gc_pauses(self) -> list[float]:
+        values = list(self.recent_gc_pauses)
+        self.recent_gc_pauses.clear()
         return values
 
     def count_reloads(self, records: Iterable[Any]) -> None:

@@ -33,8 +33,9 @@ class Plan:
     window_s: float
     settle_s: float
     capacity_budget_s: float
-    # (matches, shared_state) per row; rows of one get_state mode share a server, in order
-    reload_runs: tuple[tuple[int, bool], ...]
+    # (matches, shared_state, players per match) per row; rows with the same script shape share
+    # a server, in order
+    reload_runs: tuple[tuple[int, bool, int], ...]
     reload_saves: int
     switch_matches: int
     profile_s: float
@@ -45,9 +46,10 @@ FULL = Plan(
     window_s=6.0,
     settle_s=2.0,
     capacity_budget_s=200.0,
-    # 400 per-player and 1,000 shared_state matches are what one core carries (see capacity);
-    # 1,000 per-player matches is 2.5 times that, kept to show an overloaded server.
-    reload_runs=((200, False), (400, False), (1000, False), (1000, True)),
+    # 400 per-player matches of 4 is what one core carries (see capacity); 1,000 one-player
+    # matches (the tutorial's shape) leave headroom; 1,000 shared_state matches of 4 is at the
+    # limit of one core, where ticks are late before any reload.
+    reload_runs=((200, False, 4), (400, False, 4), (1000, False, 1), (1000, True, 4)),
     reload_saves=20,
     switch_matches=300,
     profile_s=8.0,
@@ -57,7 +59,7 @@ SMOKE = Plan(
     window_s=1.0,
     settle_s=0.3,
     capacity_budget_s=5.0,
-    reload_runs=((5, False),),
+    reload_runs=((5, False, 4),),
     reload_saves=3,
     switch_matches=20,
     profile_s=0.0,
@@ -94,12 +96,13 @@ async def run_reload(plan: Plan, work: Path, cores: Any, out: dict[str, Any]) ->
     ]
     runs: list[dict[str, Any]] = []
     out["reload"] = runs
-    for shared in (False, True):
-        rows = [matches for matches, mode in plan.reload_runs if mode is shared]
-        if not rows:
-            continue
-        name = "reload-shared" if shared else "reload"
-        target = AsobiTarget(work / name, server_core, Tally(), reload="watch", shared=shared)
+    shapes = dict.fromkeys((shared, players) for _, shared, players in plan.reload_runs)
+    for shared, players in shapes:
+        rows = [m for m, s, p in plan.reload_runs if (s, p) == (shared, players)]
+        name = f"reload-{'shared' if shared else 'per-player'}-{players}"
+        target = AsobiTarget(
+            work / name, server_core, Tally(), reload="watch", shared=shared, players=players
+        )
         target.start()
         try:
             for matches in rows:

@@ -16,8 +16,8 @@ TICK_RATE = 10
 MATCH_SIZE = 4
 
 SCRIPT = """\
-match_size = 4
-max_players = 4
+match_size = %(players)d
+max_players = %(players)d
 tick_rate = 10
 
 local MESSAGE = "%(message)s"
@@ -59,18 +59,20 @@ end
 """
 
 
-def script(message: str, shared: bool = False) -> str:
+def script(message: str, shared: bool = False, players: int = MATCH_SIZE) -> str:
     """The bench script; `shared` makes get_state player-independent (`shared_state = true`):
-    called once per tick, encoded once, the same frame for all 4 players."""
-    text = SCRIPT % {"message": message}
+    called once per tick, encoded once, the same frame for all players of a match."""
+    text = SCRIPT % {"message": message, "players": players}
     if shared:
         text = "shared_state = true\n" + text.replace(" you = player_id,", ' you = "all",')
     return text
 
 
-def write_script(game_dir: Path, message: str, shared: bool = False) -> None:
+def write_script(
+    game_dir: Path, message: str, shared: bool = False, players: int = MATCH_SIZE
+) -> None:
     """Save like an editor does: write a temp file, then rename it over match.lua."""
     target = game_dir / "match.lua"
     tmp = game_dir / ".match.lua.tmp"
-    tmp.write_text(script(message, shared))
+    tmp.write_text(script(message, shared, players))
     os.replace(tmp, target)

@@ -19,6 +19,7 @@ from bench.capacity import pct
 from bench.targets import AsobiTarget
 
 WAIT_PER_SAVE_S = 5.0
+QUIET_S = 3.0
 
 
 @dataclass
@@ -26,6 +27,8 @@ class ReloadResult:
     matches: int
     saves: int
     shared: bool = False
+    players_per_match: int = game.MATCH_SIZE
+    quiet_lateness_p99_ms: float = 0.0
     first_frame_ms: list[float] = field(default_factory=list)
     all_matches_ms: list[float] = field(default_factory=list)
     spread_ticks: list[float] = field(default_factory=list)
@@ -55,12 +58,15 @@ async def run(target: AsobiTarget, matches: int, saves: int, settle: float) -> R
     tally.track_messages = True
     await asyncio.sleep(settle)
     await target.stats()
-    result = ReloadResult(matches, saves, target.shared)
+    result = ReloadResult(matches, saves, target.shared, target.players_per_match)
+    # Lateness with no reload going on: a server that is late already cannot switch on time.
+    await asyncio.sleep(QUIET_S)
+    result.quiet_lateness_p99_ms = (await target.stats())["lateness_p99_ms"]
     _, gaps0, repeats0 = tally.counters()
     period = tally.period
     for i in range(1, saves + 1):
         message = f"m{matches}-v{i}"
-        game.write_script(target.game_dir, message, target.shared)
+        game.write_script(target.game_dir, message, target.shared, target.players_per_match)
         t0 = time.monotonic()
         deadline = t0 + WAIT_PER_SAVE_S
         key = message.encode()
@@ -87,7 +93,8 @@ async def run(target: AsobiTarget, matches: int, saves: int, settle: float) -> R
     result.lateness_max_ms = stats["lateness_max_ms"]
     summary = result.summary()
     print(
-        f"  reload   M={matches:5} shared={target.shared} saves={saves} "
+        f"  reload   M={matches:5} shared={target.shared} players={target.players_per_match} "
+        f"saves={saves} quiet p99={result.quiet_lateness_p99_ms:.0f}ms "
         f"first p50={summary['first_frame_p50_ms']:.0f}ms "
         f"all p50={summary['all_matches_p50_ms']:.0f}ms skipped={result.skipped} "
         f"repeated={result.repeated} timed_out={result.timed_out}",

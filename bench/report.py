@@ -134,22 +134,25 @@ def markdown(out: dict[str, Any]) -> str:
     if reloads:
         lines += ["", f"## Hot reload under load ({reloads[0]['saves']} saves per row)", ""]
         lines += [
-            "| matches | get_state | save -> first new frame p50 / p99 ms "
+            "| matches x players | get_state | lateness p99 before saves ms "
+            "| save -> first new frame p50 / p99 ms "
             "| save -> all matches p50 / p99 ms | spread max (ticks) | skipped | repeated "
-            "| timed out | lateness p99 / max ms |",
-            "|---:|:---|---:|---:|---:|---:|---:|---:|---:|",
+            "| timed out | lateness p99 / max ms during saves |",
+            "|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in reloads:
             s = r["summary"]
             lines.append(
-                f"| {r['matches']} | {_mode(r)} "
+                f"| {r['matches']} x {r.get('players_per_match', 4)} | {_mode(r)} "
+                f"| {r.get('quiet_lateness_p99_ms', 0.0):.1f} "
                 f"| {s['first_frame_p50_ms']:.0f} / {s['first_frame_p99_ms']:.0f} "
                 f"| {s['all_matches_p50_ms']:.0f} / {s['all_matches_p99_ms']:.0f} "
                 f"| {s['spread_ticks_max']:.1f} | {r['skipped']} | {r['repeated']} "
                 f"| {r['timed_out']} | {r['lateness_p99_ms']:.1f} / {r['lateness_max_ms']:.1f} |"
             )
         for r in reloads:
-            s, at = r["summary"], f" ({r['matches']} matches, {_mode(r)})"
+            s = r["summary"]
+            at = f" ({r['matches']} x {r.get('players_per_match', 4)}, {_mode(r)})"
             clean = not r["timed_out"]
             summary.append(
                 (

@@ -65,10 +65,12 @@ class AsobiTarget(Target):
         tally: Tally,
         reload: str = "off",
         shared: bool = False,
+        players: int = game.MATCH_SIZE,
     ) -> None:
         super().__init__(work, core, tally)
         self.reload = reload
         self.shared = shared
+        self.players_per_match = players
         if shared:
             self.name = "asobi-shared"
         self.secret = secrets.token_urlsafe(32)
@@ -78,7 +80,7 @@ class AsobiTarget(Target):
     def start(self) -> None:
         self.game_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        game.write_script(self.game_dir, "v0", self.shared)
+        game.write_script(self.game_dir, "v0", self.shared, self.players_per_match)
         self.server = procs.spawn_asobi(
             self.game_dir,
             self.data_dir,
@@ -94,11 +96,11 @@ class AsobiTarget(Target):
         return f"ws://127.0.0.1:{self.server.port}/ws"
 
     async def connect_idle(self, matches: int) -> list[AsobiPlayer]:
-        """4 clients per match, authenticated but not queued yet."""
+        """One client per seat of each match, authenticated but not queued yet."""
         base = len(self.players)
         new = [
             AsobiPlayer(self.tally, asobi_token(self.secret, f"bench-{base + i}"))
-            for i in range(matches * game.MATCH_SIZE)
+            for i in range(matches * self.players_per_match)
         ]
         url = self.url
 
@@ -114,7 +116,7 @@ class AsobiTarget(Target):
         for player in players:
             player.queue(game.MODE)
         await asyncio.wait_for(asyncio.gather(*(p.first_state for p in players)), 60)
-        self.matches += len(players) // game.MATCH_SIZE
+        self.matches += len(players) // self.players_per_match
         self.tally.clients = len(self.players)
 
     async def add_matches(self, matches: int) -> None:
