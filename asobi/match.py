@@ -438,14 +438,18 @@ class Match:
         lua = self.lua
         copied = lua.copy_state(self.state)
         if not copied.ok:
-            self._reload_resolved(version, "reload_failed", f"state cannot cross: {copied.error}")
+            self._reload_resolved(
+                version, "reload_failed", f"state cannot cross: {copied.error}", started
+            )
             return None
         running = lua.current()
         try:
             lua.load_compiled(version.code, version.name)
         except ScriptLoadError as exc:
             self.effects.discard()
-            self._reload_resolved(version, "reload_rolled_back", f"top-level code failed: {exc}")
+            self._reload_resolved(
+                version, "reload_rolled_back", f"top-level code failed: {exc}", started
+            )
             return None
         state = copied.value
         self.effects.discard()
@@ -462,15 +466,14 @@ class Match:
         except _CallFailed as exc:
             lua.restore(running)
             self.effects.discard()
-            self._reload_resolved(version, "reload_rolled_back", exc.message)
+            self._reload_resolved(version, "reload_rolled_back", exc.message, started)
             return None
         self.state = state
         self.script = version
         self.period = 1.0 / version.meta.tick_rate
         self.failures = 0
         self._commit_effects()
-        elapsed = (time.perf_counter() - started) * 1000
-        self._reload_resolved(version, "reloaded", None, elapsed_ms=elapsed)
+        self._reload_resolved(version, "reloaded", None, started)
         subscribers = self.engine.reload_subscribers
         if subscribers:
             frame = encode("match.reloaded", {"match_id": self.id, "version": version.version})
@@ -492,8 +495,9 @@ class Match:
         return value
 
     def _reload_resolved(
-        self, version: ScriptVersion, outcome: str, error: str | None, elapsed_ms: float = 0.0
+        self, version: ScriptVersion, outcome: str, error: str | None, started: float
     ) -> None:
+        elapsed_ms = (time.perf_counter() - started) * 1000
         self.engine.listener_reload(self, version, outcome, error, elapsed_ms)
 
     # -- calling Lua ------------------------------------------------------------------------------

@@ -45,6 +45,10 @@ class ReloadRecord:
     outcome: str = "pending"
     version: str | None = None
     elapsed_ms: float = 0.0
+    # The reload transactions' run time summed over the matches (what the reload cost the tick
+    # loop) and the longest one.
+    switch_ms_total: float = 0.0
+    switch_ms_max: float = 0.0
     matches: list[str] = field(default_factory=list)
     switched: list[str] = field(default_factory=list)
     rolled_back: list[dict[str, str]] = field(default_factory=list)
@@ -181,6 +185,8 @@ class Reloader:
         if record is None:
             return
         record._pending.discard(match.id)
+        record.switch_ms_total = round(record.switch_ms_total + elapsed_ms, 3)
+        record.switch_ms_max = round(max(record.switch_ms_max, elapsed_ms), 3)
         if outcome == "reloaded":
             record.switched.append(match.id)
         elif outcome == "reload_rolled_back":

@@ -44,7 +44,9 @@ class ReloadResult:
             "first_frame_p99_ms": pct(self.first_frame_ms, 0.99),
             "all_matches_p50_ms": pct(self.all_matches_ms, 0.5),
             "all_matches_p99_ms": pct(self.all_matches_ms, 0.99),
+            "spread_ticks_p50": pct(self.spread_ticks, 0.5),
             "spread_ticks_max": max(self.spread_ticks, default=0.0),
+            "saves_within_2_ticks": sum(1 for s in self.spread_ticks if s <= 2.0),
         }
 
     def as_dict(self) -> dict[str, Any]:

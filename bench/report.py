@@ -136,9 +136,10 @@ def markdown(out: dict[str, Any]) -> str:
         lines += [
             "| matches x players | get_state | lateness p99 before saves ms "
             "| save -> first new frame p50 / p99 ms "
-            "| save -> all matches p50 / p99 ms | spread max (ticks) | skipped | repeated "
+            "| save -> all matches p50 / p99 ms | spread p50 / max (ticks) "
+            "| saves with all matches within 2 ticks | skipped | repeated "
             "| timed out | lateness p99 / max ms during saves |",
-            "|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in reloads:
             s = r["summary"]
@@ -147,7 +148,9 @@ def markdown(out: dict[str, Any]) -> str:
                 f"| {r.get('quiet_lateness_p99_ms', 0.0):.1f} "
                 f"| {s['first_frame_p50_ms']:.0f} / {s['first_frame_p99_ms']:.0f} "
                 f"| {s['all_matches_p50_ms']:.0f} / {s['all_matches_p99_ms']:.0f} "
-                f"| {s['spread_ticks_max']:.1f} | {r['skipped']} | {r['repeated']} "
+                f"| {s.get('spread_ticks_p50', 0.0):.1f} / {s['spread_ticks_max']:.1f} "
+                f"| {s.get('saves_within_2_ticks', '-')} / {r['saves'] - r['timed_out']} "
+                f"| {r['skipped']} | {r['repeated']} "
                 f"| {r['timed_out']} | {r['lateness_p99_ms']:.1f} / {r['lateness_max_ms']:.1f} |"
             )
         for r in reloads:
