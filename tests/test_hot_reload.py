@@ -384,6 +384,8 @@ async def test_history_endpoint_and_cli(start_server, logs: Logs) -> None:
     ok = body["reloads"][1]
     assert ok["script"] == "match.lua" and ok["matches"] and ok["elapsed_ms"] >= 0
     assert len(ok["hash"]) == 16
+    # One match switched: its switching tick is both the total and the longest.
+    assert ok["switch_ms_total"] == ok["switch_ms_max"] > 0
     result = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "asobi", "reloads", "--url", server.http],
