@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from asobi.lua.convert import ConversionError, to_python
-from asobi.lua.runtime import Limits, MatchLua, ScriptLoadError, compile_script
+from asobi.lua.runtime import Bytecode, Limits, MatchLua, ScriptLoadError, compile_script
 from asobi.protocol import MODE_RE
 
 MODULE_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
@@ -45,7 +45,7 @@ class ScriptVersion:
 
     name: str
     source: bytes
-    code: bytes
+    code: Bytecode
     hash: str
     meta: ScriptMeta = field(default_factory=ScriptMeta)
 
@@ -163,7 +163,7 @@ class ScriptRegistry:
         errors: list[ScriptError] = []
         paths = sorted(p for p in self.game_dir.rglob("*.lua") if p.is_file())
         # Compile everything first so that top-level `require`s see every module.
-        pending: dict[str, tuple[bytes, bytes]] = {}
+        pending: dict[str, tuple[bytes, Bytecode]] = {}
         for path in paths:
             name = self.relative_name(path)
             if name is None:
@@ -214,7 +214,7 @@ class ScriptRegistry:
             self._modes = {}
         return self._scripts.pop(name, None) is not None
 
-    def accept(self, name: str, source: bytes, code: bytes) -> ScriptVersion | ScriptError:
+    def accept(self, name: str, source: bytes, code: Bytecode) -> ScriptVersion | ScriptError:
         """Run the top level once in a throwaway sandbox to read its globals, then install it."""
         digest = content_hash(source)
         probe = MatchLua(_ProbeHost(self), self.limits, seed=0)
@@ -237,7 +237,7 @@ class ScriptRegistry:
             self._modes = modes
         return version
 
-    def _compile(self, name: str, source: bytes) -> bytes | ScriptError:
+    def _compile(self, name: str, source: bytes) -> Bytecode | ScriptError:
         """The script's bytecode, or why it was refused."""
         if len(source) > MAX_SCRIPT_BYTES:
             return script_errors(name, source, [f"{name} is larger than {MAX_SCRIPT_BYTES} bytes"])

@@ -16,7 +16,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, NoReturn, Protocol
+from typing import Any, NewType, NoReturn, Protocol
 
 from lupa import lua54
 
@@ -44,6 +44,10 @@ def _host_bytecode(source: bytes, name: bytes) -> bytes:
 
 
 _MAX_ERROR_CHARS = 2000
+
+# Bytecode made by `compile_script` from a script's text.  Only this may be loaded as bytecode into
+# a match: crafted bytecode can break Lua's memory safety, compiler output cannot.
+Bytecode = NewType("Bytecode", bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +143,7 @@ def error_text(raw: Any) -> str:
     return text
 
 
-def compile_script(source: bytes, chunkname: str) -> bytes:
+def compile_script(source: bytes, chunkname: str) -> Bytecode:
     """Compile a script's text once; every match then loads the returned bytecode.
 
     Raises ScriptLoadError with the compiler's message.  A throwaway runtime is used, so that
@@ -167,7 +171,7 @@ def compile_script(source: bytes, chunkname: str) -> bytes:
     code, err = ((*result, None))[:2] if isinstance(result, tuple) else (result, None)
     if not isinstance(code, bytes):
         raise ScriptLoadError(error_text(err or b"could not compile"))
-    return code
+    return Bytecode(code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +224,7 @@ class MatchLua:
         self._field = self.api[b"field"]
         self._install = self.api[b"install"]
         self._activate = self.api[b"activate"]
+        self._copy = self.api[b"copy"]
         self._loaded = LoadedScript(None, {})
         self._budgets: dict[str, float] = {}
 
@@ -231,7 +236,7 @@ class MatchLua:
         """
         return self._load(source, chunkname, b"t")
 
-    def load_compiled(self, code: bytes, chunkname: str) -> Any:
+    def load_compiled(self, code: Bytecode, chunkname: str) -> Any:
         """`load` for bytecode made by `compile_script` (a reload compiles once for all matches)."""
         return self._load(code, chunkname, b"b")
 
@@ -285,7 +290,7 @@ class MatchLua:
 
     def copy_state(self, state: Any) -> CallResult:
         """A data-only copy of `state` for a new version to run on (see `api.copy`)."""
-        return self.call_function("reload copy", self.api[b"copy"], state, budget=self.limits.copy)
+        return self.call_function("reload copy", self._copy, state, budget=self.limits.copy)
 
     # -- calling --------------------------------------------------------------------------------
     def call(self, callback: str, *args: Any) -> CallResult:
