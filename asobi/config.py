@@ -41,6 +41,11 @@ class Settings:
     outbound_soft_bytes: int = 256 * 1024
     outbound_hard_bytes: int = 4 * 1024 * 1024
     slow_reader_timeout_s: float = 10.0
+    # A closing handshake the client does not answer ends this long after the server's close frame.
+    close_timeout_s: float = 2.0
+    # On SIGTERM: how long connections get to close before they are cut, so that the store is
+    # always written out well inside a container runtime's stop grace period (10 s by default).
+    shutdown_timeout_s: float = 5.0
     socket_sndbuf_bytes: int = 0  # 0: the kernel sizes (and autotunes) each send buffer
     ticket_ttl_s: float = 60.0
     reconnect_grace_s: float = 15.0

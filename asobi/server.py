@@ -197,6 +197,7 @@ class AsobiServer:
             max_size=s.max_message_bytes,
             ping_interval=s.ping_interval_s or None,
             ping_timeout=s.ping_timeout_s or None,
+            close_timeout=s.close_timeout_s,
         )
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
@@ -224,6 +225,8 @@ class AsobiServer:
         )
 
     async def stop(self) -> None:
+        if self._stopping:
+            return
         self._stopping = True
         self._stop_watch.set()
         if self._watch_task is not None:
@@ -236,10 +239,26 @@ class AsobiServer:
         if self._ticker is not None:
             self._ticker.stop()
         if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+            await self._close_connections()
         await self.app.close()
         log.info("server_stopped")
+
+    async def _close_connections(self) -> None:
+        """Close every connection (1001, going away), but never wait on clients for longer than
+        the shutdown timeout: pending writes are only saved after the connections are gone (a
+        closing session still runs its match's `leave`), and a stuck client must not push that
+        past the moment the process gets killed."""
+        assert self._server is not None
+        connections = list(self._server.connections)
+        self._server.close()
+        closed = asyncio.ensure_future(self._server.wait_closed())
+        done, _ = await asyncio.wait({closed}, timeout=self.settings.shutdown_timeout_s)
+        if not done:
+            stuck = [c for c in connections if c.protocol.state is not State.CLOSED]
+            log.warning("shutdown_connections_cut", connections=len(stuck))
+            for connection in stuck:
+                connection.transport.abort()
+        await closed
 
     async def serve_forever(self) -> None:
         await self.start()

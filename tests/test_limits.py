@@ -235,3 +235,23 @@ async def test_slow_reader_hard_cap_closes_at_once(start_server, logs: Logs) -> 
     assert len(counters) > 20
     assert counters == list(range(counters[0], counters[0] + len(counters)))
     slow.close()
+
+
+async def test_shutdown_cuts_clients_that_never_finish_closing(start_server, logs: Logs) -> None:
+    """SIGTERM must not wait on clients: a client that never answers the closing handshake is
+    cut after the shutdown timeout, and the store is still written out and closed."""
+    server = await game_server(start_server, close_timeout_s=30.0, shutdown_timeout_s=0.5)
+    player = await server.player("m")
+    await player.expect("matchmaker.matched")
+    stuck = await RawClient.connect(server.server.port)
+    token = server.app.signer.issue("x")
+    stuck.send_text(orjson.dumps({"type": "session.connect", "payload": {"token": token}}))
+    await logs.wait_for("session_connected", lambda e: e["player_id"] == "x")
+    stuck.stop_reading()
+    started = time.monotonic()
+    await server.server.stop()
+    assert time.monotonic() - started < 3.0
+    cut = await logs.wait_for("shutdown_connections_cut")
+    assert cut["connections"] >= 1
+    await logs.wait_for("server_stopped")
+    stuck.close()

@@ -22,6 +22,17 @@ def test_compose_serves_the_example_game() -> None:
     assert (ROOT / "game" / "match.lua").is_file()
 
 
+def test_compose_gives_shutdown_time_to_save_pending_writes() -> None:
+    """The runtime's SIGKILL must come well after the server has cut its connections (and then
+    written out the store)."""
+    from asobi.config import Settings
+
+    service = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["asobi"]
+    grace = service["stop_grace_period"]
+    assert grace.endswith("s")
+    assert float(grace[:-1]) >= 2 * Settings().shutdown_timeout_s
+
+
 def test_dockerfile_runs_the_package_as_non_root() -> None:
     lines = [ln.strip() for ln in (ROOT / "Dockerfile").read_text().splitlines()]
     assert lines[0].startswith("# ") or lines[0].startswith("FROM")
