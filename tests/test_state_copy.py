@@ -180,3 +180,25 @@ def test_python_data_into_lua_is_bounded() -> None:
         lua.to_lua(deep)
     table = lua.to_lua({"a": [1, 2, {"b": "c"}]})
     assert table[b"a"][3][b"b"] == b"c"
+
+
+def test_replaced_versions_are_collected() -> None:
+    """Every reload leaves the old version's environment behind in the match's Lua state: once
+    no longer running, it must be garbage, or a long match would grow with every save."""
+    from asobi.lua.runtime import compile_script
+
+    lua = runtime()
+    count = lua.runtime.eval("function() collectgarbage() return collectgarbage('count') end")
+    versions = [
+        compile_script(BUILD + CHECK + f"-- {i}\n".encode() + b"x = string.rep('y', 4096)", "s.lua")
+        for i in range(20)
+    ]
+    lua.load_compiled(versions[0], "s.lua")
+    baseline = count()
+    for round_ in range(10):
+        for code in versions:
+            running = lua.current()
+            lua.load_compiled(code, "s.lua")
+            if round_ % 2:
+                lua.restore(running)  # a rolled-back reload drops the new version instead
+    assert count() < baseline + 64  # KB: 200 versions of 4 KB each would be 800 KB
