@@ -374,9 +374,16 @@ async def _drive(
     before = await asyncio.to_thread(scrape, port)
     states_start = stats.states
     peak = rss_start
+    # RSS at each quarter of the run: growth that keeps its pace is a leak, growth that slows
+    # down is the allocator and the server's bounded buffers filling up.
+    quarters: list[int] = []
+    started = loop.time()
     while loop.time() < stop_at:
         await asyncio.sleep(min(2.0, max(stop_at - loop.time(), 0)))
-        peak = max(peak, rss_kib(proc.pid))
+        rss = rss_kib(proc.pid)
+        peak = max(peak, rss)
+        if loop.time() - started >= seconds * (len(quarters) + 1) / 4 - 1.0:
+            quarters.append(rss)
     after = await asyncio.to_thread(scrape, port)
     rss_end = rss_kib(proc.pid)
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -392,6 +399,7 @@ async def _drive(
         "rss_start": rss_start,
         "rss_end": rss_end,
         "rss_peak": peak,
+        "rss_quarters": quarters,
         "p50": quantile(b, a, 0.50),
         "p99": quantile(b, a, 0.99),
         "ticks": sample(after, "asobi_ticks_total") - sample(before, "asobi_ticks_total"),
@@ -424,6 +432,10 @@ def report(r: dict[str, Any]) -> str:
             ),
         ),
         ("server RSS growth over the run", f"{(r['rss_end'] - r['rss_start']) / 1024:+.1f} MiB"),
+        (
+            "server RSS at each quarter of the run (MiB)",
+            " / ".join(f"{k / 1024:.1f}" for k in r["rss_quarters"]),
+        ),
         ("match ticks (server)", f"{r['ticks']:g}"),
         ("tick lateness p50 / p99 (bucket bound)", f"{ms(r['p50'])} / {ms(r['p99'])}"),
     ]

@@ -56,8 +56,8 @@ function check(s)
 end
 
 -- No table of the copy is a table of the original: the new code cannot touch the running state.
-function disjoint(a, b)
-  local seen, queue, i = { [a] = true }, { a }, 1
+local function tables_of(root)
+  local seen, queue, i = { [root] = true }, { root }, 1
   while queue[i] do
     for k, v in pairs(queue[i]) do
       for _, x in ipairs({ k, v }) do
@@ -66,18 +66,14 @@ function disjoint(a, b)
     end
     i = i + 1
   end
-  local count = 0
-  queue, i = { b }, 1
-  local visited = { [b] = true }
-  while queue[i] do
-    if seen[queue[i]] then return false end
-    count = count + 1
-    for k, v in pairs(queue[i]) do
-      for _, x in ipairs({ k, v }) do
-        if type(x) == "table" and not visited[x] then visited[x] = true; queue[#queue + 1] = x end
-      end
-    end
-    i = i + 1
+  return seen, #queue
+end
+
+function disjoint(a, b)
+  local in_a = tables_of(a)
+  local in_b, count = tables_of(b)
+  for t in pairs(in_b) do
+    if in_a[t] then return false end
   end
   return count
 end

@@ -656,45 +656,33 @@ local function refuse(root, src, key, v)
   error_(step(path_to(root, src), key) .. what .. "; only plain data survives a reload", 0)
 end
 
+-- The copy of `x`, a key or a value found in table `src` (`key` says which, for an error).
+local function copy_of(x, copies, queue, root, src, key)
+  local t = type_(x)
+  if t == "string" or t == "number" or t == "boolean" then return x end
+  if t ~= "table" then refuse(root, src, key, x) end
+  local c = copies[x]
+  if c == nil then
+    if getmetatable_(x) ~= nil then refuse(root, src, key, x) end
+    c = {}
+    copies[x] = c
+    queue[#queue + 1] = x
+  end
+  return c
+end
+
 function api.copy(root)
   if type_(root) ~= "table" then error_("state is a " .. type_(root) .. ", not a table", 0) end
   if getmetatable_(root) ~= nil then
     error_("state has a metatable; only plain data survives a reload", 0)
   end
   local out = {}
-  local copies, queue, n, i = { [root] = out }, { root }, 1, 1
-  while i <= n do
+  local copies, queue, i = { [root] = out }, { root }, 1
+  while queue[i] do
     local src = queue[i]
     local dst = copies[src]
     for k, v in next_, src do
-      local ck, cv = k, v
-      local t = type_(k)
-      if t == "table" then
-        ck = copies[k]
-        if ck == nil then
-          if getmetatable_(k) ~= nil then refuse(root, src, KEY, k) end
-          ck = {}
-          copies[k] = ck
-          n = n + 1
-          queue[n] = k
-        end
-      elseif t ~= "string" and t ~= "number" and t ~= "boolean" then
-        refuse(root, src, KEY, k)
-      end
-      t = type_(v)
-      if t == "table" then
-        cv = copies[v]
-        if cv == nil then
-          if getmetatable_(v) ~= nil then refuse(root, src, k, v) end
-          cv = {}
-          copies[v] = cv
-          n = n + 1
-          queue[n] = v
-        end
-      elseif t ~= "string" and t ~= "number" and t ~= "boolean" then
-        refuse(root, src, k, v)
-      end
-      dst[ck] = cv
+      dst[copy_of(k, copies, queue, root, src, KEY)] = copy_of(v, copies, queue, root, src, k)
     end
     i = i + 1
   end
