@@ -105,7 +105,8 @@ def _get_json(url: str, headers: dict[str, str] | None = None) -> tuple[int, obj
 
 
 def _print_reloads(records: list[dict]) -> None:
-    columns = ("id", "when", "script", "outcome", "matches", "ms", "errors")
+    # ms: save noticed -> every match resolved; tick_ms: the switching ticks' run time, summed.
+    columns = ("id", "when", "script", "outcome", "matches", "ms", "tick_ms", "errors")
     rows = []
     for r in records:
         when = time.strftime("%H:%M:%S", time.localtime(r.get("started_at", 0)))
@@ -120,6 +121,7 @@ def _print_reloads(records: list[dict]) -> None:
                 r["outcome"],
                 str(len(r.get("matches") or [])),
                 f"{r.get('elapsed_ms', 0):.1f}",
+                f"{r.get('switch_ms_total', 0):.1f}",
                 errors,
             )
         )

@@ -45,6 +45,8 @@ class ReloadRecord:
     outcome: str = "pending"
     version: str | None = None
     elapsed_ms: float = 0.0
+    # The new version's top-level run time (see ScriptVersion.load_ms).
+    load_ms: float = 0.0
     # The reload transactions' run time summed over the matches (what the reload cost the tick
     # loop) and the longest one.
     switch_ms_total: float = 0.0
@@ -150,6 +152,7 @@ class Reloader:
     ) -> ReloadRecord:
         record = self._new_record(version.name, version.hash, trigger, t0)
         record.version = version.version
+        record.load_ms = version.load_ms
         record._version, record._previous = version, previous
         previous = self._in_flight.pop(version.name, None)
         affected = self.engine.schedule_reload(version)

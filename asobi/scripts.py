@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ class ScriptVersion:
     code: Bytecode
     hash: str
     meta: ScriptMeta = field(default_factory=ScriptMeta)
+    # How long its top level (with its `require`s) took when it was vetted: every match pays
+    # about this much when it starts on this version or switches to it.
+    load_ms: float = 0.0
 
     @property
     def version(self) -> str:
@@ -218,11 +222,13 @@ class ScriptRegistry:
         """Run the top level once in a throwaway sandbox to read its globals, then install it."""
         digest = content_hash(source)
         probe = MatchLua(_ProbeHost(self), self.limits, seed=0)
+        started = time.perf_counter()
         try:
             returned = probe.load_compiled(code, name)
         except ScriptLoadError as exc:
             self._rejected[name] = digest
             return script_errors(name, source, [str(exc).split("\nstack traceback:")[0]])
+        load_ms = round((time.perf_counter() - started) * 1000, 3)
         meta = _read_meta(probe)
         modes: dict[str, str] | None = None
         if name == CONFIG_SCRIPT:
@@ -230,7 +236,7 @@ class ScriptRegistry:
             if isinstance(modes, str):
                 self._rejected[name] = digest
                 return script_errors(name, source, [modes])
-        version = ScriptVersion(name, source, code, digest, meta)
+        version = ScriptVersion(name, source, code, digest, meta, load_ms)
         self._scripts[name] = version
         self._rejected.pop(name, None)
         if modes is not None:

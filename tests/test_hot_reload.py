@@ -386,6 +386,8 @@ async def test_history_endpoint_and_cli(start_server, logs: Logs) -> None:
     assert len(ok["hash"]) == 16
     # One match switched: its switching tick is both the total and the longest.
     assert ok["switch_ms_total"] == ok["switch_ms_max"] > 0
+    # The top level's run time, measured when the save was vetted.
+    assert 0 < ok["load_ms"] < 50
     result = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "asobi", "reloads", "--url", server.http],
