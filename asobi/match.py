@@ -253,7 +253,7 @@ class Match:
 
     def _new_lua(self, script: ScriptVersion, seed: int) -> MatchLua:
         lua = MatchLua(self.host, self.engine.config.limits, seed=seed)
-        lua.load_compiled(script.code, script.name)
+        lua.load(script.code, script.name)
         lua.set_context(self.id, self.tick_no, self.players)
         return lua
 
@@ -444,7 +444,7 @@ class Match:
             return None
         running = lua.current()
         try:
-            lua.load_compiled(version.code, version.name)
+            lua.load(version.code, version.name)
         except ScriptLoadError as exc:
             self.effects.discard()
             self._reload_resolved(

@@ -224,7 +224,7 @@ class ScriptRegistry:
         probe = MatchLua(_ProbeHost(self), self.limits, seed=0)
         started = time.perf_counter()
         try:
-            returned = probe.load_compiled(code, name)
+            returned = probe.load(code, name)
         except ScriptLoadError as exc:
             self._rejected[name] = digest
             return script_errors(name, source, [str(exc).split("\nstack traceback:")[0]])

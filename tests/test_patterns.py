@@ -15,7 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asobi.lua.runtime import Limits, MatchLua
+from asobi.lua.runtime import Limits, MatchLua, compile_script
+
+
+def load_source(lua: MatchLua, source: bytes, name: str) -> Any:
+    """Load script text as the server does: compiled once, then loaded as bytecode."""
+    return lua.load(compile_script(source, name), name)
 
 
 class _QuietHost:
@@ -267,7 +272,7 @@ def test_scripts_cannot_tell_the_lua_path_from_c(s: str, p: str, r: str) -> None
     via_lua = runtime(pattern_budget=0.0)
     results = []
     for lua in (via_c, via_lua):
-        lua.load(SCRIPT, "patterns_test.lua")
+        load_source(lua, SCRIPT, "patterns_test.lua")
         result = lua.call("run", s.encode(), p.encode(), r.encode())
         assert result.ok, result.error
         results.append(result.value)
@@ -277,7 +282,9 @@ def test_scripts_cannot_tell_the_lua_path_from_c(s: str, p: str, r: str) -> None
 
 def test_pathological_pattern_is_stopped_by_the_budget() -> None:
     lua = runtime(tick=0.05)
-    lua.load(b'function tick() return string.find(("a"):rep(3000), ".-.-.-.-b$") end', "p.lua")
+    load_source(
+        lua, b'function tick() return string.find(("a"):rep(3000), ".-.-.-.-b$") end', "p.lua"
+    )
     started = time.perf_counter()
     result = lua.call("tick")
     elapsed = time.perf_counter() - started
@@ -288,7 +295,8 @@ def test_pathological_pattern_is_stopped_by_the_budget() -> None:
 
 def test_long_subject_gets_the_right_answer_through_the_fallback() -> None:
     lua = runtime(tick=2.0)
-    lua.load(
+    load_source(
+        lua,
         b"""
         function tick()
           local s = ("k=v "):rep(5000) .. "end=42"
@@ -315,7 +323,7 @@ def test_long_subject_gets_the_right_answer_through_the_fallback() -> None:
 )
 def test_quadratic_and_short_exponential_calls_are_budgeted(source: bytes) -> None:
     lua = runtime(tick=0.05)
-    lua.load(b"function tick() " + source + b" end", "q.lua")
+    load_source(lua, b"function tick() " + source + b" end", "q.lua")
     started = time.perf_counter()
     result = lua.call("tick")
     assert time.perf_counter() - started < 0.5

@@ -393,10 +393,10 @@ end
 def test_reachable_surface_is_exactly_the_whitelist() -> None:
     from asobi.lua.convert import to_python
     from asobi.lua.runtime import MatchLua
-    from tests.test_patterns import _QuietHost
+    from tests.test_patterns import _QuietHost, load_source
 
     lua = MatchLua(_QuietHost(), Limits(), seed=1)
-    lua.load(LIST_SURFACE, "surface.lua")
+    load_source(lua, LIST_SURFACE, "surface.lua")
     result = lua.call("surface")
     assert result.ok, result.error
     surface = to_python(result.value, what="surface")

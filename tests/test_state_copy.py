@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from asobi.lua.runtime import Limits, MatchLua
+from asobi.lua.runtime import Limits, MatchLua, compile_script
 from tests.test_patterns import _QuietHost
 
 BUILD = b"""
@@ -82,7 +82,7 @@ end
 
 def runtime() -> MatchLua:
     lua = MatchLua(_QuietHost(), Limits(), seed=3)
-    lua.load(BUILD + CHECK, "state.lua")
+    lua.load(compile_script(BUILD + CHECK, "state.lua"), "state.lua")
     return lua
 
 
@@ -139,7 +139,8 @@ def test_empty_state() -> None:
 )
 def test_non_data_is_refused_with_its_path(setup: str, message: str) -> None:
     old = runtime()
-    old.load(f"function make() local s = {{ ok = 1 }} {setup} return s end".encode(), "bad.lua")
+    source = f"function make() local s = {{ ok = 1 }} {setup} return s end".encode()
+    old.load(compile_script(source, "bad.lua"), "bad.lua")
     state = old.call("make").value
     result = old.copy_state(state)
     assert not result.ok
@@ -154,11 +155,11 @@ def test_state_that_is_not_a_table() -> None:
 
 def test_copy_is_budgeted() -> None:
     old = runtime()
-    old.load(
+    source = (
         b"function make() local s = {} for i = 1, 200000 do s[i] = { i, tostring(i) } end "
-        b"return s end",
-        "big.lua",
+        b"return s end"
     )
+    old.load(compile_script(source, "big.lua"), "big.lua")
     state = old.call_function("make", old.function("make"), budget=5.0).value
     result = old.call_function("reload copy", old.api[b"copy"], state, budget=0.001)
     assert not result.ok and result.error == "reload copy exceeded its time budget"
@@ -181,20 +182,18 @@ def test_python_data_into_lua_is_bounded() -> None:
 def test_replaced_versions_are_collected() -> None:
     """Every reload leaves the old version's environment behind in the match's Lua state: once
     no longer running, it must be garbage, or a long match would grow with every save."""
-    from asobi.lua.runtime import compile_script
-
     lua = runtime()
     count = lua.runtime.eval("function() collectgarbage() return collectgarbage('count') end")
     versions = [
         compile_script(BUILD + CHECK + f"-- {i}\n".encode() + b"x = string.rep('y', 4096)", "s.lua")
         for i in range(20)
     ]
-    lua.load_compiled(versions[0], "s.lua")
+    lua.load(versions[0], "s.lua")
     baseline = count()
     for round_ in range(10):
         for code in versions:
             running = lua.current()
-            lua.load_compiled(code, "s.lua")
+            lua.load(code, "s.lua")
             if round_ % 2:
                 lua.restore(running)  # a rolled-back reload drops the new version instead
     assert count() < baseline + 64  # KB: 200 versions of 4 KB each would be 800 KB

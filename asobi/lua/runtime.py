@@ -229,27 +229,17 @@ class MatchLua:
         self._budgets: dict[str, float] = {}
 
     # -- loading --------------------------------------------------------------------------------
-    def load(self, source: bytes, chunkname: str) -> Any:
-        """Compile script text into a new environment and run its top-level code (budgeted).
+    def load(self, code: Bytecode, chunkname: str) -> Any:
+        """Load a compiled script into a new environment and run its top level (budgeted).
 
-        Returns what the chunk returned (a module's table, `config.lua`'s mode map).
-        """
-        return self._load(source, chunkname, b"t")
-
-    def load_compiled(self, code: Bytecode, chunkname: str) -> Any:
-        """`load` for bytecode made by `compile_script` (a reload compiles once for all matches)."""
-        return self._load(code, chunkname, b"b")
-
-    def _load(self, chunk: bytes, chunkname: str, mode: bytes) -> Any:
-        """Each load gets a fresh environment, so versions of a script never share a table.
-
-        The new version becomes the running one; if it fails to compile or its top level fails,
-        the previous one is put back and ScriptLoadError raised.  `restore` puts it back later
-        (a reload rolled back).
+        Returns what the chunk returned (a module's table, `config.lua`'s mode map).  Each load
+        gets a fresh environment, so versions of a script never share a table.  The new version
+        becomes the running one; if its top level fails, the previous one is put back and
+        ScriptLoadError raised.  `restore` puts it back later (a reload rolled back).
         """
         previous = self._loaded
         result = self.call_function(
-            "load", self._install, chunk, ("@" + chunkname).encode(), mode, budget=self.limits.load
+            "load", self._install, code, ("@" + chunkname).encode(), budget=self.limits.load
         )
         if not result.ok:
             self.restore(previous)

@@ -578,14 +578,13 @@ local function new_env()
   return env
 end
 
--- Load a script into a new environment and run its top level (the host calls this under the
--- "load" budget).  Returns the environment and what the chunk returned, or nil and the compiler's
+-- Load a compiled script into a new environment and run its top level (the host calls this under
+-- the "load" budget).  Returns the environment and what the chunk returned, or nil and the loader's
 -- message.  From the moment its top level starts, the new version is the active one: string
--- methods are looked up in its `string` table.  `mode` is "t" for text, "b" only for code the
--- host compiled itself.
-function api.install(code, chunkname, mode)
+-- methods are looked up in its `string` table.
+function api.install(code, chunkname)
   local env = new_env()
-  local chunk, err = load_(code, chunkname, mode, env)
+  local chunk, err = load_compiled(code, chunkname, env)
   if not chunk then return nil, err end
   string_mt.__index = env_strings[env]
   return env, chunk()
