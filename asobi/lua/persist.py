@@ -62,22 +62,22 @@ def _args(raw: tuple[Any, ...], count: int) -> list[Any]:
     return values + [None] * (count - len(values))
 
 
-def _grant(w: UnitOfWork, a: list[Any]) -> Any:
-    return w.grant(
+def _ledger_entry(a: list[Any]) -> tuple[str, str, int, str | None]:
+    """(player_id, currency, amount, reason), as grant and debit both take them."""
+    return (
         _pid(a[0]),
         _text(a[1], "currency", CURRENCY_RE),
         _int(a[2], "amount", 1, MAX_AMOUNT),
         _reason(a[3]),
     )
+
+
+def _grant(w: UnitOfWork, a: list[Any]) -> Any:
+    return w.grant(*_ledger_entry(a))
 
 
 def _debit(w: UnitOfWork, a: list[Any]) -> Any:
-    return w.debit(
-        _pid(a[0]),
-        _text(a[1], "currency", CURRENCY_RE),
-        _int(a[2], "amount", 1, MAX_AMOUNT),
-        _reason(a[3]),
-    )
+    return w.debit(*_ledger_entry(a))
 
 
 def _n(value: Any) -> int:
