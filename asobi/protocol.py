@@ -122,26 +122,6 @@ def _valid_cid(cid: Any) -> bool:
     return isinstance(cid, str) and len(cid) <= MAX_CID_LENGTH
 
 
-def require_str(frame: Frame, key: str, *, max_length: int = 4096) -> str:
-    value = frame.payload.get(key)
-    if not isinstance(value, str) or not value or len(value) > max_length:
-        raise ProtocolError(
-            ErrorCode.INVALID_MESSAGE,
-            f"{frame.type} needs payload.{key} as a non-empty string",
-            frame.cid,
-        )
-    return value
-
-
-def require_mode(frame: Frame) -> str:
-    mode = require_str(frame, "mode", max_length=64)
-    if not MODE_RE.match(mode):
-        raise ProtocolError(
-            ErrorCode.INVALID_MESSAGE, "mode must match [A-Za-z0-9_-]{1,64}", frame.cid
-        )
-    return mode
-
-
 def optional_str(frame: Frame, key: str, *, max_length: int = 4096) -> str | None:
     """An optional string field: absent or null is None, anything else must be a string."""
     value = frame.payload.get(key)
@@ -150,19 +130,37 @@ def optional_str(frame: Frame, key: str, *, max_length: int = 4096) -> str | Non
     if not isinstance(value, str) or not value or len(value) > max_length:
         raise ProtocolError(
             ErrorCode.INVALID_MESSAGE,
-            f"{frame.type}: payload.{key}, when given, must be a non-empty string",
+            f"{frame.type}: payload.{key} must be a non-empty string "
+            f"of at most {max_length} characters",
             frame.cid,
         )
     return value
 
 
-def optional_mode(frame: Frame) -> str | None:
-    mode = optional_str(frame, "mode", max_length=64)
-    if mode is not None and not MODE_RE.match(mode):
+def require_str(frame: Frame, key: str, *, max_length: int = 4096) -> str:
+    value = optional_str(frame, key, max_length=max_length)
+    if value is None:
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE, f"{frame.type} needs payload.{key}", frame.cid
+        )
+    return value
+
+
+def _valid_mode(frame: Frame, mode: str) -> str:
+    if not MODE_RE.match(mode):
         raise ProtocolError(
             ErrorCode.INVALID_MESSAGE, "mode must match [A-Za-z0-9_-]{1,64}", frame.cid
         )
     return mode
+
+
+def require_mode(frame: Frame) -> str:
+    return _valid_mode(frame, require_str(frame, "mode", max_length=64))
+
+
+def optional_mode(frame: Frame) -> str | None:
+    mode = optional_str(frame, "mode", max_length=64)
+    return None if mode is None else _valid_mode(frame, mode)
 
 
 def check_input(frame: Frame) -> dict[str, Any]:
