@@ -97,9 +97,7 @@ class Metrics:
 
     def drain_recent_lateness(self) -> list[float]:
         """Raw samples since the last call (exact percentiles for the benchmark suite)."""
-        values = list(self.recent_lateness)
-        self.recent_lateness.clear()
-        return values
+        return _drain(self.recent_lateness)
 
     def watch_gc(self) -> None:
         """Time every garbage collection (process-wide, so only the served app calls this): a
@@ -116,9 +114,7 @@ class Metrics:
         self.recent_gc_pauses.append(pause)
 
     def drain_recent_gc_pauses(self) -> list[float]:
-        values = list(self.recent_gc_pauses)
-        self.recent_gc_pauses.clear()
-        return values
+        return _drain(self.recent_gc_pauses)
 
     def count_reloads(self, records: Iterable[Any]) -> None:
         """Count reload records newer than the last seen (history ids only grow)."""
@@ -131,6 +127,12 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _drain(samples: deque[float]) -> list[float]:
+    values = list(samples)
+    samples.clear()
+    return values
 
 
 class _LiveCollector(Collector):
