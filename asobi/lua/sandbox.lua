@@ -688,8 +688,4 @@ function api.copy(root)
   return out
 end
 
-function api.new_table()
-  return {}
-end
-
 return api
