@@ -49,7 +49,9 @@ async def test_everything_survives_a_restart(start_server, logs: Logs) -> None:
     assert await call(alice, "debit", amount=20) == {"ok": 100}
     assert await call(alice, "grant", currency="gems", amount=3) == {"ok": 3}
     assert (await call(alice, "submit", board="arena", score=42))["ok"]["improved"]
-    assert await call(alice, "submit", board="arena", pid="rival", score=50) != {}
+    assert await call(alice, "submit", board="arena", pid="rival", score=50) == {
+        "ok": {"best": 50, "improved": True}
+    }
     doc = {"name": "Ålice ✓", "items": [1, 2.5, True, {"deep": ["x"]}], "empty": {}}
     assert await call(alice, "set", collection="config", key="motd", value="hello") == {"ok": True}
     assert await call(alice, "pset", collection="profile", key="main", value=doc) == {"ok": True}
