@@ -6,7 +6,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 
 import orjson
@@ -40,10 +39,12 @@ async def test_identical_resave_does_not_reload(start_server, logs: Logs) -> Non
     await client.expect("matchmaker.matched")
     server.write("match.lua", TUTORIAL)
     os.utime(server.game_dir / "match.lua")
-    await asyncio.sleep(0.4)
-    assert logs.events("reloaded") == []
+    # A later save of another script: once it is handled, so was the one before it.
+    server.write("later.lua", "return {}\n")
+    await logs.wait_for("reloaded", lambda e: e["script"] == "later.lua")
+    assert [e["script"] for e in logs.events("reloaded")] == ["later.lua"]
     assert logs.events("reload_failed") == []
-    assert server.app.history.as_list() == []
+    assert [r["script"] for r in server.app.history.as_list()] == ["later.lua"]
 
 
 async def test_save_storm_gives_few_reloads_and_final_content_wins(
@@ -297,18 +298,16 @@ async def test_many_matches_reload_without_skipping(start_server, logs: Logs) ->
         *(c.expect("matchmaker.matched", skip=("matchmaker.queued",)) for c in clients)
     )
     firsts = await asyncio.gather(*(c.states(1) for c in clients))
-    t0 = time.monotonic()
     server.write("match.lua", EDITED)
     line = await logs.wait_for("reloaded", timeout=10)
     assert len(line["switched"]) == count
     results = await asyncio.gather(
         *(wait_for_message(c, lambda s: s["message"].startswith("tick")) for c in clients)
     )
-    elapsed = time.monotonic() - t0
     for first, states in zip(firsts, results, strict=True):
         assert_consecutive([s["counter"] for s in first + states])
-    # All matches moved within about two ticks of the save being noticed.
-    assert elapsed < 1.5, elapsed
+    # All matches moved within a few ticks of the save being read (the server's own clock).
+    assert line["elapsed_ms"] < 1000, line["elapsed_ms"]
 
 
 async def test_reload_dependents_reloads_requiring_scripts(start_server, logs: Logs) -> None:
