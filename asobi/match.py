@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
+from asobi.limits import TokenBucket
 from asobi.lua import persist
 from asobi.lua.convert import ConversionError, to_python
 from asobi.lua.runtime import CallResult, MatchLua, ScriptLoadError
@@ -125,22 +126,18 @@ class MatchHost:
 
     def __init__(self, match: Match) -> None:
         self.match = match
-        # The bucket starts full, so a match's first lines (from init, say) are never dropped.
-        self._log_tokens = match.engine.config.log_lines_per_second
-        self._log_stamp = time.monotonic()
+        # One second's worth of burst; the bucket starts full, so a match's first lines (from
+        # init, say) are never dropped.
+        rate = match.engine.config.log_lines_per_second
+        self._log_bucket = TokenBucket(rate, rate, time.monotonic())
         self._dropped_since = 0
 
     def log(self, level: bytes, message: bytes, meta: Any) -> None:
         match = self.match
-        rate = match.engine.config.log_lines_per_second
-        now = time.monotonic()
-        self._log_tokens = min(rate, self._log_tokens + (now - self._log_stamp) * rate)
-        self._log_stamp = now
-        if self._log_tokens < 1.0:
+        if not self._log_bucket.take(time.monotonic()):
             match.logs_dropped += 1
             self._dropped_since += 1
             return
-        self._log_tokens -= 1.0
         lvl = level.decode(errors="replace") if isinstance(level, bytes) else "info"
         lvl = _LOG_LEVELS.get(lvl, "info")
         fields: dict[str, Any] = {}
@@ -149,12 +146,17 @@ class MatchHost:
             fields["dropped"] = self._dropped_since
             self._dropped_since = 0
         if meta is not None:
+            # A log line is never worth failing the game over: meta that cannot be logged is
+            # replaced by what is wrong with it.
             try:
-                converted = to_python(meta, what="meta", max_nodes=200)
+                converted = to_python(meta, what="game.log meta", max_nodes=200)
+            except ConversionError as exc:
+                fields["meta_error"] = str(exc)
+            else:
                 if isinstance(converted, dict):
                     fields["meta"] = converted
-            except ConversionError:
-                pass
+                else:
+                    fields["meta_error"] = "game.log meta must be a table of named fields"
         text = message.decode(errors="replace")[:2000] if isinstance(message, bytes) else ""
         getattr(log, lvl)("script_log", match_id=match.id, mode=match.mode, message=text, **fields)
 

@@ -90,6 +90,7 @@ class Session:
             else:
                 self.send_error(ErrorCode.RATE_LIMITED, "wait for session.connected")
             return
+        frame: Frame | None = None
         try:
             frame = parse_frame(data)
             if frame.type not in AUTH_FREE and self.player_id is None:
@@ -103,7 +104,8 @@ class Session:
             self.send_error(exc.code, exc.message, exc.cid)
         except Exception:
             log.exception("frame_failed", player_id=self.player_id)
-            self.send_error(ErrorCode.INTERNAL, "the server could not handle this frame")
+            cid = frame.cid if frame is not None else None
+            self.send_error(ErrorCode.INTERNAL, "the server could not handle this frame", cid)
 
     def closed(self) -> None:
         """The connection is gone: queued tickets go; a match seat is held for the grace period
@@ -267,7 +269,9 @@ class Session:
                 self.send_error(exc.code, exc.message, exc.cid)
             except Exception:
                 log.exception("frame_failed", player_id=self.player_id, type=frame.type)
-                self.send_error(ErrorCode.INTERNAL, "the server could not handle this frame")
+                self.send_error(
+                    ErrorCode.INTERNAL, "the server could not handle this frame", frame.cid
+                )
 
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)

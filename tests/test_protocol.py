@@ -303,3 +303,30 @@ async def test_match_input_lua_cannot_take_is_refused(start_server, logs: Logs) 
         raise AssertionError("the largest integer did not reach handle_input")
     assert server.app.engine.matches[match_id]
     assert not logs.events("match_crashed")
+
+
+async def test_internal_error_echoes_cid_and_keeps_the_connection(
+    start_server, logs: Logs, monkeypatch
+) -> None:
+    """A bug while handling a frame (injected here: nothing a client sends should reach one)
+    answers `internal_error` with the frame's cid, whether the handler is synchronous or waits on
+    I/O, and the connection goes on."""
+    server = await game_server(start_server)
+    client = await server.player()
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("injected")
+
+    async def broken_async(*_: object) -> None:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(server.app.engine, "list_matches", broken)
+    monkeypatch.setattr(server.app.accounts, "register", broken_async)
+    await client.send("match.list", {}, cid="sync-1")
+    error = await client.expect("error")
+    assert error["cid"] == "sync-1" and error["payload"]["code"] == "internal_error"
+    await client.send("auth.register", {"username": "erin", "password": "password-e"}, cid=42)
+    error = await client.expect("error")
+    assert error["cid"] == 42 and error["payload"]["code"] == "internal_error"
+    assert len(logs.events("frame_failed")) == 2
+    assert (await client.request("session.heartbeat"))["type"] == "session.heartbeat"
