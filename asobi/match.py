@@ -241,7 +241,7 @@ class Match:
         self.effects = _Effects()
         # Committed frames of init/join at match start, held back until the players have been
         # told they are matched (`release_held`), so `matchmaker.matched` always comes first.
-        self._held: list[tuple[str | None, bytes]] | None = None
+        self._withheld_frames: list[tuple[str | None, bytes]] | None = None
         self.refused: dict[str, str] = {}
         self.logs_dropped = 0
         self.host = MatchHost(self)
@@ -266,7 +266,7 @@ class Match:
         Frames the callbacks send are held until `release_held` (or the first tick), and a
         broadcast from init reaches every player who then joined.
         """
-        self._held = []
+        self._withheld_frames = []
         ctx = self.lua.to_lua(
             {"match_id": self.id, "mode": self.mode, "players": self._initial_players}
         )
@@ -286,9 +286,9 @@ class Match:
 
     def release_held(self) -> None:
         """Deliver what init/join sent at match start (after `matchmaker.matched`)."""
-        held, self._held = self._held, None
-        if held:
-            self.effects.frames[:0] = held
+        withheld, self._withheld_frames = self._withheld_frames, None
+        if withheld:
+            self.effects.frames[:0] = withheld
             self._commit_effects()
 
     def join(self, player_id: str) -> str | None:
@@ -330,7 +330,7 @@ class Match:
 
     # -- one tick ---------------------------------------------------------------------------------
     def run_tick(self) -> None:
-        if self._held is not None:
+        if self._withheld_frames is not None:
             self.release_held()
         self.tick_no += 1
         self.lua.set_tick(self.tick_no)
@@ -487,14 +487,10 @@ class Match:
     def _result_state(self, callback: str, result: CallResult, given: Any) -> Any:
         if not result.ok:
             raise _CallFailed(f"{callback} failed on the new code: {short_error(result.error)}")
-        value = result.value
-        if value is None:
-            return given
-        if not MatchLua.is_table(value):
-            raise _CallFailed(
-                f"{callback} on the new code returned a {type(value).__name__}, not a table"
-            )
-        return value
+        error = _not_a_state(f"{callback} on the new code", result.value)
+        if error is not None:
+            raise _CallFailed(error)
+        return given if result.value is None else result.value
 
     def _reload_resolved(
         self, version: ScriptVersion, outcome: str, error: str | None, started: float
@@ -511,11 +507,8 @@ class Match:
         """The state a callback leaves: the table it returned, or `given` when it returned
         nothing; its effects are committed.  None when it failed: logged, effects discarded."""
         value = result.value
-        if not result.ok:
-            error = result.error
-        elif value is not None and not MatchLua.is_table(value):
-            error = f"{callback} returned a {lua_kind(value)}, not a table (or nothing)"
-        else:
+        error = result.error if not result.ok else _not_a_state(callback, value)
+        if error is None:
             self._commit_effects()
             return given if value is None else value
         self._log_failure(callback, error)
@@ -535,8 +528,8 @@ class Match:
         frames = self.effects.frames
         if not frames:
             return
-        if self._held is not None:
-            self._held.extend(frames)
+        if self._withheld_frames is not None:
+            self._withheld_frames.extend(frames)
             frames.clear()
             return
         outbox = self.engine.outbox
@@ -590,6 +583,13 @@ class _ClosedLua:
 
 
 _CLOSED: Any = _ClosedLua()
+
+
+def _not_a_state(callback: str, value: Any) -> str | None:
+    """Why a callback's return value cannot be the match state (None: it can)."""
+    if value is None or MatchLua.is_table(value):
+        return None
+    return f"{callback} returned a {lua_kind(value)}, not a table (or nothing)"
 
 
 class _CallFailed(Exception):

@@ -109,7 +109,7 @@ async def test_new_tick_returning_garbage_rolls_back(start_server, logs: Logs) -
         ),
     )
     line = await logs.wait_for("reload_rolled_back")
-    assert "not a table" in line["errors"][0]
+    assert line["errors"][0] == "tick on the new code returned a number, not a table (or nothing)"
     states = await client.states(3)
     assert_consecutive([s["counter"] for s in states])
 
