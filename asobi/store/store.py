@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import orjson
 import structlog
 
+from asobi.extras import require
 from asobi.store import errors as E
 from asobi.store import ops
 from asobi.store.board import Board
@@ -65,6 +66,7 @@ def open_backend(database_url: str | None, data_dir: Path) -> Backend:
     """SQLite in the data dir unless `database_url` names PostgreSQL (or another SQLite file)."""
     url = (database_url or "").strip()
     if url.startswith(("postgresql://", "postgres://")):
+        require("asyncpg", "postgres", "ASOBI_DATABASE_URL names a PostgreSQL database")
         from asobi.store.postgres import PostgresBackend
 
         return PostgresBackend(url)
