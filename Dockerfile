@@ -9,10 +9,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     ASOBI_GAME_DIR=/game \
     ASOBI_DATA_DIR=/data
 
+# Extras to install: compose runs on SQLite and needs none; `--build-arg ASOBI_EXTRAS=postgres`
+# for an image that uses ASOBI_DATABASE_URL=postgresql://...
+ARG ASOBI_EXTRAS=""
+
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY asobi ./asobi
-RUN pip install . \
+RUN pip install ".${ASOBI_EXTRAS:+[$ASOBI_EXTRAS]}" \
  && useradd --create-home --uid 10001 asobi \
  && mkdir -p /game /data \
  && chown asobi:asobi /data

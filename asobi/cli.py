@@ -205,8 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from asobi.extras import MissingExtra
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except MissingExtra as exc:
+        print(f"asobi: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -33,9 +33,6 @@ class Hub:
             return True
         return False
 
-    def peer(self, player_id: str) -> Peer | None:
-        return self._peers.get(player_id)
-
     def send(self, player_id: str, frame: bytes, *, droppable: bool = False) -> None:
         peer = self._peers.get(player_id)
         if peer is not None:

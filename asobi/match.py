@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
+from asobi.limits import TokenBucket
 from asobi.lua import persist
 from asobi.lua.convert import ConversionError, to_python
 from asobi.lua.runtime import CallResult, MatchLua, ScriptLoadError
@@ -125,22 +126,18 @@ class MatchHost:
 
     def __init__(self, match: Match) -> None:
         self.match = match
-        # The bucket starts full, so a match's first lines (from init, say) are never dropped.
-        self._log_tokens = match.engine.config.log_lines_per_second
-        self._log_stamp = time.monotonic()
+        # One second's worth of burst; the bucket starts full, so a match's first lines (from
+        # init, say) are never dropped.
+        rate = match.engine.config.log_lines_per_second
+        self._log_bucket = TokenBucket(rate, rate, time.monotonic())
         self._dropped_since = 0
 
     def log(self, level: bytes, message: bytes, meta: Any) -> None:
         match = self.match
-        rate = match.engine.config.log_lines_per_second
-        now = time.monotonic()
-        self._log_tokens = min(rate, self._log_tokens + (now - self._log_stamp) * rate)
-        self._log_stamp = now
-        if self._log_tokens < 1.0:
+        if not self._log_bucket.take(time.monotonic()):
             match.logs_dropped += 1
             self._dropped_since += 1
             return
-        self._log_tokens -= 1.0
         lvl = level.decode(errors="replace") if isinstance(level, bytes) else "info"
         lvl = _LOG_LEVELS.get(lvl, "info")
         fields: dict[str, Any] = {}
@@ -149,12 +146,17 @@ class MatchHost:
             fields["dropped"] = self._dropped_since
             self._dropped_since = 0
         if meta is not None:
+            # A log line is never worth failing the game over: meta that cannot be logged is
+            # replaced by what is wrong with it.
             try:
-                converted = to_python(meta, what="meta", max_nodes=200)
+                converted = to_python(meta, what="game.log meta", max_nodes=200)
+            except ConversionError as exc:
+                fields["meta_error"] = str(exc)
+            else:
                 if isinstance(converted, dict):
                     fields["meta"] = converted
-            except ConversionError:
-                pass
+                else:
+                    fields["meta_error"] = "game.log meta must be a table of named fields"
         text = message.decode(errors="replace")[:2000] if isinstance(message, bytes) else ""
         getattr(log, lvl)("script_log", match_id=match.id, mode=match.mode, message=text, **fields)
 
@@ -239,7 +241,7 @@ class Match:
         self.effects = _Effects()
         # Committed frames of init/join at match start, held back until the players have been
         # told they are matched (`release_held`), so `matchmaker.matched` always comes first.
-        self._held: list[tuple[str | None, bytes]] | None = None
+        self._withheld_frames: list[tuple[str | None, bytes]] | None = None
         self.refused: dict[str, str] = {}
         self.logs_dropped = 0
         self.host = MatchHost(self)
@@ -264,7 +266,7 @@ class Match:
         Frames the callbacks send are held until `release_held` (or the first tick), and a
         broadcast from init reaches every player who then joined.
         """
-        self._held = []
+        self._withheld_frames = []
         ctx = self.lua.to_lua(
             {"match_id": self.id, "mode": self.mode, "players": self._initial_players}
         )
@@ -284,9 +286,9 @@ class Match:
 
     def release_held(self) -> None:
         """Deliver what init/join sent at match start (after `matchmaker.matched`)."""
-        held, self._held = self._held, None
-        if held:
-            self.effects.frames[:0] = held
+        withheld, self._withheld_frames = self._withheld_frames, None
+        if withheld:
+            self.effects.frames[:0] = withheld
             self._commit_effects()
 
     def join(self, player_id: str) -> str | None:
@@ -328,7 +330,7 @@ class Match:
 
     # -- one tick ---------------------------------------------------------------------------------
     def run_tick(self) -> None:
-        if self._held is not None:
+        if self._withheld_frames is not None:
             self.release_held()
         self.tick_no += 1
         self.lua.set_tick(self.tick_no)
@@ -485,14 +487,10 @@ class Match:
     def _result_state(self, callback: str, result: CallResult, given: Any) -> Any:
         if not result.ok:
             raise _CallFailed(f"{callback} failed on the new code: {short_error(result.error)}")
-        value = result.value
-        if value is None:
-            return given
-        if not MatchLua.is_table(value):
-            raise _CallFailed(
-                f"{callback} on the new code returned a {type(value).__name__}, not a table"
-            )
-        return value
+        error = _not_a_state(f"{callback} on the new code", result.value)
+        if error is not None:
+            raise _CallFailed(error)
+        return given if result.value is None else result.value
 
     def _reload_resolved(
         self, version: ScriptVersion, outcome: str, error: str | None, started: float
@@ -509,11 +507,8 @@ class Match:
         """The state a callback leaves: the table it returned, or `given` when it returned
         nothing; its effects are committed.  None when it failed: logged, effects discarded."""
         value = result.value
-        if not result.ok:
-            error = result.error
-        elif value is not None and not MatchLua.is_table(value):
-            error = f"{callback} returned a {lua_kind(value)}, not a table (or nothing)"
-        else:
+        error = result.error if not result.ok else _not_a_state(callback, value)
+        if error is None:
             self._commit_effects()
             return given if value is None else value
         self._log_failure(callback, error)
@@ -533,8 +528,8 @@ class Match:
         frames = self.effects.frames
         if not frames:
             return
-        if self._held is not None:
-            self._held.extend(frames)
+        if self._withheld_frames is not None:
+            self._withheld_frames.extend(frames)
             frames.clear()
             return
         outbox = self.engine.outbox
@@ -588,6 +583,13 @@ class _ClosedLua:
 
 
 _CLOSED: Any = _ClosedLua()
+
+
+def _not_a_state(callback: str, value: Any) -> str | None:
+    """Why a callback's return value cannot be the match state (None: it can)."""
+    if value is None or MatchLua.is_table(value):
+        return None
+    return f"{callback} returned a {lua_kind(value)}, not a table (or nothing)"
 
 
 class _CallFailed(Exception):

@@ -161,7 +161,7 @@ class _LiveCollector(Collector):
         yield sent
         dropped = CounterMetricFamily(
             "asobi_frames_dropped",
-            "Stale match.state frames dropped for clients that could not keep up.",
+            "Frames dropped for clients that could not keep up (stale match.state, rate_limited).",
         )
         dropped.add_metric([], m.frames_dropped)
         yield dropped

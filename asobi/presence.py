@@ -27,7 +27,7 @@ class Presence:
         self.engine = engine
         self.grace_s = grace_s
         self._tokens: dict[str, str] = {}
-        self._held: dict[str, float] = {}
+        self._seat_deadlines: dict[str, float] = {}
 
     def issue(self, player_id: str) -> str:
         """A fresh resume token for the player's new session (the previous one stops working)."""
@@ -45,23 +45,23 @@ class Presence:
         if self.grace_s <= 0:
             self._tokens.pop(player_id, None)
             return False
-        self._held[player_id] = now + self.grace_s
+        self._seat_deadlines[player_id] = now + self.grace_s
         return True
 
     def reclaim(self, player_id: str) -> bool:
         """A new connection arrived: the hold ends; True when there was one."""
-        return self._held.pop(player_id, None) is not None
+        return self._seat_deadlines.pop(player_id, None) is not None
 
     def forget(self, player_id: str) -> None:
-        self._held.pop(player_id, None)
+        self._seat_deadlines.pop(player_id, None)
         self._tokens.pop(player_id, None)
 
     def is_held(self, player_id: str) -> bool:
-        return player_id in self._held
+        return player_id in self._seat_deadlines
 
     def expire(self, now: float) -> list[str]:
         """Players whose grace ended: they leave their match now (`leave` runs)."""
-        gone = [pid for pid, deadline in self._held.items() if deadline <= now]
+        gone = [pid for pid, deadline in self._seat_deadlines.items() if deadline <= now]
         for pid in gone:
             self.forget(pid)
             match = self.engine.remove_player(pid)
@@ -71,4 +71,4 @@ class Presence:
         return gone
 
     def __len__(self) -> int:
-        return len(self._held)
+        return len(self._seat_deadlines)

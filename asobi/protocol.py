@@ -31,7 +31,6 @@ class ErrorCode(StrEnum):
     INVALID_TOKEN = "invalid_token"
     UNKNOWN_MODE = "unknown_mode"
     ALREADY_AUTHENTICATED = "already_authenticated"
-    ALREADY_QUEUED = "already_queued"
     ALREADY_IN_MATCH = "already_in_match"
     NOT_IN_MATCH = "not_in_match"
     MATCH_FAILED = "match_failed"

@@ -242,9 +242,6 @@ class Reloader:
         else:
             log.warning(event, **fields)
 
-    def pending(self) -> int:
-        return sum(len(r._pending) for r in self._in_flight.values())
-
 
 # -- detection -------------------------------------------------------------------------------------
 def _snapshot(game_dir: Path) -> dict[Path, tuple[int, int]]:

@@ -75,7 +75,7 @@ class Session:
         self._tasks: set[asyncio.Task[None]] = set()
         # Frames that arrive while the player's data is being loaded wait here (None: not
         # loading), so nothing they do reaches a match before their wallet is resident.
-        self._held: list[str | bytes] | None = None
+        self._frames_awaiting_load: list[str | bytes] | None = None
 
     @property
     def authenticated(self) -> bool:
@@ -84,12 +84,13 @@ class Session:
     # -- entry points -----------------------------------------------------------------------------
     def handle(self, data: str | bytes) -> None:
         """Handle one text message; any refusal becomes an `error` frame, never an exception."""
-        if self._held is not None:
-            if len(self._held) < MAX_HELD_FRAMES:
-                self._held.append(data)
+        if self._frames_awaiting_load is not None:
+            if len(self._frames_awaiting_load) < MAX_HELD_FRAMES:
+                self._frames_awaiting_load.append(data)
             else:
                 self.send_error(ErrorCode.RATE_LIMITED, "wait for session.connected")
             return
+        frame: Frame | None = None
         try:
             frame = parse_frame(data)
             if frame.type not in AUTH_FREE and self.player_id is None:
@@ -103,7 +104,8 @@ class Session:
             self.send_error(exc.code, exc.message, exc.cid)
         except Exception:
             log.exception("frame_failed", player_id=self.player_id)
-            self.send_error(ErrorCode.INTERNAL, "the server could not handle this frame")
+            cid = frame.cid if frame is not None else None
+            self.send_error(ErrorCode.INTERNAL, "the server could not handle this frame", cid)
 
     def closed(self) -> None:
         """The connection is gone: queued tickets go; a match seat is held for the grace period
@@ -267,7 +269,9 @@ class Session:
                 self.send_error(exc.code, exc.message, exc.cid)
             except Exception:
                 log.exception("frame_failed", player_id=self.player_id, type=frame.type)
-                self.send_error(ErrorCode.INTERNAL, "the server could not handle this frame")
+                self.send_error(
+                    ErrorCode.INTERNAL, "the server could not handle this frame", frame.cid
+                )
 
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
@@ -323,14 +327,14 @@ class Session:
         if store is None or store.resident(player_id):
             return
         loaded = store.acquire(player_id)
-        self._held = []
+        self._frames_awaiting_load = []
 
         async def wait() -> None:
             try:
                 await asyncio.wait_for(asyncio.shield(loaded), LOAD_TIMEOUT_S)
             except Exception as exc:
                 log.warning("player_load_slow", player_id=player_id, error=repr(exc))
-            held, self._held = self._held or [], None
+            held, self._frames_awaiting_load = self._frames_awaiting_load or [], None
             for data in held:
                 if self.player_id is None:
                     return

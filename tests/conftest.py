@@ -191,6 +191,15 @@ class Running:
         (self.game_dir / name).write_text(source)
 
 
+def take_lateness(app: App) -> list[float]:
+    """Every tick lateness sample (seconds) the engine recorded since the previous call.
+
+    Housekeeping moves the engine's samples into the metrics every second, so both places are
+    read; reading only the engine's would miss most of them."""
+    app.metrics.take_lateness(app.engine)
+    return app.metrics.drain_recent_lateness()
+
+
 TEST_DATABASE_URL = os.environ.get("ASOBI_TEST_DATABASE_URL", "")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.conftest import Client
+from tests.conftest import Client, take_lateness
 
 
 async def _auth(client: Client, kind: str, username: object, password: object) -> dict:
@@ -76,15 +76,12 @@ async def test_hashing_does_not_block_matches(start_server) -> None:
     await player.expect("matchmaker.matched")
     await player.states(2)
     clients = [await server.client() for _ in range(4)]
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    hashing = asyncio.gather(
+    take_lateness(server.app)  # only the ticks that run while the hashes do count
+    frames = await asyncio.gather(
         *(_auth(c, "auth.register", f"user{i}", "password-x") for i, c in enumerate(clients))
     )
-    states = await player.states(8, timeout=3)
-    await hashing
-    elapsed = loop.time() - started
-    # 10 Hz: 8 frames in about 0.8 s even though four argon2 hashes ran at the same time.
-    assert len(states) == 8 and elapsed < 2.5
-    lateness = server.app.engine.drain_lateness()
-    assert max(lateness) < 0.05, max(lateness)
+    assert [f["type"] for f in frames] == ["auth.token"] * 4
+    lateness = take_lateness(server.app)
+    # Measured by the server's own scheduler.  One argon2 hash costs well over 0.1 s of CPU, so
+    # a single hash on the event loop makes some tick at least that late.
+    assert lateness and max(lateness) < 0.1, max(lateness)

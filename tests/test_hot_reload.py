@@ -6,7 +6,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 
 import orjson
@@ -40,10 +39,12 @@ async def test_identical_resave_does_not_reload(start_server, logs: Logs) -> Non
     await client.expect("matchmaker.matched")
     server.write("match.lua", TUTORIAL)
     os.utime(server.game_dir / "match.lua")
-    await asyncio.sleep(0.4)
-    assert logs.events("reloaded") == []
+    # A later save of another script: once it is handled, so was the one before it.
+    server.write("later.lua", "return {}\n")
+    await logs.wait_for("reloaded", lambda e: e["script"] == "later.lua")
+    assert [e["script"] for e in logs.events("reloaded")] == ["later.lua"]
     assert logs.events("reload_failed") == []
-    assert server.app.history.as_list() == []
+    assert [r["script"] for r in server.app.history.as_list()] == ["later.lua"]
 
 
 async def test_save_storm_gives_few_reloads_and_final_content_wins(
@@ -108,7 +109,7 @@ async def test_new_tick_returning_garbage_rolls_back(start_server, logs: Logs) -
         ),
     )
     line = await logs.wait_for("reload_rolled_back")
-    assert "not a table" in line["errors"][0]
+    assert line["errors"][0] == "tick on the new code returned a number, not a table (or nothing)"
     states = await client.states(3)
     assert_consecutive([s["counter"] for s in states])
 
@@ -297,18 +298,16 @@ async def test_many_matches_reload_without_skipping(start_server, logs: Logs) ->
         *(c.expect("matchmaker.matched", skip=("matchmaker.queued",)) for c in clients)
     )
     firsts = await asyncio.gather(*(c.states(1) for c in clients))
-    t0 = time.monotonic()
     server.write("match.lua", EDITED)
     line = await logs.wait_for("reloaded", timeout=10)
     assert len(line["switched"]) == count
     results = await asyncio.gather(
         *(wait_for_message(c, lambda s: s["message"].startswith("tick")) for c in clients)
     )
-    elapsed = time.monotonic() - t0
     for first, states in zip(firsts, results, strict=True):
         assert_consecutive([s["counter"] for s in first + states])
-    # All matches moved within about two ticks of the save being noticed.
-    assert elapsed < 1.5, elapsed
+    # All matches moved within a few ticks of the save being read (the server's own clock).
+    assert line["elapsed_ms"] < 1000, line["elapsed_ms"]
 
 
 async def test_reload_dependents_reloads_requiring_scripts(start_server, logs: Logs) -> None:
@@ -446,16 +445,17 @@ async def test_reload_notice_is_opt_in(start_server, logs: Logs) -> None:
     server.write("match.lua", EDITED)
     notice = await loud.expect("match.reloaded")
     assert notice["payload"]["version"] == server.app.registry.get("match.lua").version
-    states = await wait_for_message(quiet, lambda s: s["message"].startswith("tick"))
-    assert states
-    # The quiet player got only match.state frames in the meantime (no match.reloaded).
-    await asyncio.sleep(0.2)
-    while True:
-        try:
-            frame = await quiet.recv(timeout=0.05)
-        except TimeoutError:
-            break
-        assert frame["type"] == "match.state"
+    # The quiet player sees the new code run (and two more ticks, since the notice goes out in
+    # the switching tick) without ever being sent match.reloaded.
+    kinds: list[str] = []
+    after_switch = 0
+    while after_switch < 3:
+        frame = await quiet.recv()
+        kinds.append(frame["type"])
+        if frame["type"] == "match.state" and frame["payload"]["message"].startswith("tick"):
+            after_switch += 1
+    assert "match.reloaded" not in kinds, kinds
+    assert set(kinds) == {"match.state"}, kinds
 
 
 async def test_poll_mode_picks_up_saves(start_server, logs: Logs) -> None:

@@ -472,7 +472,12 @@ async def test_frames_from_init_and_join_come_after_matched(start_server) -> Non
 # -- game.log ------------------------------------------------------------------------------------
 CHATTY = """
 match_size = 1
-function init(state) game.log("info", "from init") return state end
+function init(state)
+  game.log("info", "from init")
+  game.log("info", "bad meta", { f = print })
+  game.log("info", "list meta", { 1, 2 })
+  return state
+end
 function tick(state)
   if game.tick() == 1 then
     game.log("warn", "with meta", { hp = 3, tags = { "a" } })
@@ -494,8 +499,12 @@ async def test_game_log_is_structured_and_rate_limited(start_server, logs: Logs)
     await client.expect("match.finished")
     lines = [ln for ln in logs.events("script_log") if ln["match_id"] == match_id]
     assert lines[0]["message"] == "from init" and lines[0]["level"] == "info"
-    assert lines[1]["message"] == "with meta" and lines[1]["level"] == "warning"
-    assert lines[1]["meta"] == {"hp": 3, "tags": ["a"]}
+    # Meta that cannot be logged does not fail the callback; the line says what was wrong.
+    assert lines[1]["message"] == "bad meta" and "meta" not in lines[1]
+    assert lines[1]["meta_error"] == "game.log meta.f is a function, which is not data"
+    assert lines[2]["meta_error"] == "game.log meta must be a table of named fields"
+    assert lines[3]["message"] == "with meta" and lines[3]["level"] == "warning"
+    assert lines[3]["meta"] == {"hp": 3, "tags": ["a"]}
     spam = [ln for ln in lines if ln["message"].startswith("spam")]
     # 20 lines per second with a burst of 20: most of the 100 lines in one tick are dropped.
     assert 15 <= len(spam) <= 20

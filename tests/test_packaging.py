@@ -84,3 +84,44 @@ def test_cli_token_is_accepted_by_the_server_secret(tmp_path: Path) -> None:
     token = result.stdout.strip()
     signer = TokenSigner(load_or_create_secret(tmp_path, None))
     assert signer.verify(token) == "alice"
+
+
+def test_postgres_driver_is_an_extra() -> None:
+    """A single node on SQLite installs no PostgreSQL driver; the test extra keeps it (the suite
+    also runs against PostgreSQL)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("asyncpg")]
+    for extra in ("postgres", "test"):
+        assert [d for d in project["optional-dependencies"][extra] if d.startswith("asyncpg")]
+
+
+# `asobi serve` in a Python where asyncpg cannot be imported (as after `pip install asobi`).
+WITHOUT_ASYNCPG = (
+    "import sys; sys.modules['asyncpg'] = None; from asobi.cli import main; "
+    "raise SystemExit(main(['serve', '--port', '0']))"
+)
+
+
+def test_postgres_url_without_the_extra_is_one_clear_line(tmp_path: Path) -> None:
+    (tmp_path / "game").mkdir()
+    (tmp_path / "game" / "match.lua").write_text("function tick(state) return state end\n")
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_ASYNCPG],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "ASOBI_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+            "ASOBI_GAME_DIR": str(tmp_path / "game"),
+            "ASOBI_DATA_DIR": str(tmp_path / "data"),
+        },
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        "asobi: ASOBI_DATABASE_URL names a PostgreSQL database, which needs the 'postgres' "
+        "extra: pip install 'asobi[postgres]'"
+    ]

@@ -208,7 +208,7 @@ async def test_match_list_and_join(start_server) -> None:
     assert counters == list(range(counters[0], counters[0] + 3))
 
     error = await b.request("match.join", {"match_id": "f" * 32}, "error")
-    assert error["payload"]["code"] in ("already_in_match",)
+    assert error["payload"]["code"] == "already_in_match"
     c = await server.player()
     error = await c.request("match.join", {"match_id": "f" * 32}, "error")
     assert error["payload"]["code"] == "match_not_found"
@@ -216,7 +216,10 @@ async def test_match_list_and_join(start_server) -> None:
     assert error["payload"]["code"] == "invalid_message"
     # The script refuses: join returns nil, "match is closed".
     await a.send("match.input", {"close": True})
-    await asyncio.sleep(0.15)
+    # Handled: the heartbeat's reply follows the input on the same connection, and a state
+    # after it follows the tick that applied any input queued until then.
+    await a.request("session.heartbeat")
+    await a.states(1)
     error = await c.request("match.join", {"match_id": match_id}, "error")
     assert error["payload"] == {"code": "join_refused", "message": "match is closed"}
     assert server.app.engine.match_of(c.player_id) is None
@@ -266,7 +269,8 @@ async def test_disconnect_removes_tickets(start_server) -> None:
     assert server.app.matchmaker.queued("pair") == 0
     # A later player is not matched with the ghost.
     late = await server.player("pair")
-    await asyncio.sleep(0.1)
+    # Matching runs right after the queued reply, before the next frame is handled.
+    await late.request("session.heartbeat")
     assert server.app.engine.match_of(late.player_id) is None
 
 
@@ -303,3 +307,30 @@ async def test_match_input_lua_cannot_take_is_refused(start_server, logs: Logs) 
         raise AssertionError("the largest integer did not reach handle_input")
     assert server.app.engine.matches[match_id]
     assert not logs.events("match_crashed")
+
+
+async def test_internal_error_echoes_cid_and_keeps_the_connection(
+    start_server, logs: Logs, monkeypatch
+) -> None:
+    """A bug while handling a frame (injected here: nothing a client sends should reach one)
+    answers `internal_error` with the frame's cid, whether the handler is synchronous or waits on
+    I/O, and the connection goes on."""
+    server = await game_server(start_server)
+    client = await server.player()
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("injected")
+
+    async def broken_async(*_: object) -> None:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(server.app.engine, "list_matches", broken)
+    monkeypatch.setattr(server.app.accounts, "register", broken_async)
+    await client.send("match.list", {}, cid="sync-1")
+    error = await client.expect("error")
+    assert error["cid"] == "sync-1" and error["payload"]["code"] == "internal_error"
+    await client.send("auth.register", {"username": "erin", "password": "password-e"}, cid=42)
+    error = await client.expect("error")
+    assert error["cid"] == 42 and error["payload"]["code"] == "internal_error"
+    assert len(logs.events("frame_failed")) == 2
+    assert (await client.request("session.heartbeat"))["type"] == "session.heartbeat"

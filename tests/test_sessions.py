@@ -50,7 +50,10 @@ async def test_drop_and_resume_keeps_seat_and_state(start_server, logs: Logs) ->
     before = [s["counter"] for s in await client.states(5)]
     drop(client)
     await logs.wait_for("seat_held", lambda e: e["player_id"] == "alice")
-    await asyncio.sleep(0.2)  # the match runs on while nobody is connected
+    # The match runs on while nobody is connected.
+    match = server.app.engine.match_of("alice")
+    dropped_at = match.tick_no
+    await wait_until(lambda: match.tick_no >= dropped_at + 3)
     back, resumed = await connect(server, token, first["resume_token"])
     assert resumed["resumed"] is True and resumed["resume_token"] != first["resume_token"]
     rejoined = await back.expect("match.rejoined")

@@ -49,7 +49,9 @@ async def test_everything_survives_a_restart(start_server, logs: Logs) -> None:
     assert await call(alice, "debit", amount=20) == {"ok": 100}
     assert await call(alice, "grant", currency="gems", amount=3) == {"ok": 3}
     assert (await call(alice, "submit", board="arena", score=42))["ok"]["improved"]
-    assert await call(alice, "submit", board="arena", pid="rival", score=50) != {}
+    assert await call(alice, "submit", board="arena", pid="rival", score=50) == {
+        "ok": {"best": 50, "improved": True}
+    }
     doc = {"name": "Ålice ✓", "items": [1, 2.5, True, {"deep": ["x"]}], "empty": {}}
     assert await call(alice, "set", collection="config", key="motd", value="hello") == {"ok": True}
     assert await call(alice, "pset", collection="profile", key="main", value=doc) == {"ok": True}
@@ -205,3 +207,43 @@ async def test_kill_9_loses_nothing_committed(
     assert await call(survivor, "balance") == {"ok": {"gold": len(rows)}}
     best = await call(survivor, "rank", board="grind")
     assert best["ok"]["score"] >= len(rows)  # submitted in the same batches as the grants
+
+
+def _corrupt_row(owner: str) -> Any:
+    """A storage row no server wrote: its value is not JSON, so loading its owner must fail."""
+    yield (
+        "INSERT INTO storage (owner, collection, key, value, updated_at) VALUES (?, ?, ?, ?, ?)",
+        (owner, "profile", "main", "{not json", 0),
+    )
+
+
+async def test_a_load_that_fails_for_good_is_dropped_and_blocks_no_write(
+    start_server, logs: Logs
+) -> None:
+    """A player whose stored data cannot be read: the load fails once (not retried at the head
+    of the stream), the player is told why, and writes queued after it still reach the database."""
+    server = await start_server(FILES)
+    store = server.app.store
+    rich = await bank_player(server)
+    broken = await server.client()
+    await broken.send("auth.guest")
+    token = (await broken.expect("auth.token"))["payload"]
+    await store.backend.transact(_corrupt_row(token["player_id"]))
+    await broken.send("session.connect", {"token": token["token"]})
+    await broken.expect("session.connected")
+    # Queued after the load (which session.connect queued before answering).
+    assert await call(rich, "grant", amount=5) == {"ok": 5}
+    await store.flush(5)
+    assert [r[2] for r in await store.ledger(rich.player_id)] == [5]
+    failed = logs.events("player_load_failed")[0]
+    assert failed["player_id"] == token["player_id"] and "JSONDecodeError" in failed["error"]
+
+    broken.player_id = token["player_id"]
+    await _bank(broken)
+    r = await call(broken, "balance")
+    assert r["error"] == "unavailable" and "loading the player's data failed" in r["message"]
+    assert await call(broken, "grant", amount=1) == {"ok": True}  # writes need no resident data
+    await store.flush(5)
+    assert [r[2] for r in await store.ledger(token["player_id"])] == [1]
+    assert len(logs.events("player_load_failed")) == 1
+    assert not logs.events("store_batch_rejected")

@@ -71,21 +71,6 @@ class Limits:
         return float(getattr(self, callback, self.tick))
 
 
-_DEFAULT_LIMITS = Limits()
-_BUDGETS = {
-    name: _DEFAULT_LIMITS.budget(name)
-    for name in (
-        "init",
-        "join",
-        "leave",
-        "handle_input",
-        "tick",
-        "get_state",
-        "migrate",
-        "load",
-        "copy",
-    )
-}
 _LABELS: dict[str, bytes] = {}
 _now = time.perf_counter
 

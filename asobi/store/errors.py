@@ -20,9 +20,5 @@ TOO_LARGE = "too_large"
 NOT_CONFIGURED = "not_configured"
 
 
-class DuplicateAccount(Exception):
-    """The username (case-insensitively) is taken."""
-
-
 class BackendUnavailable(Exception):
     """The database could not be reached or refused the operation."""

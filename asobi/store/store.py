@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import orjson
 import structlog
 
+from asobi.extras import require
 from asobi.store import errors as E
 from asobi.store import ops
 from asobi.store.board import Board
@@ -43,6 +44,9 @@ log = structlog.get_logger("asobi.store")
 
 MAX_BALANCE = 2**62
 MAX_OPS_PER_CALLBACK = 10_000
+# Pause before retrying the stream's head after a retryable failure, doubling up to the cap.
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 1.0
 _DELETED = object()
 
 
@@ -62,6 +66,7 @@ def open_backend(database_url: str | None, data_dir: Path) -> Backend:
     """SQLite in the data dir unless `database_url` names PostgreSQL (or another SQLite file)."""
     url = (database_url or "").strip()
     if url.startswith(("postgresql://", "postgres://")):
+        require("asyncpg", "postgres", "ASOBI_DATABASE_URL names a PostgreSQL database")
         from asobi.store.postgres import PostgresBackend
 
         return PostgresBackend(url)
@@ -119,6 +124,7 @@ class Store:
         self._wallets: dict[str, dict[str, int]] = {}
         self._pstore: dict[str, dict[tuple[str, str], Any]] = {}
         self._loading: dict[str, _Load] = {}
+        self._load_errors: dict[str, str] = {}
         self._boards: dict[str, Board] = {}
         self._global: dict[tuple[str, str], Any] = {}
 
@@ -167,6 +173,7 @@ class Store:
             return done
         load = self._loading.get(player_id)
         if load is None:
+            self._load_errors.pop(player_id, None)
             load = _Load(player_id, loop.create_future())
             self._loading[player_id] = load
             self._queue.append(load)
@@ -177,6 +184,7 @@ class Store:
         """The player is gone: forget their resident data (their queued writes still go out)."""
         self._wallets.pop(player_id, None)
         self._pstore.pop(player_id, None)
+        self._load_errors.pop(player_id, None)
         load = self._loading.pop(player_id, None)
         if load is not None:
             load.cancelled = True
@@ -247,6 +255,9 @@ class Store:
     def _not_resident(self, player_id: str) -> StoreError:
         if not self.available:
             return StoreError(E.UNAVAILABLE, f"the database is unavailable: {self.last_error}")
+        failed = self._load_errors.get(player_id)
+        if failed is not None:
+            return StoreError(E.UNAVAILABLE, f"loading the player's data failed: {failed}")
         return StoreError(
             E.NOT_LOADED, f"player {player_id[:64]!r} is not connected, so their data is not loaded"
         )
@@ -282,14 +293,14 @@ class Store:
 
     # -- the writer -------------------------------------------------------------------------------
     async def _writer(self) -> None:
-        backoff = 0.05
+        backoff = RETRY_FIRST_S
         while True:
             if not self._queue:
                 if self._closing:
                     return
                 if not self.available:
                     await self._probe(backoff)
-                    backoff = min(backoff * 2, 1.0)
+                    backoff = min(backoff * 2, RETRY_MAX_S)
                     continue
                 self._wake.clear()
                 await self._wake.wait()
@@ -299,18 +310,23 @@ class Store:
                 head = self._queue[0] if self._queue else None
                 if isinstance(head, _Load):
                     await self._load(head)
-                    self._queue.popleft()
                 elif head is not None and not isinstance(head, _Barrier):
                     await self._write_batch()
             except BackendUnavailable as exc:
+                # Retryable: the head stays where it is (order matters) and is tried again
+                # after a pause that doubles up to a cap, so an outage costs no CPU.
                 self._unavailable(str(exc))
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+                backoff = min(backoff * 2, RETRY_MAX_S)
                 continue
-            except Exception as exc:  # a batch the database refuses for good
-                log.exception("store_batch_rejected", error=str(exc))
-                await self._split_batch()
-            backoff = 0.05
+            except Exception as exc:  # refused for good: never retried, never blocks the stream
+                head = self._queue[0] if self._queue else None
+                if isinstance(head, _Load):
+                    self._fail_load(head, exc)
+                else:
+                    log.exception("store_batch_rejected", error=str(exc))
+                    await self._split_batch()
+            backoff = RETRY_FIRST_S
             if not self.available:
                 self._recovered()
 
@@ -377,23 +393,41 @@ class Store:
             self._done(single, result)
 
     async def _load(self, load: _Load) -> None:
-        if load.cancelled:
+        if not load.cancelled:
+            wallet_rows, storage_rows = await self.backend.transact(ops.load_player(load.player_id))
+        if load.cancelled:  # released before or while the query ran
+            self._queue.popleft()
             if not load.future.done():
                 load.future.set_result(None)
             return
-        wallet_rows, storage_rows = await self.backend.transact(ops.load_player(load.player_id))
-        if load.cancelled:  # released while the query ran
-            if not load.future.done():
-                load.future.set_result(None)
-            return
+        # Both built before either is installed: a row that cannot be read leaves nothing half
+        # resident.
+        wallet = {cur: int(bal) for cur, bal in wallet_rows}
+        storage = {(c, k): orjson.loads(v) for c, k, v in storage_rows}
+        self._queue.popleft()
         pid = load.player_id
-        self._wallets[pid] = {cur: int(bal) for cur, bal in wallet_rows}
-        self._pstore[pid] = {(c, k): orjson.loads(v) for c, k, v in storage_rows}
+        self._wallets[pid] = wallet
+        self._pstore[pid] = storage
         del self._loading[pid]
         for op in load.replay:
             self._apply_memory(op)
         if not load.future.done():
             load.future.set_result(None)
+
+    def _fail_load(self, load: _Load, exc: Exception) -> None:
+        """A load the database answers with something unusable (a corrupt row, a query it
+        refuses): retrying would fail the same way, so the load leaves the queue and the waiting
+        session hears why.  The player's writes still go out; their data stays not resident."""
+        self._queue.popleft()
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        log.error("player_load_failed", player_id=load.player_id, error=error)
+        if self._loading.get(load.player_id) is load:
+            del self._loading[load.player_id]
+            self._load_errors[load.player_id] = error
+        if not load.future.done():
+            load.future.set_exception(
+                StoreError(E.UNAVAILABLE, f"loading the player's data failed: {error}")
+            )
 
     async def _probe(self, delay: float) -> None:
         await asyncio.sleep(delay)
