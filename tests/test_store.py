@@ -22,8 +22,7 @@ FILES = {"bank.lua": BANK}
 async def _account(server: Any, kind: str, username: str, password: str) -> Client:
     client = await server.client()
     await client.send(kind, {"username": username, "password": password})
-    token = (await client.expect("auth.token"))["payload"]["token"]
-    await client.send("session.connect", {"token": token})
+    await client.expect("auth.token")
     client.player_id = (await client.expect("session.connected"))["payload"]["player_id"]
     return client
 
@@ -155,7 +154,6 @@ async def test_kill_9_loses_nothing_committed(
         grinder = Client(ws)
         await grinder.send("auth.register", {"username": "grinder", "password": "password-g"})
         token = (await grinder.expect("auth.token"))["payload"]
-        await grinder.send("session.connect", {"token": token["token"]})
         await grinder.expect("session.connected")
         await grinder.send("matchmaker.add", {"mode": "grind"})
         await grinder.expect("matchmaker.matched", skip=("matchmaker.queued",))
