@@ -23,11 +23,18 @@ if TYPE_CHECKING:
     from asobi.server import AsobiServer
 
 
+class BadSetting(Exception):
+    """A setting outside its choices: one line for the user, not a traceback."""
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {
         key: getattr(args, key, None) for key in ("host", "port", "game_dir", "data_dir", "reload")
     }
-    return Settings.from_env(**overrides)
+    try:
+        return Settings.from_env(**overrides)
+    except ValueError as exc:
+        raise BadSetting(str(exc)) from None
 
 
 def _tune_gc() -> None:
@@ -344,7 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BadSetting as exc:
+        print(f"asobi: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
