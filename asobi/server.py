@@ -185,27 +185,25 @@ class AsobiServer:
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
+        # Bind first, serve later: a taken port is found before anything else has started
+        # (no store opened and closed again around the one line the user needs to read).
+        self._server = await serve(
+            self._handle,
+            s.host,
+            s.port,
+            process_request=self._process_request,
+            compression="deflate" if s.compression == "deflate" else None,
+            max_size=s.max_message_bytes,
+            ping_interval=s.ping_interval_s or None,
+            ping_timeout=s.ping_timeout_s or None,
+            close_timeout=s.close_timeout_s,
+            start_serving=False,
+        )
         await self.app.open()
         self._ticker = Ticker(self.app.engine)
         self.app.engine.clock = self._ticker.loop.time
         self._ticker.start()
-        try:
-            self._server = await serve(
-                self._handle,
-                s.host,
-                s.port,
-                process_request=self._process_request,
-                compression="deflate" if s.compression == "deflate" else None,
-                max_size=s.max_message_bytes,
-                ping_interval=s.ping_interval_s or None,
-                ping_timeout=s.ping_timeout_s or None,
-                close_timeout=s.close_timeout_s,
-            )
-        except OSError:
-            # Nothing listens (port taken, address not ours): undo what started, then say so.
-            self._ticker.stop()
-            await self.app.close()
-            raise
+        await self._server.start_serving()
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
         self._housekeeping = asyncio.create_task(self._housekeep())

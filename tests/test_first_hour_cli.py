@@ -134,6 +134,7 @@ def test_serve_says_where_it_listens_and_a_taken_port_is_one_line(tmp_path: Path
         assert len(lines) == 1, second.stderr
         assert f"127.0.0.1:{first.port}" in lines[0] and "already in use" in lines[0]
         assert "Traceback" not in second.stdout + second.stderr
+        assert second.stdout == ""  # nothing started before the port was found taken
     finally:
         out = first.stop()
     # Piped stdout gets JSON lines.
