@@ -4,6 +4,8 @@ plain words, readiness of a broken game dir, mode fallback, and what a reload sa
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import jwt
 import orjson
@@ -179,6 +181,19 @@ async def test_a_reload_every_match_refuses_is_not_used_for_new_matches(
     match = server.app.engine.matches[matched["payload"]["match_id"]]
     assert match.script is old
     assert (await second.states(1))[0]["message"] == "hello"
+    # `asobi reloads` says new matches start on the previous version.
+    listed = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "asobi", "reloads", "--url", server.http],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    header, row = listed.stdout.splitlines()[:2]
+    assert "new_matches" in header.split()
+    cells = row.split()
+    assert "reload_failed" in cells and "previous" in cells
     # Saving the refused content again is explained, not silently ignored.
     server.write("match.lua", HOLDS_FUNCTION.replace('"hello"', '"edited"'))
     skipped = await logs.wait_for("reload_skipped")
