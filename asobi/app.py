@@ -43,10 +43,22 @@ class App:
 
     @classmethod
     def create(cls, settings: Settings) -> App:
-        registry = ScriptRegistry(settings.game_dir, settings.limits)
+        registry = ScriptRegistry(
+            settings.game_dir, settings.limits, strict_modes=settings.strict_modes
+        )
         load_errors = registry.load_all()
         for error in load_errors:
             log.error("script_rejected", **error.as_log())
+        for name in registry.names():
+            for problem in registry.unresolved_requires(name):
+                log.warning("script_require_unresolved", script=name, error=problem)
+        if not registry.names():
+            log.error(
+                "no_playable_scripts",
+                game_dir=str(registry.game_dir),
+                rejected=len(load_errors),
+                hint="the server is not ready until a script loads; fix and save one",
+            )
         hub = Hub()
         engine = Engine(
             registry,
@@ -79,6 +91,15 @@ class App:
             metrics=metrics,
             presence=Presence(engine, settings.reconnect_grace_s),
         )
+
+    def unplayable(self) -> str | None:
+        """Why no match can start (no script in force), or None.  `/ready` says it."""
+        if self.registry.names():
+            return None
+        rejected = self.registry.rejected_count()
+        if rejected:
+            return f"every script in {self.registry.game_dir} was rejected ({rejected})"
+        return f"no scripts in {self.registry.game_dir}"
 
     async def open(self) -> None:
         """Open what needs I/O before serving (the database)."""

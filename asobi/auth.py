@@ -28,13 +28,32 @@ class InvalidToken(Exception):
     """The token is malformed, forged, expired or names no valid player."""
 
 
-def load_or_create_secret(data_dir: Path, configured: str | None) -> str:
-    """The configured secret, else the one stored under `data_dir`, else a new stored one."""
+class SecretNotFound(Exception):
+    """Neither ASOBI_SECRET nor a stored secret: the message says where it was looked for."""
+
+
+def find_secret(data_dir: Path, configured: str | None) -> str:
+    """The secret the server would use, without ever creating one (`asobi token`): a new secret
+    would sign tokens that the running server rejects."""
     if configured:
         return configured
     path = data_dir / SECRET_FILE
-    if path.exists():
+    if path.is_file():
         return path.read_text().strip()
+    raise SecretNotFound(
+        f"no secret: ASOBI_SECRET is not set and {path.resolve()} does not exist. "
+        "Run this from the directory the server runs in, or point --data-dir/ASOBI_DATA_DIR "
+        "at the server's data dir, or set ASOBI_SECRET to the server's secret"
+    )
+
+
+def load_or_create_secret(data_dir: Path, configured: str | None) -> str:
+    """The configured secret, else the one stored under `data_dir`, else a new stored one."""
+    try:
+        return find_secret(data_dir, configured)
+    except SecretNotFound:
+        pass
+    path = data_dir / SECRET_FILE
     data_dir.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(48)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -69,10 +88,9 @@ class TokenSigner:
                 issuer=ISSUER,
                 options={"require": ["sub", "exp"]},
             )
-        except jwt.ExpiredSignatureError:
-            raise InvalidToken("token has expired") from None
         except jwt.PyJWTError as exc:
-            raise InvalidToken(f"token is not valid: {exc}") from None
+            # Plain words, never the library's own message: it names its internals.
+            raise InvalidToken(_token_problem(exc)) from None
         player_id = claims.get("sub")
         if not isinstance(player_id, str) or not PLAYER_ID_RE.match(player_id):
             raise InvalidToken("token names no valid player")
@@ -81,3 +99,18 @@ class TokenSigner:
     def guest(self) -> tuple[str, str]:
         player_id = "guest-" + uuid.uuid4().hex[:16]
         return player_id, self.issue(player_id)
+
+
+def _token_problem(exc: jwt.PyJWTError) -> str:
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return "token has expired: get a new one (auth.guest, auth.login or asobi token)"
+    if isinstance(exc, jwt.InvalidSignatureError):
+        return (
+            "signature does not match this server's secret: the token was signed with another "
+            "secret (asobi token run with another data dir or ASOBI_SECRET?)"
+        )
+    if isinstance(exc, jwt.DecodeError):
+        return "token is malformed: send the token string from auth.token or asobi token"
+    if isinstance(exc, jwt.InvalidAlgorithmError):
+        return "token is not signed the way this server signs tokens"
+    return "token was not issued by this server (missing or wrong claims)"

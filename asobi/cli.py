@@ -1,9 +1,10 @@
-"""`asobi serve | token | check | reloads | reload`: the command line, at the edge of the rest."""
+"""The `asobi` command: new, serve, token, check, reloads, reload (argument parsing and output)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import sys
 import time
@@ -11,18 +12,29 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 
 from asobi import log as logsetup
 from asobi.config import RELOAD_MODES, Settings
 
+if TYPE_CHECKING:
+    from asobi.server import AsobiServer
+
+
+class BadSetting(Exception):
+    """A setting outside its choices: one line for the user, not a traceback."""
+
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {
         key: getattr(args, key, None) for key in ("host", "port", "game_dir", "data_dir", "reload")
     }
-    return Settings.from_env(**overrides)
+    try:
+        return Settings.from_env(**overrides)
+    except ValueError as exc:
+        raise BadSetting(str(exc)) from None
 
 
 def _tune_gc() -> None:
@@ -40,22 +52,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from asobi.server import AsobiServer
 
     settings = _settings(args)
-    logsetup.configure(settings.log_level)
+    logsetup.configure(settings.log_level, fmt=settings.log_format)
     app = App.create(settings)
     _tune_gc()
     app.metrics.watch_gc()
-    asyncio.run(AsobiServer(app).serve_forever())
+    try:
+        asyncio.run(AsobiServer(app).serve_forever(_announce))
+    except OSError as exc:
+        print(
+            f"asobi serve: cannot listen on {settings.host}:{settings.port}: {_why(exc)}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
+def _announce(server: AsobiServer) -> None:
+    """One plain line saying where to connect, whatever the log format."""
+    host = server.settings.host
+    shown = "localhost" if host in ("0.0.0.0", "::", "") else host
+    registry = server.app.registry
+    count = len(registry.names())
+    print(
+        f"listening on ws://{shown}:{server.port}/ws "
+        f"(game: {registry.game_dir}, {count} script{'' if count == 1 else 's'})",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _why(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "the port is already in use (stop the other server, or pick --port/ASOBI_PORT)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "this machine has no such address (check --host/ASOBI_HOST)"
+    if exc.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need privileges)"
+    return exc.strerror or str(exc)
+
+
 def cmd_token(args: argparse.Namespace) -> int:
-    from asobi.auth import TokenSigner, load_or_create_secret
+    from asobi.auth import SecretNotFound, TokenSigner, find_secret
 
     settings = _settings(args)
     logsetup.configure("error", sys.stderr)
-    signer = TokenSigner(
-        load_or_create_secret(settings.data_dir, settings.secret), args.ttl or settings.token_ttl_s
-    )
+    try:
+        secret = find_secret(settings.data_dir, settings.secret)
+    except SecretNotFound as exc:
+        print(f"asobi token: {exc}", file=sys.stderr)
+        return 2
+    signer = TokenSigner(secret, args.ttl or settings.token_ttl_s)
     try:
         print(signer.issue(args.player_id))
     except ValueError as exc:
@@ -73,18 +119,51 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not game_dir.is_dir():
         print(f"asobi check: {game_dir} is not a directory", file=sys.stderr)
         return 2
+    # The server's own vetting (compile, top level within its budget, callbacks, globals),
+    # then the `require`s that would fail when the code reaches them.
     registry = ScriptRegistry(game_dir, settings.limits)
     errors = registry.load_all()
-    for name in registry.names():
+    unresolved = {name: registry.unresolved_requires(name) for name in registry.names()}
+    ok = [name for name in registry.names() if not unresolved[name]]
+    for name in ok:
         print(f"ok    {name}")
+    for name, problems in unresolved.items():
+        if problems:
+            print(f"error {name}")
+            for line in problems:
+                print(f"      {line}")
     for error in errors:
         print(f"error {error.name}")
         for line in error.errors:
             print(f"      {line}")
         if error.truncated:
             print(f"      ... {error.error_count - len(error.errors)} more")
-    print(f"{len(registry.names())} ok, {len(errors)} with errors")
-    return 1 if errors else 0
+    failed = len(errors) + len(registry.names()) - len(ok)
+    print(f"{len(ok)} ok, {failed} with errors")
+    return 1 if failed else 0
+
+
+TEMPLATES = ("match.lua", "tug.lua", "README.md")
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    """Write a ready game folder from the templates shipped with the package."""
+    from importlib.resources import files
+
+    target: Path = args.dir
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        print(f"asobi new: {target} already exists and is not empty", file=sys.stderr)
+        return 2
+    target.mkdir(parents=True, exist_ok=True)
+    templates = files("asobi.templates")
+    for name in TEMPLATES:
+        text = templates.joinpath(name).read_text(encoding="utf-8")
+        if name == "README.md":
+            text = text.replace("{name}", str(target))
+        (target / name).write_text(text, encoding="utf-8")
+        print(f"wrote {target / name}")
+    print(f"\nnext: asobi serve --game-dir {target}   (see {target / 'README.md'})")
+    return 0
 
 
 def _server_url(args: argparse.Namespace) -> str:
@@ -106,7 +185,18 @@ def _get_json(url: str, headers: dict[str, str] | None = None) -> tuple[int, obj
 
 def _print_reloads(records: list[dict]) -> None:
     # ms: save noticed -> every match resolved; tick_ms: the switching ticks' run time, summed.
-    columns = ("id", "when", "script", "outcome", "matches", "ms", "tick_ms", "errors")
+    # new_matches: which version new matches start on ("previous": this one was refused).
+    columns = (
+        "id",
+        "when",
+        "script",
+        "outcome",
+        "matches",
+        "new_matches",
+        "ms",
+        "tick_ms",
+        "errors",
+    )
     rows = []
     for r in records:
         when = time.strftime("%H:%M:%S", time.localtime(r.get("started_at", 0)))
@@ -120,6 +210,7 @@ def _print_reloads(records: list[dict]) -> None:
                 r["script"],
                 r["outcome"],
                 str(len(r.get("matches") or [])),
+                str(r.get("new_matches", "")),
                 f"{r.get('elapsed_ms', 0):.1f}",
                 f"{r.get('switch_ms_total', 0):.1f}",
                 errors,
@@ -172,11 +263,44 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 1 if any(r["outcome"] != "reloaded" for r in records) else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asobi", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+DESCRIPTION = """\
+asobi runs multiplayer matches scripted in Lua. Put match.lua in a folder, start the server on
+it, and players connect over WebSocket; edit the script while matches run and they pick it up.
+"""
 
-    serve = sub.add_parser("serve", help="run the server on a game directory")
+EPILOG = """\
+first steps:
+  asobi new mygame                 make a game folder with two example scripts
+  asobi serve --game-dir mygame    start the server (ws://localhost:8080/ws)
+  npx -y wscat -c ws://localhost:8080/ws   then send {"type":"auth.guest","payload":{}}
+
+every setting is also an ASOBI_* environment variable (see README.md)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asobi",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    new = sub.add_parser(
+        "new",
+        help="create a game folder: the tutorial script, a two-player example, a README",
+        description="Write a ready game folder: match.lua (the tutorial), tug.lua (a "
+        "two-player game with input) and a README with the commands to run and play it.",
+    )
+    new.add_argument("dir", type=Path, help="folder to create (must not exist or be empty)")
+    new.set_defaults(func=cmd_new)
+
+    serve = sub.add_parser(
+        "serve",
+        help="start the server on a game folder and reload scripts as you save them",
+        description="Start the server on a game folder; saved scripts are reloaded live.",
+    )
     serve.add_argument("--host", help="address to listen on (ASOBI_HOST, default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port (ASOBI_PORT, default 8080)")
     serve.add_argument("--game-dir", type=Path, help="scripts (ASOBI_GAME_DIR, default ./game)")
@@ -184,20 +308,41 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reload", choices=RELOAD_MODES, help="ASOBI_RELOAD, default watch")
     serve.set_defaults(func=cmd_serve)
 
-    token = sub.add_parser("token", help="print a signed token for a player")
+    token = sub.add_parser(
+        "token",
+        help="print a login token for a player, signed with the server's secret",
+        description="Print a token for session.connect, signed with the same secret the server "
+        "uses (ASOBI_SECRET, else DATA_DIR/secret.key). Refuses when there is none.",
+    )
     token.add_argument("player_id")
     token.add_argument("--data-dir", type=Path, help="where the secret lives (ASOBI_DATA_DIR)")
     token.add_argument("--ttl", type=int, help="lifetime in seconds")
     token.set_defaults(func=cmd_token)
 
-    check = sub.add_parser("check", help="compile every script and report errors (exit 1)")
+    check = sub.add_parser(
+        "check",
+        help="check every script the way the server will, without starting it",
+        description="Load every script as the server does and report what it would refuse: "
+        "syntax errors, missing init/tick/get_state, tick_rate or match_size out of range, "
+        "top-level code over its time budget, require()s of missing modules. Exit 1 on errors.",
+    )
     check.add_argument("--game-dir", type=Path, help="scripts (ASOBI_GAME_DIR, default ./game)")
     check.set_defaults(func=cmd_check)
-    reloads = sub.add_parser("reloads", help="print a running server's reload history")
+
+    reloads = sub.add_parser(
+        "reloads",
+        help="show what happened to the last script saves on a running server",
+        description="List a running server's recent reloads: which script, whether the matches "
+        "took it, and which version new matches start on.",
+    )
     reloads.add_argument("--url", help="server base URL (default from ASOBI_HOST/ASOBI_PORT)")
     reloads.set_defaults(func=cmd_reloads)
 
-    reload = sub.add_parser("reload", help="ask a running server to reload scripts now")
+    reload = sub.add_parser(
+        "reload",
+        help="make a running server re-read its scripts now (needs ASOBI_ADMIN_TOKEN)",
+        description="Make a running server re-read changed scripts now (for --reload off).",
+    )
     reload.add_argument("script", nargs="?", help="one script (path under the game dir)")
     reload.add_argument("--url", help="server base URL (default from ASOBI_HOST/ASOBI_PORT)")
     reload.set_defaults(func=cmd_reload)
@@ -213,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     except MissingExtra as exc:
         print(f"asobi: {exc}", file=sys.stderr)
         return 1
+    except BadSetting as exc:
+        print(f"asobi: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from asobi.lua.runtime import Limits
 
 RELOAD_MODES = ("watch", "poll", "off")
 COMPRESSION_MODES = ("none", "deflate")
+LOG_FORMATS = ("auto", "json", "console")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,11 @@ class Settings:
     match_seed: int | None = None
     # Empty: SQLite in data_dir.  postgresql://user:pass@host/db for PostgreSQL.
     database_url: str = ""
+    # -- first-run experience --
+    # ASOBI_LOG_FORMAT: json, console (coloured text), or auto (console on a terminal).
+    log_format: str = "auto"
+    # ASOBI_STRICT_MODES=1: a mode with no script of its own is refused, not run on match.lua.
+    strict_modes: bool = False
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
@@ -78,6 +84,8 @@ class Settings:
         settings = cls(**values)
         if settings.reload not in RELOAD_MODES:
             raise ValueError(f"ASOBI_RELOAD must be one of {', '.join(RELOAD_MODES)}")
+        if settings.log_format not in LOG_FORMATS:
+            raise ValueError(f"ASOBI_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}")
         if settings.compression not in COMPRESSION_MODES:
             raise ValueError(f"ASOBI_COMPRESSION must be one of {', '.join(COMPRESSION_MODES)}")
         return settings

@@ -21,13 +21,35 @@ def _dumps(obj: object, default: object = None) -> bytes:
     return orjson.dumps(obj, default=default, option=orjson.OPT_NON_STR_KEYS)
 
 
-def configure(level: str = "info", stream: TextIO | None = None) -> None:
-    """JSON lines with `event`, `level` and an ISO timestamp, fast path (bytes, cached)."""
+def configure(level: str = "info", stream: TextIO | None = None, fmt: str = "json") -> None:
+    """JSON lines with `event`, `level` and an ISO timestamp, fast path (bytes, cached).
+
+    `fmt` "console" renders the same events as coloured, aligned text for a person watching a
+    terminal; "auto" picks console when the stream is a terminal and JSON otherwise (pipes, log
+    collectors, containers).
+    """
     out = stream or sys.stdout
+    if fmt == "auto":
+        fmt = "console" if _is_terminal(out) else "json"
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+    ]
+    if fmt == "console":
+        structlog.configure(
+            processors=[
+                *shared,
+                structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
+                structlog.dev.ConsoleRenderer(colors=True),
+            ],
+            wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
+            logger_factory=structlog.PrintLoggerFactory(file=out),
+            cache_logger_on_first_use=True,
+        )
+        return
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
+            *shared,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(serializer=_dumps),
@@ -38,3 +60,11 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
         ),
         cache_logger_on_first_use=True,
     )
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except (OSError, ValueError):
+        return False

@@ -59,6 +59,9 @@ class ReloadRecord:
     errors_truncated: bool = False
     error_count: int = 0
     restored_previous: bool = False
+    # Which version new matches start on once this attempt settled: "new" (this one),
+    # "previous" (it was refused, here or by every running match) or "none" (no version).
+    new_matches: str = "none"
     dependents: list[str] = field(default_factory=list)
     _pending: set[str] = field(default_factory=set, repr=False)
     _t0: float = field(default=0.0, repr=False)
@@ -103,8 +106,14 @@ class Reloader:
         engine.listeners.append(self)
 
     # -- decisions --------------------------------------------------------------------------------
-    def apply_paths(self, paths: Iterable[Path], trigger: str) -> list[ReloadRecord]:
-        """Consider each changed path once; returns the records of the attempts it made."""
+    def apply_paths(
+        self, paths: Iterable[Path], trigger: str, *, report_unchanged: bool = True
+    ) -> list[ReloadRecord]:
+        """Consider each changed path once; returns the records of the attempts it made.
+
+        A save whose content is already known (the version in force, or the last refused one)
+        is skipped; `report_unchanged` logs `reload_skipped` for it, so a save that seemingly
+        did nothing is explained (off for the start-up catch-up pass over every file)."""
         records = []
         names = sorted({n for n in (self.registry.relative_name(p) for p in paths) if n})
         for name in names:
@@ -117,6 +126,18 @@ class Reloader:
                 continue
             except OSError as exc:
                 log.warning("script_unreadable", script=name, error=str(exc))
+                continue
+            skipped = self.registry.unchanged_reason(name, source)
+            if skipped is not None:
+                if report_unchanged:
+                    current = self.registry.get(name)
+                    log.info(
+                        "reload_skipped",
+                        script=name,
+                        reason=skipped,
+                        trigger=trigger,
+                        version=current.version if current is not None else None,
+                    )
                 continue
             record = self.apply_source(name, source, trigger)
             if record is not None:
@@ -139,13 +160,15 @@ class Reloader:
             return record
         return self._schedule(outcome, previous, trigger, t0)
 
-    def reload_now(self, name: str | None, trigger: str = "manual") -> list[ReloadRecord]:
+    def reload_now(
+        self, name: str | None, trigger: str = "manual", *, report_unchanged: bool = True
+    ) -> list[ReloadRecord]:
         """Re-read scripts from disk now (all of them when `name` is None)."""
         if name is None:
             paths = [p for p in self.registry.game_dir.rglob("*.lua") if p.is_file()]
         else:
             paths = [self.registry.game_dir / name]
-        return self.apply_paths(paths, trigger)
+        return self.apply_paths(paths, trigger, report_unchanged=report_unchanged)
 
     def _schedule(
         self, version: ScriptVersion, previous: ScriptVersion | None, trigger: str, t0: float
@@ -215,13 +238,15 @@ class Reloader:
             del self._in_flight[record.script]
         if record.rolled_back:
             record.outcome = "reload_rolled_back"
-            if not record.switched and record._previous and record._version:
-                # Every match refused the new code: new matches keep starting on the old one.
-                record.restored_previous = self.registry.restore(record._previous, record._version)
         elif record.failed:
             record.outcome = "reload_failed"
         else:
             record.outcome = "reloaded"
+        refused = record.rolled_back or record.failed
+        if refused and not record.switched and record._previous and record._version:
+            # Every match refused the new code (it failed, or the state could not cross): new
+            # matches keep starting on the old code too.
+            record.restored_previous = self.registry.restore(record._previous, record._version)
         errors = [e["error"].split("\n", 1)[0] for e in record.rolled_back + record.failed]
         record.error_count = len(errors)
         record.errors = errors[:MAX_ERRORS_REPORTED]
@@ -230,6 +255,14 @@ class Reloader:
 
     def _finish(self, record: ReloadRecord) -> None:
         record.elapsed_ms = round((time.perf_counter() - record._t0) * 1000, 3)
+        current = self.registry.get(record.script)
+        record.new_matches = (
+            "new"
+            if current is not None and current.hash == record.hash
+            else "previous"
+            if current is not None
+            else "none"
+        )
         self.history.add(record)
         fields = record.as_dict()
         event = fields.pop("outcome")
@@ -353,7 +386,7 @@ async def watch_changes(
 
 def _catch_up(reloader: Reloader, trigger: str) -> None:
     try:
-        reloader.reload_now(None, trigger)
+        reloader.reload_now(None, trigger, report_unchanged=False)
     except Exception:
         log.exception("reload_crashed", paths=["*"])
 

@@ -15,9 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from asobi.lua.convert import ConversionError, to_python
 from asobi.lua.runtime import Bytecode, Limits, MatchLua, ScriptLoadError, compile_script
 from asobi.protocol import MODE_RE
+
+log = structlog.get_logger("asobi.scripts")
 
 MODULE_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 DEFAULT_SCRIPT = "match.lua"
@@ -25,6 +29,14 @@ CONFIG_SCRIPT = "config.lua"
 MAX_ERRORS_REPORTED = 3
 MAX_SCRIPT_BYTES = 4 * 1024 * 1024
 MIN_TICK_RATE, MAX_TICK_RATE = 1.0, 60.0
+MAX_MATCH_SIZE, MAX_MAX_PLAYERS = 1024, 4096
+# A script defining any of these is a match script and must define all of them.
+MATCH_CALLBACKS = ("init", "tick", "get_state")
+# `require("name")` / `require "name"` with a literal name, for `unresolved_requires`.
+_REQUIRE_RE = re.compile(r"""\brequire\s*\(?\s*["']([^"'\n]*)["']""")
+_LUA_COMMENT_RE = re.compile(r"--\[(=*)\[.*?\]\1\]|--[^\n]*", re.S)
+# Modes logged once as running on match.lua (bounded: a mode name is client input).
+MAX_FALLBACK_MODES_LOGGED = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +49,8 @@ class ScriptMeta:
     shared_state: bool = False
     reload_dependents: bool = False
     version: str | None = None
+    # Defines init, tick and get_state (a module defines none of them).
+    is_match: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,12 +131,19 @@ class _ProbeHost:
 
 
 class ScriptRegistry:
-    def __init__(self, game_dir: Path, limits: Limits | None = None) -> None:
+    def __init__(
+        self, game_dir: Path, limits: Limits | None = None, *, strict_modes: bool = False
+    ) -> None:
         self.game_dir = game_dir.resolve()
         self.limits = limits or Limits()
+        # Refuse a mode with no script of its own instead of running match.lua for it.
+        self.strict_modes = strict_modes
         self._scripts: dict[str, ScriptVersion] = {}
         self._rejected: dict[str, str] = {}
+        # The first error of each script's last refused save (why a mode is unavailable).
+        self._rejected_error: dict[str, str] = {}
         self._modes: dict[str, str] = {}
+        self._fallback_logged: set[str] = set()
 
     # -- reading ---------------------------------------------------------------------------------
     def get(self, name: str) -> ScriptVersion | None:
@@ -131,17 +152,69 @@ class ScriptRegistry:
     def names(self) -> list[str]:
         return sorted(self._scripts)
 
+    def rejected_count(self) -> int:
+        """Scripts refused with no earlier version in force."""
+        return sum(1 for name in self._rejected_error if name not in self._scripts)
+
     def resolve_mode(self, mode: str) -> ScriptVersion | None:
-        """`config.lua` mapping first, then `game/<mode>.lua`, then `game/match.lua`."""
+        """`config.lua` mapping first, then `game/<mode>.lua`, then `game/match.lua` (unless
+        strict, or the mode's own script exists but was refused: a broken `arena.lua` must not
+        quietly run the tutorial)."""
         if not MODE_RE.match(mode):
             return None
         mapped = self._modes.get(mode)
         if mapped and mapped in self._scripts:
             return self._scripts[mapped]
         own = f"{mode}.lua"
-        if own in self._scripts and own != CONFIG_SCRIPT:
-            return self._scripts[own]
-        return self._scripts.get(DEFAULT_SCRIPT)
+        if own != CONFIG_SCRIPT:
+            script = self._scripts.get(own)
+            if script is not None and script.meta.is_match:
+                return script
+            if own in self._rejected_error:
+                return None
+        if self.strict_modes:
+            return None
+        fallback = self._scripts.get(DEFAULT_SCRIPT)
+        if (
+            fallback is not None
+            and mode not in self._fallback_logged
+            and len(self._fallback_logged) < MAX_FALLBACK_MODES_LOGGED
+        ):
+            self._fallback_logged.add(mode)
+            log.info(
+                "mode_fallback",
+                mode=mode,
+                script=DEFAULT_SCRIPT,
+                hint=f"no {own} in the game dir; ASOBI_STRICT_MODES=1 refuses such modes",
+            )
+        return fallback
+
+    def mode_refusal(self, mode: str) -> str:
+        """Why `resolve_mode(mode)` found nothing, in the words `unknown_mode` carries."""
+        own = f"{mode}.lua"
+        mapped = self._modes.get(mode)
+        for name in (mapped, own):
+            if name and name not in self._scripts and name in self._rejected_error:
+                return f"mode {mode!r}: {name} was rejected: {self._rejected_error[name]}"
+        if self.strict_modes:
+            return f"no script for mode {mode!r} (looked for {own}; strict modes are on)"
+        return f"no script for mode {mode!r} (looked for {own} and {DEFAULT_SCRIPT})"
+
+    def unresolved_requires(self, name: str) -> list[str]:
+        """`require`s with a literal name in `name`'s source that no script answers, in the
+        words the server uses when such a `require` runs."""
+        script = self._scripts.get(name)
+        if script is None:
+            return []
+        text = script.source.decode(errors="replace")
+        text = _LUA_COMMENT_RE.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+        problems = []
+        for found in _REQUIRE_RE.finditer(text):
+            code, message = self.module_source(found.group(1).encode())
+            if code is None:
+                line = text.count("\n", 0, found.start()) + 1
+                problems.append(f"{name}:{line}: {message.decode()}")
+        return problems
 
     def module_source(self, name: bytes) -> tuple[bytes | None, bytes]:
         """Source for `require(name)`: `a.b` is `game/a/b.lua`; nothing outside the game dir."""
@@ -175,7 +248,7 @@ class ScriptRegistry:
             source = path.read_bytes()
             code = self._compile(name, source)
             if isinstance(code, ScriptError):
-                errors.append(code)
+                errors.append(self._refuse(name, code))
                 continue
             pending[name] = (source, code)
             self._scripts[name] = ScriptVersion(name, source, code, content_hash(source))
@@ -198,12 +271,27 @@ class ScriptRegistry:
             return None
         code = self._compile(name, source)
         if isinstance(code, ScriptError):
-            self._rejected[name] = digest
-            return code
+            return self._refuse(name, code)
         return self.accept(name, source, code)
 
+    def unchanged_reason(self, name: str, source: bytes) -> str | None:
+        """Why `update` would ignore this content: "unchanged" (the version in force) or
+        "already_rejected" (the last refused save); None when it would consider it."""
+        digest = content_hash(source)
+        current = self._scripts.get(name)
+        if current is not None and current.hash == digest:
+            return "unchanged"
+        if self._rejected.get(name) == digest:
+            return "already_rejected"
+        return None
+
+    def _refuse(self, name: str, error: ScriptError) -> ScriptError:
+        self._rejected[name] = error.hash
+        self._rejected_error[name] = error.errors[0] if error.errors else "refused"
+        return error
+
     def restore(self, version: ScriptVersion, replaced: ScriptVersion) -> bool:
-        """Put `version` back in force if `replaced` still is (a reload every match rolled back:
+        """Put `version` back in force if `replaced` still is (a reload every match refused:
         new matches should not start on code that is known to fail)."""
         if self._scripts.get(replaced.name) is not replaced:
             return False
@@ -214,6 +302,7 @@ class ScriptRegistry:
     def remove(self, name: str) -> bool:
         """A deleted file: stop offering it to new matches and `require` (running ones keep it)."""
         self._rejected.pop(name, None)
+        self._rejected_error.pop(name, None)
         if name == CONFIG_SCRIPT:
             self._modes = {}
         return self._scripts.pop(name, None) is not None
@@ -226,19 +315,21 @@ class ScriptRegistry:
         try:
             returned = probe.load(code, name)
         except ScriptLoadError as exc:
-            self._rejected[name] = digest
-            return script_errors(name, source, [str(exc).split("\nstack traceback:")[0]])
+            error = str(exc).split("\nstack traceback:")[0]
+            return self._refuse(name, script_errors(name, source, [error]))
         load_ms = round((time.perf_counter() - started) * 1000, 3)
-        meta = _read_meta(probe)
+        meta = _read_meta(name, probe)
+        if isinstance(meta, list):
+            return self._refuse(name, script_errors(name, source, meta))
         modes: dict[str, str] | None = None
         if name == CONFIG_SCRIPT:
             modes = _read_modes(returned)
             if isinstance(modes, str):
-                self._rejected[name] = digest
-                return script_errors(name, source, [modes])
+                return self._refuse(name, script_errors(name, source, [modes]))
         version = ScriptVersion(name, source, code, digest, meta, load_ms)
         self._scripts[name] = version
         self._rejected.pop(name, None)
+        self._rejected_error.pop(name, None)
         if modes is not None:
             self._modes = modes
         return version
@@ -255,23 +346,49 @@ class ScriptRegistry:
             return script_errors(name, source, str(exc).splitlines())
 
 
-def _read_meta(probe: MatchLua) -> ScriptMeta:
-    def number(name: str, default: float, low: float, high: float) -> float:
-        value = probe.global_value(name)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return default
-        return float(min(max(value, low), high))
+def _read_meta(name: str, probe: MatchLua) -> ScriptMeta | list[str]:
+    """The script's globals, or what is wrong with them: the server refuses a script it could
+    not run (a match script missing a callback, a size or rate out of range) at load time, so
+    `asobi check` and a save report it, rather than every tick failing later."""
+    problems: list[str] = []
 
-    match_size = int(number("match_size", 1, 1, 1024))
-    max_players = int(number("max_players", match_size, match_size, 4096))
+    def number(key: str, default: float, low: float, high: float, *, integer: bool) -> float:
+        value = probe.global_value(key)
+        if value is None:
+            return default
+        kind = "an integer" if integer else "a number"
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (integer and value != int(value))
+            or not low <= value <= high
+        ):
+            problems.append(f"{name}: {key} must be {kind} from {low:g} to {high:g}, not {value!r}")
+            return default
+        return float(value)
+
+    match_size = int(number("match_size", 1, 1, MAX_MATCH_SIZE, integer=True))
+    max_players = int(number("max_players", match_size, match_size, MAX_MAX_PLAYERS, integer=True))
+    tick_rate = number("tick_rate", 10.0, MIN_TICK_RATE, MAX_TICK_RATE, integer=False)
+    defined = [cb for cb in MATCH_CALLBACKS if probe.function(cb) is not None]
+    is_match = bool(defined) or name == DEFAULT_SCRIPT
+    missing = [cb for cb in MATCH_CALLBACKS if cb not in defined]
+    if is_match and missing:
+        problems.append(
+            f"{name}: missing function {', '.join(missing)} "
+            f"(a match script defines {', '.join(MATCH_CALLBACKS)})"
+        )
+    if problems:
+        return problems
     version = probe.global_value("version")
     return ScriptMeta(
         match_size=match_size,
         max_players=max_players,
-        tick_rate=number("tick_rate", 10.0, MIN_TICK_RATE, MAX_TICK_RATE),
+        tick_rate=tick_rate,
         shared_state=probe.global_value("shared_state") is True,
         reload_dependents=probe.global_value("reload_dependents") is True,
         version=str(version) if isinstance(version, str | int | float) and version != "" else None,
+        is_match=is_match,
     )
 
 

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -184,10 +185,8 @@ class AsobiServer:
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
-        await self.app.open()
-        self._ticker = Ticker(self.app.engine)
-        self.app.engine.clock = self._ticker.loop.time
-        self._ticker.start()
+        # Bind first, serve later: a taken port is found before anything else has started
+        # (no store opened and closed again around the one line the user needs to read).
         self._server = await serve(
             self._handle,
             s.host,
@@ -198,7 +197,13 @@ class AsobiServer:
             ping_interval=s.ping_interval_s or None,
             ping_timeout=s.ping_timeout_s or None,
             close_timeout=s.close_timeout_s,
+            start_serving=False,
         )
+        await self.app.open()
+        self._ticker = Ticker(self.app.engine)
+        self.app.engine.clock = self._ticker.loop.time
+        self._ticker.start()
+        await self._server.start_serving()
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
         self._housekeeping = asyncio.create_task(self._housekeep())
@@ -260,8 +265,10 @@ class AsobiServer:
                 connection.transport.abort()
         await closed
 
-    async def serve_forever(self) -> None:
+    async def serve_forever(self, on_started: Callable[[AsobiServer], None] | None = None) -> None:
         await self.start()
+        if on_started is not None:
+            on_started(self)
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -307,7 +314,11 @@ class AsobiServer:
             return _json_response(connection, 200, {"status": "ok"})
         if path == "/ready":
             ready = self._ready()
-            return _json_response(connection, 200 if ready else 503, {"ready": ready})
+            body: dict[str, Any] = {"ready": ready}
+            unplayable = self.app.unplayable()
+            if unplayable is not None:
+                body["reason"] = unplayable
+            return _json_response(connection, 200 if ready else 503, body)
         if path == "/metrics":
             self._collect_metrics()
             response = connection.respond(200, self.metrics.exposition().decode())
@@ -352,6 +363,7 @@ class AsobiServer:
             and self._ticker is not None
             and not self._stopping
             and len(self.peers) < self.settings.max_connections
+            and self.app.unplayable() is None
         )
 
     def _admit(self, connection: ServerConnection) -> Response | None:
@@ -427,4 +439,6 @@ class AsobiServer:
         if not session.authenticated:
             log.info("auth_timeout", remote=session.remote)
             self.metrics.closed.labels("auth_timeout").inc()
-            session.peer.close(CLOSE_POLICY, "authenticate with session.connect within the limit")
+            limit = f"{self.settings.connect_timeout_s:g} s"
+            reason = f"not authenticated within {limit} (send auth.guest or session.connect)"
+            session.peer.close(CLOSE_POLICY, reason)

@@ -76,6 +76,8 @@ class Session:
         # Frames that arrive while the player's data is being loaded wait here (None: not
         # loading), so nothing they do reaches a match before their wallet is resident.
         self._frames_awaiting_load: list[str | bytes] | None = None
+        # Set once the connection is gone: a login that finishes later must not open a session.
+        self._gone = False
 
     @property
     def authenticated(self) -> bool:
@@ -110,6 +112,7 @@ class Session:
     def closed(self) -> None:
         """The connection is gone: queued tickets go; a match seat is held for the grace period
         (`leave` runs when it ends without a resume), or given up at once without one."""
+        self._gone = True
         player_id = self.player_id
         if player_id is None:
             return
@@ -145,7 +148,16 @@ class Session:
     def _auth_guest(self, frame: Frame) -> None:
         player_id, token = self.app.signer.guest()
         log.info("guest_created", player_id=player_id)
+        self._issued(frame, player_id, token)
+
+    def _issued(self, frame: Frame, player_id: str, token: str) -> None:
+        """Answer an `auth.*` frame with its token and, on a connection with no session yet,
+        open the session for that player right away: a person typing frames by hand cannot paste
+        a token back within the authentication limit, and a program saves a round trip.  The
+        token still serves a later `session.connect` (another socket, a reconnect)."""
         self.reply(frame, "auth.token", {"player_id": player_id, "token": token})
+        if self.player_id is None and not self._gone:
+            self._open(frame, player_id, None)
 
     def _connect(self, frame: Frame) -> None:
         token = require_str(frame, "token", max_length=8192)
@@ -154,6 +166,11 @@ class Session:
             player_id = self.app.signer.verify(token)
         except InvalidToken as exc:
             raise ProtocolError(ErrorCode.INVALID_TOKEN, str(exc), frame.cid) from None
+        self._open(frame, player_id, resume_token)
+
+    def _open(self, frame: Frame, player_id: str, resume_token: str | None) -> None:
+        """Make this connection `player_id`'s session (resuming a held seat with the right
+        resume token) and answer `session.connected`."""
         presence = self.app.presence
         if self.player_id is not None:
             if self.player_id != player_id:
@@ -230,9 +247,7 @@ class Session:
             ticket, existed = self.app.matchmaker.add(self.player_id, mode)
         except UnknownMode:
             raise ProtocolError(
-                ErrorCode.UNKNOWN_MODE,
-                f"no script for mode {mode!r} (looked for {mode}.lua and match.lua)",
-                frame.cid,
+                ErrorCode.UNKNOWN_MODE, self.app.registry.mode_refusal(mode), frame.cid
             ) from None
         payload: dict[str, Any] = {"ticket_id": ticket.ticket_id, "mode": mode}
         if existed:
@@ -304,8 +319,7 @@ class Session:
                 player_id = await accounts.login(username, password)
         except AccountError as exc:
             raise self._account_error(frame, exc) from None
-        token = self.app.signer.issue(player_id)
-        self.reply(frame, "auth.token", {"player_id": player_id, "token": token})
+        self._issued(frame, player_id, self.app.signer.issue(player_id))
 
     def _leaderboard_top(self, frame: Frame) -> None:
         board = require_str(frame, "board", max_length=64)

@@ -135,9 +135,9 @@ class Client:
         return frame
 
     async def login_guest(self) -> str:
+        """`auth.guest` answers with a token and opens the session on the same connection."""
         await self.send("auth.guest")
-        token = (await self.expect("auth.token"))["payload"]["token"]
-        await self.send("session.connect", {"token": token})
+        await self.expect("auth.token")
         connected = await self.expect("session.connected")
         self.player_id = connected["payload"]["player_id"]
         return self.player_id

@@ -8,9 +8,15 @@ from tests.conftest import Client, take_lateness
 
 
 async def _auth(client: Client, kind: str, username: object, password: object) -> dict:
+    """The reply to an auth frame; the first token on a connection also opens its session."""
     await client.send(kind, {"username": username, "password": password}, cid=kind)
     frame = await client.recv()
     assert frame["cid"] == kind
+    if frame["type"] == "auth.token" and client.player_id is None:
+        connected = await client.expect("session.connected")
+        assert connected["cid"] == kind
+        assert connected["payload"]["player_id"] == frame["payload"]["player_id"]
+        client.player_id = connected["payload"]["player_id"]
     return frame
 
 
@@ -23,8 +29,10 @@ async def test_register_login_and_connect(start_server) -> None:
     assert player_id.startswith("p-")
     login = await _auth(c, "auth.login", "alice_1", "correct horse")  # usernames ignore case
     assert login["type"] == "auth.token" and login["payload"]["player_id"] == player_id
-    await c.send("session.connect", {"token": login["payload"]["token"]})
-    assert (await c.expect("session.connected"))["payload"]["player_id"] == player_id
+    assert c.player_id == player_id  # register opened the session; login only gave a token
+    other = await server.client()
+    await other.send("session.connect", {"token": login["payload"]["token"]})
+    assert (await other.expect("session.connected"))["payload"]["player_id"] == player_id
     # The stored hash is argon2id, never the password.
     found = await server.app.store.find_account("Alice_1")
     assert found is not None and found[0] == player_id
@@ -55,7 +63,7 @@ async def test_refusals_have_distinct_codes(start_server) -> None:
         assert bad["payload"]["code"] == "invalid_account_input", (username, password, bad)
     # None of that touched the connection: guests still work, and bob can still log in.
     assert (await _auth(c, "auth.login", "bob", "password-1"))["type"] == "auth.token"
-    await c.login_guest()
+    await (await server.client()).login_guest()
 
 
 async def test_concurrent_registrations_of_one_name(start_server) -> None:

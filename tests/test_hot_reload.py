@@ -435,9 +435,8 @@ async def test_reload_notice_is_opt_in(start_server, logs: Logs) -> None:
     server = await start_server()
     quiet = await server.player()
     loud = await server.client()
-    await loud.send("auth.guest")
-    token = (await loud.expect("auth.token"))["payload"]["token"]
-    await loud.send("session.connect", {"token": token, "notify_reload": True})
+    await loud.send("auth.guest", {"notify_reload": True})
+    await loud.expect("auth.token")
     await loud.expect("session.connected")
     for c in (quiet, loud):
         await c.send("matchmaker.add", {"mode": "hello"})

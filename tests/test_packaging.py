@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -15,7 +16,9 @@ def test_compose_serves_the_example_game() -> None:
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     service = compose["services"]["asobi"]
     assert service["build"] == "."
-    assert "8080:8080" in service["ports"]
+    assert service["ports"] == ["${ASOBI_PORT:-8080}:${ASOBI_PORT:-8080}"]
+    assert service["environment"]["ASOBI_PORT"] == "${ASOBI_PORT:-8080}"
+    assert service["restart"] == "unless-stopped"
     game_mounts = [v for v in service["volumes"] if v.startswith("./game:")]
     assert game_mounts == ["./game:/game"]
     assert service["environment"]["ASOBI_GAME_DIR"] == "/game"
@@ -73,6 +76,7 @@ def test_cli_check_reports_syntax_errors(tmp_path: Path) -> None:
 def test_cli_token_is_accepted_by_the_server_secret(tmp_path: Path) -> None:
     from asobi.auth import TokenSigner, load_or_create_secret
 
+    secret = load_or_create_secret(tmp_path, None)  # the server's start-up made it
     result = subprocess.run(
         [sys.executable, "-m", "asobi", "token", "alice", "--data-dir", str(tmp_path)],
         capture_output=True,
@@ -82,8 +86,60 @@ def test_cli_token_is_accepted_by_the_server_secret(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     token = result.stdout.strip()
-    signer = TokenSigner(load_or_create_secret(tmp_path, None))
-    assert signer.verify(token) == "alice"
+    assert TokenSigner(secret).verify(token) == "alice"
+
+
+def _healthchecks() -> dict[str, list[str]]:
+    """The health check commands of the Dockerfile and of compose, as argv lists."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    cmd = dockerfile.split("HEALTHCHECK", 1)[1].split("CMD", 1)[1].splitlines()[0].strip()
+    code = cmd.split('python -c "', 1)[1].rsplit('"', 1)[0]
+    test = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["asobi"]["healthcheck"]
+    assert test["test"][:3] == ["CMD", "python", "-c"]
+    return {"Dockerfile": ["python", "-c", code], "compose": test["test"][1:]}
+
+
+@pytest.mark.parametrize("where", ["Dockerfile", "compose"])
+def test_healthcheck_follows_asobi_port(where: str, tmp_path: Path) -> None:
+    """Run the shipped health check against a real server on a port that is not 8080."""
+    argv = _healthchecks()[where]
+    argv[0] = sys.executable
+    game = tmp_path / "game"
+    game.mkdir()
+    (game / "match.lua").write_text((ROOT / "game" / "match.lua").read_text())
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "ASOBI_SECRET": "s" * 40}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "asobi", "serve", "--host", "127.0.0.1", "--port", "0"],
+        cwd=tmp_path,
+        env={**env, "ASOBI_GAME_DIR": str(game)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stderr is not None
+        port = server.stderr.readline().split(":")[2].split("/")[0]
+        assert port != "8080"
+        ok = subprocess.run(argv, env={"ASOBI_PORT": port}, capture_output=True, timeout=30)
+        assert ok.returncode == 0, ok.stderr
+        wrong = subprocess.run(argv, env={"ASOBI_PORT": "9"}, capture_output=True, timeout=30)
+        assert wrong.returncode != 0
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def test_dockerignore_keeps_secrets_and_local_state_out_of_the_image() -> None:
+    patterns = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for excluded in (".venv", "data", ".git", "bench/results", "**/__pycache__"):
+        assert excluded in patterns, excluded
+    # What the Dockerfile copies must not be excluded.
+    for needed in ("pyproject.toml", "README.md", "asobi", "game"):
+        assert needed not in patterns
 
 
 def test_postgres_driver_is_an_extra() -> None:

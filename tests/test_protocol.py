@@ -27,13 +27,20 @@ async def test_auth_connect_heartbeat_echo_cid(start_server) -> None:
     await client.send("auth.guest", cid=1)
     token = await client.expect("auth.token")
     assert token["cid"] == 1 and token["payload"]["player_id"].startswith("guest-")
-    await client.send("session.connect", {"token": token["payload"]["token"]}, cid="c")
-    connected = await client.expect("session.connected")
+    # The guest's session is open on this connection at once (typable by hand).
+    opened = await client.expect("session.connected")
+    assert opened["cid"] == 1
+    assert opened["payload"]["player_id"] == token["payload"]["player_id"]
+    assert opened["payload"]["resumed"] is False
+    # The token still opens a session elsewhere (another socket, a reconnect).
+    other = await server.client()
+    await other.send("session.connect", {"token": token["payload"]["token"]}, cid="c")
+    connected = await other.expect("session.connected")
     assert connected["cid"] == "c"
     assert connected["payload"]["player_id"] == token["payload"]["player_id"]
     assert isinstance(connected["payload"]["resume_token"], str)
     assert connected["payload"]["resumed"] is False
-    beat = await client.request("session.heartbeat")
+    beat = await other.request("session.heartbeat")
     assert beat["cid"] == "session.heartbeat" and beat["payload"]["ts"] > 1_600_000_000_000
 
 
@@ -165,7 +172,11 @@ async def test_match_finished(start_server) -> None:
 
 async def test_match_failed_when_init_errors(start_server) -> None:
     server = await game_server(
-        start_server, {"match.lua": "function init(s) error('no') end\nfunction tick(s) end"}
+        start_server,
+        {
+            "match.lua": "function init(s) error('no') end\nfunction tick(s) end\n"
+            "function get_state(s) return {} end"
+        },
     )
     client = await server.player("m")
     error = await client.expect("error")

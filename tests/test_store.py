@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,7 @@ FILES = {"bank.lua": BANK}
 async def _account(server: Any, kind: str, username: str, password: str) -> Client:
     client = await server.client()
     await client.send(kind, {"username": username, "password": password})
-    token = (await client.expect("auth.token"))["payload"]["token"]
-    await client.send("session.connect", {"token": token})
+    await client.expect("auth.token")
     client.player_id = (await client.expect("session.connected"))["payload"]["player_id"]
     return client
 
@@ -157,7 +157,6 @@ async def test_kill_9_loses_nothing_committed(
         grinder = Client(ws)
         await grinder.send("auth.register", {"username": "grinder", "password": "password-g"})
         token = (await grinder.expect("auth.token"))["payload"]
-        await grinder.send("session.connect", {"token": token["token"]})
         await grinder.expect("session.connected")
         await grinder.send("matchmaker.add", {"mode": "grind"})
         await grinder.expect("matchmaker.matched", skip=("matchmaker.queued",))
@@ -170,12 +169,19 @@ async def test_kill_9_loses_nothing_committed(
                     name = f"crash{i}_{n}"
                     await c.send("auth.register", {"username": name, "password": "password-c"})
                     frame = await c.recv()
+                    while frame["type"] == "session.connected":  # the first register opens one
+                        frame = await c.recv()
                     if frame["type"] == "auth.token":
                         confirmed.append(name)
                     n += 1
 
         registering = [asyncio.create_task(register(i)) for i in range(3)]
+        # Kill mid-stream, once some registrations were confirmed (hashing is slow on a busy
+        # machine, so a fixed pause could come before the first one).
         await asyncio.sleep(1.0)
+        deadline = time.monotonic() + 30
+        while len(confirmed) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
         for task in registering:
@@ -225,10 +231,9 @@ async def test_a_load_that_fails_for_good_is_dropped_and_blocks_no_write(
     server = await start_server(FILES)
     store = server.app.store
     rich = await bank_player(server)
-    broken = await server.client()
-    await broken.send("auth.guest")
-    token = (await broken.expect("auth.token"))["payload"]
+    token = {"player_id": "broken", "token": server.app.signer.issue("broken")}
     await store.backend.transact(_corrupt_row(token["player_id"]))
+    broken = await server.client()
     await broken.send("session.connect", {"token": token["token"]})
     await broken.expect("session.connected")
     # Queued after the load (which session.connect queued before answering).
