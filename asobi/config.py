@@ -50,6 +50,8 @@ class Settings:
     ticket_ttl_s: float = 60.0
     reconnect_grace_s: float = 15.0
     max_consecutive_failures: int = 10
+    # Inputs one player may have waiting in their match; more are dropped, counted and logged.
+    max_queued_inputs: int = 64
     # ASOBI_MATCH_SEED: seed every match's random generator with this number (replays, tests).
     match_seed: int | None = None
     # Empty: SQLite in data_dir.  postgresql://user:pass@host/db for PostgreSQL.
