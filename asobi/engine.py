@@ -94,6 +94,9 @@ class Engine:
         self._phase = 0.0
         self.ticks = 0
         self.inputs_dropped = 0
+        # Matches whose Lua call ran far past its budget (added by the watchdog's thread); each
+        # is ended at its next tick.
+        self.wedged: set[str] = set()
         self.lateness: deque[float] = deque(maxlen=65536)
         self.on_schedule_change: Callable[[float], None] | None = None
         # Players who asked for `match.reloaded` frames (session.connect {notify_reload: true}).
@@ -266,6 +269,9 @@ class Engine:
             log.exception("match_crashed", match_id=match.id, mode=match.mode, tick=match.tick_no)
             self.finish(match, {"error": "internal error"})
         self.ticks += 1
+        if self.wedged and match.id in self.wedged:
+            self.wedged.discard(match.id)
+            self.finish(match, {"error": "a script call ran far past its time budget"})
         if match.finished:
             return
         match.deadline += match.period

@@ -262,8 +262,8 @@ class Match:
 
     def _new_lua(self, script: ScriptVersion, seed: int) -> MatchLua:
         lua = MatchLua(self.host, self.engine.config.limits, seed=seed)
-        lua.load(script.code, script.name)
         lua.set_context(self.id, self.tick_no, self.players)
+        lua.load(script.code, script.name)
         return lua
 
     # -- lifecycle --------------------------------------------------------------------------------
