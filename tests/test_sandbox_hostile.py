@@ -59,6 +59,7 @@ class VictimWatch:
         self.client = client
         self.app = app
         self.frames: list[int] = []
+        self.arrivals: list[float] = []  # client-side, for reports only (same loop as the server)
         take_lateness(app)  # the attack's window starts now
         self._task = asyncio.create_task(self._run())
 
@@ -66,6 +67,7 @@ class VictimWatch:
         while True:
             (state,) = await self.client.states(1, timeout=10)
             self.frames.append(state["counter"])
+            self.arrivals.append(time.monotonic())
 
     async def stop(self, min_frames: int = 8) -> None:
         """Stop watching once at least `min_frames` frames were seen (a short attack still gets
@@ -76,6 +78,12 @@ class VictimWatch:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+
+    def worst_gap(self) -> float:
+        """The longest time between two victim frames as the client saw them (for reports)."""
+        return max(
+            (b - a for a, b in zip(self.arrivals, self.arrivals[1:], strict=False)), default=0.0
+        )
 
     def assert_on_time(self, budget: float) -> None:
         counters = self.frames
