@@ -28,6 +28,8 @@ LuaMemoryError = lua54.LuaMemoryError
 
 _SANDBOX_SOURCE = resources.files("asobi.lua").joinpath("sandbox.lua").read_bytes()
 _PATTERNS_SOURCE = resources.files("asobi.lua").joinpath("patterns.lua").read_bytes()
+_CALLS_SOURCE = resources.files("asobi.lua").joinpath("calls.lua").read_bytes()
+_CLIB_SOURCE = resources.files("asobi.lua").joinpath("clib.lua").read_bytes()
 
 
 @functools.cache
@@ -86,15 +88,25 @@ _BUDGETS = {
         "copy",
     )
 }
-_LABELS: dict[str, bytes] = {}
+_MESSAGES: dict[tuple[str, float], tuple[bytes, bytes]] = {}
 _now = time.perf_counter
+# The Limits field (and so the ASOBI_LUA_<FIELD> variable) behind a call label that is not one.
+_LIMIT_OF_LABEL = {"reload copy": "copy"}
 
 
-def _label(label: str) -> bytes:
-    encoded = _LABELS.get(label)
-    if encoded is None:
-        encoded = _LABELS[label] = label.encode()
-    return encoded
+def budget_message(label: str, budget: float) -> tuple[bytes, bytes]:
+    """The two halves of a budget error, around the script position sandbox adds:
+    "tick exceeded its 50 ms budget" .. " at match.lua:12" .. " (raise with ASOBI_LUA_TICK)"."""
+    key = (label, budget)
+    parts = _MESSAGES.get(key)
+    if parts is None:
+        field = _LIMIT_OF_LABEL.get(label, label)
+        env = f"ASOBI_LUA_{field.upper()}"
+        parts = _MESSAGES[key] = (
+            f"{label} exceeded its {budget * 1000:g} ms budget".encode(),
+            f" (raise with {env})".encode(),
+        )
+    return parts
 
 
 class ScriptHost(Protocol):
@@ -212,6 +224,8 @@ class MatchLua:
                 b"pattern_budget": limits.pattern_budget,
                 b"seed": seed,
                 b"patterns_chunk": _host_bytecode(_PATTERNS_SOURCE, b"=patterns.lua"),
+                b"calls_chunk": _host_bytecode(_CALLS_SOURCE, b"=asobi"),
+                b"clib_chunk": _host_bytecode(_CLIB_SOURCE, b"=asobi"),
             }
         )
         real_load = self.runtime.globals()[b"load"]
@@ -295,7 +309,8 @@ class MatchLua:
 
     def call_function(self, label: str, fn: Any, *args: Any, budget: float) -> CallResult:
         try:
-            out = self._call(_label(label), _now() + budget, fn, *args)
+            prefix, suffix = budget_message(label, budget)
+            out = self._call(prefix, suffix, _now() + budget, fn, *args)
         except LuaMemoryError:
             return CallResult(
                 False, error=f"{label} ran out of memory (cap {self.limits.max_memory} bytes)"
