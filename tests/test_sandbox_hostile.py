@@ -339,7 +339,8 @@ async def test_hostile_input_handler_is_contained(start_server: Any, logs: Logs)
         "callback_failed", lambda e: e["match_id"] == match_id and e["callback"] == "handle_input"
     )
     assert line["error"] == (
-        "handle_input exceeded its 50 ms budget at hostile.lua:10 (raise with ASOBI_LUA_HANDLE_INPUT)"
+        "handle_input exceeded its 50 ms budget at hostile.lua:10"
+        " (raise with ASOBI_LUA_HANDLE_INPUT)"
     )
     states = await player.states(3)
     assert states[-1]["n"] > states[0]["n"]
