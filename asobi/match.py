@@ -435,7 +435,13 @@ class Match:
             self.effects.discard()
             started = now()
             result = self.lua.call_function(
-                "handle_input", fn, self.state, pid.encode(), lua_input, budget=left
+                "handle_input",
+                fn,
+                self.state,
+                pid.encode(),
+                lua_input,
+                budget=left,
+                named=self.lua.limits.handle_input,
             )
             self.input_cost = max(self.input_cost, now() - started)
             self._apply("handle_input", result)
