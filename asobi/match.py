@@ -197,12 +197,7 @@ class MatchHost:
     def persist(self, lua: MatchLua, name: Any, *args: Any) -> Any:
         """game.economy / game.leaderboard / game.storage.  Writes join the callback's unit of
         work; the result is always a table, `{ok = ...}` or `{error = ...}`, never an error."""
-        try:
-            result = persist.call(self._work, name, args)
-        except Exception:
-            log.exception("persist_failed", match_id=self.match.id, call=repr(name)[:80])
-            result = {"error": "internal_error"}
-        return lua.to_lua(result)
+        return persist.answer(lua.to_lua, self._work, name, args, self.match.id)
 
     def _work(self) -> UnitOfWork:
         match = self.match

@@ -3,7 +3,9 @@
 The host side of the persistence calls.  Arguments arrive as Lua values; they are validated
 here and handed to the match's current `UnitOfWork`.  Nothing raises into the match: every
 refusal becomes `{error = code, message = text}`, and the calls that succeed return
-`{ok = value}` (for a missing storage key or rank, `ok` is nil).
+`{ok = value}` (for a missing storage key or rank, `ok` is nil).  A Python exception must never
+reach Lua: Lua would hand the script the exception object itself, a host object it could keep,
+print or pass back.  `answer` is therefore the only entry point, and it converts the result too.
 """
 
 from __future__ import annotations
@@ -12,11 +14,16 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import structlog
+from lupa.lua54 import LuaError
+
 from asobi.auth import PLAYER_ID_RE
 from asobi.lua.convert import ConversionError, to_python
-from asobi.store.errors import INVALID_ARGUMENT, StoreError
+from asobi.store.errors import INVALID_ARGUMENT, TOO_LARGE, StoreError
 from asobi.store.ops import GLOBAL_OWNER
 from asobi.store.store import UnitOfWork
+
+log = structlog.get_logger("asobi.persist")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 KEY_RE = re.compile(r"^[A-Za-z0-9_.:@/-]{1,128}$")
@@ -144,3 +151,36 @@ def call(work: Callable[[], UnitOfWork], name: Any, raw: tuple[Any, ...]) -> dic
         if exc.message == exc.code:
             return {"error": exc.code}
         return {"error": exc.code, "message": exc.message}
+
+
+def answer(
+    to_lua: Callable[[Any], Any],
+    work: Callable[[], UnitOfWork],
+    name: Any,
+    raw: tuple[Any, ...],
+    match_id: str,
+) -> Any:
+    """Run one persistence call and return its result as a Lua table; never raises.
+
+    The value under `ok` is converted on its own, so the `{ok = ...}` wrapper does not count
+    against the nesting limit: anything `storage.set` accepted comes back from `storage.get`.
+    A stored value Lua cannot hold (deeper than the limit, an integer past 64 bits: written by
+    hand or by an older server) is `{error = "too_large"}`.
+    """
+    try:
+        result = call(work, name, raw)
+    except Exception:
+        log.exception("persist_failed", match_id=match_id, call=repr(name)[:80])
+        result = {"error": "internal_error"}
+    try:
+        if "ok" not in result:
+            return to_lua(result)
+        table = to_lua({})
+        try:
+            table[b"ok"] = to_lua(result["ok"])
+        except ConversionError as exc:
+            return to_lua({"error": TOO_LARGE, "message": f"the stored value: {exc}"})
+        return table
+    except (LuaError, MemoryError):
+        # The Lua state is out of memory: nil is all that can be handed back.
+        return None
