@@ -15,13 +15,13 @@ repeated.  Nothing here does I/O: time and scheduling belong to `asobi.engine`.
 from __future__ import annotations
 
 import random
-import re
 import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
 
+from asobi import names
 from asobi.lua import persist
 from asobi.lua.convert import ConversionError, to_python
 from asobi.lua.runtime import CallResult, MatchLua, ScriptLoadError
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("asobi.match")
 
-EVENT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 RESERVED_EVENTS = frozenset(
     {
         "state",
@@ -177,8 +176,8 @@ class MatchHost:
     def broadcast(self, event: Any, payload: Any) -> bytes | None:
         match = self.match
         name = event.decode(errors="replace") if isinstance(event, bytes) else ""
-        if not EVENT_RE.match(name):
-            return b"game.broadcast: event name must match [A-Za-z0-9_-]{1,64}"
+        if not names.EVENT.accepts(name):
+            return f"game.broadcast: event name must match {names.EVENT}".encode()
         if name in RESERVED_EVENTS:
             return f"game.broadcast: event name '{name}' is reserved".encode()
         try:

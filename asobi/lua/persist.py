@@ -10,14 +10,13 @@ print or pass back.  `answer` is therefore the only entry point, and it converts
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 from lupa.lua54 import LuaError
 
-from asobi.auth import PLAYER_ID_RE
+from asobi import names
 from asobi.lua.convert import ConversionError, to_python
 from asobi.store.errors import INVALID_ARGUMENT, TOO_LARGE, StoreError
 from asobi.store.ops import GLOBAL_OWNER
@@ -25,9 +24,6 @@ from asobi.store.store import UnitOfWork
 
 log = structlog.get_logger("asobi.persist")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-KEY_RE = re.compile(r"^[A-Za-z0-9_.:@/-]{1,128}$")
-CURRENCY_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 MAX_AMOUNT = 10**15
 MAX_SCORE = 2**62
 MAX_N = 100
@@ -38,14 +34,14 @@ def _bad(message: str) -> StoreError:
     return StoreError(INVALID_ARGUMENT, message)
 
 
-def _text(value: Any, what: str, pattern: re.Pattern[str]) -> str:
-    if not isinstance(value, str) or not pattern.match(value):
-        raise _bad(f"{what} must be a string matching {pattern.pattern}")
+def _text(value: Any, what: str, rule: names.NameRule) -> str:
+    if not rule.accepts(value):
+        raise _bad(f"{what} must be a string matching {rule}")
     return value
 
 
 def _pid(value: Any) -> str:
-    return _text(value, "player_id", PLAYER_ID_RE)
+    return _text(value, "player_id", names.PLAYER_ID)
 
 
 def _int(value: Any, what: str, low: int, high: int) -> int:
@@ -73,7 +69,7 @@ def _ledger_entry(a: list[Any]) -> tuple[str, str, int, str | None]:
     """(player_id, currency, amount, reason), as grant and debit both take them."""
     return (
         _pid(a[0]),
-        _text(a[1], "currency", CURRENCY_RE),
+        _text(a[1], "currency", names.CURRENCY),
         _int(a[2], "amount", 1, MAX_AMOUNT),
         _reason(a[3]),
     )
@@ -98,37 +94,49 @@ CALLS: dict[str, tuple[int, Callable[[UnitOfWork, list[Any]], Any]]] = {
     "leaderboard.submit": (
         3,
         lambda w, a: w.submit(
-            _text(a[0], "board", NAME_RE), _pid(a[1]), _int(a[2], "score", -MAX_SCORE, MAX_SCORE)
+            _text(a[0], "board", names.BOARD),
+            _pid(a[1]),
+            _int(a[2], "score", -MAX_SCORE, MAX_SCORE),
         ),
     ),
-    "leaderboard.top": (2, lambda w, a: w.top(_text(a[0], "board", NAME_RE), _n(a[1]))),
-    "leaderboard.rank": (2, lambda w, a: w.rank(_text(a[0], "board", NAME_RE), _pid(a[1]))),
+    "leaderboard.top": (2, lambda w, a: w.top(_text(a[0], "board", names.BOARD), _n(a[1]))),
+    "leaderboard.rank": (2, lambda w, a: w.rank(_text(a[0], "board", names.BOARD), _pid(a[1]))),
     "leaderboard.around": (
         3,
-        lambda w, a: w.around(_text(a[0], "board", NAME_RE), _pid(a[1]), _n(a[2])),
+        lambda w, a: w.around(_text(a[0], "board", names.BOARD), _pid(a[1]), _n(a[2])),
     ),
     "storage.get": (
         2,
         lambda w, a: w.get(
-            GLOBAL_OWNER, _text(a[0], "collection", NAME_RE), _text(a[1], "key", KEY_RE)
+            GLOBAL_OWNER,
+            _text(a[0], "collection", names.COLLECTION),
+            _text(a[1], "key", names.STORAGE_KEY),
         ),
     ),
     "storage.set": (
         3,
         lambda w, a: w.set(
-            GLOBAL_OWNER, _text(a[0], "collection", NAME_RE), _text(a[1], "key", KEY_RE), a[2]
+            GLOBAL_OWNER,
+            _text(a[0], "collection", names.COLLECTION),
+            _text(a[1], "key", names.STORAGE_KEY),
+            a[2],
         ),
     ),
     "storage.player_get": (
         3,
         lambda w, a: w.get(
-            _pid(a[0]), _text(a[1], "collection", NAME_RE), _text(a[2], "key", KEY_RE)
+            _pid(a[0]),
+            _text(a[1], "collection", names.COLLECTION),
+            _text(a[2], "key", names.STORAGE_KEY),
         ),
     ),
     "storage.player_set": (
         4,
         lambda w, a: w.set(
-            _pid(a[0]), _text(a[1], "collection", NAME_RE), _text(a[2], "key", KEY_RE), a[3]
+            _pid(a[0]),
+            _text(a[1], "collection", names.COLLECTION),
+            _text(a[2], "key", names.STORAGE_KEY),
+            a[3],
         ),
     ),
 }
