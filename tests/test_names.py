@@ -85,7 +85,7 @@ async def test_a_token_whose_subject_ends_in_a_newline_is_refused(start_server) 
     assert "no valid player" in refused["payload"]["message"]
 
 
-# -- from Lua ----------------------------------------------------------------------------------------
+# -- from Lua --------------------------------------------------------------------------------------
 NAMES_LUA = r"""
 local function try(f, ...)
   local ok, r = pcall(f, ...)

@@ -19,12 +19,12 @@ from lupa.lua54 import LuaError
 from asobi import names
 from asobi.lua.convert import ConversionError, to_python
 from asobi.store.errors import INVALID_ARGUMENT, TOO_LARGE, StoreError
-from asobi.store.ops import GLOBAL_OWNER
+from asobi.store.ops import GLOBAL_OWNER, MAX_BALANCE
 from asobi.store.store import UnitOfWork
 
 log = structlog.get_logger("asobi.persist")
 
-MAX_AMOUNT = 10**15
+MAX_AMOUNT = MAX_BALANCE
 MAX_SCORE = 2**62
 MAX_N = 100
 MAX_REASON = 200
