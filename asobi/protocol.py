@@ -32,6 +32,8 @@ class ErrorCode(StrEnum):
     UNKNOWN_MODE = "unknown_mode"
     ALREADY_AUTHENTICATED = "already_authenticated"
     ALREADY_QUEUED = "already_queued"
+    TOO_MANY_TICKETS = "too_many_tickets"
+    MATCHMAKER_FULL = "matchmaker_full"
     ALREADY_IN_MATCH = "already_in_match"
     NOT_IN_MATCH = "not_in_match"
     MATCH_FAILED = "match_failed"

@@ -20,7 +20,7 @@ from asobi.app import App
 from asobi.auth import InvalidToken
 from asobi.engine import JoinRefused
 from asobi.hub import Peer
-from asobi.matchmaker import UnknownMode
+from asobi.matchmaker import QueueLimit, UnknownMode
 from asobi.protocol import (
     AUTH_FREE,
     ErrorCode,
@@ -231,6 +231,9 @@ class Session:
                 f"no script for mode {mode!r} (looked for {mode}.lua and match.lua)",
                 frame.cid,
             ) from None
+        except QueueLimit as exc:
+            code = ErrorCode.TOO_MANY_TICKETS if exc.per_player else ErrorCode.MATCHMAKER_FULL
+            raise ProtocolError(code, str(exc), frame.cid) from None
         payload: dict[str, Any] = {"ticket_id": ticket.ticket_id, "mode": mode}
         if existed:
             payload["already_queued"] = True
