@@ -43,7 +43,9 @@ class App:
 
     @classmethod
     def create(cls, settings: Settings) -> App:
-        registry = ScriptRegistry(settings.game_dir, settings.limits)
+        registry = ScriptRegistry(
+            settings.game_dir, settings.limits, max_script_bytes=settings.max_script_bytes
+        )
         load_errors = registry.load_all()
         for error in load_errors:
             log.error("script_rejected", **error.as_log())

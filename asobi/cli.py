@@ -73,7 +73,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not game_dir.is_dir():
         print(f"asobi check: {game_dir} is not a directory", file=sys.stderr)
         return 2
-    registry = ScriptRegistry(game_dir, settings.limits)
+    registry = ScriptRegistry(game_dir, settings.limits, max_script_bytes=settings.max_script_bytes)
     errors = registry.load_all()
     for name in registry.names():
         print(f"ok    {name}")

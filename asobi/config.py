@@ -51,6 +51,8 @@ class Settings:
     # Matchmaking caps: modes with players waiting, and tickets one player may hold at once.
     max_queues: int = 1000
     max_tickets_per_player: int = 16
+    # Scripts larger than this are refused (reload_failed) without being read further.
+    max_script_bytes: int = 4 * 1024 * 1024
     reconnect_grace_s: float = 15.0
     max_consecutive_failures: int = 10
     # ASOBI_MATCH_SEED: seed every match's random generator with this number (replays, tests).

@@ -1,8 +1,9 @@
 """Hot reload: noticing saves, vetting them, and following each reload until every match has it.
 
-`Reloader.apply_paths` is the whole decision for a batch of changed files: read, hash (an
-unchanged content is ignored), compile and run the top level in a throwaway sandbox (refused saves
-log `reload_failed` with the first three compiler errors), install the version in the registry and
+`Reloader.apply_paths` is the whole decision for a batch of changed files: read (on a worker
+thread, regular files only: see `asobi.script_files`), hash (an unchanged content is ignored),
+compile and run the top level in a throwaway sandbox (refused saves log `reload_failed` with the
+first three compiler errors), install the version in the registry and
 mark the affected matches.  Each match then switches at its own next tick boundary (see
 `asobi.engine`); the reloader collects their outcomes into one `ReloadRecord`, logs it once and
 keeps it in a bounded history served at `GET /api/v1/reloads`.
@@ -26,6 +27,7 @@ import structlog
 
 from asobi.engine import Engine
 from asobi.match import Match
+from asobi.script_files import UnreadableScript, script_paths
 from asobi.scripts import MAX_ERRORS_REPORTED, ScriptError, ScriptRegistry, ScriptVersion
 
 log = structlog.get_logger("asobi.reload")
@@ -100,28 +102,54 @@ class Reloader:
         self._ids = itertools.count(1)
         self._in_flight: dict[str, ReloadRecord] = {}
         self._match_record: dict[str, ReloadRecord] = {}
+        # Batches are read off the loop; this keeps them applied one at a time, in order.
+        self._applying = asyncio.Lock()
         engine.listeners.append(self)
 
     # -- decisions --------------------------------------------------------------------------------
-    def apply_paths(self, paths: Iterable[Path], trigger: str) -> list[ReloadRecord]:
-        """Consider each changed path once; returns the records of the attempts it made."""
-        records = []
+    async def apply_paths(self, paths: Iterable[Path], trigger: str) -> list[ReloadRecord]:
+        """Consider each changed path once; returns the records of the attempts it made.
+
+        The files are read on a worker thread: whatever sits in the game dir (a FIFO, a huge
+        file, a slow disk), the event loop and every match keep going meanwhile.
+        """
+        async with self._applying:
+            reads = await asyncio.to_thread(self._read, list(paths))
+            records = []
+            for name, content in reads:
+                record = self._apply_read(name, content, trigger)
+                if record is not None:
+                    records.append(record)
+            return records
+
+    def _read(self, paths: list[Path]) -> list[tuple[str, bytes | Exception]]:
+        """Worker thread: the content of each script named by `paths`, or why it has none."""
         names = sorted({n for n in (self.registry.relative_name(p) for p in paths) if n})
+        out: list[tuple[str, bytes | Exception]] = []
         for name in names:
-            path = self.registry.game_dir / name
             try:
-                source = path.read_bytes()
-            except FileNotFoundError:
-                if self.registry.remove(name):
-                    log.info("script_removed", script=name)
-                continue
-            except OSError as exc:
-                log.warning("script_unreadable", script=name, error=str(exc))
-                continue
-            record = self.apply_source(name, source, trigger)
-            if record is not None:
-                records.append(record)
-        return records
+                out.append((name, self.registry.read(name)))
+            except (UnreadableScript, OSError) as exc:
+                out.append((name, exc))
+        return out
+
+    def _apply_read(self, name: str, content: bytes | Exception, trigger: str) -> Any:
+        if isinstance(content, bytes):
+            return self.apply_source(name, content, trigger)
+        if isinstance(content, FileNotFoundError):
+            if self.registry.remove(name):
+                log.info("script_removed", script=name)
+            return None
+        if isinstance(content, UnreadableScript):
+            # Refused like a save that does not compile: the version in force stays.
+            record = self._new_record(name, "", trigger, time.perf_counter())
+            record.outcome = "reload_failed"
+            record.errors = [f"{name} {content}"]
+            record.error_count = 1
+            self._finish(record)
+            return record
+        log.warning("script_unreadable", script=name, error=str(content))
+        return None
 
     def apply_source(self, name: str, source: bytes, trigger: str) -> ReloadRecord | None:
         t0 = time.perf_counter()
@@ -139,13 +167,13 @@ class Reloader:
             return record
         return self._schedule(outcome, previous, trigger, t0)
 
-    def reload_now(self, name: str | None, trigger: str = "manual") -> list[ReloadRecord]:
+    async def reload_now(self, name: str | None, trigger: str = "manual") -> list[ReloadRecord]:
         """Re-read scripts from disk now (all of them when `name` is None)."""
         if name is None:
-            paths = [p for p in self.registry.game_dir.rglob("*.lua") if p.is_file()]
+            paths = await asyncio.to_thread(script_paths, self.registry.game_dir)
         else:
             paths = [self.registry.game_dir / name]
-        return self.apply_paths(paths, trigger)
+        return await self.apply_paths(paths, trigger)
 
     def _schedule(
         self, version: ScriptVersion, previous: ScriptVersion | None, trigger: str, t0: float
@@ -274,6 +302,7 @@ class Debouncer:
         self._paths: set[Path] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._first = 0.0
+        self._applying: set[asyncio.Task[None]] = set()
 
     def add(self, paths: Iterable[Path]) -> None:
         loop = asyncio.get_running_loop()
@@ -292,7 +321,17 @@ class Debouncer:
             self._timer = None
         paths, self._paths = sorted(self._paths), set()
         if paths:
-            _apply_safely(self.reloader, paths, self.trigger)
+            task = asyncio.get_running_loop().create_task(
+                _apply_safely(self.reloader, paths, self.trigger)
+            )
+            self._applying.add(task)
+            task.add_done_callback(self._applying.discard)
+
+    async def drain(self) -> None:
+        """Apply what is collected and wait for every batch still being applied."""
+        self.flush()
+        while self._applying:
+            await asyncio.gather(*self._applying)
 
 
 async def poll_changes(
@@ -306,7 +345,7 @@ async def poll_changes(
     """
     game_dir = reloader.registry.game_dir
     seen = await asyncio.to_thread(_snapshot, game_dir)
-    _catch_up(reloader, "poll")
+    await _catch_up(reloader, "poll")
     ready.set()
     while not stop.is_set():
         try:
@@ -319,7 +358,7 @@ async def poll_changes(
         changed += [p for p in seen if p not in current]
         seen = current
         if changed:
-            _apply_safely(reloader, changed, "poll")
+            await _apply_safely(reloader, changed, "poll")
 
 
 async def watch_changes(
@@ -347,22 +386,22 @@ async def watch_changes(
         watch_filter=lambda _change, path: path.endswith(".lua"),
     ):
         if not ready.is_set():
-            _catch_up(reloader, "watch")
+            await _catch_up(reloader, "watch")
             ready.set()
         if changes:
             debouncer.add(Path(p) for _, p in changes)
-    debouncer.flush()
+    await debouncer.drain()
 
 
-def _catch_up(reloader: Reloader, trigger: str) -> None:
+async def _catch_up(reloader: Reloader, trigger: str) -> None:
     try:
-        reloader.reload_now(None, trigger)
+        await reloader.reload_now(None, trigger)
     except Exception:
         log.exception("reload_crashed", paths=["*"])
 
 
-def _apply_safely(reloader: Reloader, paths: list[Path], trigger: str) -> None:
+async def _apply_safely(reloader: Reloader, paths: list[Path], trigger: str) -> None:
     try:
-        reloader.apply_paths(paths, trigger)
+        await reloader.apply_paths(paths, trigger)
     except Exception:
         log.exception("reload_crashed", paths=[str(p) for p in paths])

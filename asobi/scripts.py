@@ -17,6 +17,7 @@ from typing import Any
 from asobi import names
 from asobi.lua.convert import ConversionError, to_python
 from asobi.lua.runtime import Bytecode, Limits, MatchLua, ScriptLoadError, compile_script
+from asobi.script_files import UnreadableScript, read_script, script_paths
 
 DEFAULT_SCRIPT = "match.lua"
 CONFIG_SCRIPT = "config.lua"
@@ -115,9 +116,16 @@ class _ProbeHost:
 
 
 class ScriptRegistry:
-    def __init__(self, game_dir: Path, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        game_dir: Path,
+        limits: Limits | None = None,
+        *,
+        max_script_bytes: int = MAX_SCRIPT_BYTES,
+    ) -> None:
         self.game_dir = game_dir.resolve()
         self.limits = limits or Limits()
+        self.max_script_bytes = max_script_bytes
         self._scripts: dict[str, ScriptVersion] = {}
         self._rejected: dict[str, str] = {}
         self._modes: dict[str, str] = {}
@@ -163,14 +171,19 @@ class ScriptRegistry:
     def load_all(self) -> list[ScriptError]:
         """Load every script in the game dir (server start and `asobi check`)."""
         errors: list[ScriptError] = []
-        paths = sorted(p for p in self.game_dir.rglob("*.lua") if p.is_file())
         # Compile everything first so that top-level `require`s see every module.
         pending: dict[str, tuple[bytes, Bytecode]] = {}
-        for path in paths:
+        for path in script_paths(self.game_dir):
             name = self.relative_name(path)
-            if name is None:
+            if name is None or name in pending:
                 continue
-            source = path.read_bytes()
+            try:
+                source = self.read(name)
+            except FileNotFoundError:
+                continue  # deleted since the directory was listed
+            except (UnreadableScript, OSError) as exc:
+                errors.append(ScriptError(name, "", (f"{name} {exc}",), 1))
+                continue
             code = self._compile(name, source)
             if isinstance(code, ScriptError):
                 errors.append(code)
@@ -241,10 +254,17 @@ class ScriptRegistry:
             self._modes = modes
         return version
 
+    def read(self, name: str) -> bytes:
+        """The file `name` (as `relative_name` gives it) from disk; see `asobi.script_files`.
+        Blocking file I/O: reloads call it on a worker thread."""
+        return read_script(self.game_dir / name, self.max_script_bytes)
+
     def _compile(self, name: str, source: bytes) -> Bytecode | ScriptError:
         """The script's bytecode, or why it was refused."""
-        if len(source) > MAX_SCRIPT_BYTES:
-            return script_errors(name, source, [f"{name} is larger than {MAX_SCRIPT_BYTES} bytes"])
+        if len(source) > self.max_script_bytes:
+            return script_errors(
+                name, source, [f"{name} is larger than {self.max_script_bytes} bytes"]
+            )
         if source.startswith(b"\x1bLua"):
             return script_errors(name, source, [f"{name}: precompiled bytecode is not accepted"])
         try:
