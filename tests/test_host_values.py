@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from tests.conftest import Client, Logs
 
 # Every input runs one probe inside pcall and reports, as plain data, what the game.* call
@@ -110,15 +112,25 @@ async def test_storage_get_of_a_nested_value_answers_with_a_table(start_server) 
 
 
 async def test_a_stored_value_lua_cannot_hold_is_an_error_table(start_server, logs: Logs) -> None:
-    """Values already in the store that Lua cannot represent (written by an older server or by
-    hand) come back as `{error = ...}`, not as a Python exception."""
-    server = await start_server(FILES)
-    store = server.app.store
+    """Values already in the database that Lua cannot represent (written by hand, or by an
+    older server) load at start and come back as `{error = ...}`, not as a Python exception."""
+    first = await start_server(FILES)
     too_deep: Any = "leaf"
     for _ in range(40):
         too_deep = {"x": too_deep}
-    store._global[("hand", "deep")] = too_deep
-    store._global[("hand", "huge")] = {"n": 2**63}
+
+    def write_by_hand() -> Any:
+        for key, value in (("deep", too_deep), ("huge", {"n": 2**63})):
+            yield (
+                "INSERT INTO storage (owner, collection, key, value, updated_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                ("", "hand", key, orjson.dumps(value).decode(), 0),
+            )
+
+    await first.app.store.backend.transact(write_by_hand())
+    await first.server.stop()
+    first.clients.clear()
+    server = await start_server(FILES)
     a = await bank_player_for(server)
     for key, problem in (("deep", "deeper than"), ("huge", "64-bit")):
         reply = await probe(a, "get", collection="hand", key=key)
