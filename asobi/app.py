@@ -44,7 +44,10 @@ class App:
     @classmethod
     def create(cls, settings: Settings) -> App:
         registry = ScriptRegistry(
-            settings.game_dir, settings.limits, strict_modes=settings.strict_modes
+            settings.game_dir,
+            settings.limits,
+            strict_modes=settings.strict_modes,
+            max_script_bytes=settings.max_script_bytes,
         )
         load_errors = registry.load_all()
         for error in load_errors:
@@ -81,7 +84,13 @@ class App:
             engine=engine,
             hub=hub,
             matchmaker=Matchmaker(
-                registry, engine, hub, ticket_ttl_s=settings.ticket_ttl_s, on_error=metrics.error
+                registry,
+                engine,
+                hub,
+                ticket_ttl_s=settings.ticket_ttl_s,
+                max_queues=settings.max_queues,
+                max_tickets_per_player=settings.max_tickets_per_player,
+                on_error=metrics.error,
             ),
             signer=TokenSigner(secret, settings.token_ttl_s),
             history=history,

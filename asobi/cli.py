@@ -121,7 +121,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 2
     # The server's own vetting (compile, top level within its budget, callbacks, globals),
     # then the `require`s that would fail when the code reaches them.
-    registry = ScriptRegistry(game_dir, settings.limits)
+    registry = ScriptRegistry(game_dir, settings.limits, max_script_bytes=settings.max_script_bytes)
     errors = registry.load_all()
     unresolved = {name: registry.unresolved_requires(name) for name in registry.names()}
     ok = [name for name in registry.names() if not unresolved[name]]

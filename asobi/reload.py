@@ -1,8 +1,9 @@
 """Hot reload: noticing saves, vetting them, and following each reload until every match has it.
 
-`Reloader.apply_paths` is the whole decision for a batch of changed files: read, hash (an
-unchanged content is ignored), compile and run the top level in a throwaway sandbox (refused saves
-log `reload_failed` with the first three compiler errors), install the version in the registry and
+`Reloader.apply_paths` is the whole decision for a batch of changed files: read (on a worker
+thread, regular files only: see `asobi.script_files`), hash (an unchanged content is ignored),
+compile and run the top level in a throwaway sandbox (refused saves log `reload_failed` with the
+first three compiler errors), install the version in the registry and
 mark the affected matches.  Each match then switches at its own next tick boundary (see
 `asobi.engine`); the reloader collects their outcomes into one `ReloadRecord`, logs it once and
 keeps it in a bounded history served at `GET /api/v1/reloads`.
@@ -26,6 +27,7 @@ import structlog
 
 from asobi.engine import Engine
 from asobi.match import Match
+from asobi.script_files import UnreadableScript, script_paths
 from asobi.scripts import MAX_ERRORS_REPORTED, ScriptError, ScriptRegistry, ScriptVersion
 
 log = structlog.get_logger("asobi.reload")
@@ -103,46 +105,73 @@ class Reloader:
         self._ids = itertools.count(1)
         self._in_flight: dict[str, ReloadRecord] = {}
         self._match_record: dict[str, ReloadRecord] = {}
+        # Batches are read off the loop; this keeps them applied one at a time, in order.
+        self._applying = asyncio.Lock()
         engine.listeners.append(self)
 
     # -- decisions --------------------------------------------------------------------------------
-    def apply_paths(
+    async def apply_paths(
         self, paths: Iterable[Path], trigger: str, *, report_unchanged: bool = True
     ) -> list[ReloadRecord]:
         """Consider each changed path once; returns the records of the attempts it made.
 
-        A save whose content is already known (the version in force, or the last refused one)
-        is skipped; `report_unchanged` logs `reload_skipped` for it, so a save that seemingly
-        did nothing is explained (off for the start-up catch-up pass over every file)."""
-        records = []
+        The files are read on a worker thread: whatever sits in the game dir (a FIFO, a huge
+        file, a slow disk), the event loop and every match keep going meanwhile.  A save whose
+        content is already known (the version in force, or the last refused one) is skipped;
+        `report_unchanged` logs `reload_skipped` for it, so a save that seemingly did nothing is
+        explained (off for the start-up catch-up pass over every file).
+        """
+        async with self._applying:
+            reads = await asyncio.to_thread(self._read, list(paths))
+            records = []
+            for name, content in reads:
+                record = self._apply_read(name, content, trigger, report_unchanged)
+                if record is not None:
+                    records.append(record)
+            return records
+
+    def _read(self, paths: list[Path]) -> list[tuple[str, bytes | Exception]]:
+        """Worker thread: the content of each script named by `paths`, or why it has none."""
         names = sorted({n for n in (self.registry.relative_name(p) for p in paths) if n})
+        out: list[tuple[str, bytes | Exception]] = []
         for name in names:
-            path = self.registry.game_dir / name
             try:
-                source = path.read_bytes()
-            except FileNotFoundError:
-                if self.registry.remove(name):
-                    log.info("script_removed", script=name)
-                continue
-            except OSError as exc:
-                log.warning("script_unreadable", script=name, error=str(exc))
-                continue
-            skipped = self.registry.unchanged_reason(name, source)
-            if skipped is not None:
-                if report_unchanged:
-                    current = self.registry.get(name)
-                    log.info(
-                        "reload_skipped",
-                        script=name,
-                        reason=skipped,
-                        trigger=trigger,
-                        version=current.version if current is not None else None,
-                    )
-                continue
-            record = self.apply_source(name, source, trigger)
-            if record is not None:
-                records.append(record)
-        return records
+                out.append((name, self.registry.read(name)))
+            except (UnreadableScript, OSError) as exc:
+                out.append((name, exc))
+        return out
+
+    def _apply_read(
+        self, name: str, content: bytes | Exception, trigger: str, report_unchanged: bool
+    ) -> Any:
+        if isinstance(content, bytes):
+            skipped = self.registry.unchanged_reason(name, content)
+            if skipped is None:
+                return self.apply_source(name, content, trigger)
+            if report_unchanged:
+                current = self.registry.get(name)
+                log.info(
+                    "reload_skipped",
+                    script=name,
+                    reason=skipped,
+                    trigger=trigger,
+                    version=current.version if current is not None else None,
+                )
+            return None
+        if isinstance(content, FileNotFoundError):
+            if self.registry.remove(name):
+                log.info("script_removed", script=name)
+            return None
+        if isinstance(content, UnreadableScript):
+            # Refused like a save that does not compile: the version in force stays.
+            record = self._new_record(name, "", trigger, time.perf_counter())
+            record.outcome = "reload_failed"
+            record.errors = [f"{name} {content}"]
+            record.error_count = 1
+            self._finish(record)
+            return record
+        log.warning("script_unreadable", script=name, error=str(content))
+        return None
 
     def apply_source(self, name: str, source: bytes, trigger: str) -> ReloadRecord | None:
         t0 = time.perf_counter()
@@ -160,15 +189,15 @@ class Reloader:
             return record
         return self._schedule(outcome, previous, trigger, t0)
 
-    def reload_now(
+    async def reload_now(
         self, name: str | None, trigger: str = "manual", *, report_unchanged: bool = True
     ) -> list[ReloadRecord]:
         """Re-read scripts from disk now (all of them when `name` is None)."""
         if name is None:
-            paths = [p for p in self.registry.game_dir.rglob("*.lua") if p.is_file()]
+            paths = await asyncio.to_thread(script_paths, self.registry.game_dir)
         else:
             paths = [self.registry.game_dir / name]
-        return self.apply_paths(paths, trigger, report_unchanged=report_unchanged)
+        return await self.apply_paths(paths, trigger, report_unchanged=report_unchanged)
 
     def _schedule(
         self, version: ScriptVersion, previous: ScriptVersion | None, trigger: str, t0: float
@@ -304,6 +333,7 @@ class Debouncer:
         self._paths: set[Path] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._first = 0.0
+        self._applying: set[asyncio.Task[None]] = set()
 
     def add(self, paths: Iterable[Path]) -> None:
         loop = asyncio.get_running_loop()
@@ -322,7 +352,17 @@ class Debouncer:
             self._timer = None
         paths, self._paths = sorted(self._paths), set()
         if paths:
-            _apply_safely(self.reloader, paths, self.trigger)
+            task = asyncio.get_running_loop().create_task(
+                _apply_safely(self.reloader, paths, self.trigger)
+            )
+            self._applying.add(task)
+            task.add_done_callback(self._applying.discard)
+
+    async def drain(self) -> None:
+        """Apply what is collected and wait for every batch still being applied."""
+        self.flush()
+        while self._applying:
+            await asyncio.gather(*self._applying)
 
 
 async def poll_changes(
@@ -336,7 +376,7 @@ async def poll_changes(
     """
     game_dir = reloader.registry.game_dir
     seen = await asyncio.to_thread(_snapshot, game_dir)
-    _catch_up(reloader, "poll")
+    await _catch_up(reloader, "poll")
     ready.set()
     while not stop.is_set():
         try:
@@ -349,7 +389,7 @@ async def poll_changes(
         changed += [p for p in seen if p not in current]
         seen = current
         if changed:
-            _apply_safely(reloader, changed, "poll")
+            await _apply_safely(reloader, changed, "poll")
 
 
 async def watch_changes(
@@ -377,22 +417,22 @@ async def watch_changes(
         watch_filter=lambda _change, path: path.endswith(".lua"),
     ):
         if not ready.is_set():
-            _catch_up(reloader, "watch")
+            await _catch_up(reloader, "watch")
             ready.set()
         if changes:
             debouncer.add(Path(p) for _, p in changes)
-    debouncer.flush()
+    await debouncer.drain()
 
 
-def _catch_up(reloader: Reloader, trigger: str) -> None:
+async def _catch_up(reloader: Reloader, trigger: str) -> None:
     try:
-        reloader.reload_now(None, trigger, report_unchanged=False)
+        await reloader.reload_now(None, trigger, report_unchanged=False)
     except Exception:
         log.exception("reload_crashed", paths=["*"])
 
 
-def _apply_safely(reloader: Reloader, paths: list[Path], trigger: str) -> None:
+async def _apply_safely(reloader: Reloader, paths: list[Path], trigger: str) -> None:
     try:
-        reloader.apply_paths(paths, trigger)
+        await reloader.apply_paths(paths, trigger)
     except Exception:
         log.exception("reload_crashed", paths=[str(p) for p in paths])

@@ -17,13 +17,13 @@ from typing import Any
 
 import structlog
 
+from asobi import names
 from asobi.lua.convert import ConversionError, to_python
 from asobi.lua.runtime import Bytecode, Limits, MatchLua, ScriptLoadError, compile_script
-from asobi.protocol import MODE_RE
+from asobi.script_files import UnreadableScript, read_script, script_paths
 
 log = structlog.get_logger("asobi.scripts")
 
-MODULE_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 DEFAULT_SCRIPT = "match.lua"
 CONFIG_SCRIPT = "config.lua"
 MAX_ERRORS_REPORTED = 3
@@ -132,12 +132,18 @@ class _ProbeHost:
 
 class ScriptRegistry:
     def __init__(
-        self, game_dir: Path, limits: Limits | None = None, *, strict_modes: bool = False
+        self,
+        game_dir: Path,
+        limits: Limits | None = None,
+        *,
+        strict_modes: bool = False,
+        max_script_bytes: int = MAX_SCRIPT_BYTES,
     ) -> None:
         self.game_dir = game_dir.resolve()
         self.limits = limits or Limits()
         # Refuse a mode with no script of its own instead of running match.lua for it.
         self.strict_modes = strict_modes
+        self.max_script_bytes = max_script_bytes
         self._scripts: dict[str, ScriptVersion] = {}
         self._rejected: dict[str, str] = {}
         # The first error of each script's last refused save (why a mode is unavailable).
@@ -160,7 +166,7 @@ class ScriptRegistry:
         """`config.lua` mapping first, then `game/<mode>.lua`, then `game/match.lua` (unless
         strict, or the mode's own script exists but was refused: a broken `arena.lua` must not
         quietly run the tutorial)."""
-        if not MODE_RE.match(mode):
+        if not names.MODE.accepts(mode):
             return None
         mapped = self._modes.get(mode)
         if mapped and mapped in self._scripts:
@@ -219,7 +225,7 @@ class ScriptRegistry:
     def module_source(self, name: bytes) -> tuple[bytes | None, bytes]:
         """Source for `require(name)`: `a.b` is `game/a/b.lua`; nothing outside the game dir."""
         text = name.decode(errors="replace")
-        if not MODULE_RE.match(text):
+        if not names.MODULE.accepts(text):
             return None, f"invalid module name {text!r}".encode()
         path = text.replace(".", "/") + ".lua"
         script = self._scripts.get(path)
@@ -238,14 +244,19 @@ class ScriptRegistry:
     def load_all(self) -> list[ScriptError]:
         """Load every script in the game dir (server start and `asobi check`)."""
         errors: list[ScriptError] = []
-        paths = sorted(p for p in self.game_dir.rglob("*.lua") if p.is_file())
         # Compile everything first so that top-level `require`s see every module.
         pending: dict[str, tuple[bytes, Bytecode]] = {}
-        for path in paths:
+        for path in script_paths(self.game_dir):
             name = self.relative_name(path)
-            if name is None:
+            if name is None or name in pending:
                 continue
-            source = path.read_bytes()
+            try:
+                source = self.read(name)
+            except FileNotFoundError:
+                continue  # deleted since the directory was listed
+            except (UnreadableScript, OSError) as exc:
+                errors.append(ScriptError(name, "", (f"{name} {exc}",), 1))
+                continue
             code = self._compile(name, source)
             if isinstance(code, ScriptError):
                 errors.append(self._refuse(name, code))
@@ -334,10 +345,17 @@ class ScriptRegistry:
             self._modes = modes
         return version
 
+    def read(self, name: str) -> bytes:
+        """The file `name` (as `relative_name` gives it) from disk; see `asobi.script_files`.
+        Blocking file I/O: reloads call it on a worker thread."""
+        return read_script(self.game_dir / name, self.max_script_bytes)
+
     def _compile(self, name: str, source: bytes) -> Bytecode | ScriptError:
         """The script's bytecode, or why it was refused."""
-        if len(source) > MAX_SCRIPT_BYTES:
-            return script_errors(name, source, [f"{name} is larger than {MAX_SCRIPT_BYTES} bytes"])
+        if len(source) > self.max_script_bytes:
+            return script_errors(
+                name, source, [f"{name} is larger than {self.max_script_bytes} bytes"]
+            )
         if source.startswith(b"\x1bLua"):
             return script_errors(name, source, [f"{name}: precompiled bytecode is not accepted"])
         try:
@@ -404,4 +422,4 @@ def _read_modes(returned: Any) -> dict[str, str] | str:
         isinstance(k, str) and isinstance(v, str) for k, v in data.items()
     ):
         return 'config.lua must return a table of {mode = "file.lua"}'
-    return {k: v for k, v in data.items() if MODE_RE.match(k)}
+    return {k: v for k, v in data.items() if names.MODE.accepts(k)}

@@ -369,7 +369,7 @@ class AsobiServer:
             and self.app.registry.relative_name(self.app.registry.game_dir / script) != script
         ):
             return _json_response(connection, 400, {"error": f"not a script: {script[:200]}"})
-        records = self.app.reloader.reload_now(script, "manual")
+        records = await self.app.reloader.reload_now(script, "manual")
         # Answer once every affected match has switched or refused (a tick or two).
         deadline = asyncio.get_running_loop().time() + ADMIN_RELOAD_WAIT_S
         while any(r.outcome == "pending" for r in records):
