@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,12 +19,12 @@ import structlog
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from asobi import names
 from asobi.store import Store
 from asobi.store.errors import BackendUnavailable
 
 log = structlog.get_logger("asobi.accounts")
 
-USERNAME_RE = re.compile(r"^[A-Za-z0-9_-]{3,32}$")
 PASSWORD_MIN = 8
 PASSWORD_MAX = 128
 
@@ -40,7 +39,7 @@ class AccountError(Exception):
 
 
 def validate(username: Any, password: Any) -> tuple[str, str]:
-    if not isinstance(username, str) or not USERNAME_RE.match(username):
+    if not names.USERNAME.accepts(username):
         raise AccountError("invalid_input", "username must be 3-32 characters of A-Z a-z 0-9 _ -")
     if not isinstance(password, str) or not PASSWORD_MIN <= len(password) <= PASSWORD_MAX:
         raise AccountError(

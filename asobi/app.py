@@ -80,7 +80,13 @@ class App:
             engine=engine,
             hub=hub,
             matchmaker=Matchmaker(
-                registry, engine, hub, ticket_ttl_s=settings.ticket_ttl_s, on_error=metrics.error
+                registry,
+                engine,
+                hub,
+                ticket_ttl_s=settings.ticket_ttl_s,
+                max_queues=settings.max_queues,
+                max_tickets_per_player=settings.max_tickets_per_player,
+                on_error=metrics.error,
             ),
             signer=TokenSigner(secret, settings.token_ttl_s),
             history=history,

@@ -7,7 +7,6 @@ dir, so that `asobi token`, the server and its restarts all agree.
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import time
 import uuid
@@ -16,11 +15,12 @@ from pathlib import Path
 import jwt
 import structlog
 
+from asobi import names
+
 log = structlog.get_logger("asobi.auth")
 
 ALGORITHM = "HS256"
 ISSUER = "asobi"
-PLAYER_ID_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 SECRET_FILE = "secret.key"
 
 
@@ -73,8 +73,8 @@ class TokenSigner:
         self.ttl_s = ttl_s
 
     def issue(self, player_id: str, ttl_s: int | None = None) -> str:
-        if not PLAYER_ID_RE.match(player_id):
-            raise ValueError("player id must match [A-Za-z0-9_.:@-]{1,128}")
+        if not names.PLAYER_ID.accepts(player_id):
+            raise ValueError(f"player id must match {names.PLAYER_ID}")
         now = int(time.time())
         claims = {"sub": player_id, "iat": now, "exp": now + (ttl_s or self.ttl_s), "iss": ISSUER}
         return jwt.encode(claims, self._secret, algorithm=ALGORITHM)
@@ -92,7 +92,7 @@ class TokenSigner:
             # Plain words, never the library's own message: it names its internals.
             raise InvalidToken(_token_problem(exc)) from None
         player_id = claims.get("sub")
-        if not isinstance(player_id, str) or not PLAYER_ID_RE.match(player_id):
+        if not names.PLAYER_ID.accepts(player_id):
             raise InvalidToken("token names no valid player")
         return player_id
 

@@ -49,6 +49,9 @@ class Settings:
     shutdown_timeout_s: float = 5.0
     socket_sndbuf_bytes: int = 0  # 0: the kernel sizes (and autotunes) each send buffer
     ticket_ttl_s: float = 60.0
+    # Matchmaking caps: modes with players waiting, and tickets one player may hold at once.
+    max_queues: int = 1000
+    max_tickets_per_player: int = 16
     reconnect_grace_s: float = 15.0
     max_consecutive_failures: int = 10
     # ASOBI_MATCH_SEED: seed every match's random generator with this number (replays, tests).

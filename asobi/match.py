@@ -15,13 +15,13 @@ repeated.  Nothing here does I/O: time and scheduling belong to `asobi.engine`.
 from __future__ import annotations
 
 import random
-import re
 import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
 
+from asobi import names
 from asobi.limits import TokenBucket
 from asobi.lua import persist
 from asobi.lua.convert import ConversionError, to_python
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("asobi.match")
 
-EVENT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 RESERVED_EVENTS = frozenset(
     {
         "state",
@@ -179,8 +178,8 @@ class MatchHost:
     def broadcast(self, event: Any, payload: Any) -> bytes | None:
         match = self.match
         name = event.decode(errors="replace") if isinstance(event, bytes) else ""
-        if not EVENT_RE.match(name):
-            return b"game.broadcast: event name must match [A-Za-z0-9_-]{1,64}"
+        if not names.EVENT.accepts(name):
+            return f"game.broadcast: event name must match {names.EVENT}".encode()
         if name in RESERVED_EVENTS:
             return f"game.broadcast: event name '{name}' is reserved".encode()
         try:
@@ -199,12 +198,7 @@ class MatchHost:
     def persist(self, lua: MatchLua, name: Any, *args: Any) -> Any:
         """game.economy / game.leaderboard / game.storage.  Writes join the callback's unit of
         work; the result is always a table, `{ok = ...}` or `{error = ...}`, never an error."""
-        try:
-            result = persist.call(self._work, name, args)
-        except Exception:
-            log.exception("persist_failed", match_id=self.match.id, call=repr(name)[:80])
-            result = {"error": "internal_error"}
-        return lua.to_lua(result)
+        return persist.answer(lua.to_lua, self._work, name, args, self.match.id)
 
     def _work(self) -> UnitOfWork:
         match = self.match

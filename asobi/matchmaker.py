@@ -5,6 +5,11 @@ oldest ones are matched and a match starts.  A player holds at most one ticket p
 ticket that waits longer than its time to live expires (`matchmaker.expired`), so a queue never
 fills with players who stopped waiting.  The matchmaker knows nothing about sockets: it tells
 players what happened through the same `Outbox` the engine uses.
+
+Any valid mode name that a script serves (with a `match.lua`, every name) gets its own queue, and
+every tick walks all queues: a queue is freed as soon as it is empty, the number of live queues
+is capped (`max_queues`) and so is the number of tickets one player holds
+(`max_tickets_per_player`), so that names made up by clients cannot pile up and slow every tick.
 """
 
 from __future__ import annotations
@@ -37,6 +42,14 @@ class UnknownMode(Exception):
     pass
 
 
+class QueueLimit(Exception):
+    """A new ticket would pass a cap; `per_player` says which one."""
+
+    def __init__(self, message: str, *, per_player: bool) -> None:
+        super().__init__(message)
+        self.per_player = per_player
+
+
 class Matchmaker:
     def __init__(
         self,
@@ -45,6 +58,8 @@ class Matchmaker:
         outbox: Outbox,
         *,
         ticket_ttl_s: float = 60.0,
+        max_queues: int = 1000,
+        max_tickets_per_player: int = 16,
         clock: Callable[[], float] = time.monotonic,
         on_error: Callable[[str], None] | None = None,
     ) -> None:
@@ -52,6 +67,8 @@ class Matchmaker:
         self.engine = engine
         self.outbox = outbox
         self.ticket_ttl_s = ticket_ttl_s
+        self.max_queues = max_queues
+        self.max_tickets_per_player = max_tickets_per_player
         self.clock = clock
         self.on_error = on_error
         self._queues: dict[str, OrderedDict[str, Ticket]] = {}
@@ -61,9 +78,22 @@ class Matchmaker:
         """Queue the player; returns the ticket and whether it already existed."""
         if self.registry.resolve_mode(mode) is None:
             raise UnknownMode(mode)
-        for ticket in self._by_player.get(player_id, ()):
+        held = self._by_player.get(player_id, ())
+        for ticket in held:
             if ticket.mode == mode:
                 return ticket, True
+        if len(held) >= self.max_tickets_per_player:
+            raise QueueLimit(
+                f"you already hold {len(held)} tickets, the most one player may hold",
+                per_player=True,
+            )
+        if mode not in self._queues and len(self._queues) >= self.max_queues:
+            log.warning("matchmaker_queues_full", player_id=player_id, mode=mode)
+            raise QueueLimit(
+                f"{len(self._queues)} modes already have players waiting, the most this server "
+                "keeps; try a mode others are queued for",
+                per_player=False,
+            )
         expires = self.clock() + self.ticket_ttl_s if self.ticket_ttl_s > 0 else float("inf")
         ticket = Ticket(uuid.uuid4().hex, player_id, mode, expires)
         self._queues.setdefault(mode, OrderedDict())[ticket.ticket_id] = ticket
@@ -84,6 +114,8 @@ class Matchmaker:
         queue = self._queues.get(ticket.mode)
         if queue is not None:
             queue.pop(ticket.ticket_id, None)
+            if not queue:
+                del self._queues[ticket.mode]
         tickets = self._by_player.get(ticket.player_id)
         if tickets is not None:
             tickets[:] = [t for t in tickets if t.ticket_id != ticket.ticket_id]
@@ -96,11 +128,15 @@ class Matchmaker:
     def __len__(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
+    def live_queues(self) -> int:
+        """Modes with at least one waiting ticket (an empty queue is freed at once)."""
+        return len(self._queues)
+
     def expire(self, now: float | None = None) -> list[Ticket]:
         """Drop tickets past their time to live and tell their players."""
         now = self.clock() if now is None else now
         expired = []
-        for queue in self._queues.values():
+        for queue in list(self._queues.values()):
             # One TTL for all tickets: queue order is expiry order, so stop at the first live one.
             while queue:
                 ticket = next(iter(queue.values()))

@@ -7,14 +7,14 @@ in one place and testable on its own.  A frame is a JSON text message
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 import orjson
 
-MODE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+from asobi import names
+
 MAX_CID_LENGTH = 128
 # match.input payloads become Lua tables: keep them within what the Lua bridge converts
 # (nesting depth of asobi.lua.convert, Lua's 64-bit integers) and bounded in size.
@@ -31,6 +31,8 @@ class ErrorCode(StrEnum):
     INVALID_TOKEN = "invalid_token"
     UNKNOWN_MODE = "unknown_mode"
     ALREADY_AUTHENTICATED = "already_authenticated"
+    TOO_MANY_TICKETS = "too_many_tickets"
+    MATCHMAKER_FULL = "matchmaker_full"
     ALREADY_IN_MATCH = "already_in_match"
     NOT_IN_MATCH = "not_in_match"
     MATCH_FAILED = "match_failed"
@@ -146,10 +148,8 @@ def require_str(frame: Frame, key: str, *, max_length: int = 4096) -> str:
 
 
 def _valid_mode(frame: Frame, mode: str) -> str:
-    if not MODE_RE.match(mode):
-        raise ProtocolError(
-            ErrorCode.INVALID_MESSAGE, "mode must match [A-Za-z0-9_-]{1,64}", frame.cid
-        )
+    if not names.MODE.accepts(mode):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"mode must match {names.MODE}", frame.cid)
     return mode
 
 

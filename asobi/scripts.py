@@ -17,13 +17,12 @@ from typing import Any
 
 import structlog
 
+from asobi import names
 from asobi.lua.convert import ConversionError, to_python
 from asobi.lua.runtime import Bytecode, Limits, MatchLua, ScriptLoadError, compile_script
-from asobi.protocol import MODE_RE
 
 log = structlog.get_logger("asobi.scripts")
 
-MODULE_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 DEFAULT_SCRIPT = "match.lua"
 CONFIG_SCRIPT = "config.lua"
 MAX_ERRORS_REPORTED = 3
@@ -160,7 +159,7 @@ class ScriptRegistry:
         """`config.lua` mapping first, then `game/<mode>.lua`, then `game/match.lua` (unless
         strict, or the mode's own script exists but was refused: a broken `arena.lua` must not
         quietly run the tutorial)."""
-        if not MODE_RE.match(mode):
+        if not names.MODE.accepts(mode):
             return None
         mapped = self._modes.get(mode)
         if mapped and mapped in self._scripts:
@@ -219,7 +218,7 @@ class ScriptRegistry:
     def module_source(self, name: bytes) -> tuple[bytes | None, bytes]:
         """Source for `require(name)`: `a.b` is `game/a/b.lua`; nothing outside the game dir."""
         text = name.decode(errors="replace")
-        if not MODULE_RE.match(text):
+        if not names.MODULE.accepts(text):
             return None, f"invalid module name {text!r}".encode()
         path = text.replace(".", "/") + ".lua"
         script = self._scripts.get(path)
@@ -404,4 +403,4 @@ def _read_modes(returned: Any) -> dict[str, str] | str:
         isinstance(k, str) and isinstance(v, str) for k, v in data.items()
     ):
         return 'config.lua must return a table of {mode = "file.lua"}'
-    return {k: v for k, v in data.items() if MODE_RE.match(k)}
+    return {k: v for k, v in data.items() if names.MODE.accepts(k)}

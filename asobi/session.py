@@ -8,19 +8,19 @@ the messages of a real WebSocket connection.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
 
+from asobi import names
 from asobi.accounts import AccountError
 from asobi.app import App
 from asobi.auth import InvalidToken
 from asobi.engine import JoinRefused
 from asobi.hub import Peer
-from asobi.matchmaker import UnknownMode
+from asobi.matchmaker import QueueLimit, UnknownMode
 from asobi.protocol import (
     AUTH_FREE,
     ErrorCode,
@@ -38,7 +38,6 @@ from asobi.protocol import (
 
 log = structlog.get_logger("asobi.session")
 
-BOARD_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MAX_TOP = 100
 
 CLOSE_REPLACED = 4000
@@ -249,6 +248,9 @@ class Session:
             raise ProtocolError(
                 ErrorCode.UNKNOWN_MODE, self.app.registry.mode_refusal(mode), frame.cid
             ) from None
+        except QueueLimit as exc:
+            code = ErrorCode.TOO_MANY_TICKETS if exc.per_player else ErrorCode.MATCHMAKER_FULL
+            raise ProtocolError(code, str(exc), frame.cid) from None
         payload: dict[str, Any] = {"ticket_id": ticket.ticket_id, "mode": mode}
         if existed:
             payload["already_queued"] = True
@@ -323,9 +325,9 @@ class Session:
 
     def _leaderboard_top(self, frame: Frame) -> None:
         board = require_str(frame, "board", max_length=64)
-        if not BOARD_RE.match(board):
+        if not names.BOARD.accepts(board):
             raise ProtocolError(
-                ErrorCode.INVALID_MESSAGE, "board must match [A-Za-z0-9_.:-]{1,64}", frame.cid
+                ErrorCode.INVALID_MESSAGE, f"board must match {names.BOARD}", frame.cid
             )
         n = frame.payload.get("n", 10)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_TOP:

@@ -7,8 +7,13 @@ names the offending path, instead of sending a player garbage.
 
 Rules: a table whose keys are exactly 1..n becomes a list; any other table becomes an object with
 string keys (integer and float keys are written in decimal); an empty table becomes `{}`.
-Booleans, integers, floats and strings map to their JSON counterparts.  Functions, coroutines and
-userdata are refused.
+Booleans, integers, finite floats and strings map to their JSON counterparts.  Refused, with the
+path of the value: functions, coroutines and userdata; NaN and infinity (JSON has no spelling for
+them, and writing `null` would silently turn a number into nothing); a table with two keys that
+become the same JSON key (`[1]` and `["1"]`, `[true]` and `["true"]`), which would lose a value.
+
+The other direction (`to_lua`) refuses integers outside the signed 64-bit range, which Lua cannot
+hold: a client's input or a stored value never turns into a Python exception inside Lua.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ _lua_type = lua54.lua_type
 
 MAX_DEPTH = 32
 MAX_NODES = 100_000
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # Lua 5.4 integers
+_INF = float("inf")
 
 
 class ConversionError(ValueError):
@@ -38,8 +45,12 @@ def to_python(value: Any, *, what: str = "value", max_nodes: int = MAX_NODES) ->
         kind = type(value)
         if kind is bytes:
             return value.decode()
-        if kind is int or kind is float or kind is bool or value is None:
+        if kind is int or kind is bool or value is None:
             return value
+        if kind is float:
+            if -_INF < value < _INF:
+                return value
+            raise _Failure(_not_finite(value))
         return _table(value, [max_nodes], 0)
     except UnicodeDecodeError:
         raise ConversionError(f"{what} is not valid UTF-8 text") from None
@@ -86,7 +97,10 @@ def _table(value: Any, budget: list[int], depth: int) -> Any:
             try:
                 if kind is bytes:
                     v = v.decode()
-                elif not (kind is int or kind is float or kind is bool):
+                elif kind is float:
+                    if not -_INF < v < _INF:
+                        raise _Failure(_not_finite(v))
+                elif not (kind is int or kind is bool):
                     v = _table(v, budget, depth + 1)
             except UnicodeDecodeError:
                 failure = _Failure("is not valid UTF-8 text")
@@ -117,7 +131,10 @@ def _table(value: Any, budget: list[int], depth: int) -> Any:
         try:
             if kind is bytes:
                 v = v.decode()
-            elif not (kind is int or kind is float or kind is bool):
+            elif kind is float:
+                if not -_INF < v < _INF:
+                    raise _Failure(_not_finite(v))
+            elif not (kind is int or kind is bool):
                 v = _table(v, budget, depth + 1)
         except UnicodeDecodeError:
             failure = _Failure("is not valid UTF-8 text")
@@ -127,7 +144,29 @@ def _table(value: Any, budget: list[int], depth: int) -> Any:
             failure.keys.append(f".{key}")
             raise
         out[key] = v
+    if len(out) != n:
+        raise _Failure(f"has two keys that both become {_collision(items)}")
     return out
+
+
+def _not_finite(value: float) -> str:
+    return "is NaN" if value != value else "is infinite"
+
+
+def _collision(items: list[tuple[Any, Any]]) -> str:
+    """The JSON key two of `items`' keys share (only called when there is one)."""
+    seen: set[str] = set()
+    for k, _ in items:
+        if type(k) is bytes:
+            key = k.decode()
+        elif type(k) is bool:
+            key = "true" if k else "false"
+        else:
+            key = str(k) if type(k) is int else repr(k)
+        if key in seen:
+            return f'"{key}"'
+        seen.add(key)
+    return "the same key"
 
 
 def _is_sequence(items: list[tuple[Any, Any]]) -> bool:
@@ -154,6 +193,8 @@ def to_lua(runtime: Any, value: Any, _depth: int = 0) -> Any:
     """
     if isinstance(value, str):
         return value.encode()
+    if type(value) is int and not INT_MIN <= value <= INT_MAX:
+        raise ConversionError(f"data holds the integer {value}, outside the 64-bit range")
     if isinstance(value, dict | list | tuple):
         if _depth >= MAX_DEPTH:
             raise ConversionError(f"data is nested deeper than {MAX_DEPTH} levels")

@@ -19,6 +19,10 @@ Rows = list[tuple[Any, ...]]
 Job = Generator[tuple[str, tuple[Any, ...]], Rows, Any]
 
 GLOBAL_OWNER = ""  # storage rows without a player (player ids are never empty)
+# Balances and amounts are integers from 0 to 2^53 - 1: the largest range a JavaScript client
+# reads exactly from JSON, and far inside both databases' 64-bit BIGINT, so that a sum of a
+# balance and an amount can never overflow into SQLite's floating point or PostgreSQL's error.
+MAX_BALANCE = 2**53 - 1
 
 
 @dataclass(slots=True)
@@ -53,6 +57,7 @@ class BatchResult:
     duplicate: bool = False
     ledger: int = 0
     conflicts: list[LedgerOp] = field(default_factory=list)
+    over_max: list[LedgerOp] = field(default_factory=list)
 
 
 def now_ms() -> int:
@@ -87,9 +92,11 @@ def migrate(dialect: str) -> Job:
 
 
 # -- write-behind batches -------------------------------------------------------------------------
+# A grant that would take the balance past MAX_BALANCE updates nothing and returns no row.
 _GRANT = (
     "INSERT INTO wallets (player_id, currency, balance) VALUES (?, ?, ?) "
     "ON CONFLICT (player_id, currency) DO UPDATE SET balance = wallets.balance + excluded.balance "
+    f"WHERE wallets.balance + excluded.balance <= {MAX_BALANCE} "
     "RETURNING balance"
 )
 _DEBIT = (
@@ -134,9 +141,10 @@ def apply_batch(batch_id: str, ops: list[Op]) -> Job:
                 amount = -op.delta
                 rows = yield (_DEBIT, (amount, op.player_id, op.currency, amount))
             if not rows:
-                # Only another server writing the same wallet can get here: the database
-                # refuses to go negative and this debit is dropped (and reported).
-                result.conflicts.append(op)
+                # The grant of a player whose balance was not in memory (not connected) would
+                # pass the maximum; or another server wrote the same wallet and the database
+                # refuses to go negative.  Either way nothing is written, and it is reported.
+                (result.over_max if op.delta >= 0 else result.conflicts).append(op)
                 continue
             yield (
                 _LEDGER,

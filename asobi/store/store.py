@@ -38,11 +38,10 @@ from asobi.store import errors as E
 from asobi.store import ops
 from asobi.store.board import Board
 from asobi.store.errors import BackendUnavailable, StoreError
-from asobi.store.ops import GLOBAL_OWNER, Job, LedgerOp, Op, ScoreOp, StorageOp
+from asobi.store.ops import GLOBAL_OWNER, MAX_BALANCE, Job, LedgerOp, Op, ScoreOp, StorageOp
 
 log = structlog.get_logger("asobi.store")
 
-MAX_BALANCE = 2**62
 MAX_OPS_PER_CALLBACK = 10_000
 # Pause before retrying the stream's head after a retryable failure, doubling up to the cap.
 RETRY_FIRST_S = 0.05
@@ -228,7 +227,10 @@ class Store:
             return  # not resident: the database alone has it, a later load will see it
         if isinstance(op, LedgerOp):
             wallet = self._wallets[owner]
-            wallet[op.currency] = wallet.get(op.currency, 0) + op.delta
+            after = wallet.get(op.currency, 0) + op.delta
+            if after > MAX_BALANCE:
+                return  # a grant queued before the wallet was loaded: the database refuses it too
+            wallet[op.currency] = after
         else:
             self._set(self._pstore[owner], op)
 
@@ -359,6 +361,14 @@ class Store:
         self._batch = None
         self.durable_ops += len(batch.ops)
         self.batches += 1
+        for op in result.over_max:
+            log.error(
+                "ledger_over_max",
+                player_id=op.player_id,
+                currency=op.currency,
+                delta=op.delta,
+                hint=f"the balance would pass {MAX_BALANCE}; the grant was not written",
+            )
         for op in result.conflicts:
             log.error(
                 "ledger_conflict",
@@ -479,10 +489,17 @@ class UnitOfWork:
     def grant(self, player_id: str, currency: str, amount: int, reason: str | None) -> Any:
         self._writing()
         resident = self.store.resident(player_id)
-        after = self._balance(player_id, currency) + amount if resident else None
-        if after is not None and after > MAX_BALANCE:
-            raise StoreError(E.TOO_LARGE, "the balance would exceed the maximum")
         key = (player_id, currency)
+        # A connected player's balance is in memory: check it.  Otherwise only this callback's
+        # own grants are known here, and the database refuses a grant that would pass the
+        # maximum when it writes it (logged as `ledger_over_max`).
+        known = self._balance(player_id, currency) if resident else self.wallet.get(key, 0)
+        if known + amount > MAX_BALANCE:
+            raise StoreError(
+                E.TOO_LARGE,
+                f"the {currency} balance would pass the maximum of {MAX_BALANCE}",
+            )
+        after = known + amount if resident else None
         self.wallet[key] = self.wallet.get(key, 0) + amount
         self.ops.append(LedgerOp(player_id, currency, amount, reason, self.match_id))
         return after if after is not None else True
