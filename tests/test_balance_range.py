@@ -14,6 +14,7 @@ FLOOD = r"""
 tick_rate = 20
 function init(state) return state end
 function tick(state) return state end
+function get_state(state, player_id) return state end
 function handle_input(state, pid, input)
   local tally = { ok = 0, errors = {} }
   for _ = 1, input.count do

@@ -12,6 +12,7 @@ DUEL = """
 match_size = 2
 function init(state) return state end
 function tick(state) return state end
+function get_state(state, player_id) return state end
 """
 
 

@@ -64,7 +64,7 @@ async def test_socket_names_with_a_trailing_newline_are_refused(start_server) ->
     assert bad["payload"]["code"] == "invalid_account_input", bad
     ok = await _reply(c, "auth.register", {"username": "alice", "password": "password-1"})
     assert ok["type"] == "auth.token"
-    await c.login_guest()
+    await c.expect("session.connected")  # auth.* opens the session on a fresh connection
     bad = await _reply(c, "matchmaker.add", {"mode": "match\n"})
     assert bad["payload"]["code"] == "invalid_message", bad
     bad = await _reply(c, "leaderboard.top", {"board": "arena\n"})
@@ -96,6 +96,7 @@ end
 
 function init(state) return state end
 function tick(state) return state end
+function get_state(state, player_id) return state end
 function handle_input(state, pid, input)
   local nl = "\n"
   game.send(pid, {
