@@ -117,8 +117,8 @@ async def test_a_stored_value_lua_cannot_hold_is_an_error_table(start_server, lo
     too_deep: Any = "leaf"
     for _ in range(40):
         too_deep = {"x": too_deep}
-    store._global[("hand", "deep")] = too_deep
-    store._global[("hand", "huge")] = {"n": 2**63}
+    store.model.global_storage[("hand", "deep")] = too_deep
+    store.model.global_storage[("hand", "huge")] = {"n": 2**63}
     a = await bank_player_for(server)
     for key, problem in (("deep", "deeper than"), ("huge", "64-bit")):
         reply = await probe(a, "get", collection="hand", key=key)
@@ -146,7 +146,7 @@ async def test_colliding_keys_nan_and_infinity_are_refused_in_storage(start_serv
         assert got["error"] == "invalid_argument", (which, got)
         assert message in got["message"], (which, got)
     await server.app.store.flush(5)
-    assert not [k for k in server.app.store._global if k[0] == "vals"]
+    assert not [k for k in server.app.store.model.global_storage if k[0] == "vals"]
 
 
 async def test_colliding_keys_nan_and_infinity_are_refused_in_messages(start_server) -> None:
