@@ -74,6 +74,7 @@ class App:
                 limits=settings.limits,
                 max_consecutive_failures=settings.max_consecutive_failures,
                 match_seed=settings.match_seed,
+                max_queued_inputs=settings.max_queued_inputs,
             ),
         )
         secret = load_or_create_secret(settings.data_dir, settings.secret)

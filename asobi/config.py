@@ -54,8 +54,17 @@ class Settings:
     max_tickets_per_player: int = 16
     reconnect_grace_s: float = 15.0
     max_consecutive_failures: int = 10
+    # Inputs one player may have waiting in their match; more are dropped, counted and logged.
+    max_queued_inputs: int = 64
     # ASOBI_MATCH_SEED: seed every match's random generator with this number (replays, tests).
     match_seed: int | None = None
+    # The watchdog (asobi/watchdog.py): a Lua call still running this long after its deadline is
+    # wedged; a loop that has not turned for wedge_exit_s exits the process; /ready is false for
+    # wedge_ready_hold_s after a wedge; after SIGTERM a loop stuck this long is not waited for.
+    wedge_after_s: float = 0.5
+    wedge_exit_s: float = 10.0
+    wedge_ready_hold_s: float = 30.0
+    stop_stuck_s: float = 3.0
     # Empty: SQLite in data_dir.  postgresql://user:pass@host/db for PostgreSQL.
     database_url: str = ""
     # -- first-run experience --

@@ -53,6 +53,8 @@ class EngineConfig:
     log_lines_per_second: float = 20.0
     # Seed every match's random generator with this value instead of a fresh one (replays).
     match_seed: int | None = None
+    # Inputs one player may have waiting in their match; more are dropped (and counted).
+    max_queued_inputs: int = 64
 
 
 class Engine:
@@ -77,6 +79,10 @@ class Engine:
         self._seq = itertools.count()
         self._phase = 0.0
         self.ticks = 0
+        self.inputs_dropped = 0
+        # Matches whose Lua call ran far past its budget (added by the watchdog's thread); each
+        # is ended at its next tick.
+        self.wedged: set[str] = set()
         self.lateness: deque[float] = deque(maxlen=65536)
         self.on_schedule_change: Callable[[float], None] | None = None
         # Players who asked for `match.reloaded` frames (session.connect {notify_reload: true}).
@@ -126,7 +132,7 @@ class Engine:
         match = self.match_of(player_id)
         if match is None:
             return False
-        match.inputs.append((player_id, payload))
+        match.queue_input(player_id, payload)
         return True
 
     def list_matches(self, mode: str | None = None, limit: int = 100) -> list[Match]:
@@ -249,6 +255,9 @@ class Engine:
             log.exception("match_crashed", match_id=match.id, mode=match.mode, tick=match.tick_no)
             self.finish(match, {"error": "internal error"})
         self.ticks += 1
+        if self.wedged and match.id in self.wedged:
+            self.wedged.discard(match.id)
+            self.finish(match, {"error": "a script call ran far past its time budget"})
         if match.finished:
             return
         match.deadline += match.period

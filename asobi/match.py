@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -54,6 +55,7 @@ RESERVED_EVENTS = frozenset(
 )
 MAX_TRACEBACK_LINES = 8
 FAILURE_LINES_PER_TICK = 3
+DROP_LOG_INTERVAL_S = 1.0
 _LOG_LEVELS = {
     "debug": "debug",
     "info": "info",
@@ -230,7 +232,14 @@ class Match:
         self.failures = 0
         self.finished = False
         self.pending: ScriptVersion | None = None
-        self.inputs: list[tuple[str, Any]] = []
+        # Inputs not handled yet, oldest first, and how many of them each player has queued.
+        self.inputs: deque[tuple[str, Any]] = deque()
+        self.queued: dict[str, int] = {}
+        self.inputs_dropped = 0
+        # The longest a handle_input call has taken (seconds), by the running code.
+        self.input_cost = 0.0
+        self._drops_unlogged: dict[str, int] = {}
+        self._drop_logged_at = -DROP_LOG_INTERVAL_S
         self.required: set[str] = set()
         self.effects = _Effects()
         # Committed frames of init/join at match start, held back until the players have been
@@ -249,8 +258,8 @@ class Match:
 
     def _new_lua(self, script: ScriptVersion, seed: int) -> MatchLua:
         lua = MatchLua(self.host, self.engine.config.limits, seed=seed)
-        lua.load(script.code, script.name)
         lua.set_context(self.id, self.tick_no, self.players)
+        lua.load(script.code, script.name)
         return lua
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -349,11 +358,67 @@ class Match:
                 return
         self._after_tick(None)
 
-    def _run_inputs(self) -> None:
-        inputs, self.inputs = self.inputs, []
-        if self.lua.function("handle_input") is None:
+    def queue_input(self, player_id: str, payload: Any) -> bool:
+        """Queue an input for the next tick; False when the player's queue is full (dropped).
+
+        A player can queue at most `max_queued_inputs`: a client sending faster than its
+        inputs are handled loses the newest ones instead of growing the queue without bound.
+        """
+        queued = self.queued.get(player_id, 0)
+        if queued >= self.engine.config.max_queued_inputs:
+            self._drop_input(player_id)
+            return False
+        self.queued[player_id] = queued + 1
+        self.inputs.append((player_id, payload))
+        return True
+
+    def _drop_input(self, player_id: str) -> None:
+        """Count a dropped input; log the counts at most once per DROP_LOG_INTERVAL_S."""
+        self.inputs_dropped += 1
+        self.engine.inputs_dropped += 1
+        unlogged = self._drops_unlogged
+        unlogged[player_id] = unlogged.get(player_id, 0) + 1
+        now = time.monotonic()
+        if now - self._drop_logged_at < DROP_LOG_INTERVAL_S:
             return
-        for pid, payload in inputs:
+        self._drop_logged_at = now
+        for pid, count in unlogged.items():
+            log.warning(
+                "inputs_dropped",
+                match_id=self.id,
+                player_id=pid,
+                count=count,
+                queue_limit=self.engine.config.max_queued_inputs,
+            )
+        unlogged.clear()
+
+    def _run_inputs(self) -> None:
+        """Feed queued inputs to `handle_input`, oldest first, until one budget is spent.
+
+        All the inputs of one tick share one `handle_input` budget: each call gets what is left
+        of it, and what does not fit waits for the next tick.  So a burst of inputs costs every
+        other match at most one budget per tick, however many inputs it holds.
+        """
+        inputs, queued = self.inputs, self.queued
+        fn = self.lua.function("handle_input")
+        if fn is None:
+            inputs.clear()
+            queued.clear()
+            return
+        now = time.perf_counter
+        deadline = now() + self.engine.config.limits.handle_input
+        first = True
+        while inputs:
+            left = deadline - now()
+            # After the first input, one starts only if the slowest call seen so far still fits:
+            # an honest input then never runs out of the shared budget halfway and gets lost.
+            if left <= 0 or (not first and left < self.input_cost):
+                return
+            first = False
+            pid, payload = inputs.popleft()
+            count = queued.pop(pid, 1) - 1
+            if count > 0:
+                queued[pid] = count
             if pid not in self.players:
                 continue
             try:
@@ -361,9 +426,13 @@ class Match:
             except ConversionError as exc:
                 self._log_failure("handle_input", f"input refused: {exc}")
                 continue
-            self._apply(
-                "handle_input", self._call("handle_input", self.state, pid.encode(), lua_input)
+            self.effects.discard()
+            started = now()
+            result = self.lua.call_function(
+                "handle_input", fn, self.state, pid.encode(), lua_input, budget=left
             )
+            self.input_cost = max(self.input_cost, now() - started)
+            self._apply("handle_input", result)
 
     def _after_tick(self, frames: list[tuple[str, bytes]] | None) -> None:
         if frames is None:
@@ -468,6 +537,7 @@ class Match:
         self.script = version
         self.period = 1.0 / version.meta.tick_rate
         self.failures = 0
+        self.input_cost = 0.0
         self._commit_effects()
         self._reload_resolved(version, "reloaded", None, started)
         subscribers = self.engine.reload_subscribers
@@ -566,6 +636,7 @@ class Match:
         self.finished = True
         self.state = None
         self.inputs.clear()
+        self.queued.clear()
         self.lua = _CLOSED
 
 

@@ -138,7 +138,10 @@ def _drain(samples: deque[float]) -> list[float]:
 class _LiveCollector(Collector):
     """Gauges and integer counters read from the running server when scraped."""
 
-    COUNTERS = {"ticks": "Match ticks run."}
+    COUNTERS = {
+        "ticks": "Match ticks run.",
+        "inputs_dropped": "Match inputs dropped because the player's input queue was full.",
+    }
     GAUGES = {
         "connections": "Open WebSocket connections.",
         "players": "Authenticated players with a live connection.",

@@ -39,6 +39,7 @@ from asobi.reload import poll_changes, watch_changes
 from asobi.session import expire_seats
 from asobi.session_driver import SessionDriver
 from asobi.ticker import Ticker
+from asobi.watchdog import Watchdog, WatchdogSettings
 
 log = structlog.get_logger("asobi.server")
 
@@ -167,6 +168,7 @@ class AsobiServer:
         self._watch_task: asyncio.Task[None] | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._stopping = False
+        self.watchdog: Watchdog | None = None
         self.peers: set[WebSocketPeer] = set()
         self._ip_buckets = KeyedBuckets(
             self.settings.connect_rate_per_ip, self.settings.connect_burst_per_ip
@@ -178,6 +180,7 @@ class AsobiServer:
             players=lambda: len(self.app.hub),
             matches=lambda: len(self.app.engine.matches),
             ticks=lambda: self.app.engine.ticks,
+            inputs_dropped=lambda: self.app.engine.inputs_dropped,
             seats_held=lambda: len(self.app.presence),
             tickets=lambda: len(self.app.matchmaker),
         )
@@ -266,17 +269,35 @@ class AsobiServer:
         await closed
 
     async def serve_forever(self, on_started: Callable[[AsobiServer], None] | None = None) -> None:
-        await self.start()
-        if on_started is not None:
-            on_started(self)
+        """Serve until SIGTERM or SIGINT, under the watchdog (`asobi.watchdog`).
+
+        The watchdog starts first: it blocks the stop signals for every thread started after it
+        and waits for them on its own thread, so a stuck loop cannot make the server deaf to
+        them.  A signal then runs the same graceful `stop` on the loop as before.
+        """
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, done.set)
-        benchstats.install(loop, self.app, os.environ.get(benchstats.ENV))
-        await done.wait()
-        await self.stop()
+        s = self.settings
+        self.watchdog = Watchdog(
+            loop,
+            WatchdogSettings(s.wedge_after_s, s.wedge_exit_s, s.wedge_ready_hold_s, s.stop_stuck_s),
+            on_wedged=self.app.engine.wedged.add,
+            on_stop=done.set,
+        )
+        self.watchdog.start()
+        try:
+            await self.start()
+            if on_started is not None:
+                on_started(self)
+            if not self.watchdog.takes_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    with contextlib.suppress(NotImplementedError):
+                        loop.add_signal_handler(sig, done.set)
+            benchstats.install(loop, self.app, os.environ.get(benchstats.ENV))
+            await done.wait()
+            await self.stop()
+        finally:
+            self.watchdog.stop()
 
     async def _housekeep(self) -> None:
         """Timers that need no precision: ticket expiry, seat grace, metrics, bucket pruning."""
@@ -359,6 +380,7 @@ class AsobiServer:
             and not self._stopping
             and len(self.peers) < self.settings.max_connections
             and self.app.unplayable() is None
+            and (self.watchdog is None or self.watchdog.ready())
         )
 
     def _admit(self, connection: ServerConnection) -> Response | None:

@@ -74,6 +74,16 @@ class Limits:
 _LABELS: dict[str, bytes] = {}
 _now = time.perf_counter
 
+# The budgeted call running now: (started, deadline, label, MatchLua), perf_counter seconds, or
+# None.  One tuple swapped in and out per call, so that `asobi.watchdog`, reading it from its own
+# thread, always sees a whole record.
+_in_flight: tuple[float, float, str, MatchLua] | None = None
+
+
+def in_flight() -> tuple[float, float, str, MatchLua] | None:
+    """The budgeted Lua call running now, if any (for the watchdog)."""
+    return _in_flight
+
 
 def _label(label: str) -> bytes:
     encoded = _LABELS.get(label)
@@ -165,6 +175,7 @@ class LoadedScript:
 
     env: Any
     functions: dict[str, Any]
+    name: str = ""
 
 
 class MatchLua:
@@ -212,6 +223,9 @@ class MatchLua:
         self._copy = self.api[b"copy"]
         self._loaded = LoadedScript(None, {})
         self._budgets: dict[str, float] = {}
+        # Plain labels the watchdog reads from its thread (it must not touch the Lua state).
+        self.match_id = ""
+        self.script_name = ""
 
     # -- loading --------------------------------------------------------------------------------
     def load(self, code: Bytecode, chunkname: str) -> Any:
@@ -223,6 +237,7 @@ class MatchLua:
         ScriptLoadError raised.  `restore` puts it back later (a reload rolled back).
         """
         previous = self._loaded
+        self.script_name = chunkname
         result = self.call_function(
             "load", self._install, code, ("@" + chunkname).encode(), budget=self.limits.load
         )
@@ -233,7 +248,7 @@ class MatchLua:
         if env is None:
             message = result.values[1] if len(result.values) > 1 else None
             raise ScriptLoadError(error_text(message or b"could not compile"))
-        self._loaded = LoadedScript(env, {})
+        self._loaded = LoadedScript(env, {}, chunkname)
         return result.values[1] if len(result.values) > 1 else None
 
     def current(self) -> LoadedScript:
@@ -242,6 +257,7 @@ class MatchLua:
     def restore(self, loaded: LoadedScript) -> None:
         """Run `loaded` again (what `current` returned before a newer version was loaded)."""
         self._loaded = loaded
+        self.script_name = loaded.name
         self._activate(loaded.env)
 
     def global_value(self, name: str) -> Any:
@@ -279,14 +295,19 @@ class MatchLua:
         return self.call_function(callback, fn, *args, budget=budget)
 
     def call_function(self, label: str, fn: Any, *args: Any, budget: float) -> CallResult:
+        global _in_flight
+        started = _now()
+        outer, _in_flight = _in_flight, (started, started + budget, label, self)
         try:
-            out = self._call(_label(label), _now() + budget, fn, *args)
+            out = self._call(_label(label), started + budget, fn, *args)
         except LuaMemoryError:
             return CallResult(
                 False, error=f"{label} ran out of memory (cap {self.limits.max_memory} bytes)"
             )
         except LuaError as exc:
             return CallResult(False, error=error_text(exc))
+        finally:
+            _in_flight = outer
         if not isinstance(out, tuple):
             out = (out,)
         if out[0] is True:
@@ -295,6 +316,7 @@ class MatchLua:
 
     # -- context and data ------------------------------------------------------------------------
     def set_context(self, match_id: str, tick: int, players: list[str]) -> None:
+        self.match_id = match_id
         ctx = self._ctx
         ctx[b"match_id"] = match_id.encode()
         ctx[b"tick"] = tick
