@@ -660,7 +660,8 @@ function get_state(state, player_id) return { n = state.n, t = game.tick() } end
     assert error.startswith("tick failed 3 times in a row: match.lua:")
     assert "broken for good" in error
     failures = script_failures(logs, info["match_id"], "tick")
-    assert failures[0]["error"] == "tick exceeded its time budget"
+    assert failures[0]["error"].startswith("tick exceeded its 20 ms budget at match.lua:")
+    assert failures[0]["error"].endswith(" (raise with ASOBI_LUA_TICK)")
     assert info["match_id"] not in server.app.engine.matches
     assert Settings.from_env({"ASOBI_LUA_TICK": "0.05"}).limits.tick == 0.05
 

@@ -162,7 +162,9 @@ def test_copy_is_budgeted() -> None:
     old.load(compile_script(source, "big.lua"), "big.lua")
     state = old.call_function("make", old.function("make"), budget=5.0).value
     result = old.call_function("reload copy", old.api[b"copy"], state, budget=0.001)
-    assert not result.ok and result.error == "reload copy exceeded its time budget"
+    assert not result.ok and result.error == (
+        "reload copy exceeded its 1 ms budget (raise with ASOBI_LUA_COPY)"
+    )
 
 
 def test_python_data_into_lua_is_bounded() -> None:

@@ -28,6 +28,8 @@ LuaMemoryError = lua54.LuaMemoryError
 
 _SANDBOX_SOURCE = resources.files("asobi.lua").joinpath("sandbox.lua").read_bytes()
 _PATTERNS_SOURCE = resources.files("asobi.lua").joinpath("patterns.lua").read_bytes()
+_CALLS_SOURCE = resources.files("asobi.lua").joinpath("calls.lua").read_bytes()
+_CLIB_SOURCE = resources.files("asobi.lua").joinpath("clib.lua").read_bytes()
 
 
 @functools.cache
@@ -71,8 +73,10 @@ class Limits:
         return float(getattr(self, callback, self.tick))
 
 
-_LABELS: dict[str, bytes] = {}
+_MESSAGES: dict[tuple[str, float], tuple[bytes, bytes]] = {}
 _now = time.perf_counter
+# The Limits field (and so the ASOBI_LUA_<FIELD> variable) behind a call label that is not one.
+_LIMIT_OF_LABEL = {"reload copy": "copy"}
 
 # The budgeted call running now: (started, deadline, label, MatchLua), perf_counter seconds, or
 # None.  One tuple swapped in and out per call, so that `asobi.watchdog`, reading it from its own
@@ -85,11 +89,19 @@ def in_flight() -> tuple[float, float, str, MatchLua] | None:
     return _in_flight
 
 
-def _label(label: str) -> bytes:
-    encoded = _LABELS.get(label)
-    if encoded is None:
-        encoded = _LABELS[label] = label.encode()
-    return encoded
+def budget_message(label: str, budget: float) -> tuple[bytes, bytes]:
+    """The two halves of a budget error, around the script position sandbox adds:
+    "tick exceeded its 50 ms budget" .. " at match.lua:12" .. " (raise with ASOBI_LUA_TICK)"."""
+    key = (label, budget)
+    parts = _MESSAGES.get(key)
+    if parts is None:
+        field = _LIMIT_OF_LABEL.get(label, label)
+        env = f"ASOBI_LUA_{field.upper()}"
+        parts = _MESSAGES[key] = (
+            f"{label} exceeded its {budget * 1000:g} ms budget".encode(),
+            f" (raise with {env})".encode(),
+        )
+    return parts
 
 
 class ScriptHost(Protocol):
@@ -208,6 +220,8 @@ class MatchLua:
                 b"pattern_budget": limits.pattern_budget,
                 b"seed": seed,
                 b"patterns_chunk": _host_bytecode(_PATTERNS_SOURCE, b"=patterns.lua"),
+                b"calls_chunk": _host_bytecode(_CALLS_SOURCE, b"=asobi"),
+                b"clib_chunk": _host_bytecode(_CLIB_SOURCE, b"=asobi"),
             }
         )
         real_load = self.runtime.globals()[b"load"]
@@ -299,7 +313,8 @@ class MatchLua:
         started = _now()
         outer, _in_flight = _in_flight, (started, started + budget, label, self)
         try:
-            out = self._call(_label(label), started + budget, fn, *args)
+            prefix, suffix = budget_message(label, budget)
+            out = self._call(prefix, suffix, started + budget, fn, *args)
         except LuaMemoryError:
             return CallResult(
                 False, error=f"{label} ran out of memory (cap {self.limits.max_memory} bytes)"

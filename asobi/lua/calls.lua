@@ -1,0 +1,242 @@
+-- Budgets and the call machinery of a match's Lua state (a host chunk, loaded by sandbox.lua).
+--
+-- Every callback runs under a wall-clock deadline.  A count hook checks the clock every
+-- HOOK_COUNT instructions; host functions (game.*, require) check it on entry and on exit, and
+-- library wrappers whose C work grows with their data check it through `charge`.  Past the
+-- deadline the budget error is raised and `exceeded` stays set until the host call returns, so a
+-- script cannot swallow it with pcall, xpcall or coroutine.resume: the wrappers re-raise it.
+--
+-- The deadline stays armed until the protected call has fully unwound: `__close` handlers of
+-- to-be-closed variables run while an error unwinds, after the message handler, and they are
+-- script code like any other.  Only `finish`, once `xpcall` has returned, lifts it.
+local host = ...
+
+local now = host.now
+local HOOK_COUNT = host.hook_count
+
+local sethook, getinfo, traceback = debug.sethook, debug.getinfo, debug.traceback
+local co_create, co_resume, co_close = coroutine.create, coroutine.resume, coroutine.close
+local pcall_, xpcall_, error_, type_, tostring_ = pcall, xpcall, error, type, tostring
+local ssub = string.sub
+local huge = math.huge
+
+local B = {}
+
+local deadline = huge
+local exceeded = nil
+local budget_prefix, budget_suffix = "callback exceeded its budget", ""
+
+-- "match.lua:12": the innermost frame of a game script (not of these host chunks), so the message
+-- points at the script line that was running when the budget ran out.
+local function script_position()
+  for level = 2, 5000 do -- the Lua pattern matcher can be deep; a cap keeps this cheap
+    local info = getinfo(level, "Sl")
+    if info == nil then return nil end
+    if ssub(info.source, 1, 1) == "@" then
+      return info.short_src .. ":" .. tostring_(info.currentline)
+    end
+  end
+  return nil
+end
+
+local hook
+
+local function cut()
+  if not exceeded then
+    local at = script_position()
+    exceeded = budget_prefix .. (at and (" at " .. at) or "") .. budget_suffix
+  end
+  -- From now on the hook fires at every instruction: whatever still runs while the call unwinds
+  -- (__close handlers, a script's message handler) is stopped at once.
+  sethook(hook, "", 1)
+  error_(exceeded, 0)
+end
+
+-- B.call and finish: once xpcall has returned the call is over, and nothing is cut there.
+local call_fn, finish_fn
+
+hook = function()
+  if now() > deadline then
+    local running = getinfo(2, "f").func
+    if running ~= call_fn and running ~= finish_fn then cut() end
+  end
+end
+B.hook = hook
+
+-- The clock check of host functions and charged library wrappers.
+function B.check()
+  if now() > deadline then cut() end
+end
+
+-- One VM instruction can also be expensive on its own (`s .. s` on megabytes, a table resize):
+-- hundreds of those fit between two count-hook checks.  Such instructions allocate, so the garbage
+-- collector keeps finishing cycles; a finalizer that re-arms itself every cycle checks the clock
+-- and, past the deadline, makes the hook fire at the very next instruction.  (Errors cannot be
+-- raised from a finalizer, hence the hook.)  A false alarm costs one hook call and the count is
+-- restored.  This is host code; scripts cannot install finalizers (see setmetatable).
+local probe_mt = {}
+probe_mt.__gc = function()
+  if deadline ~= huge and now() > deadline then sethook(hook, "", 1) end
+  setmetatable({}, probe_mt)
+end
+setmetatable({}, probe_mt)
+
+function B.exceeded() return exceeded end
+
+function B.reraise_if_exceeded(...)
+  if exceeded then error_(exceeded, 0) end
+  return ...
+end
+
+-- The deadline is left armed here: a count hook firing in this handler (an ordinary error raised
+-- just before the deadline) is itself contained by Lua, and the budget error is what `finish`
+-- reports.  Error objects are never converted with __tostring: that is script code.
+local function message_handler(e)
+  if exceeded then return exceeded end
+  local msg
+  if type_(e) == "string" then
+    msg = e
+  elseif type_(e) == "number" or type_(e) == "boolean" or e == nil then
+    msg = tostring_(e)
+  else
+    msg = "error object of type " .. type_(e)
+  end
+  return traceback(msg, 2)
+end
+
+local function finish(ok, ...)
+  deadline = huge
+  sethook()
+  local ex = exceeded
+  exceeded = nil
+  if ex then return false, ex end
+  if not ok then
+    local e = ...
+    if type_(e) ~= "string" then e = "error object of type " .. type_(e) end
+    return false, e
+  end
+  return true, ...
+end
+
+-- Call fn(...) until a wall-clock deadline (host perf_counter seconds; the host computes it, which
+-- saves a call back into the host per call).  `prefix` and `suffix` make the budget message:
+-- "tick exceeded its 50 ms budget" .. " at match.lua:12" .. " (raise with ASOBI_LUA_TICK)".
+-- Returns true, results... or false, message.
+function B.call(prefix, suffix, until_time, fn, ...)
+  exceeded = nil
+  budget_prefix, budget_suffix = prefix, suffix
+  deadline = until_time
+  sethook(hook, "", HOOK_COUNT)
+  return finish(xpcall_(fn, message_handler, ...))
+end
+call_fn, finish_fn = B.call, finish
+
+---------------------------------------------------------------------------------------------------
+-- Work done inside one C call is invisible to the count hook, which only counts VM instructions:
+-- a loop of `s:upper()` on an 8 MB string runs hundreds of such calls between two hook checks and
+-- overshoots the budget by seconds.  Wrappers of library functions whose cost grows with their
+-- data charge that cost here; past about a millisecond of accumulated work the clock is checked.
+---------------------------------------------------------------------------------------------------
+local CHARGE_STEP = 1 << 20 -- units are bytes of simple C work (copying, scanning)
+local charged = 0
+
+function B.charge(units)
+  charged = charged + units
+  if charged >= CHARGE_STEP then
+    charged = 0
+    if now() > deadline then cut() end
+  end
+end
+
+-- Errors of wrapped C functions are re-raised one level up, so that they point at the script
+-- line that made the call, not at the wrapper.
+function B.c_result(ok, ...)
+  if ok then return ... end
+  if exceeded then error_(exceeded, 0) end
+  error_((...), 2)
+end
+
+-- Run a C function; its error is re-raised at the level of the script that called the wrapper
+-- (level 1 is this function, 2 the wrapper, 3 the script).
+function B.c_call(fn, ...)
+  local ok, r = pcall_(fn, ...)
+  if not ok then
+    if exceeded then error_(exceeded, 0) end
+    error_(r, 3)
+  end
+  return r
+end
+
+---------------------------------------------------------------------------------------------------
+-- Host functions (Python).  Time spent in them belongs to the callback that called them: the
+-- clock is checked before and after each call, so a loop of refused `game.storage.set` calls or of
+-- `game.broadcast` inside pcall stops at its budget like any loop.  An exception they raise
+-- reaches Lua as a Python object: scripts get its text instead, so no Python object is ever
+-- within their reach.
+---------------------------------------------------------------------------------------------------
+local function host_result(ok, ...)
+  if now() > deadline then cut() end
+  if ok then return ... end
+  if exceeded then error_(exceeded, 0) end
+  local e = ...
+  if type_(e) ~= "string" then e = tostring_(e) end
+  error_(e, 2)
+end
+
+-- Host work about to start that is expected to take `seconds`: when it cannot end before the
+-- deadline, the callback is cut now instead of after it (a single conversion of a 100,000-value
+-- table takes ~0.1 s of Python, far past a tick's budget).
+function B.reserve(seconds)
+  if now() + seconds > deadline then cut() end
+end
+
+function B.host_call(fn, ...)
+  if now() > deadline then cut() end
+  return host_result(pcall_(fn, ...))
+end
+
+---------------------------------------------------------------------------------------------------
+-- pcall, xpcall and coroutines as scripts see them.
+---------------------------------------------------------------------------------------------------
+function B.pcall(f, ...)
+  return B.reraise_if_exceeded(pcall_(f, ...))
+end
+
+-- An error raised by the hook leaves Lua's hooks switched off while the message handler runs: a
+-- script handler would run with no budget at all.  Once the budget is spent, the script's handler
+-- is therefore skipped.
+function B.xpcall(f, handler, ...)
+  local function guarded(e)
+    if exceeded then return exceeded end
+    return handler(e)
+  end
+  return B.reraise_if_exceeded(xpcall_(f, guarded, ...))
+end
+
+-- Hooks are per coroutine: every coroutine a script makes gets the budget hook.  A coroutine
+-- keeps it for life, so its `__close` handlers (run by coroutine.close in a later callback) are
+-- under that callback's deadline.
+function B.co_new(f)
+  local co = co_create(f)
+  sethook(co, hook, "", HOOK_COUNT)
+  return co
+end
+
+local function wrap_results(ok, ...)
+  if exceeded then error_(exceeded, 0) end
+  if not ok then error_((...), 0) end
+  return ...
+end
+
+function B.co_resume(co, ...) return B.reraise_if_exceeded(co_resume(co, ...)) end
+
+-- Closing a suspended coroutine runs its pending `__close` handlers (in that coroutine, under its
+-- hook); a budget error raised there comes back as a result, and is raised again.
+function B.co_close(co) return B.reraise_if_exceeded(co_close(co)) end
+
+function B.co_wrap(f)
+  local co = B.co_new(f)
+  return function(...) return wrap_results(co_resume(co, ...)) end
+end
+
+return B
