@@ -1,12 +1,13 @@
 """The socket layer: WebSocket connections at /ws and plain GET routes on the same port.
 
-This is the only module that touches sockets.  Each connection gets a `Session` (the protocol) and
-a `WebSocketPeer` (how frames reach the wire).  Frames are written synchronously with
+This is the only module that touches sockets.  Each connection gets a `Session` (the protocol, with
+its per-connection frame limits) run by a `SessionDriver`, and a `WebSocketPeer` (how frames reach
+the wire).  Frames are written synchronously with
 `websockets.broadcast`, which never waits for a slow reader: the peer watches the transport's
 write buffer itself and drops stale `match.state` frames for a client that cannot keep up rather
 than buffering without bound or delaying anyone else.  Admission (connection cap, per-IP connect
-rate), per-connection frame limits and the HTTP routes (/health, /ready, /metrics) live here too,
-because they are decisions about sockets.
+rate) and the HTTP routes (/health, /ready, /metrics) live here too, because they are decisions
+about sockets.
 """
 
 from __future__ import annotations
