@@ -2,6 +2,8 @@
 
 `App` is what the socket layer (`asobi.server`) and the tests hold: settings, the script
 registry, the engine, the matchmaker, the player hub, token signing and reload history.
+`App.create` is the one place that chooses the implementations of the `asobi.directory`
+interfaces the sessions and the matchmaker talk to: on a single node, the `Local*` ones.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import structlog
 from asobi.accounts import Accounts
 from asobi.auth import TokenSigner, load_or_create_secret
 from asobi.config import Settings
+from asobi.directory import MatchListing, MatchRouter, Placement
 from asobi.engine import Engine, EngineConfig
 from asobi.hub import Hub
+from asobi.local import LocalListing, LocalPlacement, LocalRouter
 from asobi.matchmaker import Matchmaker
 from asobi.metrics import Metrics
 from asobi.presence import Presence
@@ -37,6 +41,9 @@ class App:
     reloader: Reloader
     load_errors: list[ScriptError]
     presence: Presence
+    router: MatchRouter
+    listing: MatchListing
+    placement: Placement
     metrics: Metrics = field(default_factory=Metrics)
     store: Store | None = field(default=None)
     accounts: Accounts | None = field(default=None)
@@ -78,6 +85,7 @@ class App:
         store = Store(open_backend(settings.database_url, settings.data_dir))
         engine.store = store
         metrics = Metrics()
+        placement = LocalPlacement(registry, engine)
         return cls(
             settings=settings,
             registry=registry,
@@ -85,7 +93,7 @@ class App:
             hub=hub,
             matchmaker=Matchmaker(
                 registry,
-                engine,
+                placement,
                 hub,
                 ticket_ttl_s=settings.ticket_ttl_s,
                 max_queues=settings.max_queues,
@@ -99,7 +107,10 @@ class App:
             store=store,
             accounts=Accounts(store),
             metrics=metrics,
-            presence=Presence(engine, settings.reconnect_grace_s),
+            presence=Presence(settings.reconnect_grace_s),
+            router=LocalRouter(engine),
+            listing=LocalListing(engine),
+            placement=placement,
         )
 
     def unplayable(self) -> str | None:

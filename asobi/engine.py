@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from asobi.directory import JoinRefused, Outbox
 from asobi.lua.runtime import Limits, ScriptLoadError
 from asobi.match import Match, MatchStartError, first_line
 from asobi.protocol import encode
@@ -30,12 +31,6 @@ from asobi.store import Store
 log = structlog.get_logger("asobi.engine")
 
 _PHASE_STEP = 0.6180339887498949  # golden ratio: spreads match phases evenly over a period
-
-
-class Outbox(Protocol):
-    """Where frames for players go.  `droppable` frames may be skipped for a slow reader."""
-
-    def send(self, player_id: str, frame: bytes, *, droppable: bool = False) -> None: ...
 
 
 class EngineListener(Protocol):
@@ -60,15 +55,6 @@ class EngineConfig:
     match_seed: int | None = None
     # Inputs one player may have waiting in their match; more are dropped (and counted).
     max_queued_inputs: int = 64
-
-
-class JoinRefused(Exception):
-    """`join_match` said no; `reason` is one of not_found, full, refused, in_match."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 class Engine:

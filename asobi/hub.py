@@ -1,20 +1,15 @@
 """Who is connected: player id -> the peer that carries their frames.
 
 The engine and the matchmaker address players by id; the hub turns that into a write on the
-player's current connection.  A player who is not connected simply misses the frame.
+player's current connection.  A player who is not connected simply misses the frame.  This is the
+single-node `asobi.directory.Connections`: every player's connection is in this process.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from asobi.directory import Peer
 
-
-class Peer(Protocol):
-    """One client connection as the layers below the server see it."""
-
-    def send_frame(self, frame: bytes, *, droppable: bool = False) -> None: ...
-
-    def close(self, code: int, reason: str) -> None: ...
+__all__ = ["Hub", "Peer"]
 
 
 class Hub:

@@ -4,7 +4,9 @@ Tickets wait in one queue per mode; as soon as `match_size` players of a mode ar
 oldest ones are matched and a match starts.  A player holds at most one ticket per mode, and a
 ticket that waits longer than its time to live expires (`matchmaker.expired`), so a queue never
 fills with players who stopped waiting.  The matchmaker knows nothing about sockets: it tells
-players what happened through the same `Outbox` the engine uses.
+players what happened through the same `Outbox` the engine uses.  It is only the ticket queue:
+where a formed group plays is the `Placement`'s answer (a seat reservation on a node), so a
+cluster can keep this queue and place matches elsewhere.
 
 Any valid mode name that a script serves (with a `match.lua`, every name) gets its own queue, and
 every tick walks all queues: a queue is freed as soon as it is empty, the number of live queues
@@ -22,8 +24,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from asobi.engine import Engine, Outbox
-from asobi.match import MatchStartError
+from asobi.directory import Outbox, Placement, PlacementFailed
 from asobi.protocol import ErrorCode, encode, encode_error
 from asobi.scripts import ScriptRegistry
 
@@ -54,7 +55,7 @@ class Matchmaker:
     def __init__(
         self,
         registry: ScriptRegistry,
-        engine: Engine,
+        placement: Placement,
         outbox: Outbox,
         *,
         ticket_ttl_s: float = 60.0,
@@ -64,7 +65,7 @@ class Matchmaker:
         on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.registry = registry
-        self.engine = engine
+        self.placement = placement
         self.outbox = outbox
         self.ticket_ttl_s = ticket_ttl_s
         self.max_queues = max_queues
@@ -173,32 +174,31 @@ class Matchmaker:
                 self._start(mode, tickets)
 
     def _start(self, mode: str, tickets: list[Ticket]) -> None:
-        script = self.registry.resolve_mode(mode)
         players = [t.player_id for t in tickets]
-        if script is None:
-            return
         try:
-            match = self.engine.start_match(mode, script, players)
-        except MatchStartError as exc:
+            seats = self.placement.reserve(mode, players)
+        except PlacementFailed as exc:
             frame = encode_error(ErrorCode.MATCH_FAILED, f"match could not start: {exc}")
             for pid in players:
                 self._error()
                 self.outbox.send(pid, frame)
             return
+        match = seats.match
         frame = encode(
-            "matchmaker.matched", {"match_id": match.id, "mode": mode, "players": match.players}
+            "matchmaker.matched",
+            {"match_id": match.match_id, "mode": mode, "players": match.players},
         )
         for pid in match.players:
             self.outbox.send(pid, frame)
-        match.release_held()
-        refused = [p for p in players if p not in match.players]
-        for pid in refused:
+        self.placement.open(seats)
+        for pid, reason in seats.refused.items():
             self._error()
-            reason = match.refused.get(pid, "refused")
             self.outbox.send(
                 pid, encode_error(ErrorCode.MATCH_FAILED, f"the match refused you: {reason}")
             )
-        log.info("matched", match_id=match.id, mode=mode, players=match.players)
+        log.info(
+            "matched", match_id=match.match_id, mode=mode, players=match.players, node=seats.node
+        )
 
     def _error(self) -> None:
         if self.on_error is not None:

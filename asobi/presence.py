@@ -8,23 +8,16 @@ A resume token is an opaque random value (not a signed one): the seat it reclaim
 this process's memory, so a server-side value costs nothing extra, can be rotated on every
 `session.connect` (a token is good for one resumption) and is forgotten with the seat.  It binds
 the new socket to the session that held the seat; the long-lived player token alone only proves
-who the player is.
+who the player is.  This is the single-node `asobi.directory.Seats`.
 """
 
 from __future__ import annotations
 
 import secrets
 
-import structlog
-
-from asobi.engine import Engine
-
-log = structlog.get_logger("asobi.presence")
-
 
 class Presence:
-    def __init__(self, engine: Engine, grace_s: float) -> None:
-        self.engine = engine
+    def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
         self._tokens: dict[str, str] = {}
         self._seat_deadlines: dict[str, float] = {}
@@ -60,14 +53,10 @@ class Presence:
         return player_id in self._seat_deadlines
 
     def expire(self, now: float) -> list[str]:
-        """Players whose grace ended: they leave their match now (`leave` runs)."""
+        """Players whose grace ended, forgotten here; the caller makes them leave their match."""
         gone = [pid for pid, deadline in self._seat_deadlines.items() if deadline <= now]
         for pid in gone:
             self.forget(pid)
-            match = self.engine.remove_player(pid)
-            log.info(
-                "seat_expired", player_id=pid, match_id=match.id if match is not None else None
-            )
         return gone
 
     def __len__(self) -> int:

@@ -1,12 +1,13 @@
 """The socket layer: WebSocket connections at /ws and plain GET routes on the same port.
 
-This is the only module that touches sockets.  Each connection gets a `Session` (the protocol) and
-a `WebSocketPeer` (how frames reach the wire).  Frames are written synchronously with
+This is the only module that touches sockets.  Each connection gets a `Session` (the protocol, with
+its per-connection frame limits) run by a `SessionDriver`, and a `WebSocketPeer` (how frames reach
+the wire).  Frames are written synchronously with
 `websockets.broadcast`, which never waits for a slow reader: the peer watches the transport's
 write buffer itself and drops stale `match.state` frames for a client that cannot keep up rather
 than buffering without bound or delaying anyone else.  Admission (connection cap, per-IP connect
-rate), per-connection frame limits and the HTTP routes (/health, /ready, /metrics) live here too,
-because they are decisions about sockets.
+rate) and the HTTP routes (/health, /ready, /metrics) live here too, because they are decisions
+about sockets.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ from websockets.protocol import State
 
 from asobi import benchstats
 from asobi.app import App
-from asobi.limits import KeyedBuckets, TokenBucket
+from asobi.limits import KeyedBuckets
 from asobi.metrics import Metrics
-from asobi.protocol import ErrorCode
 from asobi.reload import poll_changes, watch_changes
-from asobi.session import Session
+from asobi.session import expire_seats
+from asobi.session_driver import SessionDriver
 from asobi.ticker import Ticker
 from asobi.watchdog import Watchdog, WatchdogSettings
 
@@ -307,12 +308,7 @@ class AsobiServer:
             now = time.monotonic()
             try:
                 self.app.matchmaker.expire(now)
-                expired = self.app.presence.expire(now)
-                if expired:
-                    self.metrics.seats.labels("expired").inc(len(expired))
-                    if self.app.store is not None:
-                        for player_id in expired:
-                            self.app.store.release(player_id)
+                expire_seats(self.app, now)
                 self._collect_metrics()
                 if now - last_prune > PRUNE_EVERY_S:
                     self._ip_buckets.prune(now)
@@ -418,49 +414,17 @@ class AsobiServer:
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, s.socket_sndbuf_bytes)
         remote = ws.remote_address[0] if ws.remote_address else ""
-        session = Session(self.app, peer, remote)
-        max_frame = s.max_frame_bytes
-        loop = asyncio.get_running_loop()
-        bucket = TokenBucket(s.rate_limit_per_s, s.rate_limit_burst, loop.time())
-        deadline = loop.call_later(s.connect_timeout_s, self._auth_deadline, session)
+        # The session (asobi.session) decides everything: rate and size limits, the time limit
+        # to authenticate, the protocol; the driver gives it the loop's time and does its I/O.
+        driver = SessionDriver(self.app, peer, remote)
         self.peers.add(peer)
         try:
             async for message in ws:
-                if not bucket.take(loop.time()):
-                    # Not parsed (that is the work being limited), so no cid to echo.
-                    session.send_error(
-                        ErrorCode.RATE_LIMITED,
-                        f"more than {s.rate_limit_per_s:g} frames per second",
-                        droppable=True,
-                    )
-                    continue
-                if isinstance(message, bytes):
-                    session.send_error(
-                        ErrorCode.BINARY_NOT_SUPPORTED, "send JSON text frames, not binary"
-                    )
-                    continue
-                if len(message) > max_frame or (
-                    len(message) * 4 > max_frame and len(message.encode()) > max_frame
-                ):
-                    session.send_error(
-                        ErrorCode.PAYLOAD_TOO_LARGE, f"frames are limited to {max_frame} bytes"
-                    )
-                    continue
-                session.handle(message)
-                if session.authenticated:
-                    peer.player_id = session.player_id
-                    deadline.cancel()
+                driver.receive(message)
+                if driver.session.authenticated:
+                    peer.player_id = driver.session.player_id
         except ConnectionClosed:
             pass
         finally:
             self.peers.discard(peer)
-            deadline.cancel()
-            session.closed()
-
-    def _auth_deadline(self, session: Session) -> None:
-        if not session.authenticated:
-            log.info("auth_timeout", remote=session.remote)
-            self.metrics.closed.labels("auth_timeout").inc()
-            limit = f"{self.settings.connect_timeout_s:g} s"
-            reason = f"not authenticated within {limit} (send auth.guest or session.connect)"
-            session.peer.close(CLOSE_POLICY, reason)
+            driver.closed()

@@ -1,15 +1,23 @@
-"""One client's conversation with the server: authentication and the frames it may send.
+"""One client's conversation with the server, as a state machine that does no I/O.
 
-A `Session` turns parsed frames into calls on the app and replies on its `Peer`.  It never touches
-a socket, so the whole protocol can be driven by tests with a fake peer; `asobi.server` feeds it
-the messages of a real WebSocket connection.
+A `Session` is fed what happened, each time with the time it happened: a message (`receive`), the
+passing of time (`tick`, due at `next_deadline()`), the end of the connection (`closed`) and the
+results of the I/O it asked for (`account_done`, `load_done`).  It answers with frames written to
+its `Peer`, a synchronous sink (the same path match frames take, so replies and match frames keep
+their order), and with I/O requests appended to `requests`: an account lookup with its password
+hashing, a player's data load.  Carrying those out is the driver's job (`asobi.session_driver` on
+asyncio; unit tests by hand with an injected clock), so the authentication time limit, the frame
+rate limit, the load time limit and every protocol rule run here without sockets or sleeps.
+
+It reaches the rest of the server only through the `asobi.directory` interfaces the `App` holds
+(connections, seats, match router, listing, matchmaker), never through the engine.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -18,8 +26,8 @@ from asobi import names
 from asobi.accounts import AccountError
 from asobi.app import App
 from asobi.auth import InvalidToken
-from asobi.engine import JoinRefused
-from asobi.hub import Peer
+from asobi.directory import JoinRefused, Peer
+from asobi.limits import TokenBucket
 from asobi.matchmaker import QueueLimit, UnknownMode
 from asobi.protocol import (
     AUTH_FREE,
@@ -40,6 +48,7 @@ log = structlog.get_logger("asobi.session")
 
 MAX_TOP = 100
 
+CLOSE_POLICY = 1008
 CLOSE_REPLACED = 4000
 MAX_HELD_FRAMES = 256
 LOAD_TIMEOUT_S = 3.0
@@ -51,12 +60,41 @@ JOIN_ERRORS = {
 }
 
 
+@dataclass(eq=False)
+class AccountRequest:
+    """Register or log in (hashing a password): answer with `Session.account_done`."""
+
+    frame: Frame
+    register: bool
+    username: Any
+    password: Any
+
+
+@dataclass(eq=False)
+class LoadRequest:
+    """Make the player's data resident: answer with `Session.load_done`."""
+
+    player_id: str
+
+
+Request = AccountRequest | LoadRequest
+
+
 class Session:
-    def __init__(self, app: App, peer: Peer, remote: str = "") -> None:
+    def __init__(self, app: App, peer: Peer, remote: str = "", *, now: float = 0.0) -> None:
         self.app = app
         self.peer = peer
         self.remote = remote
         self.player_id: str | None = None
+        settings = app.settings
+        self.max_frame = settings.max_frame_bytes
+        self.rate_limit = settings.rate_limit_per_s
+        self._bucket = TokenBucket(settings.rate_limit_per_s, settings.rate_limit_burst, now)
+        self._now = now
+        # Unauthenticated connections are closed at this time (None once authenticated).
+        self.auth_deadline: float | None = now + settings.connect_timeout_s
+        # I/O the driver should carry out, oldest first; it takes them with `take_requests`.
+        self.requests: list[Request] = []
         self._handlers: dict[str, Callable[[Frame], None]] = {
             "auth.guest": self._auth_guest,
             "session.connect": self._connect,
@@ -71,10 +109,12 @@ class Session:
             "match.list": self._match_list,
             "match.join": self._match_join,
         }
-        self._tasks: set[asyncio.Task[None]] = set()
         # Frames that arrive while the player's data is being loaded wait here (None: not
-        # loading), so nothing they do reaches a match before their wallet is resident.
+        # loading), so nothing they do reaches a match before their wallet is resident; they are
+        # handled when the load ends or at `_load_deadline`, whichever comes first.
         self._frames_awaiting_load: list[str | bytes] | None = None
+        self._loading: str | None = None
+        self._load_deadline: float | None = None
         # Set once the connection is gone: a login that finishes later must not open a session.
         self._gone = False
 
@@ -83,6 +123,52 @@ class Session:
         return self.player_id is not None
 
     # -- entry points -----------------------------------------------------------------------------
+    def receive(self, message: str | bytes, now: float) -> None:
+        """One WebSocket message: rate-limited, text only, size-capped, then handled."""
+        self._now = now
+        if not self._bucket.take(now):
+            # Not parsed (that is the work being limited), so no cid to echo.
+            self.send_error(
+                ErrorCode.RATE_LIMITED,
+                f"more than {self.rate_limit:g} frames per second",
+                droppable=True,
+            )
+            return
+        if isinstance(message, bytes):
+            self.send_error(ErrorCode.BINARY_NOT_SUPPORTED, "send JSON text frames, not binary")
+            return
+        max_frame = self.max_frame
+        if len(message) > max_frame or (
+            len(message) * 4 > max_frame and len(message.encode()) > max_frame
+        ):
+            self.send_error(ErrorCode.PAYLOAD_TOO_LARGE, f"frames are limited to {max_frame} bytes")
+            return
+        self.handle(message)
+
+    def next_deadline(self) -> float | None:
+        """When `tick` must next be called (None: nothing is waiting on time)."""
+        deadlines = [d for d in (self.auth_deadline, self._load_deadline) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def tick(self, now: float) -> None:
+        """Time passed: close a connection that did not authenticate in time; stop waiting for a
+        player's data that is slow to load (their held frames are handled without it)."""
+        self._now = now
+        if self.auth_deadline is not None and now >= self.auth_deadline:
+            self.auth_deadline = None
+            if not self.authenticated and not self._gone:
+                log.info("auth_timeout", remote=self.remote)
+                self.app.metrics.closed.labels("auth_timeout").inc()
+                limit = f"{self.app.settings.connect_timeout_s:g} s"
+                reason = f"not authenticated within {limit} (send auth.guest or session.connect)"
+                self.peer.close(CLOSE_POLICY, reason)
+        if self._load_deadline is not None and now >= self._load_deadline:
+            self.load_done(self._loading or "", "TimeoutError()", now)
+
+    def take_requests(self) -> list[Request]:
+        requests, self.requests = self.requests, []
+        return requests
+
     def handle(self, data: str | bytes) -> None:
         """Handle one text message; any refusal becomes an `error` frame, never an exception."""
         if self._frames_awaiting_load is not None:
@@ -101,6 +187,8 @@ class Session:
                     frame.cid,
                 )
             self._handlers[frame.type](frame)
+            if self.player_id is not None:
+                self.auth_deadline = None
         except ProtocolError as exc:
             self.send_error(exc.code, exc.message, exc.cid)
         except Exception:
@@ -108,10 +196,12 @@ class Session:
             cid = frame.cid if frame is not None else None
             self.send_error(ErrorCode.INTERNAL, "the server could not handle this frame", cid)
 
-    def closed(self) -> None:
+    def closed(self, now: float) -> None:
         """The connection is gone: queued tickets go; a match seat is held for the grace period
         (`leave` runs when it ends without a resume), or given up at once without one."""
+        self._now = now
         self._gone = True
+        self.auth_deadline = None
         player_id = self.player_id
         if player_id is None:
             return
@@ -119,16 +209,18 @@ class Session:
         if not self.app.hub.detach(player_id, self.peer):
             return  # replaced by a newer connection, which keeps the seat
         self.app.matchmaker.remove(player_id)
-        self.app.engine.reload_subscribers.discard(player_id)
+        self.app.router.notify_reloads(player_id, False)
         presence = self.app.presence
-        match = self.app.engine.match_of(player_id)
-        if match is not None and presence.hold(player_id, time.monotonic()):
+        match = self.app.router.match_of(player_id)
+        if match is not None and presence.hold(player_id, now):
             # The match may still credit the player during the grace period: data stays resident
-            # until the seat is given up (server housekeeping releases it).
-            log.info("seat_held", player_id=player_id, match_id=match.id, grace_s=presence.grace_s)
+            # until the seat is given up (`expire_seats` releases it).
+            log.info(
+                "seat_held", player_id=player_id, match_id=match.match_id, grace_s=presence.grace_s
+            )
         else:
             presence.forget(player_id)
-            self.app.engine.remove_player(player_id)
+            self.app.router.leave(player_id)
             if self.app.store is not None:
                 self.app.store.release(player_id)
         log.info("session_closed", player_id=player_id, seat_held=presence.is_held(player_id))
@@ -191,14 +283,14 @@ class Session:
             return
         resumed = presence.check(player_id, resume_token)
         held = presence.reclaim(player_id)
-        match = self.app.engine.match_of(player_id)
+        match = self.app.router.match_of(player_id)
         if not resumed:
             # A new session, not a continuation: the old session's seat and tickets are let go
             # (before this socket is attached, so frames of the old seat never reach it).
             self.app.matchmaker.remove(player_id)
             if match is not None:
-                self.app.engine.remove_player(player_id)
-                log.info("seat_released", player_id=player_id, match_id=match.id)
+                self.app.router.leave(player_id)
+                log.info("seat_released", player_id=player_id, match_id=match.match_id)
                 self.app.metrics.seats.labels("released").inc()
                 match = None
         elif held:
@@ -213,7 +305,7 @@ class Session:
             remote=self.remote,
             replaced=previous is not None,
             resumed=resumed,
-            match_id=match.id if match is not None else None,
+            match_id=match.match_id if match is not None else None,
         )
         self.reply(
             frame,
@@ -225,11 +317,11 @@ class Session:
             },
         )
         if frame.payload.get("notify_reload") is True:
-            self.app.engine.reload_subscribers.add(player_id)
+            self.app.router.notify_reloads(player_id, True)
         self._load_player(player_id)
         if match is not None:
             self.peer.send_frame(
-                encode("match.rejoined", {"match_id": match.id, "mode": match.mode})
+                encode("match.rejoined", {"match_id": match.match_id, "mode": match.mode})
             )
 
     def _heartbeat(self, frame: Frame) -> None:
@@ -238,7 +330,7 @@ class Session:
     def _matchmaker_add(self, frame: Frame) -> None:
         mode = require_mode(frame)
         assert self.player_id is not None
-        if self.app.engine.match_of(self.player_id) is not None:
+        if self.app.router.match_of(self.player_id) is not None:
             raise ProtocolError(
                 ErrorCode.ALREADY_IN_MATCH, "leave your current match first", frame.cid
             )
@@ -265,35 +357,17 @@ class Session:
 
     def _match_input(self, frame: Frame) -> None:
         assert self.player_id is not None
-        if not self.app.engine.submit_input(self.player_id, check_input(frame)):
+        if not self.app.router.submit_input(self.player_id, check_input(frame)):
             raise ProtocolError(ErrorCode.NOT_IN_MATCH, "you are not in a match", frame.cid)
 
     def _match_leave(self, frame: Frame) -> None:
         assert self.player_id is not None
-        match = self.app.engine.remove_player(self.player_id)
+        match = self.app.router.leave(self.player_id)
         if match is None:
             raise ProtocolError(ErrorCode.NOT_IN_MATCH, "you are not in a match", frame.cid)
-        self.reply(frame, "match.left", {"match_id": match.id})
+        self.reply(frame, "match.left", {"match_id": match.match_id})
 
     # -- accounts and persistence -----------------------------------------------------------------
-    def _spawn(self, frame: Frame, work: Coroutine[Any, Any, None]) -> None:
-        """Run a handler that waits on I/O; its refusals become error frames like any other."""
-
-        async def run() -> None:
-            try:
-                await work
-            except ProtocolError as exc:
-                self.send_error(exc.code, exc.message, exc.cid)
-            except Exception:
-                log.exception("frame_failed", player_id=self.player_id, type=frame.type)
-                self.send_error(
-                    ErrorCode.INTERNAL, "the server could not handle this frame", frame.cid
-                )
-
-        task = asyncio.get_running_loop().create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     def _account_error(self, frame: Frame, exc: AccountError) -> ProtocolError:
         code = {
             "taken": ErrorCode.USERNAME_TAKEN,
@@ -304,24 +378,39 @@ class Session:
         return ProtocolError(code, exc.message, frame.cid)
 
     def _auth_register(self, frame: Frame) -> None:
-        self._spawn(frame, self._account(frame, register=True))
+        self._account(frame, register=True)
 
     def _auth_login(self, frame: Frame) -> None:
-        self._spawn(frame, self._account(frame, register=False))
+        self._account(frame, register=False)
 
-    async def _account(self, frame: Frame, *, register: bool) -> None:
-        accounts = self.app.accounts
-        if accounts is None:
+    def _account(self, frame: Frame, *, register: bool) -> None:
+        if self.app.accounts is None:
             raise ProtocolError(ErrorCode.STORE_UNAVAILABLE, "accounts are not enabled", frame.cid)
         username, password = frame.payload.get("username"), frame.payload.get("password")
+        self.requests.append(AccountRequest(frame, register, username, password))
+
+    def account_done(
+        self,
+        request: AccountRequest,
+        player_id: str | None,
+        error: BaseException | None,
+        now: float,
+    ) -> None:
+        """The answer to an `AccountRequest`: the account's player id, or why there is none."""
+        self._now = now
+        frame = request.frame
         try:
-            if register:
-                player_id = await accounts.register(username, password)
-            else:
-                player_id = await accounts.login(username, password)
-        except AccountError as exc:
-            raise self._account_error(frame, exc) from None
-        self._issued(frame, player_id, self.app.signer.issue(player_id))
+            if isinstance(error, AccountError):
+                raise self._account_error(frame, error)
+            if error is not None:
+                raise error
+            assert player_id is not None
+            self._issued(frame, player_id, self.app.signer.issue(player_id))
+        except ProtocolError as exc:
+            self.send_error(exc.code, exc.message, exc.cid)
+        except Exception:
+            log.exception("frame_failed", player_id=self.player_id, type=frame.type)
+            self.send_error(ErrorCode.INTERNAL, "the server could not handle this frame", frame.cid)
 
     def _leaderboard_top(self, frame: Frame) -> None:
         board = require_str(frame, "board", max_length=64)
@@ -342,34 +431,37 @@ class Session:
         store = self.app.store
         if store is None or store.resident(player_id):
             return
-        loaded = store.acquire(player_id)
         self._frames_awaiting_load = []
+        self._loading = player_id
+        self._load_deadline = self._now + LOAD_TIMEOUT_S
+        self.requests.append(LoadRequest(player_id))
 
-        async def wait() -> None:
-            try:
-                await asyncio.wait_for(asyncio.shield(loaded), LOAD_TIMEOUT_S)
-            except Exception as exc:
-                log.warning("player_load_slow", player_id=player_id, error=repr(exc))
-            held, self._frames_awaiting_load = self._frames_awaiting_load or [], None
-            for data in held:
-                if self.player_id is None:
-                    return
-                self.handle(data)
-
-        task = asyncio.get_running_loop().create_task(wait())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def load_done(self, player_id: str, error: str | None, now: float) -> None:
+        """The answer to a `LoadRequest` (`error`: why the data is not resident, if it is not).
+        A late answer, after the load time limit already let the held frames through, is
+        ignored."""
+        self._now = now
+        if self._loading is None or self._loading != player_id:
+            return
+        if error is not None:
+            log.warning("player_load_slow", player_id=player_id, error=error)
+        self._loading = self._load_deadline = None
+        held, self._frames_awaiting_load = self._frames_awaiting_load or [], None
+        for data in held:
+            if self.player_id is None:
+                return
+            self.handle(data)
 
     def _match_list(self, frame: Frame) -> None:
         mode = optional_mode(frame)
         matches = [
             {
-                "match_id": m.id,
+                "match_id": m.match_id,
                 "mode": m.mode,
                 "players": list(m.players),
-                "max_players": m.script.meta.max_players,
+                "max_players": m.max_players,
             }
-            for m in self.app.engine.list_matches(mode)
+            for m in self.app.listing.list(mode)
         ]
         self.reply(frame, "match.list", {"matches": matches})
 
@@ -377,12 +469,31 @@ class Session:
         match_id = require_str(frame, "match_id", max_length=64)
         assert self.player_id is not None
         try:
-            match = self.app.engine.join_match(self.player_id, match_id)
+            match = self.app.router.join(self.player_id, match_id)
         except JoinRefused as exc:
             raise ProtocolError(JOIN_ERRORS[exc.reason], exc.message, frame.cid) from None
         self.app.matchmaker.remove(self.player_id)
         self.reply(
             frame,
             "match.joined",
-            {"match_id": match.id, "mode": match.mode, "players": list(match.players)},
+            {"match_id": match.match_id, "mode": match.mode, "players": list(match.players)},
         )
+
+
+def expire_seats(app: App, now: float) -> list[str]:
+    """Held seats whose grace period ended by `now`: their players leave their matches (`leave`
+    runs) and their data stops being resident.  Called by the server's housekeeping."""
+    expired = app.presence.expire(now)
+    for player_id in expired:
+        match = app.router.leave(player_id)
+        log.info(
+            "seat_expired",
+            player_id=player_id,
+            match_id=match.match_id if match is not None else None,
+        )
+    if expired:
+        app.metrics.seats.labels("expired").inc(len(expired))
+        if app.store is not None:
+            for player_id in expired:
+                app.store.release(player_id)
+    return expired

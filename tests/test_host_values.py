@@ -158,7 +158,7 @@ async def test_colliding_keys_nan_and_infinity_are_refused_in_storage(start_serv
         assert got["error"] == "invalid_argument", (which, got)
         assert message in got["message"], (which, got)
     await server.app.store.flush(5)
-    assert not [k for k in server.app.store._global if k[0] == "vals"]
+    assert not [k for k in server.app.store.model.global_storage if k[0] == "vals"]
 
 
 async def test_colliding_keys_nan_and_infinity_are_refused_in_messages(start_server) -> None:

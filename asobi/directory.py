@@ -1,0 +1,141 @@
+"""The seams between a session, the matchmaker and the matches: what each may ask of the others.
+
+A session and the matchmaker never hold an `Engine` or a `Match`: they ask these interfaces.  On
+one node the answers come from memory (`asobi.local`); in a cluster they will come from Redis and
+from other nodes, as new implementations chosen in `App.create`, with no change to the callers.
+The shape follows Colyseus' Presence / Driver / MatchMaker split: who is connected, where a
+player's match is, the ticket queue, and placement (a seat reservation on a node) are separate
+questions with separate answers.  Only plain data crosses these interfaces (ids, modes, lists of
+player ids, frames as bytes), never a Lua object or a socket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class Peer(Protocol):
+    """One client connection as the layers below the socket see it: a synchronous sink."""
+
+    def send_frame(self, frame: bytes, *, droppable: bool = False) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+class Outbox(Protocol):
+    """Where frames for players go.  `droppable` frames may be skipped for a slow reader."""
+
+    def send(self, player_id: str, frame: bytes, *, droppable: bool = False) -> None: ...
+
+
+class Connections(Outbox, Protocol):
+    """Who is connected, and which connection replaces which (one per player)."""
+
+    def attach(self, player_id: str, peer: Peer) -> Peer | None:
+        """Bind the player to `peer`; returns the connection it replaces, if any."""
+        ...
+
+    def detach(self, player_id: str, peer: Peer) -> bool:
+        """Unbind, unless a newer connection already replaced `peer` (then False)."""
+        ...
+
+    def __len__(self) -> int: ...
+
+
+class Seats(Protocol):
+    """Resume tokens and the seats held for dropped players during the grace period."""
+
+    grace_s: float
+
+    def issue(self, player_id: str) -> str: ...
+
+    def check(self, player_id: str, token: str | None) -> bool: ...
+
+    def hold(self, player_id: str, now: float) -> bool: ...
+
+    def reclaim(self, player_id: str) -> bool: ...
+
+    def forget(self, player_id: str) -> None: ...
+
+    def is_held(self, player_id: str) -> bool: ...
+
+    def expire(self, now: float) -> list[str]:
+        """Players whose grace ended (forgotten here; the caller makes them leave)."""
+        ...
+
+    def __len__(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MatchInfo:
+    """A running match as callers outside the engine see it (a copy, safe to keep)."""
+
+    match_id: str
+    mode: str
+    players: list[str] = field(default_factory=list)
+    max_players: int = 0
+
+
+class JoinRefused(Exception):
+    """A join said no; `reason` is one of not_found, full, refused, in_match."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class MatchRouter(Protocol):
+    """Where a player's match is, and how their input, leave or join reaches it."""
+
+    def match_of(self, player_id: str) -> MatchInfo | None: ...
+
+    def submit_input(self, player_id: str, payload: Any) -> bool:
+        """Queue the input for the player's match's next tick; False when not in a match."""
+        ...
+
+    def leave(self, player_id: str) -> MatchInfo | None:
+        """The player leaves their match (`leave` runs); None when not in one."""
+        ...
+
+    def join(self, player_id: str, match_id: str) -> MatchInfo:
+        """Backfill into a running match; raises `JoinRefused`."""
+        ...
+
+    def notify_reloads(self, player_id: str, on: bool) -> None:
+        """Whether the player gets `match.reloaded` frames."""
+        ...
+
+
+class MatchListing(Protocol):
+    """The running matches a player may look at (`match.list`)."""
+
+    def list(self, mode: str | None = None) -> list[MatchInfo]: ...
+
+
+class PlacementFailed(Exception):
+    """No match could be started for a reservation (its `init` failed)."""
+
+
+@dataclass(slots=True)
+class SeatReservation:
+    """Seats in a started match: who got one, who the script refused (player id -> reason)."""
+
+    node: str
+    match: MatchInfo
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+class Placement(Protocol):
+    """Where a formed group plays: start a match on a node and reserve its players' seats.
+
+    Two steps, so the matchmaker can tell the players before the match talks to them: frames the
+    new match sends are held until `open` (`matchmaker.matched` always comes first).
+    """
+
+    def reserve(self, mode: str, players: list[str]) -> SeatReservation:
+        """Raises `PlacementFailed`."""
+        ...
+
+    def open(self, reservation: SeatReservation) -> None: ...

@@ -1,0 +1,112 @@
+"""The store's in-memory model, step by step, with no database and no event loop.
+
+The writer's part is played by hand: take the head of the queue, answer it as a database would,
+report the answer back.  What is checked is the ordering the write-behind design rests on.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from asobi.store.errors import StoreError
+from asobi.store.model import Barrier, Load, StoreModel
+from asobi.store.ops import BatchResult, LedgerOp
+
+
+def test_a_load_sees_earlier_writes_in_the_database_and_later_ones_replayed() -> None:
+    model = StoreModel()
+    early = model.unit("m1")
+    early.grant("p1", "gold", 5, "before")  # not resident: only queued
+    early.commit()
+    load = model.acquire("p1")
+    assert isinstance(load, Load) and model.acquire("p1") is load  # one load per player
+    late = model.unit("m1")
+    late.grant("p1", "gold", 7, "while loading")
+    late.commit()
+    assert list(model.queue) == [early.ops[0], load, late.ops[0]]
+    # The writer: the batch before the load stops at the load.
+    batch = model.next_batch()
+    assert batch.ops == early.ops
+    model.batch_written(batch, BatchResult())
+    assert model.head() is load
+    model.load_answered(load, [("gold", 5)], [])  # the database has the early grant
+    assert model.wallet("p1") == {"gold": 12}  # the late grant replayed on top
+    assert model.head() == late.ops[0]
+
+
+def test_a_released_load_installs_nothing() -> None:
+    model = StoreModel()
+    load = model.acquire("p1")
+    assert load is not None
+    model.release("p1")
+    model.load_answered(load, None, None)
+    assert not model.resident("p1") and not model.queue
+
+
+def test_a_failed_load_leaves_the_queue_and_says_why() -> None:
+    model = StoreModel()
+    load = model.acquire("p1")
+    assert load is not None
+    error = model.load_failed(load, ValueError("bad row"))
+    assert "bad row" in error and not model.queue
+    with pytest.raises(StoreError, match="loading the player's data failed"):
+        model.wallet("p1")
+
+
+def test_a_retried_batch_keeps_its_id_and_ops() -> None:
+    model = StoreModel(batch_max=2)
+    model.acquire("p1")
+    load = model.head()
+    assert isinstance(load, Load)
+    model.load_answered(load, [], [])
+    for n in range(3):
+        work = model.unit(None)
+        work.grant("p1", "gold", n + 1, None)
+        work.commit()
+    first = model.next_batch()
+    assert model.next_batch() is first and len(first.ops) == 2  # not written yet: same batch
+    model.batch_written(first, BatchResult())
+    second = model.next_batch()
+    assert second.id != first.id and len(second.ops) == 1
+    assert model.pending_ops == 1 and model.durable_ops == 2
+
+
+def test_barriers_are_reached_only_once_what_came_before_is_written() -> None:
+    model = StoreModel()
+    model.acquire("p1")
+    load = model.head()
+    assert isinstance(load, Load)
+    model.load_answered(load, [], [])
+    work = model.unit(None)
+    work.grant("p1", "gold", 1, None)
+    work.commit()
+    barrier = model.add_barrier()
+    assert model.pop_barriers() == []
+    model.batch_written(model.next_batch(), BatchResult())
+    assert model.pop_barriers() == [barrier] and isinstance(barrier, Barrier)
+
+
+def test_debits_are_checked_against_memory_and_writes_refused_when_behind() -> None:
+    model = StoreModel(max_pending=2)
+    load = model.acquire("p1")
+    assert load is not None
+    model.load_answered(load, [("gold", 3)], [])
+    work = model.unit("m")
+    with pytest.raises(StoreError):
+        work.debit("p1", "gold", 4, None)
+    assert work.debit("p1", "gold", 3, None) == 0
+    work.grant("p1", "gold", 1, None)
+    work.commit()
+    assert model.wallet("p1") == {"gold": 1}
+    assert [type(op) for op in model.queue] == [LedgerOp, LedgerOp]
+    with pytest.raises(StoreError, match="behind"):
+        model.unit("m").grant("p1", "gold", 1, None)
+
+
+def test_commits_wake_the_writer() -> None:
+    woken: list[int] = []
+    model = StoreModel(on_queued=lambda: woken.append(1))
+    work = model.unit(None)
+    work.submit("arena", "p1", 10)
+    work.commit()
+    assert woken and model.top("arena", 1) == [{"player_id": "p1", "score": 10, "rank": 1}]
