@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from asobi.accounts import AccountError
+from asobi.admin import AdminChannel
 from asobi.app import App
 from asobi.auth import InvalidToken
 from asobi.engine import JoinRefused
@@ -72,6 +73,8 @@ class Session:
             "match.list": self._match_list,
             "match.join": self._match_join,
         }
+        self.admin = AdminChannel(app, peer, remote)  # the console's admin.* frames
+        self._handlers.update(self.admin.handlers())
         self._tasks: set[asyncio.Task[None]] = set()
         # Frames that arrive while the player's data is being loaded wait here (None: not
         # loading), so nothing they do reaches a match before their wallet is resident.
@@ -81,7 +84,7 @@ class Session:
 
     @property
     def authenticated(self) -> bool:
-        return self.player_id is not None
+        return self.player_id is not None or self.admin.authorized
 
     # -- entry points -----------------------------------------------------------------------------
     def handle(self, data: str | bytes) -> None:
@@ -113,6 +116,7 @@ class Session:
         """The connection is gone: queued tickets go; a match seat is held for the grace period
         (`leave` runs when it ends without a resume), or given up at once without one."""
         self._gone = True
+        self.admin.closed()
         player_id = self.player_id
         if player_id is None:
             return
