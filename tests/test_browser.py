@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-
 from typing import Any
 
 import pytest
@@ -13,8 +12,7 @@ import pytest
 from asobi.app import App
 from asobi.lua.convert import to_python
 from asobi.match import Match
-
-from tests.browser_support import Browser, browser, chromium  # noqa: F401
+from tests.browser_support import Browser
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -185,7 +183,9 @@ async def test_js_client_resumes_after_a_forced_drop_without_losing_inputs(
     got = await browser.js_async(
         """
         const c = window.t.c;
-        return await new Promise((r) => { const off = c.on('match.state', (s) => { off(); r(s.got); }); });
+        return await new Promise((r) => {
+          const off = c.on('match.state', (s) => { off(); r(s.got); });
+        });
         """
     )
     assert got == list(range(1, 11))

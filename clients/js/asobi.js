@@ -61,7 +61,8 @@ export class Asobi {
   }
 
   _emit(type, payload, frame = null) {
-    for (const key of [type, "*"]) {
+    // "*" sees frames only, not lifecycle events ("session" repeats session.connected).
+    for (const key of frame && frame.type === type ? [type, "*"] : [type]) {
       for (const fn of this._handlers.get(key) ?? []) {
         try {
           fn(payload, frame);
