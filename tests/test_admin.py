@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.request
 from pathlib import Path
 
+import orjson
 import pytest
 import websockets
 
@@ -221,3 +223,25 @@ async def test_pages_are_served_with_a_strict_policy(start_server) -> None:
 def test_the_repository_client_is_the_served_client() -> None:
     served = (ROOT / "asobi" / "static" / "asobi.js").read_bytes()
     assert (ROOT / "clients" / "js" / "asobi.js").read_bytes() == served
+
+
+async def test_a_thousand_matches_come_as_pages_of_summaries(start_server) -> None:
+    """The console must stay responsive with 1,000 matches: it gets one page of summaries, not
+    every match (and never their frames)."""
+    slow = "match_size = 1\ntick_rate = 1\n" + TUTORIAL
+    server = await start_server({"match.lua": slow}, admin_token=ADMIN, reload="off")
+    engine = server.app.engine
+    script = server.app.registry.resolve_mode("match")
+    for i in range(1000):
+        engine.start_match("match", script, [f"p{i}"])
+    client = await admin_client(server)
+    await client.send("admin.matches", {"offset": 950}, cid="page")
+    t0 = time.perf_counter()
+    raw = await asyncio.wait_for(client.ws.recv(), 5)
+    elapsed = time.perf_counter() - t0
+    page = orjson.loads(raw)["payload"]
+    assert (page["total"], page["offset"], len(page["matches"])) == (1000, 950, 50)
+    assert len(raw) < 20_000, len(raw)
+    assert elapsed < 0.5, f"a page of 1,000 matches took {elapsed * 1000:.0f} ms"
+    overview = (await client.request("admin.overview"))["payload"]
+    assert overview["matches"] == 1000
