@@ -46,7 +46,10 @@ def forward(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> 
         summary = summarize(event, method, event_dict)
         _recent.append(summary)
         for subscriber in tuple(_subscribers):
-            subscriber(summary)
+            try:
+                subscriber(summary)
+            except Exception:  # a console must never break the code that logged
+                _subscribers.discard(subscriber)
     return event_dict
 
 

@@ -275,3 +275,62 @@ async def _assert_inert(browser: Browser, ids: tuple[str, ...]) -> None:
         )
         assert planted == 0, f"markup from the game became elements in #{element_id}"
     assert await browser.js("return window.__pwned === undefined")
+
+
+async def test_js_client_follows_a_cluster_redirect(start_server, browser: Browser) -> None:
+    """The cluster hook: a `matchmaker.matched` naming another node moves the session there.
+    No server sends one yet, so the frame is handed to the page's client directly; the move
+    itself goes to a second real server."""
+    first = await start_server({"match.lua": ECHO})
+    second = await start_server({"match.lua": ECHO})  # same secret: a node of one cluster
+    await browser.get(first.http + "/")
+    result = await browser.js_async(
+        """
+        const { Asobi } = await import('/static/asobi.js');
+        const c = new Asobi();
+        const redirects = [];
+        c.on('redirect', (p) => redirects.push(p.url));
+        await c.guest();
+        const moved = new Promise((r) => { const off = c.on('session', (p) => { off(); r(p); }); });
+        c._receive(JSON.stringify({type: 'matchmaker.matched', payload: {
+          match_id: 'm1', mode: 'match', players: [c.playerId],
+          node_url: args[0], seat_token: 'seat-1'}}));
+        const session = await moved;
+        return { player: c.playerId, url: c.url, redirects, session };
+        """,
+        second.url,
+    )
+    assert result["redirects"] == [second.url] and result["url"] == second.url
+    player = result["player"]
+    assert result["session"]["player_id"] == player
+    assert second.app.hub.peer(player) is not None
+    deadline = time.monotonic() + 3
+    while first.app.hub.peer(player) is not None:
+        assert time.monotonic() < deadline, "the first node kept the connection"
+        await asyncio.sleep(0.02)
+
+
+async def test_console_pages_through_a_thousand_matches(start_server, browser: Browser) -> None:
+    slow = ECHO.replace("tick_rate = 20", "tick_rate = 1")
+    server = await start_server({"match.lua": slow}, admin_token=ADMIN, reload="off")
+    script = server.app.registry.resolve_mode("match")
+    for i in range(1000):
+        server.app.engine.start_match("match", script, [f"p{i}"])
+    await browser.get(server.http + "/console")
+    await browser.fill("token", ADMIN)
+    await browser.submit("login")
+    info = "return document.getElementById('page-info').textContent === arguments[0]"
+    await browser.wait(info, "1-50 of 1000", what="the first page")
+    assert await browser.js("return document.querySelectorAll('#match-rows tr').length") == 50
+    took_ms = await browser.js_async(
+        """
+        const t0 = performance.now();
+        document.getElementById('next').click();
+        while (document.getElementById('page-info').textContent !== '51-100 of 1000') {
+          await new Promise((r) => setTimeout(r, 5));
+        }
+        return performance.now() - t0;
+        """
+    )
+    assert took_ms < 1000, f"the next page took {took_ms:.0f} ms"
+    assert await browser.js("return document.querySelectorAll('#match-rows tr').length") == 50
