@@ -348,6 +348,9 @@ class AdminChannel:
         if self._watch_task is not None:
             self._watch_task.cancel()
             self._watch_task = None
+        self._release_tap()
+
+    def _release_tap(self) -> None:
         if self._watched is not None:
             tap = self.app.hub.tap
             if isinstance(tap, FrameTap):
@@ -381,6 +384,8 @@ class AdminChannel:
                 except Exception:
                     log.exception("admin_watch_failed", match_id=match.id)
             self._push("admin.match", {"match_id": match.id, "finished": True})
+            self._watch_task = None
+            self._release_tap()
         except asyncio.CancelledError:
             pass
 

@@ -43,6 +43,10 @@ end
 """
 
 
+def chromium_size(browser: Browser, height: int) -> None:
+    browser.driver.set_window_size(1280, height)
+
+
 def state_of(match: Match) -> dict[str, Any]:
     return to_python(match.state)
 
@@ -129,7 +133,14 @@ async def test_console_lists_inspects_reloads_and_ends_a_match(
     newest = "document.querySelector('#reloads > li')"
     assert await browser.js(f"return {newest}.dataset.reloadId") == str(record.id)
     assert '+  state.last = "v2"' in await browser.js(f"return {newest}.textContent")
+    await browser.click("reload-now")  # the manual path: nothing changed since the save
+    await browser.wait(
+        "return document.getElementById('reload-result').textContent === 'nothing changed on disk'"
+    )
+    await browser.js("document.querySelector('#reloads details').open = true")
+    await browser.call(chromium_size, browser, 1700)
     await browser.screenshot("console.png")
+    await browser.call(chromium_size, browser, 1000)
 
     await browser.click("end-match")
     finished = await player.expect("match.finished")
@@ -295,7 +306,8 @@ async def test_js_client_follows_a_cluster_redirect(start_server, browser: Brows
         c._receive(JSON.stringify({type: 'matchmaker.matched', payload: {
           match_id: 'm1', mode: 'match', players: [c.playerId],
           node_url: args[0], seat_token: 'seat-1'}}));
-        const session = await moved;
+        const late = new Promise((_, no) => setTimeout(() => no(new Error('no move')), 5000));
+        const session = await Promise.race([moved, late]);
         return { player: c.playerId, url: c.url, redirects, session };
         """,
         second.url,
