@@ -346,3 +346,33 @@ async def test_console_pages_through_a_thousand_matches(start_server, browser: B
     )
     assert took_ms < 1000, f"the next page took {took_ms:.0f} ms"
     assert await browser.js("return document.querySelectorAll('#match-rows tr').length") == 50
+
+
+async def test_two_tabs_are_two_players_and_a_reloaded_tab_keeps_its_seat(
+    start_server, browser: Browser
+) -> None:
+    duel = ECHO.replace("match_size = 1", "match_size = 2")
+    server = await start_server({"match.lua": duel})
+    in_match = "return document.getElementById('status').textContent === 'in a match'"
+    for _ in range(2):
+        await browser.new_tab()
+        await browser.get(server.http + "/")
+        await browser.fill("mode", "match")
+        await browser.submit("join-form")
+    await browser.wait(in_match, what="the second tab matched")
+    match = only_match(server.app)
+    assert len(set(match.players)) == 2
+    second = await browser.text("player")
+    assert second in match.players
+
+    await browser.get(server.http + "/")  # a page reload: this tab's session resumes
+    await browser.wait(
+        "return document.getElementById('status').textContent.startsWith('connected (resumed)')"
+        " || document.getElementById('status').textContent === 'in a match'",
+        what="the resumed session",
+    )
+    await browser.wait(
+        "return Number(document.getElementById('frames').textContent) >= 2", what="states again"
+    )
+    assert await browser.text("player") == second
+    assert server.app.engine.match_of(second) is match
