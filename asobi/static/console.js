@@ -177,17 +177,24 @@ function showLog(ev) {
       el("span", { class: "mono where", text: ev.where ?? ev.script ?? "" }),
       " ",
       el("span", { class: "message", text: ev.message }),
+      ev.dropped_before ? el("span", { class: "muted", text: ` (${ev.dropped_before} earlier events not shown)` }) : null,
       ev.match_id ? el("span", { class: "muted mono", text: ` match ${String(ev.match_id).slice(0, 12)}` }) : null,
     ),
   );
   while (list.children.length > MAX_ERRORS) list.lastChild.remove();
 }
 
+let pollBusy = false;
+
 async function poll() {
+  if (pollBusy) return; // a slow server gets one round of requests at a time
+  pollBusy = true;
   try {
     await Promise.all([refreshOverview(), refreshMatches(), refreshQueues()]);
   } catch (err) {
     $("conn").textContent = `${err.code}: ${err.message}`;
+  } finally {
+    pollBusy = false;
   }
 }
 

@@ -191,7 +191,7 @@ export class Asobi {
       ws.onclose = null;
       ws.close(1000, "redirected");
     }
-    this._open().catch(() => this._scheduleReconnect());
+    this._open().catch(() => {}); // a failed attempt closes, which schedules the next one
   }
 
   _settle(cid) {
