@@ -165,12 +165,18 @@ async def test_js_client_resumes_after_a_forced_drop_without_losing_inputs(
           for (let n = 6; n <= 10; n++) c.input({ n });  // sent while the socket is down
         });
         await c.guest();
+        try {
+          await c.queue('no such mode!');
+        } catch (err) {
+          window.t.refused = [err.name, err.code];
+        }
         const matched = c.matched();
         await c.queue('match');
         await matched;
         for (let n = 1; n <= 5; n++) c.input({ n });
         """
     )
+    assert await browser.js("return window.t.refused") == ["AsobiError", "invalid_message"]
     match = only_match(server.app)
     pid = match.players[0]
     deadline = time.monotonic() + 5
