@@ -142,6 +142,11 @@ async def test_console_lists_inspects_reloads_and_ends_a_match(
     await browser.screenshot("console.png")
     await browser.call(chromium_size, browser, 1000)
 
+    await browser.fill("message-text", "server restarts in 5 minutes")
+    await browser.submit("message-form")
+    message = await player.expect("match.message")
+    assert message["payload"]["payload"] == {"text": "server restarts in 5 minutes"}
+
     await browser.click("end-match")
     finished = await player.expect("match.finished")
     assert finished["payload"]["result"] == {"reason": "ended_by_admin"}
