@@ -87,6 +87,8 @@ class Engine:
         self.on_schedule_change: Callable[[float], None] | None = None
         # Players who asked for `match.reloaded` frames (session.connect {notify_reload: true}).
         self.reload_subscribers: set[str] = set()
+        # match id -> inputs received so far (the console's inputs/s).
+        self.inputs_received: dict[str, int] = {}
         # Persistence for game.economy / leaderboard / storage (set by the app; None: refused).
         self.store: Store | None = None
 
@@ -133,6 +135,7 @@ class Engine:
         if match is None:
             return False
         match.queue_input(player_id, payload)
+        self.inputs_received[match.id] = self.inputs_received.get(match.id, 0) + 1
         return True
 
     def list_matches(self, mode: str | None = None, limit: int = 100) -> list[Match]:
@@ -185,6 +188,7 @@ class Engine:
                 del self.player_match[pid]
         match.close()
         self.matches.pop(match.id, None)
+        self.inputs_received.pop(match.id, None)
         log.info(
             "match_finished",
             match_id=match.id,

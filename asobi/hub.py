@@ -7,6 +7,8 @@ single-node `asobi.directory.Connections`: every player's connection is in this 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from asobi.directory import Peer
 
 __all__ = ["Hub", "Peer"]
@@ -15,6 +17,9 @@ __all__ = ["Hub", "Peer"]
 class Hub:
     def __init__(self) -> None:
         self._peers: dict[str, Peer] = {}
+        # Sees every frame addressed to a player (the console's live match inspector); None
+        # unless someone is watching, so the frame path pays one attribute test.
+        self.tap: Callable[[str, bytes], None] | None = None
 
     def attach(self, player_id: str, peer: Peer) -> Peer | None:
         """Bind the player to `peer`; returns the connection it replaces, if any."""
@@ -28,7 +33,12 @@ class Hub:
             return True
         return False
 
+    def peer(self, player_id: str) -> Peer | None:
+        return self._peers.get(player_id)
+
     def send(self, player_id: str, frame: bytes, *, droppable: bool = False) -> None:
+        if self.tap is not None:
+            self.tap(player_id, frame)
         peer = self._peers.get(player_id)
         if peer is not None:
             peer.send_frame(frame, droppable=droppable)

@@ -9,6 +9,8 @@ from typing import TextIO
 import orjson
 import structlog
 
+from asobi import admin_feed
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -34,6 +36,7 @@ def configure(level: str = "info", stream: TextIO | None = None, fmt: str = "jso
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
+        admin_feed.forward,  # script errors and reloads to the console's live stream
     ]
     if fmt == "console":
         structlog.configure(

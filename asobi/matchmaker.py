@@ -37,6 +37,7 @@ class Ticket:
     player_id: str
     mode: str
     expires_at: float = float("inf")
+    queued_at: float = 0.0
 
 
 class UnknownMode(Exception):
@@ -96,7 +97,7 @@ class Matchmaker:
                 per_player=False,
             )
         expires = self.clock() + self.ticket_ttl_s if self.ticket_ttl_s > 0 else float("inf")
-        ticket = Ticket(uuid.uuid4().hex, player_id, mode, expires)
+        ticket = Ticket(uuid.uuid4().hex, player_id, mode, expires, self.clock())
         self._queues.setdefault(mode, OrderedDict())[ticket.ticket_id] = ticket
         self._by_player.setdefault(player_id, []).append(ticket)
         log.info("ticket_queued", ticket_id=ticket.ticket_id, player_id=player_id, mode=mode)
@@ -132,6 +133,15 @@ class Matchmaker:
     def live_queues(self) -> int:
         """Modes with at least one waiting ticket (an empty queue is freed at once)."""
         return len(self._queues)
+
+    def queues(self) -> list[tuple[str, int, float]]:
+        """(mode, depth, seconds the oldest ticket has waited) for every non-empty queue."""
+        now = self.clock()
+        return [
+            (mode, len(queue), now - next(iter(queue.values())).queued_at)
+            for mode, queue in sorted(self._queues.items())
+            if queue
+        ]
 
     def expire(self, now: float | None = None) -> list[Ticket]:
         """Drop tickets past their time to live and tell their players."""

@@ -81,6 +81,11 @@ class Metrics:
         """Values read at scrape time: connections, matches, ticks..."""
         self._live.sources.update(gauges)
 
+    def read(self, name: str) -> float | None:
+        """The current value of a bound gauge (see `bind`), or None when nothing is bound."""
+        source = self._live.sources.get(name)
+        return source() if source is not None else None
+
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()
 

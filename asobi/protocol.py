@@ -47,6 +47,9 @@ class ErrorCode(StrEnum):
     INVALID_CREDENTIALS = "invalid_credentials"
     INVALID_ACCOUNT_INPUT = "invalid_account_input"
     STORE_UNAVAILABLE = "store_unavailable"
+    ADMIN_DISABLED = "admin_disabled"
+    ADMIN_UNAUTHORIZED = "admin_unauthorized"
+    PLAYER_NOT_FOUND = "player_not_found"
 
 
 class ProtocolError(Exception):
@@ -66,6 +69,22 @@ class Frame:
     cid: str | int | None = None
 
 
+# The console's frames (docs/protocol.md, "Admin frames"), handled by asobi.admin.
+ADMIN_TYPES = (
+    "admin.auth",
+    "admin.overview",
+    "admin.matches",
+    "admin.match",
+    "admin.watch",
+    "admin.unwatch",
+    "admin.end_match",
+    "admin.kick",
+    "admin.message",
+    "admin.reloads",
+    "admin.reload",
+    "admin.queues",
+)
+
 # Frames a client may send.  Frames in AUTH_FREE need no session.
 CLIENT_TYPES = frozenset(
     {
@@ -82,10 +101,11 @@ CLIENT_TYPES = frozenset(
         "match.list",
         "match.join",
     }
-)
+) | frozenset(ADMIN_TYPES)
+# Admin frames check the admin token themselves (asobi.admin), not a player session.
 AUTH_FREE = frozenset(
     {"auth.guest", "session.connect", "session.heartbeat", "auth.register", "auth.login"}
-)
+) | frozenset(ADMIN_TYPES)
 
 
 def parse_frame(data: str | bytes) -> Frame:

@@ -69,6 +69,12 @@ class ReloadRecord:
     _t0: float = field(default=0.0, repr=False)
     _version: ScriptVersion | None = field(default=None, repr=False)
     _previous: ScriptVersion | None = field(default=None, repr=False)
+    # The saved content this attempt was about (kept for the console's diff).
+    _source: bytes | None = field(default=None, repr=False)
+
+    def sources(self) -> tuple[bytes | None, bytes | None]:
+        """(the version in force before this attempt, the attempted content)."""
+        return (self._previous.source if self._previous else None), self._source
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -181,6 +187,7 @@ class Reloader:
             return None
         if isinstance(outcome, ScriptError):
             record = self._new_record(name, outcome.hash, trigger, t0)
+            record._previous, record._source = previous, source
             record.outcome = "reload_failed"
             record.errors = list(outcome.errors)
             record.error_count = outcome.error_count
@@ -206,6 +213,7 @@ class Reloader:
         record.version = version.version
         record.load_ms = version.load_ms
         record._version, record._previous = version, previous
+        record._source = version.source
         previous = self._in_flight.pop(version.name, None)
         affected = self.engine.schedule_reload(version)
         for match in affected:

@@ -158,6 +158,12 @@ class ScriptRegistry:
     def names(self) -> list[str]:
         return sorted(self._scripts)
 
+    def known_modes(self) -> list[str]:
+        """Modes a client can name with a script of their own (config.lua entries and
+        `<mode>.lua` match scripts); any other valid mode falls back to match.lua."""
+        own = {n[:-4] for n, v in self._scripts.items() if v.meta.is_match and "/" not in n}
+        return sorted(own | {m for m, n in self._modes.items() if n in self._scripts})
+
     def rejected_count(self) -> int:
         """Scripts refused with no earlier version in force."""
         return sum(1 for name in self._rejected_error if name not in self._scripts)

@@ -32,7 +32,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from asobi import benchstats
+from asobi import benchstats, web
 from asobi.app import App
 from asobi.limits import KeyedBuckets
 from asobi.metrics import Metrics
@@ -346,6 +346,11 @@ class AsobiServer:
             return _json_response(connection, 200, {"reloads": self.app.history.as_list()})
         if path == "/api/v1/admin/reload":
             return await self._admin_reload(connection, request)
+        page = web.respond(
+            connection, path, bool(self.settings.admin_token), self.app.registry.known_modes()
+        )
+        if page is not None:
+            return page
         return _json_response(connection, 404, {"error": "not found", "path": path[:200]})
 
     async def _admin_reload(self, connection: ServerConnection, request: Request) -> Response:

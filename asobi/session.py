@@ -24,6 +24,7 @@ import structlog
 
 from asobi import names
 from asobi.accounts import AccountError
+from asobi.admin import AdminChannel
 from asobi.app import App
 from asobi.auth import InvalidToken
 from asobi.directory import JoinRefused, Peer
@@ -109,6 +110,8 @@ class Session:
             "match.list": self._match_list,
             "match.join": self._match_join,
         }
+        self.admin = AdminChannel(app, peer, remote)  # the console's admin.* frames
+        self._handlers.update(self.admin.handlers())
         # Frames that arrive while the player's data is being loaded wait here (None: not
         # loading), so nothing they do reaches a match before their wallet is resident; they are
         # handled when the load ends or at `_load_deadline`, whichever comes first.
@@ -120,7 +123,7 @@ class Session:
 
     @property
     def authenticated(self) -> bool:
-        return self.player_id is not None
+        return self.player_id is not None or self.admin.authorized
 
     # -- entry points -----------------------------------------------------------------------------
     def receive(self, message: str | bytes, now: float) -> None:
@@ -202,6 +205,7 @@ class Session:
         self._now = now
         self._gone = True
         self.auth_deadline = None
+        self.admin.closed()
         player_id = self.player_id
         if player_id is None:
             return

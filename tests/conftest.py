@@ -25,6 +25,7 @@ from asobi import log as logsetup
 from asobi.app import App
 from asobi.config import Settings
 from asobi.server import AsobiServer
+from tests.browser_support import browser, chromium  # noqa: F401  (browser test fixtures)
 
 TUTORIAL = """\
 function init(state)

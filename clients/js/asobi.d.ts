@@ -1,0 +1,90 @@
+// Types for asobi.js (the asobi WebSocket protocol client).  Protocol: docs/protocol.md.
+
+export interface Frame<P = any> {
+  type: string;
+  payload: P;
+  cid?: string | number;
+}
+
+export class AsobiError extends Error {
+  /** The protocol's error code (`unknown_mode`...), or `timeout`, `disconnected`, `connect_failed`. */
+  code: string;
+  /** The `error` frame, when the server sent one. */
+  frame: Frame | null;
+}
+
+export interface AsobiOptions {
+  token?: string | null;
+  resumeToken?: string | null;
+  /** Reconnect and resume after a drop (default true). */
+  reconnect?: boolean;
+  /** Follow a `matchmaker.matched` that carries `node_url` + `seat_token` (default true). */
+  followRedirects?: boolean;
+  requestTimeoutMs?: number;
+  maxBackoffMs?: number;
+  /** Ask for `match.reloaded` frames (session.connect {notify_reload: true}). */
+  notifyReload?: boolean;
+  /** A WebSocket implementation (default: the global one). */
+  WebSocket?: typeof WebSocket;
+}
+
+export interface SessionConnected {
+  player_id: string;
+  resume_token: string;
+  resumed: boolean;
+}
+
+export interface Matched {
+  match_id: string;
+  mode: string;
+  players: string[];
+  /** Cluster: the node that runs the match, and the seat to present there. */
+  node_url?: string;
+  seat_token?: string;
+}
+
+export type Handler<P = any> = (payload: P, frame: Frame<P> | null) => void;
+
+/** ws(s)://<this page's host>/ws. */
+export function defaultUrl(): string;
+
+export class Asobi {
+  constructor(url?: string, options?: AsobiOptions);
+  url: string;
+  token: string | null;
+  resumeToken: string | null;
+  playerId: string | null;
+  matchId: string | null;
+  connected: boolean;
+
+  on(type: "match.state", fn: Handler<any>): () => void;
+  on(type: "matchmaker.matched", fn: Handler<Matched>): () => void;
+  on(type: "session", fn: Handler<SessionConnected>): () => void;
+  on(type: "close", fn: Handler<{ code: number; reason: string }>): () => void;
+  on(type: "reconnecting", fn: Handler<{ attempt: number; delayMs: number }>): () => void;
+  on(type: "redirect", fn: Handler<{ url: string }>): () => void;
+  on(type: string, fn: Handler): () => void;
+
+  connect(): Promise<void>;
+  drop(): void;
+  close(): void;
+  send(type: string, payload?: object, cid?: string | number): void;
+  request<P = any>(type: string, payload?: object, reply?: string): Promise<P>;
+
+  guest(): Promise<{ player_id: string; token: string }>;
+  login(username: string, password: string): Promise<SessionConnected>;
+  register(username: string, password: string): Promise<SessionConnected>;
+  session(token: string, resumeToken?: string | null): Promise<void>;
+
+  queue(mode: string): Promise<{ ticket_id: string; mode: string; already_queued?: boolean }>;
+  matched(): Promise<Matched>;
+  unqueue(ticketId: string): Promise<{ ticket_id: string; removed: boolean }>;
+  input(payload: object): void;
+  leave(): Promise<{ match_id: string }>;
+  listMatches(mode?: string): Promise<{ matches: { match_id: string; mode: string; players: string[]; max_players: number }[] }>;
+  join(matchId: string): Promise<{ match_id: string; mode: string; players: string[] }>;
+  /** Round trip in milliseconds (session.heartbeat). */
+  ping(): Promise<number>;
+  /** Authenticate this connection for admin.* frames. */
+  admin(token: string): Promise<{ recent: object[] }>;
+}

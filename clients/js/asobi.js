@@ -1,0 +1,338 @@
+// asobi JavaScript client: one dependency-free ES module for browsers and Node 22+.
+// Protocol: docs/protocol.md.  Types: clients/js/asobi.d.ts.  The server serves this very file
+// at /static/asobi.js (clients/js/asobi.js is the same file, kept identical by a test).
+
+/** An `error` frame answering a request, or a request the connection could not carry. */
+export class AsobiError extends Error {
+  constructor(code, message, frame = null) {
+    super(message);
+    this.name = "AsobiError";
+    this.code = code;
+    this.frame = frame;
+  }
+}
+
+/** ws(s)://<this page's host>/ws, for pages served by the server itself. */
+export function defaultUrl() {
+  const loc = globalThis.location;
+  if (!loc) throw new Error("no page location: pass the server's ws:// URL");
+  return (loc.protocol === "https:" ? "wss://" : "ws://") + loc.host + "/ws";
+}
+
+// Close codes after which reconnecting would be wrong: replaced by a newer connection of the
+// same player, kicked, or refused by policy.
+const FINAL_CLOSES = new Set([4000, 4001, 1008]);
+
+export class Asobi {
+  constructor(url = defaultUrl(), options = {}) {
+    this.url = url;
+    this.options = {
+      reconnect: true,
+      followRedirects: true,
+      requestTimeoutMs: 10000,
+      maxBackoffMs: 5000,
+      notifyReload: false,
+      WebSocket: globalThis.WebSocket,
+      ...options,
+    };
+    this.token = options.token ?? null;
+    this.resumeToken = options.resumeToken ?? null;
+    this.playerId = null;
+    this.matchId = null;
+    this.connected = false; // a socket is open and a session (or admin) is bound to it
+    this._ws = null;
+    this._handlers = new Map();
+    this._pending = new Map();
+    this._outbox = [];
+    this._cid = 0;
+    this._closedByUser = false;
+    this._attempt = 0;
+    this._seatToken = null;
+  }
+
+  // -- events ----------------------------------------------------------------------------------
+  /** Call `fn(payload, frame)` for every frame of `type` ("*": every frame).  Lifecycle events:
+   * "open", "close" ({code, reason}), "reconnecting" ({attempt, delayMs}), "session"
+   * (session.connected payload), "redirect" ({url}).  Returns a function that unsubscribes. */
+  on(type, fn) {
+    if (!this._handlers.has(type)) this._handlers.set(type, new Set());
+    this._handlers.get(type).add(fn);
+    return () => this._handlers.get(type)?.delete(fn);
+  }
+
+  _emit(type, payload, frame = null) {
+    // "*" sees frames only, not lifecycle events ("session" repeats session.connected).
+    for (const key of frame && frame.type === type ? [type, "*"] : [type]) {
+      for (const fn of this._handlers.get(key) ?? []) {
+        try {
+          fn(payload, frame);
+        } catch (err) {
+          console.error("asobi handler for", type, "failed:", err);
+        }
+      }
+    }
+  }
+
+  // -- connection ------------------------------------------------------------------------------
+  /** Open the socket.  With a token from an earlier session it also reconnects that session. */
+  connect() {
+    this._closedByUser = false;
+    return this._open();
+  }
+
+  _open() {
+    return new Promise((resolve, reject) => {
+      const ws = new this.options.WebSocket(this.url);
+      this._ws = ws;
+      let opened = false;
+      ws.onopen = () => {
+        opened = true;
+        this._attempt = 0;
+        this._emit("open", {});
+        if (this.token) {
+          this._resume().then(resolve, reject);
+        } else {
+          this.connected = true;
+          resolve();
+        }
+      };
+      ws.onmessage = (event) => this._receive(event.data);
+      ws.onclose = (event) => {
+        this.connected = false;
+        if (this._ws === ws) this._ws = null;
+        this._failInFlight();
+        this._emit("close", { code: event.code, reason: event.reason });
+        if (!opened) reject(new AsobiError("connect_failed", `cannot connect to ${this.url}`));
+        if (!this._closedByUser && this.options.reconnect && this.token && !FINAL_CLOSES.has(event.code)) {
+          this._scheduleReconnect();
+        }
+      };
+    });
+  }
+
+  async _resume() {
+    const payload = { token: this.token };
+    if (this.resumeToken) payload.resume_token = this.resumeToken;
+    if (this._seatToken) payload.seat_token = this._seatToken;
+    if (this.options.notifyReload) payload.notify_reload = true;
+    this._seatToken = null;
+    await this._request("session.connect", payload, "session.connected", true);
+    this._flush();
+    this.connected = true;
+  }
+
+  _scheduleReconnect() {
+    this._attempt += 1;
+    const delayMs = Math.min(100 * 2 ** (this._attempt - 1), this.options.maxBackoffMs);
+    this._emit("reconnecting", { attempt: this._attempt, delayMs });
+    setTimeout(() => {
+      if (this._closedByUser || this._ws) return;
+      this._open().catch(() => {}); // a failed attempt closes, which schedules the next one
+    }, delayMs);
+  }
+
+  /** Drop the current socket without ending the session: the client reconnects and resumes
+   * (what a network drop does; useful to test a game's reconnection). */
+  drop() {
+    this._ws?.close(4999, "dropped by the client");
+  }
+
+  /** Close for good (no reconnect). */
+  close() {
+    this._closedByUser = true;
+    this._ws?.close(1000, "closed by the client");
+  }
+
+  // -- frames ----------------------------------------------------------------------------------
+  _receive(data) {
+    let frame;
+    try {
+      frame = JSON.parse(data);
+    } catch {
+      return;
+    }
+    const { type, payload, cid } = frame;
+    if (type === "session.connected") {
+      this.playerId = payload.player_id;
+      this.resumeToken = payload.resume_token;
+    } else if (type === "auth.token") {
+      this.token = payload.token;
+    } else if (type === "matchmaker.matched" || type === "match.joined" || type === "match.rejoined") {
+      this.matchId = payload.match_id;
+    } else if (type === "match.finished" || type === "match.left") {
+      this.matchId = null;
+    }
+    this._emit(type, payload, frame);
+    if (cid !== undefined && this._pending.has(cid)) {
+      const pending = this._pending.get(cid);
+      if (type === "error") {
+        this._settle(cid).reject(new AsobiError(payload.code, payload.message, frame));
+      } else if (!pending.reply || pending.reply === type) {
+        this._settle(cid).resolve(payload);
+      }
+    }
+    if (type === "session.connected") this._emit("session", payload, frame);
+    if (type === "matchmaker.matched" && payload.node_url && payload.seat_token) {
+      this._redirect(payload.node_url, payload.seat_token);
+    }
+  }
+
+  // Cluster hook: a `matchmaker.matched` that names another node (`node_url`) with a short-lived
+  // `seat_token` means "your match runs there": reconnect to that node and present the seat.
+  _redirect(url, seatToken) {
+    if (!this.options.followRedirects) return;
+    this._emit("redirect", { url });
+    this.url = url;
+    this._seatToken = seatToken;
+    const ws = this._ws;
+    this._ws = null;
+    this.connected = false;
+    if (ws) {
+      ws.onclose = null;
+      ws.close(1000, "redirected");
+    }
+    this._open().catch(() => {}); // a failed attempt closes, which schedules the next one
+  }
+
+  _settle(cid) {
+    const pending = this._pending.get(cid);
+    this._pending.delete(cid);
+    clearTimeout(pending.timer);
+    return pending;
+  }
+
+  _failInFlight() {
+    for (const [cid, pending] of this._pending) {
+      if (pending.sent) this._settle(cid).reject(new AsobiError("disconnected", "the connection dropped before the reply"));
+    }
+  }
+
+  _flush() {
+    const queued = this._outbox;
+    this._outbox = [];
+    for (const item of queued) this._write(item);
+  }
+
+  _write(item) {
+    if (item.cid !== undefined && this._pending.has(item.cid)) this._pending.get(item.cid).sent = true;
+    this._ws.send(item.text);
+  }
+
+  /** Send a frame; while the connection is down it waits (in order) and goes out after the
+   * session resumes, so inputs sent during a drop are not lost. */
+  send(type, payload = {}, cid = undefined) {
+    const frame = { type, payload };
+    if (cid !== undefined) frame.cid = cid;
+    const item = { text: JSON.stringify(frame), cid };
+    if (this._ws && this._ws.readyState === 1 && this.connected) this._write(item);
+    else this._outbox.push(item);
+  }
+
+  /** Send a frame with a fresh `cid` and resolve with the payload of the reply that echoes it
+   * (of type `reply` when given); an `error` reply rejects with an AsobiError. */
+  request(type, payload = {}, reply = undefined) {
+    return this._request(type, payload, reply, false);
+  }
+
+  _request(type, payload, reply, direct) {
+    const cid = ++this._cid;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        if (this._pending.delete(cid)) reject(new AsobiError("timeout", `no reply to ${type}`));
+      }, this.options.requestTimeoutMs);
+      this._pending.set(cid, { resolve, reject, timer, reply, sent: false });
+      if (direct) {
+        this._write({ text: JSON.stringify({ type, payload, cid }), cid });
+      } else {
+        this.send(type, payload, cid);
+      }
+    });
+  }
+
+  // -- authentication --------------------------------------------------------------------------
+  _authReady() {
+    return this._ws && this._ws.readyState === 1 ? Promise.resolve() : this.connect();
+  }
+
+  /** A new guest: the session opens on this connection.  Resolves with {player_id, token}. */
+  async guest() {
+    await this._authReady();
+    const done = await this._request("auth.guest", this._authExtras(), "session.connected", true);
+    return { player_id: done.player_id, token: this.token };
+  }
+
+  async login(username, password) {
+    await this._authReady();
+    return this._request("auth.login", { username, password, ...this._authExtras() }, "session.connected", true);
+  }
+
+  async register(username, password) {
+    await this._authReady();
+    return this._request("auth.register", { username, password, ...this._authExtras() }, "session.connected", true);
+  }
+
+  /** Connect with a token (from `asobi token`, or an earlier `guest()`); resumes when a
+   * resume token is known. */
+  async session(token, resumeToken = this.resumeToken) {
+    this.token = token;
+    this.resumeToken = resumeToken;
+    if (this._ws && this._ws.readyState === 1) return this._resume();
+    return this.connect();
+  }
+
+  _authExtras() {
+    return this.options.notifyReload ? { notify_reload: true } : {};
+  }
+
+  // -- game ------------------------------------------------------------------------------------
+  /** Queue for `mode`; resolves with {ticket_id, mode}.  `matchmaker.matched` follows. */
+  queue(mode) {
+    return this.request("matchmaker.add", { mode }, "matchmaker.queued");
+  }
+
+  /** Resolves with the next `matchmaker.matched` payload. */
+  matched() {
+    return new Promise((resolve) => {
+      const off = this.on("matchmaker.matched", (payload) => {
+        off();
+        resolve(payload);
+      });
+    });
+  }
+
+  unqueue(ticketId) {
+    return this.request("matchmaker.remove", { ticket_id: ticketId }, "matchmaker.removed");
+  }
+
+  /** Hand `payload` to the match script's handle_input (no reply). */
+  input(payload) {
+    this.send("match.input", payload);
+  }
+
+  leave() {
+    return this.request("match.leave", {}, "match.left");
+  }
+
+  listMatches(mode = undefined) {
+    return this.request("match.list", mode ? { mode } : {}, "match.list");
+  }
+
+  join(matchId) {
+    return this.request("match.join", { match_id: matchId }, "match.joined");
+  }
+
+  /** Round trip in milliseconds, measured with session.heartbeat. */
+  async ping() {
+    const t0 = performance.now();
+    await this.request("session.heartbeat", {}, "session.heartbeat");
+    return performance.now() - t0;
+  }
+
+  /** Authenticate this connection for admin.* frames (the console). */
+  async admin(token) {
+    await this._authReady();
+    const reply = await this._request("admin.auth", { token }, "admin.authed", true);
+    this.connected = true;
+    return reply;
+  }
+}
