@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from asobi import cli
-from asobi.match import MatchHost
+from asobi.match_host import MatchHost
 
 _log = MatchHost.log
 
