@@ -215,7 +215,8 @@ class Engine:
                     affected.append(match)
         return affected
 
-    def listener_reload(
+    # -- what a match asks of the engine (`asobi.match.MatchServices`) ---------------------------
+    def reload_resolved(
         self,
         match: Match,
         version: ScriptVersion,
@@ -225,6 +226,12 @@ class Engine:
     ) -> None:
         for listener in self.listeners:
             listener.reload_resolved(match, version, outcome, error, elapsed_ms)
+
+    def module_source(self, name: bytes) -> tuple[bytes | None, bytes]:
+        return self.registry.module_source(name)
+
+    def input_dropped(self, match: Match) -> None:
+        self.inputs_dropped += 1
 
     # -- schedule ---------------------------------------------------------------------------------
     def _push(self, match: Match) -> None:
