@@ -55,6 +55,8 @@ class EngineConfig:
     match_seed: int | None = None
     # Inputs one player may have waiting in their match; more are dropped (and counted).
     max_queued_inputs: int = 64
+    # Reload transactions one `run_due` pass runs at most (0: no cap); see `run_due`.
+    reload_switches_per_tick: int = 16
 
 
 class Engine:
@@ -80,6 +82,8 @@ class Engine:
         self._phase = 0.0
         self.ticks = 0
         self.inputs_dropped = 0
+        # Match ticks that ran on the old code because the pass had run its reload switches.
+        self.reload_switches_deferred = 0
         # Matches whose Lua call ran far past its budget (added by the watchdog's thread); each
         # is ended at its next tick.
         self.wedged: set[str] = set()
@@ -245,7 +249,16 @@ class Engine:
         return self._heap[0][0] if self._heap else None
 
     def run_due(self, now: float | None = None) -> float | None:
-        """Tick every match whose deadline has passed; return the next deadline."""
+        """Tick every match whose deadline has passed; return the next deadline.
+
+        A reload marks every match it concerns at once, and each switch is a transaction
+        (load, copy, migrate, tick, get_state) far dearer than a tick.  At most
+        `reload_switches_per_tick` of them run in one pass; a marked match past the cap runs
+        this tick on its code in force and stays marked, so it switches at a later tick.  The
+        matches due in one pass are those whose deadline passed since the last: few when the
+        loop keeps up, many when it is busy; the cap bounds what one turn of the loop can cost,
+        and spreads a reload over more ticks exactly when the loop is behind.
+        """
         now = self.clock() if now is None else now
         heap = self._heap
         due: list[Match] = []
@@ -253,15 +266,23 @@ class Engine:
             _, _, match = heapq.heappop(heap)
             if not match.finished:
                 due.append(match)
+        cap = self.config.reload_switches_per_tick
+        switches = 0
         for match in due:
-            self._tick_one(match)
+            may_switch = cap <= 0 or switches < cap
+            if match.pending is not None:
+                if may_switch:
+                    switches += 1
+                else:
+                    self.reload_switches_deferred += 1
+            self._tick_one(match, may_switch)
         return self.next_deadline()
 
-    def _tick_one(self, match: Match) -> None:
+    def _tick_one(self, match: Match, may_switch: bool = True) -> None:
         late = self.clock() - match.deadline
         self.lateness.append(late)
         try:
-            match.run_tick()
+            match.run_tick(may_switch=may_switch)
         except Exception:
             log.exception("match_crashed", match_id=match.id, mode=match.mode, tick=match.tick_no)
             self.finish(match, {"error": "internal error"})

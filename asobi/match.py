@@ -231,14 +231,16 @@ class Match:
         self.lua.set_players(self.players)
 
     # -- one tick ---------------------------------------------------------------------------------
-    def run_tick(self) -> None:
+    def run_tick(self, *, may_switch: bool = True) -> None:
+        """One tick.  A pending reload switches now unless `may_switch` is False (the engine
+        has run enough reload transactions this pass); it then waits for a later tick."""
         if self._withheld_frames is not None:
             self.release_held()
         self.tick_no += 1
         self.lua.set_tick(self.tick_no)
         if self.inputs:
             self._run_inputs()
-        if self.pending is not None:
+        if self.pending is not None and may_switch:
             version, self.pending = self.pending, None
             frames = self._reload_transaction(version)
             if frames is not None:

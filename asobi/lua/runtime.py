@@ -193,8 +193,14 @@ class LoadedScript:
 class MatchLua:
     """A match's private Lua state with the sandbox installed and a script loaded."""
 
-    def __init__(self, host: ScriptHost, limits: Limits, *, seed: int) -> None:
+    def __init__(
+        self, host: ScriptHost, limits: Limits, *, seed: int, watched: bool = True
+    ) -> None:
+        """`watched`: publish each call for the watchdog (`in_flight`).  The record is one per
+        process, for the event loop's thread; a state used on another thread (a reload's probe)
+        must not publish into it."""
         self.limits = limits
+        self.watched = watched
         self.runtime = lua54.LuaRuntime(
             register_eval=False,
             register_builtins=False,
@@ -316,7 +322,9 @@ class MatchLua:
         budget is what a developer can raise, and the messages stay few enough to cache."""
         global _in_flight
         started = _now()
-        outer, _in_flight = _in_flight, (started, started + budget, label, self)
+        watched = self.watched
+        if watched:
+            outer, _in_flight = _in_flight, (started, started + budget, label, self)
         try:
             prefix, suffix = budget_message(label, budget if named is None else named)
             out = self._call(prefix, suffix, started + budget, fn, *args)
@@ -327,7 +335,8 @@ class MatchLua:
         except LuaError as exc:
             return CallResult(False, error=error_text(exc))
         finally:
-            _in_flight = outer
+            if watched:
+                _in_flight = outer
         if not isinstance(out, tuple):
             out = (out,)
         if out[0] is True:
