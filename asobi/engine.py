@@ -98,6 +98,15 @@ class Engine:
 
     # -- matches ----------------------------------------------------------------------------------
     def start_match(self, mode: str, script: ScriptVersion, players: list[str]) -> Match:
+        """Start a match on this node, on the event loop.
+
+        A start runs Lua under budgets: the script's top level (`load`, and the save's measured
+        `load_ms` says how long it takes), `init`, and one `join` per player.  A match cannot
+        start on a worker thread, because its callbacks reach the store and the outbox, which
+        belong to the loop.  What bounds one turn of the loop is that a start happens only when
+        a matchmaking ticket completes a group (one start per ticket at most) or a backfill
+        join, each within those budgets.
+        """
         match_id = uuid.uuid4().hex
         try:
             match = Match(self, match_id, mode, script, players)
