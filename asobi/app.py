@@ -78,6 +78,7 @@ class App:
                 max_consecutive_failures=settings.max_consecutive_failures,
                 match_seed=settings.match_seed,
                 max_queued_inputs=settings.max_queued_inputs,
+                reload_switches_per_tick=settings.reload_switches_per_tick,
             ),
         )
         secret = load_or_create_secret(settings.data_dir, settings.secret)

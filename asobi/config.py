@@ -58,6 +58,9 @@ class Settings:
     max_consecutive_failures: int = 10
     # Inputs one player may have waiting in their match; more are dropped, counted and logged.
     max_queued_inputs: int = 64
+    # Reload transactions (switches) one engine pass runs at most; the other matches a reload
+    # concerns switch at their next ticks (0: no cap).  See docs/hot-reload.md.
+    reload_switches_per_tick: int = 16
     # ASOBI_MATCH_SEED: seed every match's random generator with this number (replays, tests).
     match_seed: int | None = None
     # The watchdog (asobi/watchdog.py): a Lua call still running this long after its deadline is

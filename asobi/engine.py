@@ -55,6 +55,8 @@ class EngineConfig:
     match_seed: int | None = None
     # Inputs one player may have waiting in their match; more are dropped (and counted).
     max_queued_inputs: int = 64
+    # Reload transactions one `run_due` pass runs at most (0: no cap); see `run_due`.
+    reload_switches_per_tick: int = 16
 
 
 class Engine:
@@ -80,6 +82,8 @@ class Engine:
         self._phase = 0.0
         self.ticks = 0
         self.inputs_dropped = 0
+        # Match ticks that ran on the old code because the pass had run its reload switches.
+        self.reload_switches_deferred = 0
         # Matches whose Lua call ran far past its budget (added by the watchdog's thread); each
         # is ended at its next tick.
         self.wedged: set[str] = set()
@@ -94,6 +98,15 @@ class Engine:
 
     # -- matches ----------------------------------------------------------------------------------
     def start_match(self, mode: str, script: ScriptVersion, players: list[str]) -> Match:
+        """Start a match on this node, on the event loop.
+
+        A start runs Lua under budgets: the script's top level (`load`, and the save's measured
+        `load_ms` says how long it takes), `init`, and one `join` per player.  A match cannot
+        start on a worker thread, because its callbacks reach the store and the outbox, which
+        belong to the loop.  What bounds one turn of the loop is that a start happens only when
+        a matchmaking ticket completes a group (one start per ticket at most) or a backfill
+        join, each within those budgets.
+        """
         match_id = uuid.uuid4().hex
         try:
             match = Match(self, match_id, mode, script, players)
@@ -215,7 +228,8 @@ class Engine:
                     affected.append(match)
         return affected
 
-    def listener_reload(
+    # -- what a match asks of the engine (`asobi.match.MatchServices`) ---------------------------
+    def reload_resolved(
         self,
         match: Match,
         version: ScriptVersion,
@@ -225,6 +239,12 @@ class Engine:
     ) -> None:
         for listener in self.listeners:
             listener.reload_resolved(match, version, outcome, error, elapsed_ms)
+
+    def module_source(self, name: bytes) -> tuple[bytes | None, bytes]:
+        return self.registry.module_source(name)
+
+    def input_dropped(self, match: Match) -> None:
+        self.inputs_dropped += 1
 
     # -- schedule ---------------------------------------------------------------------------------
     def _push(self, match: Match) -> None:
@@ -238,7 +258,16 @@ class Engine:
         return self._heap[0][0] if self._heap else None
 
     def run_due(self, now: float | None = None) -> float | None:
-        """Tick every match whose deadline has passed; return the next deadline."""
+        """Tick every match whose deadline has passed; return the next deadline.
+
+        A reload marks every match it concerns at once, and each switch is a transaction
+        (load, copy, migrate, tick, get_state) far dearer than a tick.  At most
+        `reload_switches_per_tick` of them run in one pass; a marked match past the cap runs
+        this tick on its code in force and stays marked, so it switches at a later tick.  The
+        matches due in one pass are those whose deadline passed since the last: few when the
+        loop keeps up, many when it is busy; the cap bounds what one turn of the loop can cost,
+        and spreads a reload over more ticks exactly when the loop is behind.
+        """
         now = self.clock() if now is None else now
         heap = self._heap
         due: list[Match] = []
@@ -246,15 +275,23 @@ class Engine:
             _, _, match = heapq.heappop(heap)
             if not match.finished:
                 due.append(match)
+        cap = self.config.reload_switches_per_tick
+        switches = 0
         for match in due:
-            self._tick_one(match)
+            may_switch = cap <= 0 or switches < cap
+            if match.pending is not None:
+                if may_switch:
+                    switches += 1
+                else:
+                    self.reload_switches_deferred += 1
+            self._tick_one(match, may_switch)
         return self.next_deadline()
 
-    def _tick_one(self, match: Match) -> None:
+    def _tick_one(self, match: Match, may_switch: bool = True) -> None:
         late = self.clock() - match.deadline
         self.lateness.append(late)
         try:
-            match.run_tick()
+            match.run_tick(may_switch=may_switch)
         except Exception:
             log.exception("match_crashed", match_id=match.id, mode=match.mode, tick=match.tick_no)
             self.finish(match, {"error": "internal error"})

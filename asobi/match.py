@@ -9,7 +9,8 @@ Hot reload happens here, at a tick boundary, as a transaction: the new code is l
 Lua state, the state is copied across as plain data, `migrate`, the tick and `get_state` run on the
 copy with their side effects held, and only if all of that succeeds does the match switch.
 Otherwise the copy is dropped and the old code runs the same tick, so no tick is skipped or
-repeated.  Nothing here does I/O: time and scheduling belong to `asobi.engine`.
+repeated.  Nothing here does I/O: time and scheduling belong to whoever runs
+the match (`MatchServices`, which `asobi.engine` implements).
 """
 
 from __future__ import annotations
@@ -17,19 +18,19 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Set
+from typing import Any, Protocol
 
 import orjson
 import structlog
 
+from asobi.directory import Outbox
 from asobi.lua.convert import ConversionError, to_python
-from asobi.lua.runtime import CallResult, MatchLua, ScriptLoadError
+from asobi.lua.runtime import CallResult, Limits, MatchLua, ScriptLoadError
 from asobi.match_host import Effects, MatchHost, first_line, lua_kind, short_error
 from asobi.protocol import encode, encode_raw_payload
 from asobi.scripts import ScriptVersion
-
-if TYPE_CHECKING:
-    from asobi.engine import Engine
+from asobi.store import Store
 
 log = structlog.get_logger("asobi.match")
 
@@ -41,18 +42,88 @@ class MatchStartError(Exception):
     """`init` (or the script's top level) failed; the match never started."""
 
 
+class MatchConfig(Protocol):
+    """The settings a match reads (`asobi.engine.EngineConfig` has them)."""
+
+    @property
+    def limits(self) -> Limits: ...
+
+    @property
+    def max_consecutive_failures(self) -> int: ...
+
+    @property
+    def log_lines_per_second(self) -> float: ...
+
+    @property
+    def match_seed(self) -> int | None: ...
+
+    @property
+    def max_queued_inputs(self) -> int: ...
+
+
+class MatchServices(Protocol):
+    """Everything a match needs from whoever runs it, and all it tells them.
+
+    `asobi.engine.Engine` is the implementation; naming the few things a match uses keeps this
+    module free of the engine (no import circle) and lets a match run under anything that
+    provides them.
+    """
+
+    @property
+    def config(self) -> MatchConfig: ...
+
+    @property
+    def outbox(self) -> Outbox: ...
+
+    @property
+    def store(self) -> Store | None: ...
+
+    @property
+    def reload_subscribers(self) -> Set[str]:
+        """Players who asked for `match.reloaded` frames."""
+        ...
+
+    def module_source(self, name: bytes) -> tuple[bytes | None, bytes]:
+        """Source for a script's `require(name)` (see `ScriptRegistry.module_source`)."""
+        ...
+
+    def input_dropped(self, match: Match) -> None:
+        """One input of `match` was dropped (its player's queue was full)."""
+        ...
+
+    def finish(self, match: Match, result: Any) -> None:
+        """The match is over (its script said so, or it failed too often)."""
+        ...
+
+    def reload_resolved(
+        self,
+        match: Match,
+        version: ScriptVersion,
+        outcome: str,
+        error: str | None,
+        elapsed_ms: float,
+    ) -> None:
+        """A reload transaction ended: "reloaded", "reload_rolled_back" or "reload_failed"."""
+        ...
+
+
 class Match:
     """One running match: its Lua state, players, schedule and pending reload."""
 
     def __init__(
-        self, engine: Engine, match_id: str, mode: str, script: ScriptVersion, players: list[str]
+        self,
+        services: MatchServices,
+        match_id: str,
+        mode: str,
+        script: ScriptVersion,
+        players: list[str],
     ) -> None:
-        self.engine = engine
+        self.services = services
         self.id = match_id
         self.mode = mode
         self.script = script
         self.players: list[str] = []
-        seed = engine.config.match_seed
+        seed = services.config.match_seed
         self.seed = random.getrandbits(48) if seed is None else seed
         self.period = 1.0 / script.meta.tick_rate
         self.tick_no = 0
@@ -85,7 +156,7 @@ class Match:
         self._initial_players = players
 
     def _new_lua(self, script: ScriptVersion, seed: int) -> MatchLua:
-        lua = MatchLua(self.host, self.engine.config.limits, seed=seed)
+        lua = MatchLua(self.host, self.services.config.limits, seed=seed)
         lua.set_context(self.id, self.tick_no, self.players)
         lua.load(script.code, script.name)
         return lua
@@ -160,14 +231,16 @@ class Match:
         self.lua.set_players(self.players)
 
     # -- one tick ---------------------------------------------------------------------------------
-    def run_tick(self) -> None:
+    def run_tick(self, *, may_switch: bool = True) -> None:
+        """One tick.  A pending reload switches now unless `may_switch` is False (the engine
+        has run enough reload transactions this pass); it then waits for a later tick."""
         if self._withheld_frames is not None:
             self.release_held()
         self.tick_no += 1
         self.lua.set_tick(self.tick_no)
         if self.inputs:
             self._run_inputs()
-        if self.pending is not None:
+        if self.pending is not None and may_switch:
             version, self.pending = self.pending, None
             frames = self._reload_transaction(version)
             if frames is not None:
@@ -178,9 +251,9 @@ class Match:
             self.failures = 0
         else:
             self.failures += 1
-            if self.failures >= self.engine.config.max_consecutive_failures:
+            if self.failures >= self.services.config.max_consecutive_failures:
                 reason = first_line(self.last_error or "")
-                self.engine.finish(
+                self.services.finish(
                     self, {"error": f"tick failed {self.failures} times in a row: {reason}"}
                 )
                 return
@@ -193,7 +266,7 @@ class Match:
         inputs are handled loses the newest ones instead of growing the queue without bound.
         """
         queued = self.queued.get(player_id, 0)
-        if queued >= self.engine.config.max_queued_inputs:
+        if queued >= self.services.config.max_queued_inputs:
             self._drop_input(player_id)
             return False
         self.queued[player_id] = queued + 1
@@ -203,7 +276,7 @@ class Match:
     def _drop_input(self, player_id: str) -> None:
         """Count a dropped input; log the counts at most once per DROP_LOG_INTERVAL_S."""
         self.inputs_dropped += 1
-        self.engine.inputs_dropped += 1
+        self.services.input_dropped(self)
         unlogged = self._drops_unlogged
         unlogged[player_id] = unlogged.get(player_id, 0) + 1
         now = time.monotonic()
@@ -216,7 +289,7 @@ class Match:
                 match_id=self.id,
                 player_id=pid,
                 count=count,
-                queue_limit=self.engine.config.max_queued_inputs,
+                queue_limit=self.services.config.max_queued_inputs,
             )
         unlogged.clear()
 
@@ -234,7 +307,7 @@ class Match:
             queued.clear()
             return
         now = time.perf_counter
-        deadline = now() + self.engine.config.limits.handle_input
+        deadline = now() + self.services.config.limits.handle_input
         first = True
         while inputs:
             left = deadline - now()
@@ -271,7 +344,7 @@ class Match:
     def _after_tick(self, frames: list[tuple[str, bytes]] | None) -> None:
         if frames is None:
             frames = self._render_states(self.lua, self.state, self.script.meta.shared_state)
-        send = self.engine.outbox.send
+        send = self.services.outbox.send
         for pid, frame in frames:
             send(pid, frame, droppable=True)
         if self._finished_flag():
@@ -281,7 +354,7 @@ class Match:
             except (ConversionError, TypeError) as exc:
                 self._log_failure("tick", f"state._result cannot be sent: {exc}")
                 result = None
-            self.engine.finish(self, result)
+            self.services.finish(self, result)
 
     def _finished_flag(self) -> bool:
         try:
@@ -374,12 +447,12 @@ class Match:
         self.input_cost = 0.0
         self._commit_effects()
         self._reload_resolved(version, "reloaded", None, started)
-        subscribers = self.engine.reload_subscribers
+        subscribers = self.services.reload_subscribers
         if subscribers:
             frame = encode("match.reloaded", {"match_id": self.id, "version": version.version})
             for pid in self.players:
                 if pid in subscribers:
-                    self.engine.outbox.send(pid, frame)
+                    self.services.outbox.send(pid, frame)
         return frames
 
     def _result_state(self, callback: str, result: CallResult, given: Any) -> Any:
@@ -394,7 +467,7 @@ class Match:
         self, version: ScriptVersion, outcome: str, error: str | None, started: float
     ) -> None:
         elapsed_ms = (time.perf_counter() - started) * 1000
-        self.engine.listener_reload(self, version, outcome, error, elapsed_ms)
+        self.services.reload_resolved(self, version, outcome, error, elapsed_ms)
 
     # -- calling Lua ------------------------------------------------------------------------------
     def _call(self, callback: str, *args: Any) -> CallResult:
@@ -430,7 +503,7 @@ class Match:
             self._withheld_frames.extend(frames)
             frames.clear()
             return
-        outbox = self.engine.outbox
+        outbox = self.services.outbox
         for pid, frame in frames:
             if pid is None:
                 for member in self.players:

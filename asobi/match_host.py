@@ -114,7 +114,7 @@ class MatchHost:
         self.match = match
         # One second's worth of burst; the bucket starts full, so a match's first lines (from
         # init, say) are never dropped.
-        rate = match.engine.config.log_lines_per_second
+        rate = match.services.config.log_lines_per_second
         self._log_bucket = TokenBucket(rate, rate, time.monotonic())
         self._dropped_since = 0
 
@@ -177,7 +177,7 @@ class MatchHost:
         return None
 
     def module(self, name: bytes) -> tuple[bytes | None, bytes]:
-        source, chunkname = self.match.engine.registry.module_source(name)
+        source, chunkname = self.match.services.module_source(name)
         if source is not None:
             self.match.required.add(chunkname.decode()[1:])
         return source, chunkname
@@ -189,7 +189,7 @@ class MatchHost:
 
     def _work(self) -> UnitOfWork:
         match = self.match
-        store = match.engine.store
+        store = match.services.store
         if store is None:
             raise StoreError(NOT_CONFIGURED, "this server has no store")
         effects = match.effects

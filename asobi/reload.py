@@ -2,10 +2,11 @@
 
 `Reloader.apply_paths` is the whole decision for a batch of changed files: read (on a worker
 thread, regular files only: see `asobi.script_files`), hash (an unchanged content is ignored),
-compile and run the top level in a throwaway sandbox (refused saves log `reload_failed` with the
-first three compiler errors), install the version in the registry and
-mark the affected matches.  Each match then switches at its own next tick boundary (see
-`asobi.engine`); the reloader collects their outcomes into one `ReloadRecord`, logs it once and
+compile and run the top level in a throwaway sandbox (also on a worker thread: see
+`asobi.scripts.vet_script`; refused saves log `reload_failed` with the first three compiler
+errors), install the version in the registry and mark the affected matches.  Each match then
+switches at one of its next tick boundaries (see `asobi.engine`: a pass runs a bounded number of
+switches); the reloader collects their outcomes into one `ReloadRecord`, logs it once and
 keeps it in a bounded history served at `GET /api/v1/reloads`.
 
 Detection is separate (`watch_changes`): watchfiles (inotify) by default, an mtime poll as the
@@ -28,7 +29,13 @@ import structlog
 from asobi.engine import Engine
 from asobi.match import Match
 from asobi.script_files import UnreadableScript, script_paths
-from asobi.scripts import MAX_ERRORS_REPORTED, ScriptError, ScriptRegistry, ScriptVersion
+from asobi.scripts import (
+    MAX_ERRORS_REPORTED,
+    ScriptError,
+    ScriptRegistry,
+    ScriptVersion,
+    vet_script,
+)
 
 log = structlog.get_logger("asobi.reload")
 
@@ -131,7 +138,7 @@ class Reloader:
             reads = await asyncio.to_thread(self._read, list(paths))
             records = []
             for name, content in reads:
-                record = self._apply_read(name, content, trigger, report_unchanged)
+                record = await self._apply_read(name, content, trigger, report_unchanged)
                 if record is not None:
                     records.append(record)
             return records
@@ -147,13 +154,13 @@ class Reloader:
                 out.append((name, exc))
         return out
 
-    def _apply_read(
+    async def _apply_read(
         self, name: str, content: bytes | Exception, trigger: str, report_unchanged: bool
-    ) -> Any:
+    ) -> ReloadRecord | None:
         if isinstance(content, bytes):
             skipped = self.registry.unchanged_reason(name, content)
             if skipped is None:
-                return self.apply_source(name, content, trigger)
+                return await self.apply_source(name, content, trigger)
             if report_unchanged:
                 current = self.registry.get(name)
                 log.info(
@@ -179,12 +186,23 @@ class Reloader:
         log.warning("script_unreadable", script=name, error=str(content))
         return None
 
-    def apply_source(self, name: str, source: bytes, trigger: str) -> ReloadRecord | None:
+    async def apply_source(self, name: str, source: bytes, trigger: str) -> ReloadRecord | None:
+        """Vet a new content of `name` and, if it passes, reload the matches running it.
+
+        Vetting (compiling and running the top level in a probe, up to the `load` budget) runs
+        on a worker thread, on a snapshot of the modules `require` may load; its outcome is
+        installed back here, on the loop.  Batches are applied one at a time (`_applying`), so
+        nothing else installs a script meanwhile.
+        """
         t0 = time.perf_counter()
-        previous = self.registry.get(name)
-        outcome = self.registry.update(name, source)
-        if outcome is None:
+        registry = self.registry
+        if registry.unchanged_reason(name, source) is not None:
             return None
+        vetted = await asyncio.to_thread(
+            vet_script, name, source, registry.limits, registry.modules(), registry.max_script_bytes
+        )
+        previous = registry.get(name)
+        outcome = registry.install(name, vetted)
         if isinstance(outcome, ScriptError):
             record = self._new_record(name, outcome.hash, trigger, t0)
             record._previous, record._source = previous, source

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,11 +112,91 @@ def is_script_path(path: Path) -> bool:
     return path.suffix == ".lua" and not any(part.startswith(".") for part in path.parts)
 
 
+@dataclass(frozen=True, slots=True)
+class Vetted:
+    """A save that compiled and whose top level ran: the version to install, and for
+    `config.lua` the mode map it returned."""
+
+    version: ScriptVersion
+    modes: dict[str, str] | None = None
+
+
+def vet_script(
+    name: str,
+    source: bytes,
+    limits: Limits,
+    modules: Mapping[str, Bytecode],
+    max_script_bytes: int = MAX_SCRIPT_BYTES,
+) -> Vetted | ScriptError:
+    """Compile `source` and run its top level once in a throwaway sandbox to read its globals.
+
+    Touches nothing shared: `modules` is a snapshot of the compiled scripts `require` may load
+    (`ScriptRegistry.modules`), and the probe is a Lua state of its own.  So a reload runs this
+    on a worker thread (lupa releases the GIL while Lua runs) and the event loop keeps ticking
+    matches while a top level takes up to its `load` budget.
+    """
+    code = compile_checked(name, source, max_script_bytes)
+    if isinstance(code, ScriptError):
+        return code
+    return probe_script(name, source, code, limits, modules)
+
+
+def probe_script(
+    name: str, source: bytes, code: Bytecode, limits: Limits, modules: Mapping[str, Bytecode]
+) -> Vetted | ScriptError:
+    """Run compiled `code`'s top level in a probe (see `vet_script`)."""
+    # Unwatched: the watchdog follows the calls that hold up the event loop; a probe runs on a
+    # worker thread and its own budget ends it.
+    probe = MatchLua(_ProbeHost(modules), limits, seed=0, watched=False)
+    started = time.perf_counter()
+    try:
+        returned = probe.load(code, name)
+    except ScriptLoadError as exc:
+        error = str(exc).split("\nstack traceback:")[0]
+        return script_errors(name, source, [error])
+    load_ms = round((time.perf_counter() - started) * 1000, 3)
+    meta = _read_meta(name, probe)
+    if isinstance(meta, list):
+        return script_errors(name, source, meta)
+    modes: dict[str, str] | None = None
+    if name == CONFIG_SCRIPT:
+        read = _read_modes(returned)
+        if isinstance(read, str):
+            return script_errors(name, source, [read])
+        modes = read
+    version = ScriptVersion(name, source, code, content_hash(source), meta, load_ms)
+    return Vetted(version, modes)
+
+
+def compile_checked(name: str, source: bytes, max_script_bytes: int) -> Bytecode | ScriptError:
+    """The script's bytecode, or why it was refused."""
+    if len(source) > max_script_bytes:
+        return script_errors(name, source, [f"{name} is larger than {max_script_bytes} bytes"])
+    if source.startswith(b"\x1bLua"):
+        return script_errors(name, source, [f"{name}: precompiled bytecode is not accepted"])
+    try:
+        return compile_script(source, name)
+    except ScriptLoadError as exc:
+        return script_errors(name, source, str(exc).splitlines())
+
+
+def find_module(modules: Mapping[str, Bytecode], name: bytes) -> tuple[Bytecode | None, bytes]:
+    """Source for `require(name)`: `a.b` is `game/a/b.lua`; nothing outside the game dir."""
+    text = name.decode(errors="replace")
+    if not names.MODULE.accepts(text):
+        return None, f"invalid module name {text!r}".encode()
+    path = text.replace(".", "/") + ".lua"
+    code = modules.get(path)
+    if code is None:
+        return None, f"module '{text}' not found (looked for {path} in the game dir)".encode()
+    return code, ("@" + path).encode()
+
+
 class _ProbeHost:
     """Host for running a script's top level once to read its globals: no side effects."""
 
-    def __init__(self, registry: ScriptRegistry) -> None:
-        self.registry = registry
+    def __init__(self, modules: Mapping[str, Bytecode]) -> None:
+        self.modules = modules
 
     def log(self, level: bytes, message: bytes, meta: Any) -> None:
         return None
@@ -127,7 +208,7 @@ class _ProbeHost:
         return None
 
     def module(self, name: bytes) -> tuple[bytes | None, bytes]:
-        return self.registry.module_source(name)
+        return find_module(self.modules, name)
 
 
 class ScriptRegistry:
@@ -230,14 +311,12 @@ class ScriptRegistry:
 
     def module_source(self, name: bytes) -> tuple[bytes | None, bytes]:
         """Source for `require(name)`: `a.b` is `game/a/b.lua`; nothing outside the game dir."""
-        text = name.decode(errors="replace")
-        if not names.MODULE.accepts(text):
-            return None, f"invalid module name {text!r}".encode()
-        path = text.replace(".", "/") + ".lua"
-        script = self._scripts.get(path)
-        if script is None:
-            return None, f"module '{text}' not found (looked for {path} in the game dir)".encode()
-        return script.code, ("@" + path).encode()
+        return find_module(_ScriptCode(self._scripts), name)
+
+    def modules(self) -> dict[str, Bytecode]:
+        """The compiled code of every script now, by name: what `require` finds when a save
+        is vetted away from the registry (`vet_script`)."""
+        return {name: version.code for name, version in self._scripts.items()}
 
     # -- loading ---------------------------------------------------------------------------------
     def relative_name(self, path: Path) -> str | None:
@@ -276,21 +355,6 @@ class ScriptRegistry:
                 errors.append(outcome)
         return errors
 
-    def update(self, name: str, source: bytes) -> ScriptVersion | ScriptError | None:
-        """Consider a new saved content for `name`.
-
-        Returns None when nothing changed (same content as the version in force or as the last
-        refused save), the accepted version, or the refusal.
-        """
-        digest = content_hash(source)
-        current = self._scripts.get(name)
-        if (current and current.hash == digest) or self._rejected.get(name) == digest:
-            return None
-        code = self._compile(name, source)
-        if isinstance(code, ScriptError):
-            return self._refuse(name, code)
-        return self.accept(name, source, code)
-
     def unchanged_reason(self, name: str, source: bytes) -> str | None:
         """Why `update` would ignore this content: "unchanged" (the version in force) or
         "already_rejected" (the last refused save); None when it would consider it."""
@@ -326,30 +390,18 @@ class ScriptRegistry:
 
     def accept(self, name: str, source: bytes, code: Bytecode) -> ScriptVersion | ScriptError:
         """Run the top level once in a throwaway sandbox to read its globals, then install it."""
-        digest = content_hash(source)
-        probe = MatchLua(_ProbeHost(self), self.limits, seed=0)
-        started = time.perf_counter()
-        try:
-            returned = probe.load(code, name)
-        except ScriptLoadError as exc:
-            error = str(exc).split("\nstack traceback:")[0]
-            return self._refuse(name, script_errors(name, source, [error]))
-        load_ms = round((time.perf_counter() - started) * 1000, 3)
-        meta = _read_meta(name, probe)
-        if isinstance(meta, list):
-            return self._refuse(name, script_errors(name, source, meta))
-        modes: dict[str, str] | None = None
-        if name == CONFIG_SCRIPT:
-            modes = _read_modes(returned)
-            if isinstance(modes, str):
-                return self._refuse(name, script_errors(name, source, [modes]))
-        version = ScriptVersion(name, source, code, digest, meta, load_ms)
-        self._scripts[name] = version
+        return self.install(name, probe_script(name, source, code, self.limits, self.modules()))
+
+    def install(self, name: str, outcome: Vetted | ScriptError) -> ScriptVersion | ScriptError:
+        """Put a vetted save in force, or remember its refusal (`vet_script`'s outcome)."""
+        if isinstance(outcome, ScriptError):
+            return self._refuse(name, outcome)
+        self._scripts[name] = outcome.version
         self._rejected.pop(name, None)
         self._rejected_error.pop(name, None)
-        if modes is not None:
-            self._modes = modes
-        return version
+        if outcome.modes is not None:
+            self._modes = outcome.modes
+        return outcome.version
 
     def read(self, name: str) -> bytes:
         """The file `name` (as `relative_name` gives it) from disk; see `asobi.script_files`.
@@ -357,17 +409,25 @@ class ScriptRegistry:
         return read_script(self.game_dir / name, self.max_script_bytes)
 
     def _compile(self, name: str, source: bytes) -> Bytecode | ScriptError:
-        """The script's bytecode, or why it was refused."""
-        if len(source) > self.max_script_bytes:
-            return script_errors(
-                name, source, [f"{name} is larger than {self.max_script_bytes} bytes"]
-            )
-        if source.startswith(b"\x1bLua"):
-            return script_errors(name, source, [f"{name}: precompiled bytecode is not accepted"])
-        try:
-            return compile_script(source, name)
-        except ScriptLoadError as exc:
-            return script_errors(name, source, str(exc).splitlines())
+        return compile_checked(name, source, self.max_script_bytes)
+
+
+class _ScriptCode(Mapping[str, Bytecode]):
+    """The registry's scripts seen as their code, for `find_module` (no copy per `require`)."""
+
+    __slots__ = ("_scripts",)
+
+    def __init__(self, scripts: dict[str, ScriptVersion]) -> None:
+        self._scripts = scripts
+
+    def __getitem__(self, name: str) -> Bytecode:
+        return self._scripts[name].code
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._scripts)
+
+    def __len__(self) -> int:
+        return len(self._scripts)
 
 
 def _read_meta(name: str, probe: MatchLua) -> ScriptMeta | list[str]:

@@ -30,6 +30,8 @@ _SANDBOX_SOURCE = resources.files("asobi.lua").joinpath("sandbox.lua").read_byte
 _PATTERNS_SOURCE = resources.files("asobi.lua").joinpath("patterns.lua").read_bytes()
 _CALLS_SOURCE = resources.files("asobi.lua").joinpath("calls.lua").read_bytes()
 _CLIB_SOURCE = resources.files("asobi.lua").joinpath("clib.lua").read_bytes()
+_RANDOM_SOURCE = resources.files("asobi.lua").joinpath("random.lua").read_bytes()
+_U64 = (1 << 64) - 1
 
 
 @functools.cache
@@ -193,8 +195,14 @@ class LoadedScript:
 class MatchLua:
     """A match's private Lua state with the sandbox installed and a script loaded."""
 
-    def __init__(self, host: ScriptHost, limits: Limits, *, seed: int) -> None:
+    def __init__(
+        self, host: ScriptHost, limits: Limits, *, seed: int, watched: bool = True
+    ) -> None:
+        """`watched`: publish each call for the watchdog (`in_flight`).  The record is one per
+        process, for the event loop's thread; a state used on another thread (a reload's probe)
+        must not publish into it."""
         self.limits = limits
+        self.watched = watched
         self.runtime = lua54.LuaRuntime(
             register_eval=False,
             register_builtins=False,
@@ -222,6 +230,7 @@ class MatchLua:
                 b"patterns_chunk": _host_bytecode(_PATTERNS_SOURCE, b"=patterns.lua"),
                 b"calls_chunk": _host_bytecode(_CALLS_SOURCE, b"=asobi"),
                 b"clib_chunk": _host_bytecode(_CLIB_SOURCE, b"=asobi"),
+                b"random_chunk": _host_bytecode(_RANDOM_SOURCE, b"=asobi"),
             }
         )
         real_load = self.runtime.globals()[b"load"]
@@ -316,7 +325,9 @@ class MatchLua:
         budget is what a developer can raise, and the messages stay few enough to cache."""
         global _in_flight
         started = _now()
-        outer, _in_flight = _in_flight, (started, started + budget, label, self)
+        watched = self.watched
+        if watched:
+            outer, _in_flight = _in_flight, (started, started + budget, label, self)
         try:
             prefix, suffix = budget_message(label, budget if named is None else named)
             out = self._call(prefix, suffix, started + budget, fn, *args)
@@ -327,12 +338,34 @@ class MatchLua:
         except LuaError as exc:
             return CallResult(False, error=error_text(exc))
         finally:
-            _in_flight = outer
+            if watched:
+                _in_flight = outer
         if not isinstance(out, tuple):
             out = (out,)
         if out[0] is True:
             return CallResult(True, out[1:])
         return CallResult(False, error=error_text(out[1] if len(out) > 1 else b"unknown error"))
+
+    # -- random generator ------------------------------------------------------------------------
+    def random_state(self) -> tuple[int, int, int, int]:
+        """The state of the match's random generator (`math.random`, `game.random`): four
+        unsigned 64-bit integers.  `set_random_state` with them, in this state or a fresh one,
+        continues the same sequence (a snapshot, a replay)."""
+        a, b, c, d = self.api[b"random_state"]()
+        return a & _U64, b & _U64, c & _U64, d & _U64
+
+    def set_random_state(self, state: tuple[int, int, int, int]) -> None:
+        """Put back a state `random_state` returned.  Raises ValueError for anything else."""
+        words = tuple(state)
+        if len(words) != 4 or not all(
+            isinstance(w, int) and not isinstance(w, bool) and 0 <= w <= _U64 for w in words
+        ):
+            raise ValueError("a random state is four integers from 0 to 2**64 - 1")
+        if not any(words):
+            raise ValueError("an all-zero random state would draw only zeros")
+        # Lua integers are signed 64-bit: the same bits, read as two's complement.
+        signed = [w - (1 << 64) if w >> 63 else w for w in words]
+        self.api[b"set_random_state"](*signed)
 
     # -- context and data ------------------------------------------------------------------------
     def set_context(self, match_id: str, tick: int, players: list[str]) -> None:

@@ -6,7 +6,6 @@
 -- reach the real globals, `debug`, `load`, `string.dump` or the lupa module: it only sees the
 -- environment `new_env` made for its version, and every function in it was chosen here.
 local host = ...
-math.randomseed(host.seed)
 
 local host_log, host_send, host_broadcast, host_module = host.log, host.send, host.broadcast, host.module
 local host_persist = host.persist
@@ -56,6 +55,12 @@ base.tonumber, base.select, base.error = lib.tonumber, lib.select, lib.error
 base.pcall, base.xpcall = B.pcall, B.xpcall
 
 local lib_table, lib_math, lib_utf8, lib_os = lib.table, lib.math, lib.utf8, lib.os
+
+-- The match's one random generator (random.lua): `math.random`, `math.randomseed` and
+-- `game.random` all draw from it, and its state is data the host can save and set back.
+local rng = load_(host.random_chunk, "=asobi", "b")(host.seed)
+lib_math.random, lib_math.randomseed = rng.random, rng.randomseed
+api.random_state, api.set_random_state = rng.state, rng.set_state
 
 -- Finalizers are refused: a `__gc` runs during whatever allocation happens to finish a collection
 -- cycle, in another callback, in host code or while the state is closed, outside any budget.
@@ -147,7 +152,7 @@ function lib_game.broadcast(event, payload)
   if err ~= nil then error_(err, 2) end
   return true
 end
-lib_game.random = math.random
+lib_game.random = rng.random
 
 -- Persistence: every call returns a table, {ok = value} or {error = code, message = text}.
 -- Writes belong to the running callback and take effect only if it succeeds.
