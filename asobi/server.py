@@ -104,10 +104,10 @@ class WebSocketPeer:
         self.player_id: str | None = None
         self._closing: asyncio.Task[None] | None = None
 
-    def send_frame(self, frame: bytes, *, droppable: bool = False) -> None:
+    def send_frame(self, frame: bytes, *, droppable: bool = False) -> bool:
         ws = self.ws
         if self._closing is not None or ws.protocol.state is not State.OPEN:
-            return
+            return False
         transport = ws.transport
         buffered = transport.get_write_buffer_size() if transport is not None else 0
         if buffered > self.soft:
@@ -116,11 +116,11 @@ class WebSocketPeer:
                 self.stuck_since = now
             if buffered > self.hard or now - self.stuck_since > self.stuck_s:
                 self._slow_reader(buffered, now)
-                return
+                return False
             if droppable:
                 self.dropped += 1
                 self.metrics.frames_dropped += 1
-                return
+                return False
         elif self.stuck_since:
             self.stuck_since = 0.0
         self.metrics.frames_sent += 1
@@ -128,6 +128,7 @@ class WebSocketPeer:
             broadcast((ws,), frame, text=True)  # per-connection compression: let websockets frame
         else:
             transport.write(_wire(frame))
+        return True
 
     def _slow_reader(self, buffered: int, now: float) -> None:
         log.warning(
