@@ -73,10 +73,11 @@ def _wire(frame: bytes) -> bytes:
 class WebSocketPeer:
     """Writes frames to one connection without ever awaiting.
 
-    A client that cannot keep up loses its `droppable` frames (stale `match.state` frames, which
-    the next tick's frame supersedes, and `rate_limited` errors) once the transport holds more
-    than `soft` bytes; it is closed when the buffer passes `hard` bytes or stays over `soft` for
-    `stuck_s` seconds.  Writes to other connections never wait for it.
+    A client that cannot keep up loses its `droppable` frames (stale `match.state` and
+    `match.patch` frames, which the next tick's frame supersedes, and `rate_limited` errors) once
+    the transport holds more than `soft` bytes; `send_frame` returns False for them, so the
+    match sends that player a full state next.  It is closed when the buffer passes `hard` bytes
+    or stays over `soft` for `stuck_s` seconds.  Writes to other connections never wait for it.
     """
 
     __slots__ = (
