@@ -22,54 +22,56 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
+_ABSENT: Any = object()
+
 
 def diff(old: Any, new: Any) -> Any:
-    """The merge patch that turns `old` into `new` (`{}` when they are the same object).
+    """The merge patch that turns `old` into `new` (`{}` when they are the same).
 
     Unchanged keys are left out, removed keys become `null`, changed objects recurse, anything
     else is sent whole.  The patch shares sub-values with `new` (nothing is copied or mutated), so
-    it must be encoded before `new` changes.
+    it must be encoded before `new` changes.  This runs per player per tick: values of the same
+    type are compared with C-level `==` first, and the old keys are only walked when some of them
+    are gone.
     """
     if type(new) is not dict or type(old) is not dict:
         return new
     patch: dict[str, Any] = {}
-    for key in old:
-        if key not in new:
-            patch[key] = None
+    get = old.get
+    kept = 0
     for key, value in new.items():
-        if key not in old:
-            patch[key] = value
-            continue
-        before = old[key]
-        if value is before:
-            continue
+        before = get(key, _ABSENT)
         kind = type(value)
-        if kind is dict:
-            if type(before) is dict:
+        if kind is type(before):
+            kept += 1
+            if kind is dict:
+                if value == before and same_json(before, value):
+                    continue
                 sub = diff(before, value)
                 if sub:
                     patch[key] = sub
-            else:
-                patch[key] = value
-        elif (
-            kind is not type(before)
-            or value != before
-            or (kind is list and not same(before, value))
-        ):
-            patch[key] = value
+                continue
+            if value == before and (kind is not list or same_json(before, value)):
+                continue
+        elif before is not _ABSENT:
+            kept += 1
+        patch[key] = value
+    if kept < len(old):
+        for key in old:
+            if key not in new:
+                patch[key] = None
     return patch
 
 
-def same(a: Any, b: Any) -> bool:
-    """Deep equality that also tells `1`, `1.0` and `true` apart (their JSON differs)."""
-    kind = type(a)
-    if kind is not type(b):
-        return False
-    if kind is dict:
-        return len(a) == len(b) and all(k in b and same(v, b[k]) for k, v in a.items())
-    if kind is list:
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    return bool(a == b)
+def same_json(a: Any, b: Any) -> bool:
+    """Whether two values Python calls equal also have the same JSON (`[1]` is not `[true]`).
+
+    Compared as encoded bytes (in C): a false "different" (the same object with its keys in
+    another order) only costs a value sent whole, never a wrong state.
+    """
+    return orjson.dumps(a) == orjson.dumps(b)
 
 
 def apply(target: Any, patch: Any) -> Any:

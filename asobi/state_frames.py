@@ -19,8 +19,7 @@ never leaves a record the client does not share.  Players not in patch mode cost
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -30,8 +29,7 @@ from asobi.protocol import encode_raw_payload
 NOBODY: frozenset[str] = frozenset()
 
 
-@dataclass(slots=True, frozen=True)
-class Sent:
+class Sent(NamedTuple):
     """What one player holds: the data of frame `seq`, and the tick of their last full frame."""
 
     seq: int
