@@ -252,3 +252,30 @@ def test_a_bad_state_sync_global_is_refused_at_load(tmp_path, line: str, problem
     errors = ScriptRegistry(tmp_path).load_all()
     assert len(errors) == 1
     assert problem in errors[0].errors[0]
+
+
+async def test_the_console_shows_the_state_patches_built(start_server) -> None:
+    """The console's view of a player is what they were last sent: patches applied to their
+    last full frame (`full_state_every` is out of reach here)."""
+    admin = "admin-test-token-0123456789"
+    run = await start_server({"match.lua": game(100_000)}, admin_token=admin)
+    patched, _ = await pair(run)
+    reader = Reconstructing(patched)
+    await reader.take(2)
+    match_id = run.app.engine.match_of(patched.player_id or "")
+    assert match_id is not None
+    console = await run.client()
+    await console.request("admin.auth", {"token": admin}, "admin.authed")
+    await console.request("admin.watch", {"match_id": match_id.id}, "admin.watching")
+    ticks = []
+    for _ in range(2):
+        pushed = (await console.expect("admin.match", timeout=3))["payload"]
+        view = pushed["views"][patched.player_id]
+        assert view == merge_patch.apply(view, {})  # a plain state, not a patch
+        assert set(view) >= {"tick", "label", "ents", "trail", "bag"}
+        ticks.append(view["tick"])
+    assert ticks[1] > ticks[0] > 2
+    await reader.take(60)
+    # Watching costs one full frame (the tap's views start from it), then patches again.
+    assert [k for k, _ in reader.kinds].count("match.state") == 2
+    assert reader.kinds[-1][0] == "match.patch"
