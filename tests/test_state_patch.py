@@ -279,3 +279,57 @@ async def test_the_console_shows_the_state_patches_built(start_server) -> None:
     # Watching costs one full frame (the tap's views start from it), then patches again.
     assert [k for k, _ in reader.kinds].count("match.state") == 2
     assert reader.kinds[-1][0] == "match.patch"
+
+
+def test_patch_chains_hold_across_a_rolled_back_and_a_successful_reload(tmp_path) -> None:
+    """A reload whose get_state fails (for the second player) is rolled back after rendering
+    the first player's frame: nothing it staged may reach a player's record.  A reload that
+    succeeds changes the state's shape: the next patch turns the old shape into the new one."""
+
+    def source(body: str) -> str:
+        return "max_players = 3\n" + body
+
+    (tmp_path / "match.lua").write_text(source(game(100_000)))
+    registry = ScriptRegistry(tmp_path)
+    assert registry.load_all() == []
+    wire = Wire()
+    engine = Engine(registry, wire)
+    engine.state_sync["c"] = False  # a full-frame player: the truth to compare with
+    script = registry.get("match.lua")
+    assert script is not None
+    match = engine.start_match("duel", script, ["a", "b"])
+    match.release_held()
+    assert match.join("c") is None
+    for _ in range(3):
+        match.run_tick()
+    broken = source(
+        game(100_000).replace(
+            "return s\n", 's.new = true\n  if player_id == "b" then error("no") end\n  return s\n'
+        )
+    )
+    reshaped = source(game(100_000).replace("return s\n", 'return { tick = t, shape = "new" }\n'))
+    for text in (broken, reshaped):
+        version = registry.update("match.lua", text.encode())
+        assert version is not None and not hasattr(version, "errors")
+        engine.schedule_reload(version)  # type: ignore[arg-type]
+        match.run_tick()
+        assert (match.script is version) is (text is reshaped)
+        match.run_tick()
+    truth = [f["payload"] for f in wire.frames["c"] if f["type"] == "match.state"]
+    for pid in ("a", "b"):
+        held: Any = None
+        seq = None
+        rebuilt = []
+        for frame in wire.frames[pid]:
+            if frame["type"] == "match.state":
+                held = frame["payload"]
+            elif frame["type"] == "match.patch":
+                assert frame["base"] == seq
+                held = merge_patch.apply(held, frame["payload"])
+            else:
+                continue
+            seq = frame["seq"]
+            rebuilt.append(held)
+        assert rebuilt == truth[-len(rebuilt) :]
+        assert rebuilt[-1] == {"tick": rebuilt[-1]["tick"], "shape": "new"}
+        assert [f["type"] for f in wire.frames[pid]].count("match.state") == 1
