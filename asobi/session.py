@@ -501,10 +501,10 @@ class Session:
 def state_sync_choice(frame: Frame) -> bool | None:
     """A connection's `state_sync` choice: "patch" (True), "full" (False), absent (None: the
     match script decides)."""
-    value = frame.payload.get("state_sync")
+    value: object = frame.payload.get("state_sync")
     if value is None:
         return None
-    if value not in ("patch", "full"):
+    if value != "patch" and value != "full":
         raise ProtocolError(
             ErrorCode.INVALID_MESSAGE,
             f'{frame.type}: payload.state_sync must be "patch" or "full"',

@@ -90,7 +90,7 @@ class Workload:
     files: Callable[[Path], None]
     mode: str
     players: int
-    # Inputs per tick: (match, tick number) -> nothing; feeds match.queue_input.
+    # Queues the inputs of one tick for a match (`match.queue_input`).
     inputs: Callable[[Match, random.Random], None] | None = None
 
 
@@ -147,6 +147,10 @@ def _arena_files(d: Path) -> None:
     (d / "match.lua").write_text(source)
 
 
+def _entities_files(d: Path) -> None:
+    (d / "match.lua").write_text(ENTITIES)
+
+
 def _arena_moves(match: Match, rng: random.Random) -> None:
     for pid in match.players:
         if rng.random() < 0.5:
@@ -157,7 +161,7 @@ WORKLOADS = [
     Workload("bench", _bench_files(False), game.MODE, game.MATCH_SIZE),
     Workload("bench shared", _bench_files(True), game.MODE, game.MATCH_SIZE),
     Workload("arena", _arena_files, "arena", 2, _arena_moves),
-    Workload("entities", lambda d: (d / "match.lua").write_text(ENTITIES), "entities", 4),
+    Workload("entities", _entities_files, "entities", 4),
 ]
 
 
