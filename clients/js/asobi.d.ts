@@ -4,7 +4,8 @@ export interface Frame<P = any> {
   type: string;
   payload: P;
   cid?: string | number;
-  /** State frames of a `match.patch` chain: the frame's number in the match. */
+  /** State frames of a `match.patch` chain: the frame's number in the match (handlers see
+   * `match.state` frames only: the client turns each patch into the state it rebuilds). */
   seq?: number;
 }
 
