@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 import structlog
 
-from asobi import admin_feed
+from asobi import admin_feed, merge_patch
 from asobi.app import App
 from asobi.engine import Engine
 from asobi.hub import Peer
@@ -52,18 +52,21 @@ PAGE_DEFAULT = 50
 RELOADS_SHOWN = 50
 DIFF_MAX_LINES = 400
 LATENESS_SAMPLES = 10_000
-STATE_PREFIX = b'{"type":"match.state","payload":'
+STATE_PREFIX = b'{"type":"match.state",'
+PATCH_PREFIX = b'{"type":"match.patch",'
 
 
 class FrameTap:
     """Installed as `hub.tap` while any console watches a match: counts the bytes sent to each
-    watched match's players and keeps the last `match.state` frame of each player."""
+    watched match's players and keeps what each player was last shown: their last `match.state`
+    frame (parsed only when inspected), with the `match.patch` frames since applied to it."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.watchers: dict[str, int] = {}
         self.bytes_sent: dict[str, int] = {}
-        self.last_state: dict[str, dict[str, bytes]] = {}
+        # match id -> player id -> a frame (bytes) or the view patches made of it.
+        self.last_state: dict[str, dict[str, Any]] = {}
 
     def __call__(self, player_id: str, frame: bytes) -> None:
         match_id = self.engine.player_match.get(player_id)
@@ -72,6 +75,14 @@ class FrameTap:
         self.bytes_sent[match_id] = self.bytes_sent.get(match_id, 0) + len(frame)
         if frame.startswith(STATE_PREFIX):
             self.last_state.setdefault(match_id, {})[player_id] = frame
+        elif frame.startswith(PATCH_PREFIX):
+            views = self.last_state.get(match_id)
+            held = views.get(player_id) if views is not None else None
+            if views is None or held is None:
+                return  # no full frame seen yet: the next one starts the view
+            if isinstance(held, bytes):
+                held = orjson.loads(held)["payload"]
+            views[player_id] = merge_patch.apply(held, orjson.loads(frame)["payload"])
 
     def watch(self, match_id: str) -> None:
         self.watchers[match_id] = self.watchers.get(match_id, 0) + 1
@@ -308,8 +319,8 @@ class AdminChannel:
         tap = app.hub.tap
         views: dict[str, Any] = {}
         if isinstance(tap, FrameTap):
-            for pid, state_frame in tap.last_state.get(match.id, {}).items():
-                views[pid] = orjson.loads(state_frame)["payload"]
+            for pid, view in tap.last_state.get(match.id, {}).items():
+                views[pid] = orjson.loads(view)["payload"] if isinstance(view, bytes) else view
         out["views"] = views
         if rates is not None:
             out.update(rates)
@@ -338,6 +349,9 @@ class AdminChannel:
         self._stop_watch()
         self._watched = match.id
         _tap_of(self.app).watch(match.id)
+        # Players in patch mode get a full frame next: the tap builds its views on one.
+        for pid in match.players:
+            match.resync(pid)
         self._watch_task = asyncio.get_running_loop().create_task(self._push_watched(match))
         self._reply(frame, "admin.watching", {"match_id": match.id, "interval_s": WATCH_INTERVAL_S})
 

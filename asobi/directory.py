@@ -18,7 +18,10 @@ from typing import Any, Protocol
 class Peer(Protocol):
     """One client connection as the layers below the socket see it: a synchronous sink."""
 
-    def send_frame(self, frame: bytes, *, droppable: bool = False) -> None: ...
+    def send_frame(self, frame: bytes, *, droppable: bool = False) -> bool:
+        """Write the frame; False when it was not written (dropped, or the connection is
+        closing): a `match.patch` chain then restarts with a full frame."""
+        ...
 
     def close(self, code: int, reason: str) -> None: ...
 
@@ -26,7 +29,10 @@ class Peer(Protocol):
 class Outbox(Protocol):
     """Where frames for players go.  `droppable` frames may be skipped for a slow reader."""
 
-    def send(self, player_id: str, frame: bytes, *, droppable: bool = False) -> None: ...
+    def send(self, player_id: str, frame: bytes, *, droppable: bool = False) -> bool:
+        """False when the frame did not reach the player's connection (dropped, or the player
+        is not connected)."""
+        ...
 
 
 class Connections(Outbox, Protocol):
@@ -105,6 +111,15 @@ class MatchRouter(Protocol):
 
     def notify_reloads(self, player_id: str, on: bool) -> None:
         """Whether the player gets `match.reloaded` frames."""
+        ...
+
+    def state_sync(self, player_id: str, patch: bool | None) -> None:
+        """The player's connection asks for `match.patch` frames (True), full frames only
+        (False), or whatever their match's script chose (None)."""
+        ...
+
+    def resync(self, player_id: str) -> bool:
+        """The player's next state frame is a full one; False when not in a match."""
         ...
 
 

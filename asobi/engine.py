@@ -91,6 +91,9 @@ class Engine:
         self.on_schedule_change: Callable[[float], None] | None = None
         # Players who asked for `match.reloaded` frames (session.connect {notify_reload: true}).
         self.reload_subscribers: set[str] = set()
+        # Players whose connection chose their state frames (True: `match.patch`, False: full
+        # `match.state` only); the others get what their match's script says.
+        self.state_sync: dict[str, bool] = {}
         # match id -> inputs received so far (the console's inputs/s).
         self.inputs_received: dict[str, int] = {}
         # Persistence for game.economy / leaderboard / storage (set by the app; None: refused).
@@ -149,6 +152,14 @@ class Engine:
             return False
         match.queue_input(player_id, payload)
         self.inputs_received[match.id] = self.inputs_received.get(match.id, 0) + 1
+        return True
+
+    def resync(self, player_id: str) -> bool:
+        """The player's next state frame is a full one; False when not in a match."""
+        match = self.match_of(player_id)
+        if match is None:
+            return False
+        match.resync(player_id)
         return True
 
     def list_matches(self, mode: str | None = None, limit: int = 100) -> list[Match]:
@@ -228,7 +239,7 @@ class Engine:
                     affected.append(match)
         return affected
 
-    # -- what a match asks of the engine (`asobi.match.MatchServices`) ---------------------------
+    # -- what a match asks of the engine (`asobi.match_services.MatchServices`) --------------
     def reload_resolved(
         self,
         match: Match,

@@ -36,12 +36,11 @@ class Hub:
     def peer(self, player_id: str) -> Peer | None:
         return self._peers.get(player_id)
 
-    def send(self, player_id: str, frame: bytes, *, droppable: bool = False) -> None:
+    def send(self, player_id: str, frame: bytes, *, droppable: bool = False) -> bool:
         if self.tap is not None:
             self.tap(player_id, frame)
         peer = self._peers.get(player_id)
-        if peer is not None:
-            peer.send_frame(frame, droppable=droppable)
+        return peer is not None and peer.send_frame(frame, droppable=droppable)
 
     def __len__(self) -> int:
         return len(self._peers)

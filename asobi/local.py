@@ -47,6 +47,15 @@ class LocalRouter:
         else:
             self.engine.reload_subscribers.discard(player_id)
 
+    def state_sync(self, player_id: str, patch: bool | None) -> None:
+        if patch is None:
+            self.engine.state_sync.pop(player_id, None)
+        else:
+            self.engine.state_sync[player_id] = patch
+
+    def resync(self, player_id: str) -> bool:
+        return self.engine.resync(player_id)
+
 
 class LocalListing:
     def __init__(self, engine: Engine) -> None:

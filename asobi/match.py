@@ -18,19 +18,18 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from collections.abc import Set
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 import structlog
 
-from asobi.directory import Outbox
 from asobi.lua.convert import ConversionError, to_python
-from asobi.lua.runtime import CallResult, Limits, MatchLua, ScriptLoadError
+from asobi.lua.runtime import CallResult, MatchLua, ScriptLoadError
 from asobi.match_host import Effects, MatchHost, first_line, lua_kind, short_error
+from asobi.match_services import MatchServices
 from asobi.protocol import encode, encode_raw_payload
-from asobi.scripts import ScriptVersion
-from asobi.store import Store
+from asobi.scripts import ScriptMeta, ScriptVersion
+from asobi.state_frames import NOBODY, StateFrames
 
 log = structlog.get_logger("asobi.match")
 
@@ -40,71 +39,6 @@ DROP_LOG_INTERVAL_S = 1.0
 
 class MatchStartError(Exception):
     """`init` (or the script's top level) failed; the match never started."""
-
-
-class MatchConfig(Protocol):
-    """The settings a match reads (`asobi.engine.EngineConfig` has them)."""
-
-    @property
-    def limits(self) -> Limits: ...
-
-    @property
-    def max_consecutive_failures(self) -> int: ...
-
-    @property
-    def log_lines_per_second(self) -> float: ...
-
-    @property
-    def match_seed(self) -> int | None: ...
-
-    @property
-    def max_queued_inputs(self) -> int: ...
-
-
-class MatchServices(Protocol):
-    """Everything a match needs from whoever runs it, and all it tells them.
-
-    `asobi.engine.Engine` is the implementation; naming the few things a match uses keeps this
-    module free of the engine (no import circle) and lets a match run under anything that
-    provides them.
-    """
-
-    @property
-    def config(self) -> MatchConfig: ...
-
-    @property
-    def outbox(self) -> Outbox: ...
-
-    @property
-    def store(self) -> Store | None: ...
-
-    @property
-    def reload_subscribers(self) -> Set[str]:
-        """Players who asked for `match.reloaded` frames."""
-        ...
-
-    def module_source(self, name: bytes) -> tuple[bytes | None, bytes]:
-        """Source for a script's `require(name)` (see `ScriptRegistry.module_source`)."""
-        ...
-
-    def input_dropped(self, match: Match) -> None:
-        """One input of `match` was dropped (its player's queue was full)."""
-        ...
-
-    def finish(self, match: Match, result: Any) -> None:
-        """The match is over (its script said so, or it failed too often)."""
-        ...
-
-    def reload_resolved(
-        self,
-        match: Match,
-        version: ScriptVersion,
-        outcome: str,
-        error: str | None,
-        elapsed_ms: float,
-    ) -> None:
-        """A reload transaction ended: "reloaded", "reload_rolled_back" or "reload_failed"."""
-        ...
 
 
 class Match:
@@ -147,6 +81,8 @@ class Match:
         self.refused: dict[str, str] = {}
         self.logs_dropped = 0
         self.host = MatchHost(self)
+        # What each player in patch mode was last sent (`asobi.state_frames`).
+        self.state_frames = StateFrames()
         self.last_error: str | None = None
         self._failure_tick = -1
         self._failure_lines = 0
@@ -228,6 +164,7 @@ class Match:
         if self.lua.function("leave") is not None:
             self._apply("leave", self._call("leave", self.state, player_id.encode()))
         self.players.remove(player_id)
+        self.state_frames.resync(player_id)
         self.lua.set_players(self.players)
 
     # -- one tick ---------------------------------------------------------------------------------
@@ -344,10 +281,17 @@ class Match:
 
     def _after_tick(self, frames: list[tuple[str, bytes]] | None) -> None:
         if frames is None:
-            frames = self._render_states(self.lua, self.state, self.script.meta.shared_state)
+            frames = self._render_states(self.lua, self.state, self.script.meta)
         send = self.services.outbox.send
-        for pid, frame in frames:
-            send(pid, frame, droppable=True)
+        state_frames = self.state_frames
+        if state_frames.staged:
+            # A patch chain holds only if the player got the frame: the outbox says whether it
+            # was written (not dropped for a slow reader, player connected).
+            for pid, frame in frames:
+                state_frames.settle(pid, send(pid, frame, droppable=True))
+        else:
+            for pid, frame in frames:
+                send(pid, frame, droppable=True)
         if self._finished_flag():
             # Players have seen the final state; now the result.
             try:
@@ -364,23 +308,41 @@ class Match:
             return False
         return flag is not None and flag is not False
 
+    def resync(self, player_id: str) -> None:
+        """The player's next state frame is a full `match.state` (`match.resync`, a resume)."""
+        self.state_frames.resync(player_id)
+
+    def _patching(self, meta: ScriptMeta) -> frozenset[str] | set[str]:
+        """The players who get `match.patch` frames: the script's choice unless their
+        connection made its own (`Engine.state_sync`)."""
+        default = meta.state_sync == "patch"
+        prefs = self.services.state_sync
+        if not prefs:
+            return set(self.players) if default else NOBODY
+        return {pid for pid in self.players if prefs.get(pid, default)}
+
     def _render_states(
-        self, lua: MatchLua, state: Any, shared: bool, *, strict: bool = False
+        self, lua: MatchLua, state: Any, meta: ScriptMeta, *, strict: bool = False
     ) -> list[tuple[str, bytes]]:
-        """One `match.state` frame per player (one for all with `shared_state`).
+        """One `match.state` frame per player (one for all with `shared_state`), or for players
+        in patch mode a `match.patch` (see `asobi.state_frames`).
 
         Outside a reload a failing get_state costs that player this tick's frame; inside the
         reload transaction (`strict`) it fails the whole transaction.
         """
         frames: list[tuple[str, bytes]] = []
-        for pid in (None,) if shared else self.players:
+        patching = self._patching(meta)
+        if patching:
+            self.state_frames.begin()
+        for pid in (None,) if meta.shared_state else self.players:
             if not strict:
                 self.effects.discard()
             result = lua.call("get_state", state, pid.encode() if pid else None)
             error = None if result.ok else result.error
             if error is None:
                 try:
-                    body = orjson.dumps(to_python(result.value, what="get_state result"))
+                    data = to_python(result.value, what="get_state result")
+                    body = b"" if patching else orjson.dumps(data)
                 except (ConversionError, TypeError) as exc:
                     error = str(exc)
             if error is not None:
@@ -391,6 +353,14 @@ class Match:
                 continue
             if not strict:
                 self._commit_effects()
+            if patching:
+                targets = self.players if pid is None else (pid,)
+                frames.extend(
+                    self.state_frames.frames(
+                        targets, data, patching, self.tick_no, meta.full_state_every
+                    )
+                )
+                continue
             frame = encode_raw_payload("match.state", body)
             if pid is None:
                 frames.extend((member, frame) for member in self.players)
@@ -435,7 +405,7 @@ class Match:
                 state = self._result_state("migrate", migrated, state)
             ticked = lua.call("tick", state)
             state = self._result_state("tick", ticked, state)
-            frames = self._render_states(lua, state, version.meta.shared_state, strict=True)
+            frames = self._render_states(lua, state, version.meta, strict=True)
         except _CallFailed as exc:
             lua.restore(running)
             self.effects.discard()

@@ -42,6 +42,8 @@ RESERVED_EVENTS = frozenset(
         "list",
         "rejoined",
         "error",
+        "patch",
+        "resync",
     }
 )
 MAX_TRACEBACK_LINES = 8

@@ -100,6 +100,7 @@ CLIENT_TYPES = frozenset(
         "leaderboard.top",
         "match.list",
         "match.join",
+        "match.resync",
     }
 ) | frozenset(ADMIN_TYPES)
 # Admin frames check the admin token themselves (asobi.admin), not a player session.

@@ -31,6 +31,9 @@ MAX_ERRORS_REPORTED = 3
 MAX_SCRIPT_BYTES = 4 * 1024 * 1024
 MIN_TICK_RATE, MAX_TICK_RATE = 1.0, 60.0
 MAX_MATCH_SIZE, MAX_MAX_PLAYERS = 1024, 4096
+STATE_SYNC_MODES = ("full", "patch")
+FULL_STATE_EVERY_S = 10.0
+MAX_FULL_EVERY = 1_000_000
 # A script defining any of these is a match script and must define all of them.
 MATCH_CALLBACKS = ("init", "tick", "get_state")
 # `require("name")` / `require "name"` with a literal name, for `unresolved_requires`.
@@ -48,6 +51,10 @@ class ScriptMeta:
     max_players: int = 1
     tick_rate: float = 10.0
     shared_state: bool = False
+    # "full": every state frame is the whole state; "patch": merge patches after a full frame.
+    state_sync: str = "full"
+    # Ticks between full frames in patch mode (the default is 10 s of ticks).
+    full_state_every: int = 100
     reload_dependents: bool = False
     version: str | None = None
     # Defines init, tick and get_state (a module defines none of them).
@@ -454,6 +461,14 @@ def _read_meta(name: str, probe: MatchLua) -> ScriptMeta | list[str]:
     match_size = int(number("match_size", 1, 1, MAX_MATCH_SIZE, integer=True))
     max_players = int(number("max_players", match_size, match_size, MAX_MAX_PLAYERS, integer=True))
     tick_rate = number("tick_rate", 10.0, MIN_TICK_RATE, MAX_TICK_RATE, integer=False)
+    full_every = number(
+        "full_state_every", round(FULL_STATE_EVERY_S * tick_rate), 1, MAX_FULL_EVERY, integer=True
+    )
+    state_sync = probe.global_value("state_sync")
+    if state_sync is None:
+        state_sync = "full"
+    elif state_sync not in STATE_SYNC_MODES:
+        problems.append(f'{name}: state_sync must be "full" or "patch", not {state_sync!r}')
     defined = [cb for cb in MATCH_CALLBACKS if probe.function(cb) is not None]
     is_match = bool(defined) or name == DEFAULT_SCRIPT
     missing = [cb for cb in MATCH_CALLBACKS if cb not in defined]
@@ -470,6 +485,8 @@ def _read_meta(name: str, probe: MatchLua) -> ScriptMeta | list[str]:
         max_players=max_players,
         tick_rate=tick_rate,
         shared_state=probe.global_value("shared_state") is True,
+        state_sync=state_sync,
+        full_state_every=int(full_every),
         reload_dependents=probe.global_value("reload_dependents") is True,
         version=str(version) if isinstance(version, str | int | float) and version != "" else None,
         is_match=is_match,

@@ -73,10 +73,11 @@ def _wire(frame: bytes) -> bytes:
 class WebSocketPeer:
     """Writes frames to one connection without ever awaiting.
 
-    A client that cannot keep up loses its `droppable` frames (stale `match.state` frames, which
-    the next tick's frame supersedes, and `rate_limited` errors) once the transport holds more
-    than `soft` bytes; it is closed when the buffer passes `hard` bytes or stays over `soft` for
-    `stuck_s` seconds.  Writes to other connections never wait for it.
+    A client that cannot keep up loses its `droppable` frames (stale `match.state` and
+    `match.patch` frames, which the next tick's frame supersedes, and `rate_limited` errors) once
+    the transport holds more than `soft` bytes; `send_frame` returns False for them, so the
+    match sends that player a full state next.  It is closed when the buffer passes `hard` bytes
+    or stays over `soft` for `stuck_s` seconds.  Writes to other connections never wait for it.
     """
 
     __slots__ = (
@@ -104,10 +105,10 @@ class WebSocketPeer:
         self.player_id: str | None = None
         self._closing: asyncio.Task[None] | None = None
 
-    def send_frame(self, frame: bytes, *, droppable: bool = False) -> None:
+    def send_frame(self, frame: bytes, *, droppable: bool = False) -> bool:
         ws = self.ws
         if self._closing is not None or ws.protocol.state is not State.OPEN:
-            return
+            return False
         transport = ws.transport
         buffered = transport.get_write_buffer_size() if transport is not None else 0
         if buffered > self.soft:
@@ -116,11 +117,11 @@ class WebSocketPeer:
                 self.stuck_since = now
             if buffered > self.hard or now - self.stuck_since > self.stuck_s:
                 self._slow_reader(buffered, now)
-                return
+                return False
             if droppable:
                 self.dropped += 1
                 self.metrics.frames_dropped += 1
-                return
+                return False
         elif self.stuck_since:
             self.stuck_since = 0.0
         self.metrics.frames_sent += 1
@@ -128,6 +129,7 @@ class WebSocketPeer:
             broadcast((ws,), frame, text=True)  # per-connection compression: let websockets frame
         else:
             transport.write(_wire(frame))
+        return True
 
     def _slow_reader(self, buffered: int, now: float) -> None:
         log.warning(

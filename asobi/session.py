@@ -109,6 +109,7 @@ class Session:
             "leaderboard.top": self._leaderboard_top,
             "match.list": self._match_list,
             "match.join": self._match_join,
+            "match.resync": self._match_resync,
         }
         self.admin = AdminChannel(app, peer, remote)  # the console's admin.* frames
         self._handlers.update(self.admin.handlers())
@@ -214,6 +215,7 @@ class Session:
             return  # replaced by a newer connection, which keeps the seat
         self.app.matchmaker.remove(player_id)
         self.app.router.notify_reloads(player_id, False)
+        self.app.router.state_sync(player_id, None)
         presence = self.app.presence
         match = self.app.router.match_of(player_id)
         if match is not None and presence.hold(player_id, now):
@@ -241,6 +243,7 @@ class Session:
 
     # -- handlers ---------------------------------------------------------------------------------
     def _auth_guest(self, frame: Frame) -> None:
+        state_sync_choice(frame)  # refused before a guest is made for nothing
         player_id, token = self.app.signer.guest()
         log.info("guest_created", player_id=player_id)
         self._issued(frame, player_id, token)
@@ -267,6 +270,7 @@ class Session:
         """Make this connection `player_id`'s session (resuming a held seat with the right
         resume token) and answer `session.connected`."""
         presence = self.app.presence
+        sync = state_sync_choice(frame)
         if self.player_id is not None:
             if self.player_id != player_id:
                 raise ProtocolError(
@@ -322,8 +326,11 @@ class Session:
         )
         if frame.payload.get("notify_reload") is True:
             self.app.router.notify_reloads(player_id, True)
+        self.app.router.state_sync(player_id, sync)
         self._load_player(player_id)
         if match is not None:
+            # This socket holds no state yet: its first state frame is a full one.
+            self.app.router.resync(player_id)
             self.peer.send_frame(
                 encode("match.rejoined", {"match_id": match.match_id, "mode": match.mode})
             )
@@ -364,6 +371,12 @@ class Session:
         if not self.app.router.submit_input(self.player_id, check_input(frame)):
             raise ProtocolError(ErrorCode.NOT_IN_MATCH, "you are not in a match", frame.cid)
 
+    def _match_resync(self, frame: Frame) -> None:
+        """The client lost the thread of `match.patch` frames: the next state frame is full."""
+        assert self.player_id is not None
+        if not self.app.router.resync(self.player_id):
+            raise ProtocolError(ErrorCode.NOT_IN_MATCH, "you are not in a match", frame.cid)
+
     def _match_leave(self, frame: Frame) -> None:
         assert self.player_id is not None
         match = self.app.router.leave(self.player_id)
@@ -390,6 +403,7 @@ class Session:
     def _account(self, frame: Frame, *, register: bool) -> None:
         if self.app.accounts is None:
             raise ProtocolError(ErrorCode.STORE_UNAVAILABLE, "accounts are not enabled", frame.cid)
+        state_sync_choice(frame)
         username, password = frame.payload.get("username"), frame.payload.get("password")
         self.requests.append(AccountRequest(frame, register, username, password))
 
@@ -482,6 +496,21 @@ class Session:
             "match.joined",
             {"match_id": match.match_id, "mode": match.mode, "players": list(match.players)},
         )
+
+
+def state_sync_choice(frame: Frame) -> bool | None:
+    """A connection's `state_sync` choice: "patch" (True), "full" (False), absent (None: the
+    match script decides)."""
+    value: object = frame.payload.get("state_sync")
+    if value is None:
+        return None
+    if value != "patch" and value != "full":
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            f'{frame.type}: payload.state_sync must be "patch" or "full"',
+            frame.cid,
+        )
+    return value == "patch"
 
 
 def expire_seats(app: App, now: float) -> list[str]:

@@ -1,4 +1,4 @@
-"""`python -m bench [--smoke] [--only asobi,reload,colyseus]`: run the suite on loopback.
+"""`python -m bench [--smoke] [--only asobi,reload,patch,colyseus]`: run the suite on loopback.
 
 The server under test runs pinned to one core and this process (the load generator) to the
 other.  Prints a markdown report and writes the figures as JSON under bench/results/.
@@ -13,18 +13,18 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from bench import capacity, procs, profile, reload_bench, report, switch_cost
+from bench import capacity, patch_bytes, procs, profile, reload_bench, report, switch_cost
 from bench.loadgen import Tally
 from bench.targets import AsobiTarget, ColyseusTarget
 
 RESULTS = Path(__file__).parent / "results"
-PARTS = ("asobi", "shared", "reload", "colyseus")
+PARTS = ("asobi", "shared", "reload", "patch", "colyseus")
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class Plan:
     reload_saves: int
     switch_matches: int
     profile_s: float
+    # matches, ticks per round, rounds for `bench.patch_bytes`
+    patch_run: tuple[int, int, int]
 
 
 FULL = Plan(
@@ -53,6 +55,7 @@ FULL = Plan(
     reload_saves=20,
     switch_matches=300,
     profile_s=8.0,
+    patch_run=(50, 100, 7),
 )
 SMOKE = Plan(
     steps=(10,),
@@ -63,6 +66,7 @@ SMOKE = Plan(
     reload_saves=3,
     switch_matches=20,
     profile_s=0.0,
+    patch_run=(2, 10, 1),
 )
 
 
@@ -165,6 +169,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             await run_asobi(plan, work, cores, out, shared=True)
         if "reload" in parts:
             await run_reload(plan, work, cores, out)
+        if "patch" in parts:
+            out["patch_bytes"] = [
+                {"full": asdict(full), "patch": asdict(patch)}
+                for full, patch in patch_bytes.run(*plan.patch_run)
+            ]
         if "colyseus" in parts:
             await run_colyseus(plan, work, cores, out, args.smoke)
     return out

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench import patch_bytes
+from bench.patch_bytes import Row as PatchRow
+
 TARGET_MATCHES = 1000
 TARGET_US_PER_FRAME = 15.0
 TARGET_KIB_PER_CONN = 32.0
 TARGET_KIB_PER_MATCH = 100.0
 TARGET_RELOAD_MS = 150.0
 TARGET_SPREAD_TICKS = 2.0
+TARGET_PATCH_SHARE = 0.25  # bytes of patch frames, as a share of full frames (issue 16)
 
 
 def _f(value: Any, digits: int = 1) -> str:
@@ -175,6 +179,29 @@ def markdown(out: dict[str, Any]) -> str:
             )
         bad = sum(r["skipped"] + r["repeated"] for r in reloads)
         summary.append(("ticks skipped or repeated on reload", "0", str(bad), _met(bad == 0)))
+    patches = out.get("patch_bytes") or []
+    if patches:
+        lines += [
+            "",
+            "## State frames: full JSON vs `match.patch` (in-process, `bench/patch_bytes.py`)",
+            "",
+            *patch_bytes.table(
+                [(PatchRow(**p["full"]), PatchRow(**p["patch"])) for p in patches]
+            ).splitlines(),
+        ]
+        bench_pair = next((p for p in patches if p["full"]["workload"] == "bench"), None)
+        if bench_pair is not None:
+            share = (
+                bench_pair["patch"]["bytes_per_player_s"] / bench_pair["full"]["bytes_per_player_s"]
+            )
+            summary.append(
+                (
+                    "bytes per player per second with patches, bench game",
+                    f"<= {TARGET_PATCH_SHARE:.0%} of full frames",
+                    f"{share:.0%}",
+                    _met(share <= TARGET_PATCH_SHARE),
+                )
+            )
     coly = out.get("colyseus")
     if coly:
         lines += ["", "## Colyseus, same game and load", ""]

@@ -24,8 +24,8 @@ from bench import game
 
 
 class _Discard:
-    def send(self, player_id: str, frame: bytes, *, droppable: bool = False) -> None:
-        return None
+    def send(self, player_id: str, frame: bytes, *, droppable: bool = False) -> bool:
+        return True
 
 
 @dataclass

@@ -37,8 +37,9 @@ class ListPeer:
         self.frames: list[dict[str, Any]] = []
         self.closed_with: tuple[int, str] | None = None
 
-    def send_frame(self, frame: bytes, *, droppable: bool = False) -> None:
+    def send_frame(self, frame: bytes, *, droppable: bool = False) -> bool:
         self.frames.append(orjson.loads(frame))
+        return True
 
     def close(self, code: int, reason: str) -> None:
         self.closed_with = (code, reason)

@@ -4,6 +4,9 @@ export interface Frame<P = any> {
   type: string;
   payload: P;
   cid?: string | number;
+  /** State frames of a `match.patch` chain: the frame's number in the match (handlers see
+   * `match.state` frames only: the client turns each patch into the state it rebuilds). */
+  seq?: number;
 }
 
 export class AsobiError extends Error {
@@ -24,6 +27,10 @@ export interface AsobiOptions {
   maxBackoffMs?: number;
   /** Ask for `match.reloaded` frames (session.connect {notify_reload: true}). */
   notifyReload?: boolean;
+  /** "patch": ask for `match.patch` frames; "full": full `match.state` frames only; unset: the
+   * match script decides (`state_sync`).  Patches are applied either way: `match.state`
+   * handlers always get the whole state. */
+  stateSync?: "patch" | "full" | null;
   /** A WebSocket implementation (default: the global one). */
   WebSocket?: typeof WebSocket;
 }
@@ -44,6 +51,9 @@ export interface Matched {
 }
 
 export type Handler<P = any> = (payload: P, frame: Frame<P> | null) => void;
+
+/** `target` with an RFC 7396 JSON merge patch applied, as a new value. */
+export function applyMergePatch(target: any, patch: any): any;
 
 /** ws(s)://<this page's host>/ws. */
 export function defaultUrl(): string;
@@ -69,6 +79,8 @@ export class Asobi {
   drop(): void;
   close(): void;
   send(type: string, payload?: object, cid?: string | number): void;
+  /** Ask for a full `match.state` (at most once a second). */
+  resync(): void;
   request<P = any>(type: string, payload?: object, reply?: string): Promise<P>;
 
   guest(): Promise<{ player_id: string; token: string }>;

@@ -19,6 +19,24 @@ export function defaultUrl() {
   return (loc.protocol === "https:" ? "wss://" : "ws://") + loc.host + "/ws";
 }
 
+function isObject(value) {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
+/** `target` with an RFC 7396 JSON merge patch applied, as a new value (`target` is left as it
+ * is; unchanged parts are shared): `null` deletes a key, arrays and other values replace. */
+export function applyMergePatch(target, patch) {
+  if (!isObject(patch)) return patch;
+  const result = isObject(target) ? { ...target } : {};
+  for (const [key, value] of Object.entries(patch)) {
+    if (value === null) delete result[key];
+    else if (key === "__proto__") {
+      Object.defineProperty(result, key, { value: applyMergePatch(result[key], value), writable: true, enumerable: true, configurable: true });
+    } else result[key] = applyMergePatch(result[key], value);
+  }
+  return result;
+}
+
 // Close codes after which reconnecting would be wrong: replaced by a newer connection of the
 // same player, kicked, or refused by policy.
 const FINAL_CLOSES = new Set([4000, 4001, 1008]);
@@ -32,6 +50,7 @@ export class Asobi {
       requestTimeoutMs: 10000,
       maxBackoffMs: 5000,
       notifyReload: false,
+      stateSync: null,
       WebSocket: globalThis.WebSocket,
       ...options,
     };
@@ -48,6 +67,9 @@ export class Asobi {
     this._closedByUser = false;
     this._attempt = 0;
     this._seatToken = null;
+    // The last state frame of a `match.patch` chain: {seq, state} (null: none to patch).
+    this._sync = null;
+    this._resyncAt = 0;
   }
 
   // -- events ----------------------------------------------------------------------------------
@@ -99,6 +121,7 @@ export class Asobi {
       ws.onmessage = (event) => this._receive(event.data);
       ws.onclose = (event) => {
         this.connected = false;
+        this._sync = null;
         if (this._ws === ws) this._ws = null;
         this._failInFlight();
         this._emit("close", { code: event.code, reason: event.reason });
@@ -115,6 +138,7 @@ export class Asobi {
     if (this.resumeToken) payload.resume_token = this.resumeToken;
     if (this._seatToken) payload.seat_token = this._seatToken;
     if (this.options.notifyReload) payload.notify_reload = true;
+    if (this.options.stateSync) payload.state_sync = this.options.stateSync;
     this._seatToken = null;
     await this._request("session.connect", payload, "session.connected", true);
     this._flush();
@@ -152,6 +176,13 @@ export class Asobi {
       return;
     }
     const { type, payload, cid } = frame;
+    if (type === "match.patch") {
+      this._patched(frame);
+      return;
+    }
+    if (type === "match.state") {
+      this._sync = frame.seq === undefined ? null : { seq: frame.seq, state: payload };
+    }
     if (type === "session.connected") {
       this.playerId = payload.player_id;
       this.resumeToken = payload.resume_token;
@@ -161,6 +192,7 @@ export class Asobi {
       this.matchId = payload.match_id;
     } else if (type === "match.finished" || type === "match.left") {
       this.matchId = null;
+      this._sync = null;
     }
     this._emit(type, payload, frame);
     if (cid !== undefined && this._pending.has(cid)) {
@@ -175,6 +207,29 @@ export class Asobi {
     if (type === "matchmaker.matched" && payload.node_url && payload.seat_token) {
       this._redirect(payload.node_url, payload.seat_token);
     }
+  }
+
+  // A `match.patch` frame becomes the `match.state` event (and "*" frame) a full frame would have
+  // been: the state it rebuilds, so handlers never see patches.  One that does not apply to the
+  // state held (`base` is not the last seq: a frame was lost) asks for a full frame instead.
+  _patched(frame) {
+    const sync = this._sync;
+    if (sync === null || frame.base !== sync.seq) {
+      this.resync();
+      return;
+    }
+    const state = applyMergePatch(sync.state, frame.payload);
+    this._sync = { seq: frame.seq, state };
+    this._emit("match.state", state, { type: "match.state", seq: frame.seq, payload: state });
+  }
+
+  /** Ask for a full `match.state` (sent on its own when a `match.patch` cannot be applied; at
+   * most once a second, the full frame takes a tick to come). */
+  resync() {
+    const now = Date.now();
+    if (now - this._resyncAt < 1000) return;
+    this._resyncAt = now;
+    this.send("match.resync");
   }
 
   // Cluster hook: a `matchmaker.matched` that names another node (`node_url`) with a short-lived
@@ -281,7 +336,10 @@ export class Asobi {
   }
 
   _authExtras() {
-    return this.options.notifyReload ? { notify_reload: true } : {};
+    const extras = {};
+    if (this.options.notifyReload) extras.notify_reload = true;
+    if (this.options.stateSync) extras.state_sync = this.options.stateSync;
+    return extras;
   }
 
   // -- game ------------------------------------------------------------------------------------
