@@ -214,7 +214,7 @@ class Reloader:
         record.load_ms = version.load_ms
         record._version, record._previous = version, previous
         record._source = version.source
-        previous = self._in_flight.pop(version.name, None)
+        superseded = self._in_flight.pop(version.name, None)
         affected = self.engine.schedule_reload(version)
         for match in affected:
             older = self._match_record.get(match.id)
@@ -226,8 +226,8 @@ class Reloader:
             record._pending.add(match.id)
         record.matches = [m.id for m in affected]
         record.dependents = sorted({m.script.name for m in affected} - {version.name})
-        if previous is not None:
-            self._settle(previous)
+        if superseded is not None:
+            self._settle(superseded)
         if record._pending:
             self._in_flight[version.name] = record
         else:

@@ -340,9 +340,10 @@ class ScriptRegistry:
             return self._refuse(name, script_errors(name, source, meta))
         modes: dict[str, str] | None = None
         if name == CONFIG_SCRIPT:
-            modes = _read_modes(returned)
-            if isinstance(modes, str):
-                return self._refuse(name, script_errors(name, source, [modes]))
+            read = _read_modes(returned)
+            if isinstance(read, str):
+                return self._refuse(name, script_errors(name, source, [read]))
+            modes = read
         version = ScriptVersion(name, source, code, digest, meta, load_ms)
         self._scripts[name] = version
         self._rejected.pop(name, None)
