@@ -18,7 +18,7 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -97,7 +97,7 @@ class ReloadHistory:
     def as_list(self) -> list[dict[str, Any]]:
         return [r.as_dict() for r in self._records]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[ReloadRecord]:
         return iter(self._records)
 
 
