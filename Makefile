@@ -14,5 +14,5 @@ bench-smoke: bench-deps  ## the < 10 s run CI uses
 test:
 	$(PYTHON) -m pytest -q
 
-lint:
-	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .
+lint:  ## ruff, then mypy (strict on asobi/, configured in pyproject.toml)
+	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check . && $(PYTHON) -m mypy

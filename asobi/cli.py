@@ -12,7 +12,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -168,7 +168,8 @@ def cmd_new(args: argparse.Namespace) -> int:
 
 def _server_url(args: argparse.Namespace) -> str:
     if args.url:
-        return args.url.rstrip("/")
+        url: str = args.url
+        return url.rstrip("/")
     settings = Settings.from_env()
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     return f"http://{host}:{settings.port}"
@@ -183,7 +184,7 @@ def _get_json(url: str, headers: dict[str, str] | None = None) -> tuple[int, obj
         return exc.code, orjson.loads(exc.read() or b"null")
 
 
-def _print_reloads(records: list[dict]) -> None:
+def _print_reloads(records: list[dict[str, Any]]) -> None:
     # ms: save noticed -> every match resolved; tick_ms: the switching ticks' run time, summed.
     # new_matches: which version new matches start on ("previous": this one was refused).
     columns = (
@@ -222,7 +223,9 @@ def _print_reloads(records: list[dict]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
-def _reload_records(command: str, url: str, headers: dict[str, str] | None = None) -> list | None:
+def _reload_records(
+    command: str, url: str, headers: dict[str, str] | None = None
+) -> list[dict[str, Any]] | None:
     """The `reloads` list a server route answers with, or None after printing why not."""
     try:
         status, body = _get_json(url, headers)
@@ -232,7 +235,8 @@ def _reload_records(command: str, url: str, headers: dict[str, str] | None = Non
     if status != 200 or not isinstance(body, dict):
         print(f"asobi {command}: server answered {status}: {body}", file=sys.stderr)
         return None
-    return body["reloads"]
+    records: list[dict[str, Any]] = body["reloads"]
+    return records
 
 
 def cmd_reloads(args: argparse.Namespace) -> int:

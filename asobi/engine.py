@@ -23,7 +23,8 @@ import structlog
 
 from asobi.directory import JoinRefused, Outbox
 from asobi.lua.runtime import Limits, ScriptLoadError
-from asobi.match import Match, MatchStartError, first_line
+from asobi.match import Match, MatchStartError
+from asobi.match_host import first_line
 from asobi.protocol import encode
 from asobi.scripts import ScriptRegistry, ScriptVersion
 from asobi.store import Store

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TextIO
+from collections.abc import Callable
+from typing import Any, BinaryIO, TextIO, cast
 
 import orjson
 import structlog
@@ -19,7 +20,7 @@ _LEVELS = {
 }
 
 
-def _dumps(obj: object, default: object = None) -> bytes:
+def _dumps(obj: object, default: Callable[[Any], Any] | None = None) -> bytes:
     return orjson.dumps(obj, default=default, option=orjson.OPT_NON_STR_KEYS)
 
 
@@ -50,6 +51,8 @@ def configure(level: str = "info", stream: TextIO | None = None, fmt: str = "jso
             cache_logger_on_first_use=True,
         )
         return
+    # A text stream's byte buffer; a stream without one takes bytes itself (the tests' capture).
+    binary = out.buffer if hasattr(out, "buffer") else cast(BinaryIO, out)
     structlog.configure(
         processors=[
             *shared,
@@ -58,9 +61,7 @@ def configure(level: str = "info", stream: TextIO | None = None, fmt: str = "jso
             structlog.processors.JSONRenderer(serializer=_dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.BytesLoggerFactory(
-            file=out.buffer if hasattr(out, "buffer") else out
-        ),
+        logger_factory=structlog.BytesLoggerFactory(file=binary),
         cache_logger_on_first_use=True,
     )
 

@@ -8,7 +8,7 @@ trailing `$` would let `"alice\\n"` through, because `$` also matches before a f
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeGuard
 
 
 class NameRule:
@@ -20,8 +20,9 @@ class NameRule:
         self.pattern = pattern
         self._regex = re.compile(pattern)
 
-    def accepts(self, value: Any) -> bool:
-        """True for a `str` that the pattern matches from its first to its last character."""
+    def accepts(self, value: Any) -> TypeGuard[str]:
+        """True for a `str` that the pattern matches from its first to its last character (so a
+        caller that checked a value may use it as a `str`)."""
         return isinstance(value, str) and self._regex.fullmatch(value) is not None
 
     def __str__(self) -> str:

@@ -19,7 +19,7 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -104,7 +104,7 @@ class ReloadHistory:
     def as_list(self) -> list[dict[str, Any]]:
         return [r.as_dict() for r in self._records]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[ReloadRecord]:
         return iter(self._records)
 
 
@@ -232,7 +232,7 @@ class Reloader:
         record.load_ms = version.load_ms
         record._version, record._previous = version, previous
         record._source = version.source
-        previous = self._in_flight.pop(version.name, None)
+        superseded = self._in_flight.pop(version.name, None)
         affected = self.engine.schedule_reload(version)
         for match in affected:
             older = self._match_record.get(match.id)
@@ -244,8 +244,8 @@ class Reloader:
             record._pending.add(match.id)
         record.matches = [m.id for m in affected]
         record.dependents = sorted({m.script.name for m in affected} - {version.name})
-        if previous is not None:
-            self._settle(previous)
+        if superseded is not None:
+            self._settle(superseded)
         if record._pending:
             self._in_flight[version.name] = record
         else:

@@ -366,7 +366,8 @@ class AsobiServer:
         if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
             return _json_response(connection, 401, {"error": "bad admin token"})
         query = parse_qs(urlsplit(request.path).query)
-        script = (query.get("script") or [None])[0]
+        scripts = query.get("script")
+        script = scripts[0] if scripts else None
         if (
             script is not None
             and self.app.registry.relative_name(self.app.registry.game_dir / script) != script

@@ -173,7 +173,7 @@ class Watchdog:
         described = _describe(call)
         log.error("match_wedged", **described)
         match_id = described.get("match_id")
-        if match_id:
+        if isinstance(match_id, str) and match_id:
             self._on_wedged(match_id)
 
     def _exit(self, event: str, status: int, **fields: object) -> None:

@@ -27,12 +27,14 @@ BURN = HOSTILE.format(attack="") + (
     "function handle_input(state, player, input) while true do end end\n"
 )
 
-# handle_input costs about 6 ms of its budget (LIMITS.handle_input, 20 ms): three fit in one tick.
+# handle_input costs about 2 ms of CPU, a tenth of its budget (LIMITS.handle_input, 20 ms of wall
+# time): ten fit in one tick, and each call still fits its budget when a busy machine gives the
+# server a fraction of a CPU.
 COUNTING = """
 tick_rate = 20
 function init(state) state.n = 0 state.seen = {} state.per_tick = {} return state end
 function handle_input(state, player, input)
-  local stop = os.clock() + 0.006
+  local stop = os.clock() + 0.002
   while os.clock() < stop do end
   state.seen[#state.seen + 1] = input.i
   state.per_tick[game.tick()] = (state.per_tick[game.tick()] or 0) + 1
@@ -76,20 +78,20 @@ async def test_input_burst_costs_other_matches_one_budget_per_tick(
 
 
 async def test_inputs_over_the_budget_wait_for_the_next_tick(start_server: Any) -> None:
-    """Ten inputs that cost 6 ms each do not fit in one 20 ms budget: they are all handled, in
-    the order sent, spread over later ticks, and none is cut for lack of budget."""
+    """Thirty inputs that cost 2 ms each do not fit in one 20 ms budget: they are all handled,
+    in the order sent, spread over later ticks, and none is cut for lack of budget."""
     server = await start_server({"count.lua": COUNTING}, limits=LIMITS)
     player = await server.player("count")
     await player.expect("matchmaker.matched")
     await player.states(1)
-    for i in range(10):
+    for i in range(30):
         await player.send("match.input", {"i": i})
     deadline = time.monotonic() + 5
     state: dict[str, Any] = {}
-    while time.monotonic() < deadline and len(state.get("seen", [])) < 10:
+    while time.monotonic() < deadline and len(state.get("seen", [])) < 30:
         (state,) = await player.states(1)
-    assert state["seen"] == list(range(10))
-    assert 1 <= state["most_per_tick"] <= 3
+    assert state["seen"] == list(range(30))
+    assert 1 <= state["most_per_tick"] <= 10
 
 
 async def test_a_full_input_queue_drops_and_counts(start_server: Any, logs: Logs) -> None:

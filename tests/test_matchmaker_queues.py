@@ -64,11 +64,16 @@ async def test_ten_thousand_made_up_modes_leave_nothing_behind(start_server) -> 
     mm = server.app.matchmaker
 
     def pass_time() -> float:
-        t0 = time.perf_counter()
-        for _ in range(100):
-            mm.process()
-            mm.expire()
-        return (time.perf_counter() - t0) / 100
+        """The cheapest of ten rounds of 100 passes: a round that another process interrupted
+        measures the machine, not the matchmaker."""
+        rounds = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            for _ in range(100):
+                mm.process()
+                mm.expire()
+            rounds.append((time.perf_counter() - t0) / 100)
+        return min(rounds)
 
     baseline = pass_time()
     for i in range(10_000):

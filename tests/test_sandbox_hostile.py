@@ -18,7 +18,7 @@ import pytest
 from lupa import lua54
 
 from asobi.lua.runtime import Limits
-from tests.conftest import Client, Logs, take_lateness
+from tests.conftest import Client, Logs, run_queue_wait, take_lateness
 
 TICK_BUDGET = 0.02
 LIMITS = Limits(tick=TICK_BUDGET, init=0.2, join=0.05, get_state=0.01, max_memory=16 * 2**20)
@@ -61,6 +61,7 @@ class VictimWatch:
         self.arrivals: list[float] = []  # client-side, for reports only (same loop as the server)
         self.done = False
         take_lateness(app)  # the attack's window starts now
+        self.waited = run_queue_wait()
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
@@ -91,9 +92,11 @@ class VictimWatch:
         assert len(counters) >= 5, counters
         assert counters == list(range(counters[0], counters[0] + len(counters))), counters
         lateness = take_lateness(self.app)
-        allowed = budget + SLACK
+        stolen = max(run_queue_wait() - self.waited, 0.0)  # by other processes, not the server
+        allowed = budget + SLACK + stolen
         assert lateness and max(lateness) <= allowed, (
-            f"a tick started {max(lateness):.3f}s late (allowed {allowed:.3f}s)"
+            f"a tick started {max(lateness):.3f}s late (allowed {allowed:.3f}s, "
+            f"{stolen:.3f}s of it waiting for a CPU)"
         )
 
 

@@ -90,7 +90,7 @@ def _table(value: Any, budget: list[int], depth: int) -> Any:
     # The scalar cases are written out in both loops below on purpose: a helper call per value
     # would cost more than the rest of the walk.
     if type(items[0][0]) is int and _is_sequence(items):
-        out_list = []
+        out_list: list[Any] = []
         append = out_list.append
         for index, v in items:
             kind = type(v)
@@ -103,9 +103,9 @@ def _table(value: Any, budget: list[int], depth: int) -> Any:
                 elif not (kind is int or kind is bool):
                     v = _table(v, budget, depth + 1)
             except UnicodeDecodeError:
-                failure = _Failure("is not valid UTF-8 text")
-                failure.keys.append(f"[{index}]")
-                raise failure from None
+                not_text = _Failure("is not valid UTF-8 text")
+                not_text.keys.append(f"[{index}]")
+                raise not_text from None
             except _Failure as failure:
                 failure.keys.append(f"[{index}]")
                 raise
@@ -137,9 +137,9 @@ def _table(value: Any, budget: list[int], depth: int) -> Any:
             elif not (kind is int or kind is bool):
                 v = _table(v, budget, depth + 1)
         except UnicodeDecodeError:
-            failure = _Failure("is not valid UTF-8 text")
-            failure.keys.append(f".{key}")
-            raise failure from None
+            not_text = _Failure("is not valid UTF-8 text")
+            not_text.keys.append(f".{key}")
+            raise not_text from None
         except _Failure as failure:
             failure.keys.append(f".{key}")
             raise

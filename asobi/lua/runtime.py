@@ -389,7 +389,7 @@ class MatchLua:
 
     @staticmethod
     def is_table(value: Any) -> bool:
-        return lua54.lua_type(value) == "table"
+        return bool(lua54.lua_type(value) == "table")
 
     @staticmethod
     def type_name(value: Any) -> str:

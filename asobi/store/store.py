@@ -211,7 +211,8 @@ class Store:
         )
 
     async def find_account(self, username: str) -> tuple[str, str] | None:
-        return await self.backend.transact(ops.find_account(username))
+        found: tuple[str, str] | None = await self.backend.transact(ops.find_account(username))
+        return found
 
     async def update_hash(self, player_id: str, password_hash: str) -> None:
         await self.backend.transact(ops.update_hash(player_id, password_hash))
