@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 
 from asobi.engine import Engine
-from asobi.scripts import ScriptRegistry
+from asobi.scripts import ScriptRegistry, vet_script
 from bench import game
 
 
@@ -71,7 +71,9 @@ def measure(shared: bool, matches: int = 300, rounds: int = 7) -> SwitchCost:
         normal, switching = [], []
         for i in range(1, rounds + 1):
             normal.append(tick_all())
-            version = registry.update("match.lua", game.script(f"v{i}", shared).encode())
+            source = game.script(f"v{i}", shared).encode()
+            vetted = vet_script("match.lua", source, registry.limits, registry.modules())
+            version = registry.install("match.lua", vetted)
             assert version is not None and not hasattr(version, "errors")
             engine.schedule_reload(version)  # type: ignore[arg-type]
             switching.append(tick_all())
