@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.conftest import Client, take_lateness
+from tests.conftest import Client, run_queue_wait, take_lateness
 
 
 async def _auth(client: Client, kind: str, username: object, password: object) -> dict:
@@ -85,11 +85,14 @@ async def test_hashing_does_not_block_matches(start_server) -> None:
     await player.states(2)
     clients = [await server.client() for _ in range(4)]
     take_lateness(server.app)  # only the ticks that run while the hashes do count
+    waited = run_queue_wait()
     frames = await asyncio.gather(
         *(_auth(c, "auth.register", f"user{i}", "password-x") for i, c in enumerate(clients))
     )
     assert [f["type"] for f in frames] == ["auth.token"] * 4
     lateness = take_lateness(server.app)
     # Measured by the server's own scheduler.  One argon2 hash costs well over 0.1 s of CPU, so
-    # a single hash on the event loop makes some tick at least that late.
-    assert lateness and max(lateness) < 0.1, max(lateness)
+    # a single hash on the event loop makes some tick at least that late.  The time this process
+    # waited for a CPU (other processes' doing) is allowed on top; it is 0 on an idle machine.
+    stolen = max(run_queue_wait() - waited, 0.0)
+    assert lateness and max(lateness) < 0.1 + stolen, (max(lateness), stolen)

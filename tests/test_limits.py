@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from asobi.config import Settings
 from asobi.limits import TokenBucket
-from tests.conftest import Logs, take_lateness
+from tests.conftest import Logs, run_queue_wait, take_lateness
 from tests.protocol_support import GAME, RawClient, http_get, metric
 
 
@@ -157,6 +157,15 @@ async def test_compression_off_by_default_and_configurable(start_server) -> None
     await client.login_guest()
 
 
+def assert_every_tick_seen(counters: list[int], dropped: int) -> None:
+    """A reader that keeps up sees every tick's state, in order.  A busy machine can starve
+    even a good reader for a moment; then the server drops its stale states (and counts them),
+    so a gap is accepted only as wide as the drops the server counted for that reader."""
+    assert counters == sorted(set(counters)), counters
+    missing = counters[-1] - counters[0] + 1 - len(counters)
+    assert missing <= dropped, (missing, dropped, counters)
+
+
 BIG_STATE = GAME.replace("tick_rate = 20", "tick_rate = 50").replace(
     "last_left = state.last_left }", 'last_left = state.last_left, pad = ("x"):rep(20000) }'
 )
@@ -180,19 +189,25 @@ async def test_slow_reader_drops_states_then_is_closed(start_server, logs: Logs)
     slow.send_text(orjson.dumps({"type": "match.join", "payload": {"match_id": match_id}}))
     # The reader that keeps up sees every tick, and every tick starts on time (the server's own
     # measure), while the other one is stuck.
+    fast_peer = server.app.hub.peer(fast.player_id)
+    assert fast_peer is not None
     take_lateness(server.app)
+    waited = run_queue_wait()
     counters = []
     deadline = time.monotonic() + 2.5
     while time.monotonic() < deadline:
         (state,) = await fast.states(1)
         counters.append(state["counter"])
-    assert counters == list(range(counters[0], counters[0] + len(counters)))
+    assert_every_tick_seen(counters, fast_peer.dropped)
     lateness = take_lateness(server.app)
-    assert len(lateness) >= len(counters) - 1 and max(lateness) < 0.1, max(lateness)
+    # Widened by the time this process waited for a CPU (other processes' doing, see
+    # run_queue_wait): as strict as 0.1 s on an idle machine.
+    stolen = max(run_queue_wait() - waited, 0.0)
+    assert len(lateness) >= len(counters) - 1 and max(lateness) < 0.1 + stolen, (lateness, stolen)
     # A tick that ran long itself shows as skipped ticks (at 50 Hz, 5 mean a 0.1 s stall), not
     # as lateness.
     skipped = [e["skipped"] for e in logs.events("tick_overrun")]
-    assert max(skipped, default=0) < 5, skipped
+    assert max(skipped, default=0) < 5 + stolen * 50, (skipped, stolen)
     line = await logs.wait_for("slow_reader_closed", lambda e: e["player_id"] == "slowpoke")
     assert line["dropped"] > 0 and line["buffered"] > 64 * 1024
     _, _, body = await http_get(server.http + "/metrics")
@@ -228,6 +243,8 @@ async def test_slow_reader_hard_cap_closes_at_once(start_server, logs: Logs) -> 
             if frame["type"] == "match.state":
                 counters.append(frame["payload"]["counter"])
 
+    fast_peer = server.app.hub.peer(fast.player_id)
+    assert fast_peer is not None
     reader = asyncio.create_task(keep_reading())
     for _ in range(60):  # about one per tick: a reader that keeps up never comes near the cap
         await fast.send("match.input", {"shout": "y" * 8000})
@@ -237,7 +254,7 @@ async def test_slow_reader_hard_cap_closes_at_once(start_server, logs: Logs) -> 
     assert line["stuck_s"] < 30 and line["buffered"] > 256 * 1024
     assert not [e for e in logs.events("slow_reader_closed") if e["player_id"] != "stuck"]
     assert len(counters) > 20
-    assert counters == list(range(counters[0], counters[0] + len(counters)))
+    assert_every_tick_seen(counters, fast_peer.dropped)
     slow.close()
 
 
