@@ -9,6 +9,7 @@ interfaces the sessions and the matchmaker talk to: on a single node, the `Local
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -25,6 +26,9 @@ from asobi.presence import Presence
 from asobi.reload import Reloader, ReloadHistory
 from asobi.scripts import ScriptError, ScriptRegistry
 from asobi.store import Store, open_backend
+
+if TYPE_CHECKING:
+    from asobi.cluster import Cluster
 
 log = structlog.get_logger("asobi.app")
 
@@ -47,6 +51,8 @@ class App:
     metrics: Metrics = field(default_factory=Metrics)
     store: Store | None = field(default=None)
     accounts: Accounts | None = field(default=None)
+    # This node's place in a cluster (ASOBI_REDIS_URL); None on a single node.
+    cluster: Cluster | None = field(default=None)
 
     @classmethod
     def create(cls, settings: Settings) -> App:
@@ -87,7 +93,7 @@ class App:
         engine.store = store
         metrics = Metrics()
         placement = LocalPlacement(registry, engine)
-        return cls(
+        app = cls(
             settings=settings,
             registry=registry,
             engine=engine,
@@ -113,6 +119,9 @@ class App:
             listing=LocalListing(engine),
             placement=placement,
         )
+        if settings.redis_url:
+            app.cluster = join_cluster(app, secret)
+        return app
 
     def unplayable(self) -> str | None:
         """Why no match can start (no script in force), or None.  `/ready` says it."""
@@ -123,14 +132,44 @@ class App:
             return f"every script in {self.registry.game_dir} was rejected ({rejected})"
         return f"no scripts in {self.registry.game_dir}"
 
-    async def open(self) -> None:
-        """Open what needs I/O before serving (the database)."""
+    async def open(self, port: int = 0) -> None:
+        """Open what needs I/O before serving (the database, the cluster); `port` is the one the
+        server listens on, which a node announces to the cluster unless ASOBI_PUBLIC_URL says
+        otherwise."""
         if self.store is not None:
             await self.store.start()
+        if self.cluster is not None:
+            await self.cluster.start(port)
 
     async def close(self) -> None:
         """Write out what is pending and release resources."""
+        if self.cluster is not None:
+            await self.cluster.stop()
         if self.accounts is not None:
             self.accounts.close()
         if self.store is not None:
             await self.store.stop()
+
+
+def join_cluster(app: App, secret: str) -> Cluster:
+    """Make this app a node of the cluster at ASOBI_REDIS_URL: the one place that swaps the
+    single-node parts for the cluster's (docs/cluster.md)."""
+    from asobi.extras import require
+
+    require("redis", "cluster", "ASOBI_REDIS_URL names a Redis server")
+    from asobi.cluster import Cluster
+    from asobi.cluster.node import check_settings
+
+    check_settings(app.settings)
+
+    def load() -> dict[str, float]:
+        recent = list(app.metrics.recent_lateness)[-2000:]
+        recent.sort()
+        p99 = recent[int(len(recent) * 0.99)] * 1000 if recent else 0.0
+        return {
+            "matches": len(app.engine.matches),
+            "players": len(app.hub),
+            "lateness_p99_ms": max(p99, 0.0),
+        }
+
+    return Cluster(app.settings, secret, load)

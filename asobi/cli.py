@@ -1,4 +1,5 @@
-"""The `asobi` command: new, serve, token, check, reloads, reload (argument parsing and output)."""
+"""The `asobi` command: new, serve, token, check, reloads, reload, nodes (argument parsing and
+output)."""
 
 from __future__ import annotations
 
@@ -247,6 +248,29 @@ def cmd_reloads(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nodes(args: argparse.Namespace) -> int:
+    url = _server_url(args) + "/api/v1/cluster"
+    try:
+        status, body = _get_json(url)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"asobi nodes: cannot reach {url}: {exc}", file=sys.stderr)
+        return 1
+    if status != 200 or not isinstance(body, dict):
+        print(f"asobi nodes: {url} answered {status}", file=sys.stderr)
+        return 1
+    nodes = body.get("nodes") or []
+    if not body.get("cluster"):
+        print("single node (no ASOBI_REDIS_URL)")
+    print(f"{'NODE':<28} {'URL':<36} {'MATCHES':>7} {'PLAYERS':>7} {'P99 MS':>7} {'CPU':>5}")
+    for node in nodes:
+        print(
+            f"{str(node.get('node_id'))[:28]:<28} {str(node.get('public_url'))[:36]:<36} "
+            f"{node.get('matches', 0):>7} {node.get('players', 0):>7} "
+            f"{node.get('lateness_p99_ms', 0):>7} {node.get('cpu', 0):>5}"
+        )
+    return 0
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     token = Settings.from_env().admin_token
     if not token:
@@ -342,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     reloads.add_argument("--url", help="server base URL (default from ASOBI_HOST/ASOBI_PORT)")
     reloads.set_defaults(func=cmd_reloads)
 
+    nodes = sub.add_parser(
+        "nodes",
+        help="list the nodes of a running cluster with their load",
+        description="List the live nodes of the cluster a server belongs to (its heartbeats).",
+    )
+    nodes.add_argument("--url", help="server base URL (default from ASOBI_HOST/ASOBI_PORT)")
+    nodes.set_defaults(func=cmd_nodes)
+
     reload = sub.add_parser(
         "reload",
         help="make a running server re-read its scripts now (needs ASOBI_ADMIN_TOKEN)",
@@ -354,11 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from asobi.cluster.node import ClusterMisconfigured
     from asobi.extras import MissingExtra
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except ClusterMisconfigured as exc:
+        print(f"asobi: {exc}", file=sys.stderr)
+        return 2
     except MissingExtra as exc:
         print(f"asobi: {exc}", file=sys.stderr)
         return 1

@@ -72,6 +72,16 @@ class Settings:
     stop_stuck_s: float = 3.0
     # Empty: SQLite in data_dir.  postgresql://user:pass@host/db for PostgreSQL.
     database_url: str = ""
+    # -- cluster (docs/cluster.md) --
+    # ASOBI_REDIS_URL makes this server a node of a cluster (redis://host:6379/0, unix:///path).
+    redis_url: str = ""
+    # This node's id (default: hostname and process id) and the ws:// URL clients use to reach
+    # this process directly, sent to them when a match they join runs here.
+    node_id: str = ""
+    public_url: str = ""
+    # A node whose heartbeat is older than this is gone (its matches and tickets with it).
+    node_ttl_s: float = 5.0
+    heartbeat_s: float = 1.0
     # -- first-run experience --
     # ASOBI_LOG_FORMAT: json, console (coloured text), or auto (console on a terminal).
     log_format: str = "auto"

@@ -50,6 +50,10 @@ class ErrorCode(StrEnum):
     ADMIN_DISABLED = "admin_disabled"
     ADMIN_UNAUTHORIZED = "admin_unauthorized"
     PLAYER_NOT_FOUND = "player_not_found"
+    # Cluster (docs/cluster.md): Redis cannot be reached right now (matchmaking, cross-node
+    # joins); the node holding the player's match is gone.
+    UNAVAILABLE = "unavailable"
+    MATCH_LOST = "match_lost"
 
 
 class ProtocolError(Exception):

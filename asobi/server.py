@@ -205,13 +205,13 @@ class AsobiServer:
             close_timeout=s.close_timeout_s,
             start_serving=False,
         )
-        await self.app.open()
+        sock = next(iter(self._server.sockets))
+        self.port = sock.getsockname()[1]
+        await self.app.open(self.port)
         self._ticker = Ticker(self.app.engine)
         self.app.engine.clock = self._ticker.loop.time
         self._ticker.start()
         await self._server.start_serving()
-        sock = next(iter(self._server.sockets))
-        self.port = sock.getsockname()[1]
         self._housekeeping = asyncio.create_task(self._housekeep())
         watching = asyncio.Event()
         if s.reload == "watch":
@@ -344,6 +344,8 @@ class AsobiServer:
             del response.headers["Content-Type"]
             response.headers["Content-Type"] = CONTENT_TYPE_LATEST
             return response
+        if path == "/api/v1/cluster":
+            return _json_response(connection, 200, self._cluster())
         if path == "/api/v1/reloads":
             return _json_response(connection, 200, {"reloads": self.app.history.as_list()})
         if path == "/api/v1/admin/reload":
@@ -381,6 +383,23 @@ class AsobiServer:
                 break
             await asyncio.sleep(0.01)
         return _json_response(connection, 200, {"reloads": [r.as_dict() for r in records]})
+
+    def _cluster(self) -> dict[str, Any]:
+        """The live nodes (`asobi nodes`); a single node lists itself."""
+        if self.app.cluster is not None:
+            return self.app.cluster.describe()
+        return {
+            "cluster": False,
+            "node_id": "local",
+            "nodes": [
+                {
+                    "node_id": "local",
+                    "public_url": f"ws://{self.settings.host}:{self.port}{WS_PATH}",
+                    "matches": len(self.app.engine.matches),
+                    "players": len(self.app.hub),
+                }
+            ],
+        }
 
     def _ready(self) -> bool:
         return (

@@ -1,0 +1,3 @@
+from tests.cluster_support import cluster
+
+__all__ = ["cluster"]
