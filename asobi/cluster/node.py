@@ -20,6 +20,7 @@ import structlog
 
 from asobi.cluster.link import RedisLink, Unavailable, key
 from asobi.cluster.nodes import LoadProbe, NodeDirectory, default_node_id
+from asobi.cluster.seat_tokens import SeatTokens
 from asobi.config import Settings
 
 log = structlog.get_logger("asobi.cluster")
@@ -47,6 +48,7 @@ class Cluster:
             heartbeat_s=settings.heartbeat_s,
             ttl_s=settings.node_ttl_s,
         )
+        self.seat_tokens = SeatTokens(secret)
         self._secret_digest = hmac.new(
             secret.encode(), b"asobi-cluster", hashlib.sha256
         ).hexdigest()
