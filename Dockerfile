@@ -10,7 +10,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     ASOBI_DATA_DIR=/data
 
 # Extras to install: compose runs on SQLite and needs none; `--build-arg ASOBI_EXTRAS=postgres`
-# for an image that uses ASOBI_DATABASE_URL=postgresql://...
+# for an image that uses ASOBI_DATABASE_URL=postgresql://..., `cluster` for a cluster node
+# (Redis and PostgreSQL drivers; compose's cluster profile builds that one).
 ARG ASOBI_EXTRAS=""
 
 WORKDIR /app

@@ -181,3 +181,27 @@ def test_postgres_url_without_the_extra_is_one_clear_line(tmp_path: Path) -> Non
         "asobi: ASOBI_DATABASE_URL names a PostgreSQL database, which needs the 'postgres' "
         "extra: pip install 'asobi[postgres]'"
     ]
+
+
+def test_compose_cluster_profile_runs_nodes_that_can_reach_each_other() -> None:
+    """`docker compose --profile cluster up`: Redis, PostgreSQL and nodes that share the secret,
+    the database and Redis, each announcing the URL of its own published port; plain
+    `docker compose up` still starts only the single node."""
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    assert "profiles" not in services["asobi"]
+    nodes = {name: s for name, s in services.items() if name.startswith("node")}
+    assert len(nodes) >= 2
+    for name in ("redis", "postgres", *nodes):
+        assert services[name]["profiles"] == ["cluster"]
+    envs = [s["environment"] for s in nodes.values()]
+    for key in ("ASOBI_SECRET", "ASOBI_DATABASE_URL", "ASOBI_REDIS_URL"):
+        assert len({env[key] for env in envs}) == 1, key
+    assert envs[0]["ASOBI_DATABASE_URL"].startswith("postgresql://")
+    assert envs[0]["ASOBI_REDIS_URL"].startswith("redis://redis:")
+    assert len({env["ASOBI_NODE_ID"] for env in envs}) == len(nodes)
+    for service in nodes.values():
+        env = service["environment"]
+        published = service["ports"][0].split(":")
+        assert published == [env["ASOBI_PORT"], env["ASOBI_PORT"]]
+        assert env["ASOBI_PUBLIC_URL"].endswith(f":{env['ASOBI_PORT']}/ws")
+        assert service["build"]["args"]["ASOBI_EXTRAS"] == "cluster"
