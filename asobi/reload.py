@@ -214,6 +214,22 @@ class Reloader:
             return record
         return self._schedule(outcome, previous, trigger, t0)
 
+    async def apply_sources(
+        self, sources: Iterable[tuple[str, bytes]], trigger: str
+    ) -> list[tuple[str, ReloadRecord | str]]:
+        """Apply given contents (a pushed bundle, not files on disk) in order, as one batch.
+
+        Each content goes through `apply_source`, the transaction a save goes through; for one
+        it skips, the reason (`unchanged` or `already_rejected`) stands in for the record.
+        """
+        async with self._applying:
+            out: list[tuple[str, ReloadRecord | str]] = []
+            for name, source in sources:
+                skipped = self.registry.unchanged_reason(name, source)
+                record = None if skipped else await self.apply_source(name, source, trigger)
+                out.append((name, record if record is not None else skipped or "unchanged"))
+            return out
+
     async def reload_now(
         self, name: str | None, trigger: str = "manual", *, report_unchanged: bool = True
     ) -> list[ReloadRecord]:
