@@ -162,10 +162,10 @@ class BundleUpload:
         check_sizes(sizes, max_bytes)
         if not isinstance(claimed_hash, str) or len(claimed_hash) != 64:
             raise BadBundle("hash must be the bundle's SHA-256 address (64 hex digits)")
-        self.sizes = sizes
+        self.sizes: dict[str, int] = {path: int(size) for path, size in sizes.items()}
         self.claimed_hash = claimed_hash
         self.max_bytes = max_bytes
-        self.total = sum(sizes.values())
+        self.total = sum(self.sizes.values())
         self._data = bytearray()
 
     @property

@@ -135,9 +135,6 @@ class ClusterReloader:
         self.bundles = BundleStore(link)
         self.records = ReloadRecords(link)
         self.applied = 0  # the latest record this node applied
-        # Errors of scripts this node refused, by (path, content hash): a bundle pushed again
-        # is reported with the reason, not just "already refused".
-        self._refusals: dict[tuple[str, str], list[str]] = {}
         self._lock = asyncio.Lock()
         self._catch_up: asyncio.Task[None] | None = None
 
@@ -268,10 +265,10 @@ class ClusterReloader:
             else:
                 sources.append((path, bundle.files[path]))
         applied = await self.reloader.apply_sources(sources, "push")
-        records = [r for _, r in applied if not isinstance(r, str)]
+        records = [r for _, r in applied if r is not None]
         await _settled(records, SETTLE_S)
         for path, result in applied:
-            scripts[path] = self._script_outcome(path, bundle.files[path], result)
+            scripts[path] = self._script_outcome(path, result)
         # The files follow what is in force: written when this node took them, never otherwise.
         in_force = {
             path: data
@@ -293,14 +290,8 @@ class ClusterReloader:
             "write_errors": write_errors,
         }
 
-    def _script_outcome(
-        self, path: str, source: bytes, result: ReloadRecord | str
-    ) -> dict[str, Any]:
-        digest = content_hash(source)
-        if isinstance(result, str):
-            if result == "already_rejected":
-                errors = self._refusals.get((path, digest), ["refused earlier on this node"])
-                return _refused(path, errors)
+    def _script_outcome(self, path: str, result: ReloadRecord | None) -> dict[str, Any]:
+        if result is None:
             return {"script": path, "outcome": "unchanged"}
         out: dict[str, Any] = {
             "script": path,
@@ -312,17 +303,13 @@ class ClusterReloader:
         if result.outcome == "pending":
             return dict(out, outcome="pending")
         current = self.reloader.registry.get(path)
-        if result.outcome == "reloaded" or (current is not None and current.hash == digest):
+        if result.outcome == "reloaded" or (current is not None and current.hash == result.hash):
             # Taken (matches that refused keep their code; new matches start on this one).
             out["outcome"] = "reloaded"
             if result.errors:
                 out["errors"] = list(result.errors)
             return out
-        errors = list(result.errors) or [result.outcome]
-        if len(self._refusals) > 1024:
-            self._refusals.clear()
-        self._refusals[(path, digest)] = errors
-        return dict(out, outcome="refused", errors=errors)
+        return dict(out, outcome="refused", errors=list(result.errors) or [result.outcome])
 
 
 def _refused(path: str, errors: list[str]) -> dict[str, Any]:
