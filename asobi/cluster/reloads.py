@@ -203,7 +203,7 @@ class ClusterReloader:
             record = await self.records.get(record_id)
             if record is None:
                 raise Unavailable(f"reload record {record_id} vanished from Redis")
-            answered = {a["node_id"] for a in record["answers"] if a["outcome"] != "pending"}
+            answered = {a["node_id"] for a in record["answers"]}
             waiting = [n for n in record["nodes"] if n not in answered and self.nodes.alive(n)]
             gone = [n for n in record["nodes"] if n not in answered and not self.nodes.alive(n)]
             if not waiting or asyncio.get_running_loop().time() > deadline:
