@@ -142,7 +142,11 @@ class ClusterReloader:
     async def start(self) -> None:
         """Before the node serves: run the latest pushed bundle, not older local files."""
         self.link.on("bundle", self._announced)
-        await self.catch_up(late=True)
+        try:
+            await self.catch_up(late=True)
+        except Unavailable as exc:
+            # Redis answered a moment ago; the periodic check applies the push once it is back.
+            log.warning("bundle_catch_up_failed", node_id=self.link.node_id, error=str(exc))
         self._catch_up = asyncio.create_task(self._keep_up())
 
     async def stop(self) -> None:

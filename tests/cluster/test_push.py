@@ -204,3 +204,22 @@ async def test_a_bundle_over_the_bound_or_with_a_bad_path_is_refused(
         timeout=30,
     )
     assert out.returncode == 2 and "match.lua" in out.stderr and "2000" in out.stderr
+
+    # A bundle of many chunks (more than the connection's frame rate allows: chunks refused as
+    # `rate_limited` are sent again) goes to a node with the default bound; the node with the
+    # small bound refuses it on its own.
+    slow = {"ASOBI_RATE_LIMIT_PER_S": "20", "ASOBI_RATE_LIMIT_BURST": "10"}
+    b = await cluster.start_node({"match.lua": V1}, node_id="b", env={**ENV, **slow})
+    padding = "-- " + "x" * 99 + "\n"
+    large = V1.replace("tick_rate = 20", "tick_rate = 25") + padding * 30_000
+    code, out, err = await asyncio.to_thread(
+        push, b, write_game(tmp_path / "large", {"match.lua": large})
+    )
+    assert code == 1, (out, err)
+    _, body = b.get("/api/v1/reloads")
+    record = body["cluster_reloads"][0]
+    assert record["bytes"] == len(large) > 3_000_000
+    assert answers(record) == {"a": {"match.lua": "refused"}, "b": {"match.lua": "reloaded"}}
+    refused = next(x for x in record["answers"] if x["node_id"] == "a")["scripts"][0]
+    assert "larger than 2000 bytes" in refused["errors"][0]
+    assert (b.game_dir / "match.lua").read_text() == large
