@@ -48,6 +48,8 @@ SETTLE_S = 5.0
 PUSH_WAIT_S = 15.0
 # How often a node compares the current-bundle pointer with what it applied.
 CATCH_UP_S = 5.0
+# The log event of a node's outcome (`bundle_pending`: its matches had not all settled).
+APPLY_EVENTS = {"reloaded": "bundle_applied", "refused": "bundle_refused"}
 
 
 def _record_key(record_id: int) -> str:
@@ -238,7 +240,6 @@ class ClusterReloader:
                 }
             else:
                 outcome = await self._apply_bundle(bundle)
-            self.applied = record_id
             outcome.update(
                 node_id=self.link.node_id,
                 bundle=address,
@@ -246,7 +247,10 @@ class ClusterReloader:
                 elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
             )
             await self.records.answer(record_id, self.link.node_id, outcome)
-            event = "bundle_applied" if outcome["outcome"] == "reloaded" else "bundle_refused"
+            # Only once answered: a node that could not answer applies it again at its next
+            # check (finding its scripts unchanged) and answers then.
+            self.applied = record_id
+            event = APPLY_EVENTS.get(outcome["outcome"], "bundle_pending")
             logger = log.info if event == "bundle_applied" else log.warning
             logger(
                 event,
