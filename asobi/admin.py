@@ -28,6 +28,8 @@ import structlog
 
 from asobi import admin_feed, merge_patch
 from asobi.app import App
+from asobi.cluster.bundles import BadBundle, Bundle, BundleUpload
+from asobi.cluster.link import Unavailable
 from asobi.engine import Engine
 from asobi.hub import Peer
 from asobi.lua.convert import ConversionError, to_python
@@ -37,6 +39,7 @@ from asobi.protocol import (
     Frame,
     ProtocolError,
     encode,
+    encode_error,
     optional_mode,
     optional_str,
     require_str,
@@ -54,6 +57,8 @@ DIFF_MAX_LINES = 400
 LATENESS_SAMPLES = 10_000
 STATE_PREFIX = b'{"type":"match.state",'
 PATCH_PREFIX = b'{"type":"match.patch",'
+# Room for the frame's JSON around one `admin.push_data` chunk's base64.
+PUSH_FRAME_OVERHEAD = 512
 
 
 class FrameTap:
@@ -160,6 +165,7 @@ class AdminChannel:
         self._watched: str | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._reload_tasks: set[asyncio.Task[None]] = set()
+        self._upload: BundleUpload | None = None
 
     def handlers(self) -> dict[str, Callable[[Frame], None]]:
         guarded = {
@@ -174,6 +180,8 @@ class AdminChannel:
             "admin.reloads": self._reloads,
             "admin.reload": self._reload,
             "admin.queues": self._queues,
+            "admin.push": self._push_begin,
+            "admin.push_data": self._push_data,
         }
         out: dict[str, Callable[[Frame], None]] = {"admin.auth": self._auth}
         for kind, handler in guarded.items():
@@ -473,6 +481,70 @@ class AdminChannel:
             return
         log.info("admin_reload", script=script, attempts=len(records), remote=self.remote)
         self._reply(frame, "admin.reloading", {"reloads": [r.as_dict() for r in records]})
+
+    # -- cluster push (`asobi push`, docs/cluster.md) ---------------------------------------------
+    def _push_begin(self, frame: Frame) -> None:
+        """`admin.push {files: [{path, size}], hash}` announces a bundle; its bytes follow in
+        acknowledged `admin.push_data {offset, data}` chunks (base64), since a frame is capped
+        far below a bundle's bound.  The last chunk is answered by `admin.pushed {record}` once
+        every node answered."""
+        if self.app.cluster_reloader is None:
+            raise ProtocolError(
+                ErrorCode.UNAVAILABLE,
+                "asobi push needs a node of a cluster (ASOBI_REDIS_URL); on a single server, "
+                "save the files in its game dir or use asobi reload",
+                frame.cid,
+            )
+        try:
+            self._upload = upload = BundleUpload(
+                frame.payload.get("files"),
+                frame.payload.get("hash"),
+                self.app.settings.max_script_bytes,
+            )
+        except BadBundle as exc:
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, str(exc), frame.cid) from None
+        chunk = (self.app.settings.max_frame_bytes - PUSH_FRAME_OVERHEAD) // 4 * 3
+        self._reply(frame, "admin.push_ready", {"chunk_bytes": chunk, "bytes": upload.total})
+        if upload.complete:
+            self._push_received(frame, upload)
+
+    def _push_data(self, frame: Frame) -> None:
+        upload = self._upload
+        if upload is None:
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, "send admin.push first", frame.cid)
+        try:
+            upload.add(frame.payload.get("offset"), frame.payload.get("data"))
+        except BadBundle as exc:
+            self._upload = None
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, str(exc), frame.cid) from None
+        if upload.complete:
+            self._push_received(frame, upload)
+        else:
+            self._reply(frame, "admin.push_received", {"received": upload.received})
+
+    def _push_received(self, frame: Frame, upload: BundleUpload) -> None:
+        self._upload = None
+        try:
+            bundle = upload.bundle()
+        except BadBundle as exc:
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, str(exc), frame.cid) from None
+        task = asyncio.get_running_loop().create_task(self._push_bundle(frame, bundle))
+        self._reload_tasks.add(task)
+        task.add_done_callback(self._reload_tasks.discard)
+
+    async def _push_bundle(self, frame: Frame, bundle: Bundle) -> None:
+        assert self.app.cluster_reloader is not None
+        try:
+            record = await self.app.cluster_reloader.push(bundle)
+        except Unavailable as exc:
+            self.peer.send_frame(encode_error(ErrorCode.UNAVAILABLE, str(exc), frame.cid))
+            return
+        except Exception:
+            log.exception("admin_push_failed", bundle=bundle.hash, remote=self.remote)
+            self.peer.send_frame(encode_error(ErrorCode.INTERNAL, "push crashed", frame.cid))
+            return
+        log.info("admin_push", record=record["id"], bundle=bundle.hash, remote=self.remote)
+        self._reply(frame, "admin.pushed", {"record": record})
 
 
 def _summary(match: Match) -> dict[str, Any]:

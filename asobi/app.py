@@ -29,6 +29,7 @@ from asobi.store import Store, open_backend
 
 if TYPE_CHECKING:
     from asobi.cluster import Cluster
+    from asobi.cluster.reloads import ClusterReloader
 
 log = structlog.get_logger("asobi.app")
 
@@ -53,6 +54,8 @@ class App:
     accounts: Accounts | None = field(default=None)
     # This node's place in a cluster (ASOBI_REDIS_URL); None on a single node.
     cluster: Cluster | None = field(default=None)
+    # `asobi push` and the cluster's reload records (docs/cluster.md); None on a single node.
+    cluster_reloader: ClusterReloader | None = field(default=None)
 
     @classmethod
     def create(cls, settings: Settings) -> App:
@@ -172,4 +175,12 @@ def join_cluster(app: App, secret: str) -> Cluster:
             "lateness_p99_ms": max(p99, 0.0),
         }
 
-    return Cluster(app.settings, secret, load)
+    cluster = Cluster(app.settings, secret, load)
+
+    from asobi.cluster.reloads import ClusterReloader
+
+    app.cluster_reloader = ClusterReloader(
+        cluster.link, cluster.nodes, app.reloader, app.settings.max_script_bytes
+    )
+    cluster.on_start(app.cluster_reloader.start, app.cluster_reloader.stop)
+    return cluster

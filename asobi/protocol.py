@@ -87,6 +87,8 @@ ADMIN_TYPES = (
     "admin.reloads",
     "admin.reload",
     "admin.queues",
+    "admin.push",
+    "admin.push_data",
 )
 
 # Frames a client may send.  Frames in AUTH_FREE need no session.

@@ -186,17 +186,21 @@ class Reloader:
         log.warning("script_unreadable", script=name, error=str(content))
         return None
 
-    async def apply_source(self, name: str, source: bytes, trigger: str) -> ReloadRecord | None:
+    async def apply_source(
+        self, name: str, source: bytes, trigger: str, *, again: bool = False
+    ) -> ReloadRecord | None:
         """Vet a new content of `name` and, if it passes, reload the matches running it.
 
         Vetting (compiling and running the top level in a probe, up to the `load` budget) runs
         on a worker thread, on a snapshot of the modules `require` may load; its outcome is
         installed back here, on the loop.  Batches are applied one at a time (`_applying`), so
-        nothing else installs a script meanwhile.
+        nothing else installs a script meanwhile.  `again` vets a content refused before once
+        more (it is skipped only when it is the version in force).
         """
         t0 = time.perf_counter()
         registry = self.registry
-        if registry.unchanged_reason(name, source) is not None:
+        skipped = registry.unchanged_reason(name, source)
+        if skipped == "unchanged" or (skipped is not None and not again):
             return None
         vetted = await asyncio.to_thread(
             vet_script, name, source, registry.limits, registry.modules(), registry.max_script_bytes
@@ -213,6 +217,21 @@ class Reloader:
             self._finish(record)
             return record
         return self._schedule(outcome, previous, trigger, t0)
+
+    async def apply_sources(
+        self, sources: Iterable[tuple[str, bytes]], trigger: str
+    ) -> list[tuple[str, ReloadRecord | None]]:
+        """Apply given contents (a pushed bundle, not files on disk) in order, as one batch.
+
+        Each content goes through `apply_source`, the transaction a save goes through, and is
+        vetted even when this content was refused before (what it `require`s may have arrived
+        since, earlier in the same batch); `None` stands for a content already in force.
+        """
+        async with self._applying:
+            return [
+                (name, await self.apply_source(name, source, trigger, again=True))
+                for name, source in sources
+            ]
 
     async def reload_now(
         self, name: str | None, trigger: str = "manual", *, report_unchanged: bool = True

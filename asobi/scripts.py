@@ -114,6 +114,17 @@ def script_errors(name: str, source: bytes, messages: list[str]) -> ScriptError:
     )
 
 
+def literal_requires(source: bytes) -> list[tuple[int, str]]:
+    """(line, module name) of each `require` with a literal name in `source`, comments skipped:
+    what a script will ask for, read without running it."""
+    text = source.decode(errors="replace")
+    text = _LUA_COMMENT_RE.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+    return [
+        (text.count("\n", 0, found.start()) + 1, found.group(1))
+        for found in _REQUIRE_RE.finditer(text)
+    ]
+
+
 def is_script_path(path: Path) -> bool:
     """Lua files only; skip editor droppings (`.#x.lua`, `.x.lua.swp`, `x.lua~`) and hidden dirs."""
     return path.suffix == ".lua" and not any(part.startswith(".") for part in path.parts)
@@ -306,13 +317,10 @@ class ScriptRegistry:
         script = self._scripts.get(name)
         if script is None:
             return []
-        text = script.source.decode(errors="replace")
-        text = _LUA_COMMENT_RE.sub(lambda m: "\n" * m.group(0).count("\n"), text)
         problems = []
-        for found in _REQUIRE_RE.finditer(text):
-            code, message = self.module_source(found.group(1).encode())
+        for line, module in literal_requires(script.source):
+            code, message = self.module_source(module.encode())
             if code is None:
-                line = text.count("\n", 0, found.start()) + 1
                 problems.append(f"{name}:{line}: {message.decode()}")
         return problems
 

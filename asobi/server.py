@@ -34,6 +34,7 @@ from websockets.protocol import State
 
 from asobi import benchstats, web
 from asobi.app import App
+from asobi.cluster.link import Unavailable
 from asobi.limits import KeyedBuckets
 from asobi.metrics import Metrics
 from asobi.reload import poll_changes, watch_changes
@@ -347,7 +348,7 @@ class AsobiServer:
         if path == "/api/v1/cluster":
             return _json_response(connection, 200, self._cluster())
         if path == "/api/v1/reloads":
-            return _json_response(connection, 200, {"reloads": self.app.history.as_list()})
+            return _json_response(connection, 200, await self._reloads())
         if path == "/api/v1/admin/reload":
             return await self._admin_reload(connection, request)
         page = web.respond(
@@ -383,6 +384,17 @@ class AsobiServer:
                 break
             await asyncio.sleep(0.01)
         return _json_response(connection, 200, {"reloads": [r.as_dict() for r in records]})
+
+    async def _reloads(self) -> dict[str, Any]:
+        """This node's reload history; on a node of a cluster also the latest cluster reload
+        records (`asobi push`), or why they cannot be read now."""
+        body: dict[str, Any] = {"reloads": self.app.history.as_list()}
+        if self.app.cluster_reloader is not None:
+            try:
+                body["cluster_reloads"] = await self.app.cluster_reloader.records.recent()
+            except Unavailable as exc:
+                body["cluster_reloads_error"] = str(exc)
+        return body
 
     def _cluster(self) -> dict[str, Any]:
         """The live nodes (`asobi nodes`); a single node lists itself."""
