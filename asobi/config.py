@@ -72,6 +72,12 @@ class Settings:
     stop_stuck_s: float = 3.0
     # Empty: SQLite in data_dir.  postgresql://user:pass@host/db for PostgreSQL.
     database_url: str = ""
+    # -- cluster (docs/cluster.md) --
+    # ASOBI_REDIS_URL (redis://host:6379/0 or unix:///path/redis.sock) makes this server a node.
+    redis_url: str = ""
+    # This node's id in the cluster, and the ws:// URL that reaches this very process.
+    node_id: str = ""
+    public_url: str = ""
     # -- first-run experience --
     # ASOBI_LOG_FORMAT: json, console (coloured text), or auto (console on a terminal).
     log_format: str = "auto"

@@ -34,6 +34,7 @@ from websockets.protocol import State
 
 from asobi import benchstats, web
 from asobi.app import App
+from asobi.handoff import HandoffReceiver, connection_factory
 from asobi.limits import KeyedBuckets
 from asobi.metrics import Metrics
 from asobi.reload import poll_changes, watch_changes
@@ -172,6 +173,7 @@ class AsobiServer:
         self._housekeeping: asyncio.Task[None] | None = None
         self._stopping = False
         self.watchdog: Watchdog | None = None
+        self._handoff: HandoffReceiver | None = None
         self.peers: set[WebSocketPeer] = set()
         self._ip_buckets = KeyedBuckets(
             self.settings.connect_rate_per_ip, self.settings.connect_burst_per_ip
@@ -234,11 +236,17 @@ class AsobiServer:
             compression=s.compression,
             max_connections=s.max_connections,
         )
+        # A worker of `asobi serve --workers N` also serves the sockets its supervisor accepts.
+        self._handoff = HandoffReceiver.from_env(connection_factory(self._server, s))
+        if self._handoff is not None:
+            self._handoff.start()
 
     async def stop(self) -> None:
         if self._stopping:
             return
         self._stopping = True
+        if self._handoff is not None:
+            self._handoff.stop()
         self._stop_watch.set()
         if self._watch_task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -326,6 +334,12 @@ class AsobiServer:
     async def _process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
+        response = await self._route(connection, request)
+        if response is not None and self.settings.node_id:
+            response.headers["X-Asobi-Node"] = self.settings.node_id  # which node answered
+        return response
+
+    async def _route(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == WS_PATH:
             return self._admit(connection)
