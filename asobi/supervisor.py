@@ -317,7 +317,11 @@ class Supervisor:
         asyncio.get_running_loop().add_reader(ours.fileno(), self._on_channel, worker, ours)
         worker.watcher = asyncio.create_task(self._watch(worker, worker.process))
         log.info(
-            "worker_started", node_id=worker.node_id, worker=worker.index, pid=worker.process.pid
+            "worker_started",
+            node_id=worker.node_id,
+            public_url=node_url(self.public_base, worker.node_id),
+            worker=worker.index,
+            pid=worker.process.pid,
         )
 
     def _on_channel(self, worker: Worker, channel: socket.socket) -> None:
