@@ -73,11 +73,15 @@ class Settings:
     # Empty: SQLite in data_dir.  postgresql://user:pass@host/db for PostgreSQL.
     database_url: str = ""
     # -- cluster (docs/cluster.md) --
-    # ASOBI_REDIS_URL (redis://host:6379/0 or unix:///path/redis.sock) makes this server a node.
+    # ASOBI_REDIS_URL makes this server a node of a cluster (redis://host:6379/0, unix:///path).
     redis_url: str = ""
-    # This node's id in the cluster, and the ws:// URL that reaches this very process.
+    # This node's id (default: hostname and process id) and the ws:// URL clients use to reach
+    # this process directly, sent to them when a match they join runs here.
     node_id: str = ""
     public_url: str = ""
+    # A node whose heartbeat is older than this is gone (its matches and tickets with it).
+    node_ttl_s: float = 5.0
+    heartbeat_s: float = 1.0
     # -- first-run experience --
     # ASOBI_LOG_FORMAT: json, console (coloured text), or auto (console on a terminal).
     log_format: str = "auto"

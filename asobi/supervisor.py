@@ -255,6 +255,7 @@ class Supervisor:
             workers=[w.node_id for w in self.workers],
             pids=[w.process.pid for w in self.workers if w.process],
             redis=self.redis_url,
+            cpu_s=round(time.process_time(), 3),
         )
 
     async def _wait_ready(self) -> bool:
@@ -454,7 +455,9 @@ class Supervisor:
         await asyncio.gather(*watchers, return_exceptions=True)
         if self._redis is not None:
             await self._redis.stop()
-        log.info("supervisor_stopped", handed_off=self.handed_off)
+        log.info(
+            "supervisor_stopped", handed_off=self.handed_off, cpu_s=round(time.process_time(), 3)
+        )
 
 
 def _backoff(quick_deaths: int) -> float:
