@@ -133,9 +133,11 @@ class HandoffReceiver:
         for fd in fds:
             self._adopt(fd)
         if not msg:
-            log.warning("supervisor_gone")
+            # Stop reading first: the channel stays readable at its end, and this must run once
+            # even if the log line below cannot be written (the supervisor held its pipe).
             self.stop()
             os.kill(os.getpid(), signal.SIGTERM)
+            log.warning("supervisor_gone")
 
     def _adopt(self, fd: int) -> None:
         sock = socket.socket(fileno=fd)

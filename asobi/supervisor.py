@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -53,6 +54,7 @@ BACKOFF_MAX_S = 30.0
 # After the workers' own shutdown budget (connections, then the store), how long to wait more.
 STOP_MARGIN_S = 5.0
 ACCEPT_BACKLOG = 1024
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class CannotStart(Exception):
@@ -144,6 +146,7 @@ class PrivateRedis:
             *("--dir", str(self.path.parent), "--loglevel", "warning"),
             stdout=asyncio.subprocess.DEVNULL,
             start_new_session=True,  # a terminal's Ctrl-C reaches the supervisor, which decides
+            preexec_fn=_stop_with_parent,
         )
         deadline = time.monotonic() + REDIS_START_S
         while not await _redis_answers(self.path):
@@ -166,6 +169,13 @@ class PrivateRedis:
             process.kill()
             await process.wait()
         log.info("private_redis_stopped", status=process.returncode)
+
+
+def _stop_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the supervisor dies, even of SIGKILL (Linux),
+    so that a private Redis never outlives it and blocks the next start on its socket."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 async def _redis_answers(path: Path) -> bool:

@@ -126,11 +126,12 @@ async def supervise(tmp_path: Path, database_url: str) -> AsyncIterator[Callable
 
 
 def _alive(pid: int) -> bool:
+    """Running (an exited orphan may stay a zombie until its new parent reaps it)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 async def _gone(pid: int, within_s: float = 20.0) -> bool:
@@ -292,3 +293,17 @@ async def test_a_killed_worker_is_restarted_and_backs_off_when_it_keeps_dying(su
     (backoff,) = await sup.wait_for("worker_backoff")
     assert backoff["worker"] == 1 and backoff["delay_s"] > 0
     await sup.wait_for("worker_restarted", n=2)
+
+
+@needs_postgres
+@needs_redis_server
+async def test_workers_and_redis_stop_when_the_supervisor_is_killed(supervise) -> None:
+    sup = await supervise(2)
+    (redis,) = sup.logs("private_redis_started")
+    pids = [line["pid"] for line in sup.logs("worker_started")] + [redis["pid"]]
+    sup.process.kill()
+    await asyncio.to_thread(sup.process.wait, 10)
+    for pid in pids:
+        assert await _gone(pid), pid
+    assert len(sup.logs("supervisor_gone")) == 2
+    assert len(sup.logs("server_stopped")) == 2  # each worker stopped gracefully
