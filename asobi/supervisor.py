@@ -251,9 +251,10 @@ class Supervisor:
             await self._shutdown()
 
     def _announce(self) -> None:
-        shown = urlsplit(self.public_base)
+        host = self.settings.host
+        shown = "localhost" if host in ("0.0.0.0", "::", "") else host
         print(
-            f"listening on {shown.scheme}://{shown.netloc}{shown.path} "
+            f"listening on ws://{shown}:{self.port}/ws "
             f"(game: {self.settings.game_dir}, {len(self.workers)} workers, "
             f"redis: {'private' if self._redis else self.redis_url})",
             file=sys.stderr,
@@ -445,6 +446,8 @@ class Supervisor:
         return ready[self._next]
 
     async def _shutdown(self) -> None:
+        self._stop.set()
+        self.listener.close()  # new clients are refused from now on, not left in the backlog
         for task in list(self._routing):
             task.cancel()
         running = [w for w in self.workers if w.process and w.process.returncode is None]
