@@ -6,6 +6,7 @@ The workers need PostgreSQL (ASOBI_TEST_DATABASE_URL); the refusals do not and a
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import shutil
 import signal
@@ -307,3 +308,24 @@ async def test_workers_and_redis_stop_when_the_supervisor_is_killed(supervise) -
         assert await _gone(pid), pid
     assert len(sup.logs("supervisor_gone")) == 2
     assert len(sup.logs("server_stopped")) == 2  # each worker stopped gracefully
+
+
+@needs_postgres
+@needs_redis_server
+@pytest.mark.skipif(
+    importlib.util.find_spec("asobi.cluster") is None or importlib.util.find_spec("redis") is None,
+    reason="the cluster core (asobi.cluster) and the redis client are needed",
+)
+async def test_the_workers_form_one_cluster_on_the_private_redis(supervise) -> None:
+    sup = await supervise(2)
+    ids = sorted(line["node_id"] for line in sup.logs("worker_started"))
+    for node_id in ids:  # every worker sees both, each at its URL through the one port
+        deadline = time.monotonic() + 15
+        while True:
+            _, answered, body = await sup.get(f"/api/v1/cluster?node={node_id}")
+            listed = {n["node_id"]: n["public_url"] for n in body.get("nodes", [])}
+            if sorted(listed) == ids or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert answered == node_id
+        assert listed == {n: f"ws://127.0.0.1:{sup.port}/ws?node={n}" for n in ids}
