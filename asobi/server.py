@@ -32,9 +32,8 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from asobi import benchstats, web
+from asobi import benchstats, handoff, web
 from asobi.app import App
-from asobi.handoff import HandoffReceiver, connection_factory
 from asobi.limits import KeyedBuckets
 from asobi.metrics import Metrics
 from asobi.reload import poll_changes, watch_changes
@@ -173,7 +172,7 @@ class AsobiServer:
         self._housekeeping: asyncio.Task[None] | None = None
         self._stopping = False
         self.watchdog: Watchdog | None = None
-        self._handoff: HandoffReceiver | None = None
+        self._handoff: handoff.HandoffReceiver | None = None
         self.peers: set[WebSocketPeer] = set()
         self._ip_buckets = KeyedBuckets(
             self.settings.connect_rate_per_ip, self.settings.connect_burst_per_ip
@@ -237,7 +236,9 @@ class AsobiServer:
             max_connections=s.max_connections,
         )
         # A worker of `asobi serve --workers N` also serves the sockets its supervisor accepts.
-        self._handoff = HandoffReceiver.from_env(connection_factory(self._server, s))
+        self._handoff = handoff.HandoffReceiver.from_env(
+            handoff.connection_factory(self._server, s)
+        )
         if self._handoff is not None:
             self._handoff.start()
 
