@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import errno
 import gc
+import os
 import sys
 import time
 import urllib.error
@@ -19,6 +20,7 @@ import orjson
 
 from asobi import log as logsetup
 from asobi.config import RELOAD_MODES, Settings
+from asobi.handoff import ENV as HANDOFF_ENV
 
 if TYPE_CHECKING:
     from asobi.server import AsobiServer
@@ -54,11 +56,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logsetup.configure(settings.log_level, fmt=settings.log_format)
+    if args.workers != 1:
+        from asobi import supervisor
+
+        return supervisor.main(settings, args.workers)
     app = App.create(settings)
     _tune_gc()
     app.metrics.watch_gc()
     try:
-        asyncio.run(AsobiServer(app).serve_forever(_announce))
+        # A worker of --workers N is reached through its supervisor, which says where.
+        announce = None if os.environ.get(HANDOFF_ENV) else _announce
+        asyncio.run(AsobiServer(app).serve_forever(announce))
     except OSError as exc:
         print(
             f"asobi serve: cannot listen on {settings.host}:{settings.port}: {_why(exc)}",
@@ -459,6 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--game-dir", type=Path, help="scripts (ASOBI_GAME_DIR, default ./game)")
     serve.add_argument("--data-dir", type=Path, help="data (ASOBI_DATA_DIR, default ./data)")
     serve.add_argument("--reload", choices=RELOAD_MODES, help="ASOBI_RELOAD, default watch")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="node processes behind the one port, one per core (needs PostgreSQL and Redis; "
+        "see docs/cluster.md)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     token = sub.add_parser(

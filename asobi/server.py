@@ -32,7 +32,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from asobi import benchstats, web
+from asobi import benchstats, handoff, web
 from asobi.app import App
 from asobi.cluster.link import Unavailable
 from asobi.limits import KeyedBuckets
@@ -173,6 +173,7 @@ class AsobiServer:
         self._housekeeping: asyncio.Task[None] | None = None
         self._stopping = False
         self.watchdog: Watchdog | None = None
+        self._handoff: handoff.HandoffReceiver | None = None
         self.peers: set[WebSocketPeer] = set()
         self._ip_buckets = KeyedBuckets(
             self.settings.connect_rate_per_ip, self.settings.connect_burst_per_ip
@@ -235,11 +236,19 @@ class AsobiServer:
             compression=s.compression,
             max_connections=s.max_connections,
         )
+        # A worker of `asobi serve --workers N` also serves the sockets its supervisor accepts.
+        self._handoff = handoff.HandoffReceiver.from_env(
+            handoff.connection_factory(self._server, s)
+        )
+        if self._handoff is not None:
+            self._handoff.start()
 
     async def stop(self) -> None:
         if self._stopping:
             return
         self._stopping = True
+        if self._handoff is not None:
+            self._handoff.stop()
         self._stop_watch.set()
         if self._watch_task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -327,6 +336,12 @@ class AsobiServer:
     async def _process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
+        response = await self._route(connection, request)
+        if response is not None and self.settings.node_id:
+            response.headers["X-Asobi-Node"] = self.settings.node_id  # which node answered
+        return response
+
+    async def _route(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == WS_PATH:
             return self._admit(connection)
