@@ -310,3 +310,61 @@ async def test_resume_naming_a_killed_node_reports_the_match_lost(cluster: Clust
     await client.send("matchmaker.add", {"mode": "arena"})
     await client.expect("matchmaker.queued")
     await client.expect("matchmaker.matched")
+
+
+async def test_the_js_client_follows_match_and_session_redirects(
+    cluster: Cluster, browser: Any
+) -> None:
+    """The JavaScript client in a real browser: `join` of a match on another node moves it
+    there and resolves with `match.joined`; a resume sent to the wrong node follows the
+    `session.redirect` and takes the seat back."""
+    a = await cluster.start_node(FILES)
+    b = await cluster.start_node(FILES)
+    host, match_id, _ = await in_match(a)
+    await listed(b, await b.player(), match_id)
+    await browser.get(b.http + "/")
+    result = await browser.js_async(
+        """
+        const { Asobi } = await import('/static/asobi.js');
+        const [matchId] = args;
+        const firstState = (c) => new Promise((r) => {
+          const off = c.on('match.state', (s) => { off(); r(s); });
+        });
+        const c = new Asobi();
+        const redirects = [];
+        c.on('redirect', (p) => redirects.push(p.url));
+        await c.guest();
+        const listed = (await c.listMatches('arena')).matches.map((m) => m.match_id);
+        const state = firstState(c);
+        const joined = await c.join(matchId);
+        const counter = (await state).counter;
+        const moved = { url: c.url, matchId: c.matchId, connected: c.connected };
+        // Resume through the wrong node: a second client on this page's node, with c's tokens.
+        const d = new Asobi(undefined, { token: c.token, resumeToken: c.resumeToken });
+        d.on('redirect', (p) => redirects.push(p.url));
+        c.close();
+        const rejoined = new Promise((r) => d.on('match.rejoined', r));
+        const resumedState = firstState(d);
+        await d.connect();
+        return { listed, joined, counter, moved, redirects, resumed: { url: d.url,
+                 rejoined: await rejoined, counter: (await resumedState).counter,
+                 player: d.playerId, me: c.playerId } };
+        """,
+        match_id,
+    )
+    assert match_id in result["listed"]
+    assert result["joined"]["match_id"] == match_id and len(result["joined"]["players"]) == 2
+    assert result["moved"] == {"url": a.url, "matchId": match_id, "connected": True}
+    assert result["counter"] > 0
+    assert result["redirects"] == [a.url, a.url]
+    resumed = result["resumed"]
+    assert resumed["url"] == a.url and resumed["player"] == resumed["me"]
+    assert resumed["rejoined"]["match_id"] == match_id
+    assert resumed["counter"] > result["counter"]
+    player = resumed["player"]
+    await b.wait_event("seat_redirected", player_id=player, why="join")
+    await b.wait_event("seat_redirected", player_id=player, why="resume")
+    await a.wait_event("player_joined", match_id=match_id, player_id=player)
+    assert a.events("seat_released") == []  # the seat carried over: nobody left the match
+    players = (await host.client.request("match.list"))["payload"]["matches"][0]["players"]
+    assert set(players) == {host.player_id, player}
