@@ -373,3 +373,22 @@ async def test_the_js_client_follows_match_and_session_redirects(
     assert a.events("seat_released") == []  # the seat carried over: nobody left the match
     players = (await host.client.request("match.list"))["payload"]["matches"][0]["players"]
     assert set(players) == {host.player_id, player}
+
+
+async def test_a_server_running_alone_refuses_seat_tokens(start_server: Any) -> None:
+    """No cluster, no seats by token: even a genuinely signed one is refused, clearly."""
+    server = await start_server(FILES)
+    client = await server.client()
+    await client.send("auth.guest")
+    token = (await client.expect("auth.token"))["payload"]["token"]
+    connected = (await client.expect("session.connected"))["payload"]
+    assert "." not in connected["resume_token"]  # a single node's token names no node
+    await client.close()
+    seat = SeatTokens(server.app.settings.secret).issue(connected["player_id"], "m", "local")
+    again = await server.client()
+    await again.send("session.connect", {"token": token, "seat_token": seat}, cid="s")
+    error = await again.expect("error")
+    assert error["cid"] == "s" and error["payload"]["code"] == "invalid_seat"
+    assert "runs alone" in error["payload"]["message"]
+    await again.send("session.connect", {"token": token}, cid="p")
+    assert (await again.expect("session.connected"))["cid"] == "p"
