@@ -183,4 +183,26 @@ def join_cluster(app: App, secret: str) -> Cluster:
         cluster.link, cluster.nodes, app.reloader, app.settings.max_script_bytes
     )
     cluster.on_start(app.cluster_reloader.start, app.cluster_reloader.stop)
+    _reach_other_nodes(app, cluster)
     return cluster
+
+
+def _reach_other_nodes(app: App, cluster: Cluster) -> None:
+    """Resume tokens that name their node, seat tokens honoured, `match.list` and `match.join`
+    across the cluster (docs/cluster.md, "Reaching a match on another node")."""
+    from asobi.cluster.listing import ClusterListing
+    from asobi.cluster.router import ClusterRouter
+    from asobi.cluster.seats import ClusterSeats
+
+    settings = app.settings
+    app.presence = ClusterSeats(settings.reconnect_grace_s, cluster.nodes, cluster.seat_tokens)
+    listing = ClusterListing(
+        LocalListing(app.engine),
+        cluster.link,
+        cluster.nodes,
+        interval_s=settings.heartbeat_s,
+        ttl_s=settings.node_ttl_s,
+    )
+    app.listing = listing
+    app.router = ClusterRouter(app.engine, listing, cluster.nodes, cluster.seat_tokens)
+    cluster.on_start(listing.start, listing.stop)

@@ -49,8 +49,52 @@ class Connections(Outbox, Protocol):
     def __len__(self) -> int: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Seat:
+    """A seat a seat token grants on this node: `join` False is a seat the match already holds
+    for the player (a resume without a resume token); True asks this node to run the backfill
+    join of `match.join`."""
+
+    player_id: str
+    match_id: str
+    node_id: str
+    join: bool
+
+
+class InvalidSeat(Exception):
+    """The seat token is malformed, forged, expired, for another player or node, or this
+    server grants no seats by token (a single node)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Elsewhere:
+    """Where a resume token was issued, when not on this node: the session belongs there.
+    `node_url` None means that node is gone, and with it the player's seat and match."""
+
+    node_id: str
+    node_url: str | None
+
+
+class MatchElsewhere(Exception):
+    """`MatchRouter.join` of a match that runs on another node: the player must go there,
+    presenting `seat_token` (a `join` seat) at `node_url`."""
+
+    def __init__(self, match_id: str, node_id: str, node_url: str, seat_token: str) -> None:
+        super().__init__(f"match {match_id} runs on node {node_id}")
+        self.match_id = match_id
+        self.node_id = node_id
+        self.node_url = node_url
+        self.seat_token = seat_token
+
+
 class Seats(Protocol):
-    """Resume tokens and the seats held for dropped players during the grace period."""
+    """Resume tokens and the seats held for dropped players during the grace period.
+
+    In a cluster two more questions reach this interface, both answered without I/O: where a
+    resume token was issued (`locate`: a session resumes on the node that holds its seat), and
+    which seat a seat token grants on this node (`admit`).  A single node answers "here" and
+    "none" to them.
+    """
 
     grace_s: float
 
@@ -68,6 +112,15 @@ class Seats(Protocol):
 
     def expire(self, now: float) -> list[str]:
         """Players whose grace ended (forgotten here; the caller makes them leave)."""
+        ...
+
+    def locate(self, resume_token: str | None) -> Elsewhere | None:
+        """The node that issued `resume_token` when it is another one (None: this node, or a
+        token that names no node; the usual resume check applies)."""
+        ...
+
+    def admit(self, player_id: str, seat_token: str) -> Seat:
+        """The seat `seat_token` grants `player_id` on this node; raises `InvalidSeat`."""
         ...
 
     def __len__(self) -> int: ...
@@ -106,7 +159,8 @@ class MatchRouter(Protocol):
         ...
 
     def join(self, player_id: str, match_id: str) -> MatchInfo:
-        """Backfill into a running match; raises `JoinRefused`."""
+        """Backfill into a running match; raises `JoinRefused`, or `MatchElsewhere` when the
+        match runs on another node (the player is sent there)."""
         ...
 
     def notify_reloads(self, player_id: str, on: bool) -> None:

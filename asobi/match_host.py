@@ -44,6 +44,7 @@ RESERVED_EVENTS = frozenset(
         "error",
         "patch",
         "resync",
+        "redirect",
     }
 )
 MAX_TRACEBACK_LINES = 8

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import secrets
 
+from asobi.directory import Elsewhere, InvalidSeat, Seat
+
 
 class Presence:
     def __init__(self, grace_s: float) -> None:
@@ -24,9 +26,12 @@ class Presence:
 
     def issue(self, player_id: str) -> str:
         """A fresh resume token for the player's new session (the previous one stops working)."""
-        token = secrets.token_urlsafe(24)
+        token = self.new_token()
         self._tokens[player_id] = token
         return token
+
+    def new_token(self) -> str:
+        return secrets.token_urlsafe(24)
 
     def check(self, player_id: str, token: str | None) -> bool:
         current = self._tokens.get(player_id)
@@ -58,6 +63,14 @@ class Presence:
         for pid in gone:
             self.forget(pid)
         return gone
+
+    def locate(self, resume_token: str | None) -> Elsewhere | None:
+        """Every resume token of a single node is this node's."""
+        return None
+
+    def admit(self, player_id: str, seat_token: str) -> Seat:
+        """Seat tokens send players between the nodes of a cluster; alone, none is genuine."""
+        raise InvalidSeat("this server runs alone and grants no seats by token")
 
     def __len__(self) -> int:
         return len(self._seat_deadlines)

@@ -54,6 +54,8 @@ class ErrorCode(StrEnum):
     # joins); the node holding the player's match is gone.
     UNAVAILABLE = "unavailable"
     MATCH_LOST = "match_lost"
+    # A seat token that is forged, expired, or for another player or node.
+    INVALID_SEAT = "invalid_seat"
 
 
 class ProtocolError(Exception):

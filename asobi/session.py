@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import structlog
 
 from asobi import names
@@ -27,7 +28,7 @@ from asobi.accounts import AccountError
 from asobi.admin import AdminChannel
 from asobi.app import App
 from asobi.auth import InvalidToken
-from asobi.directory import JoinRefused, Peer
+from asobi.directory import InvalidSeat, JoinRefused, MatchElsewhere, MatchInfo, Peer, Seat
 from asobi.limits import TokenBucket
 from asobi.matchmaker import QueueLimit, UnknownMode
 from asobi.protocol import (
@@ -260,15 +261,52 @@ class Session:
     def _connect(self, frame: Frame) -> None:
         token = require_str(frame, "token", max_length=8192)
         resume_token = optional_str(frame, "resume_token", max_length=256)
+        seat_token = optional_str(frame, "seat_token", max_length=4096)
         try:
             player_id = self.app.signer.verify(token)
         except InvalidToken as exc:
             raise ProtocolError(ErrorCode.INVALID_TOKEN, str(exc), frame.cid) from None
-        self._open(frame, player_id, resume_token)
+        presence = self.app.presence
+        seat: Seat | None = None
+        if seat_token is not None:
+            # A player sent here by another node: the seat token, not the resume token, says
+            # which seat they take (docs/cluster.md, "Reaching a match on another node").
+            try:
+                seat = presence.admit(player_id, seat_token)
+            except InvalidSeat as exc:
+                log.info("seat_refused", player_id=player_id, reason=str(exc))
+                raise ProtocolError(ErrorCode.INVALID_SEAT, str(exc), frame.cid) from None
+        elif self.player_id is None and (elsewhere := presence.locate(resume_token)):
+            if elsewhere.node_url is not None:
+                log.info(
+                    "seat_redirected", player_id=player_id, node=elsewhere.node_id, why="resume"
+                )
+                payload = {"node_id": elsewhere.node_id, "node_url": elsewhere.node_url}
+                self.reply(frame, "session.redirect", payload)
+                return
+            log.info("seat_lost", player_id=player_id, node=elsewhere.node_id)
+            self.send_error(
+                ErrorCode.MATCH_LOST,
+                f"the server running your match stopped (node {elsewhere.node_id}): the match "
+                "is lost; this is a new session",
+            )
+            resume_token = None
+        match = self._open(frame, player_id, resume_token, seat)
+        if seat is not None and seat.join:
+            # The backfill join runs as `match.join` would, once the player's data is resident.
+            join = {"type": "match.join", "payload": {"match_id": seat.match_id}}
+            self.handle(orjson.dumps(join))
+        elif seat is not None and (match is None or match.match_id != seat.match_id):
+            self.send_error(
+                ErrorCode.MATCH_NOT_FOUND, "the match of this seat ended or gave the seat up"
+            )
 
-    def _open(self, frame: Frame, player_id: str, resume_token: str | None) -> None:
+    def _open(
+        self, frame: Frame, player_id: str, resume_token: str | None, seat: Seat | None = None
+    ) -> MatchInfo | None:
         """Make this connection `player_id`'s session (resuming a held seat with the right
-        resume token) and answer `session.connected`."""
+        resume token, or with a seat token for the match that holds the seat) and answer
+        `session.connected`; returns the match the session carries on."""
         presence = self.app.presence
         sync = state_sync_choice(frame)
         if self.player_id is not None:
@@ -288,10 +326,15 @@ class Session:
                     "resumed": True,
                 },
             )
-            return
-        resumed = presence.check(player_id, resume_token)
-        held = presence.reclaim(player_id)
+            return self.app.router.match_of(player_id)
         match = self.app.router.match_of(player_id)
+        resumed = presence.check(player_id, resume_token) or (
+            seat is not None
+            and not seat.join
+            and match is not None
+            and match.match_id == seat.match_id
+        )
+        held = presence.reclaim(player_id)
         if not resumed:
             # A new session, not a continuation: the old session's seat and tickets are let go
             # (before this socket is attached, so frames of the old seat never reach it).
@@ -334,6 +377,7 @@ class Session:
             self.peer.send_frame(
                 encode("match.rejoined", {"match_id": match.match_id, "mode": match.mode})
             )
+        return match
 
     def _heartbeat(self, frame: Frame) -> None:
         self.reply(frame, "session.heartbeat", {"ts": int(time.time() * 1000)})
@@ -490,6 +534,18 @@ class Session:
             match = self.app.router.join(self.player_id, match_id)
         except JoinRefused as exc:
             raise ProtocolError(JOIN_ERRORS[exc.reason], exc.message, frame.cid) from None
+        except MatchElsewhere as away:
+            # Another node runs the match: the player goes there with a seat token.
+            log.info(
+                "seat_redirected",
+                player_id=self.player_id,
+                match_id=match_id,
+                node=away.node_id,
+                why="join",
+            )
+            payload = {"match_id": match_id, "node_id": away.node_id, "node_url": away.node_url}
+            self.reply(frame, "match.redirect", dict(payload, seat_token=away.seat_token))
+            return
         self.app.matchmaker.remove(self.player_id)
         self.reply(
             frame,

@@ -10,25 +10,14 @@ ever passing for a login token, and it lives only as long as a reconnect takes.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import jwt
+
+from asobi.directory import InvalidSeat, Seat
 
 ALGORITHM = "HS256"
 AUDIENCE = "asobi-seat"
 TTL_S = 30
-
-
-class InvalidSeat(Exception):
-    """The seat token is malformed, forged, expired, or for another player or node."""
-
-
-@dataclass(frozen=True, slots=True)
-class Seat:
-    player_id: str
-    match_id: str
-    node_id: str
-    join: bool  # True: a `match.join` redirect (the node runs the join); False: a reserved seat
 
 
 class SeatTokens:
@@ -60,7 +49,7 @@ class SeatTokens:
                 options={"require": ["sub", "match", "node", "exp"]},
             )
         except jwt.ExpiredSignatureError:
-            raise InvalidSeat("seat token has expired: queue again") from None
+            raise InvalidSeat("seat token has expired: queue or join again") from None
         except jwt.PyJWTError:
             raise InvalidSeat("seat token is not valid") from None
         if claims.get("sub") != player_id:
@@ -68,3 +57,6 @@ class SeatTokens:
         if claims.get("node") != node_id:
             raise InvalidSeat("seat token is for another node")
         return Seat(player_id, str(claims["match"]), node_id, bool(claims.get("join")))
+
+
+__all__ = ["InvalidSeat", "Seat", "SeatTokens"]

@@ -40,10 +40,17 @@ export function applyMergePatch(target, patch) {
 // Close codes after which reconnecting would be wrong: replaced by a newer connection of the
 // same player, kicked, or refused by policy.
 const FINAL_CLOSES = new Set([4000, 4001, 1008]);
+// Redirects followed in a row without a session opening before the client gives up.
+const MAX_HOPS = 4;
+// Error codes that end a `match.join` carried out on the node a `match.redirect` named.
+const JOIN_ERRORS = new Set(["invalid_seat", "match_not_found", "match_full", "join_refused", "already_in_match"]);
 
 export class Asobi {
   constructor(url = defaultUrl(), options = {}) {
     this.url = url;
+    // Where `connect()` goes; redirects move `url` to a match's node, and a node that cannot be
+    // reached sends the client back here (which then redirects again, or reports the loss).
+    this._homeUrl = url;
     this.options = {
       reconnect: true,
       followRedirects: true,
@@ -67,6 +74,7 @@ export class Asobi {
     this._closedByUser = false;
     this._attempt = 0;
     this._seatToken = null;
+    this._hops = 0;
     // The last state frame of a `match.patch` chain: {seq, state} (null: none to patch).
     this._sync = null;
     this._resyncAt = 0;
@@ -99,6 +107,7 @@ export class Asobi {
   /** Open the socket.  With a token from an earlier session it also reconnects that session. */
   connect() {
     this._closedByUser = false;
+    this._homeUrl = this.url;
     return this._open();
   }
 
@@ -125,6 +134,7 @@ export class Asobi {
         if (this._ws === ws) this._ws = null;
         this._failInFlight();
         this._emit("close", { code: event.code, reason: event.reason });
+        if (!opened && this.url !== this._homeUrl) this.url = this._homeUrl;
         if (!opened) reject(new AsobiError("connect_failed", `cannot connect to ${this.url}`));
         if (!this._closedByUser && this.options.reconnect && this.token && !FINAL_CLOSES.has(event.code)) {
           this._scheduleReconnect();
@@ -134,13 +144,28 @@ export class Asobi {
   }
 
   async _resume() {
+    const seatToken = this._seatToken;
+    this._seatToken = null;
     const payload = { token: this.token };
     if (this.resumeToken) payload.resume_token = this.resumeToken;
-    if (this._seatToken) payload.seat_token = this._seatToken;
+    if (seatToken) payload.seat_token = seatToken;
     if (this.options.notifyReload) payload.notify_reload = true;
     if (this.options.stateSync) payload.state_sync = this.options.stateSync;
-    this._seatToken = null;
-    await this._request("session.connect", payload, "session.connected", true);
+    let reply;
+    try {
+      reply = await this._request("session.connect", payload, ["session.connected", "session.redirect"], true);
+    } catch (err) {
+      // A refused seat (it expired on the way): carry on as a plain session here; a resume
+      // token of another node then sends the client back there.
+      if (!seatToken || err.code !== "invalid_seat") throw err;
+      return this._resume();
+    }
+    if (reply.node_url && !reply.player_id) {
+      // session.redirect: the session (and its seat) lives on another node.
+      if (!this.options.followRedirects) throw new AsobiError("redirected", `the session lives on ${reply.node_url}`);
+      return this._redirect(reply.node_url, null);
+    }
+    this._hops = 0;
     this._flush();
     this.connected = true;
   }
@@ -193,19 +218,22 @@ export class Asobi {
     } else if (type === "match.finished" || type === "match.left") {
       this.matchId = null;
       this._sync = null;
+    } else if (type === "error" && payload.code === "match_lost") {
+      this.matchId = null; // the node running it stopped; a fresh session follows
+      this._sync = null;
     }
     this._emit(type, payload, frame);
     if (cid !== undefined && this._pending.has(cid)) {
       const pending = this._pending.get(cid);
       if (type === "error") {
         this._settle(cid).reject(new AsobiError(payload.code, payload.message, frame));
-      } else if (!pending.reply || pending.reply === type) {
+      } else if (!pending.reply || [].concat(pending.reply).includes(type)) {
         this._settle(cid).resolve(payload);
       }
     }
     if (type === "session.connected") this._emit("session", payload, frame);
     if (type === "matchmaker.matched" && payload.node_url && payload.seat_token) {
-      this._redirect(payload.node_url, payload.seat_token);
+      this._redirect(payload.node_url, payload.seat_token).catch(() => {});
     }
   }
 
@@ -232,10 +260,17 @@ export class Asobi {
     this.send("match.resync");
   }
 
-  // Cluster hook: a `matchmaker.matched` that names another node (`node_url`) with a short-lived
-  // `seat_token` means "your match runs there": reconnect to that node and present the seat.
+  // Cluster: a `matchmaker.matched` or `match.redirect` that names another node (`node_url`) with
+  // a short-lived `seat_token` means "your match runs there"; a `session.redirect` means "your
+  // session lives there".  Reconnect to that node (presenting the seat, if any); resolves when
+  // the session opens there.
   _redirect(url, seatToken) {
-    if (!this.options.followRedirects) return;
+    if (!this.options.followRedirects) return Promise.resolve();
+    this._hops += 1;
+    if (this._hops > MAX_HOPS) {
+      this._hops = 0;
+      return Promise.reject(new AsobiError("redirect_loop", `redirected ${MAX_HOPS} times in a row`));
+    }
     this._emit("redirect", { url });
     this.url = url;
     this._seatToken = seatToken;
@@ -246,7 +281,31 @@ export class Asobi {
       ws.onclose = null;
       ws.close(1000, "redirected");
     }
-    this._open().catch(() => {}); // a failed attempt closes, which schedules the next one
+    return this._open(); // a failed attempt closes, which schedules the next one
+  }
+
+  // The next `type` frame (an `error` frame of `errors` rejects), within the request timeout.
+  _next(type, errors) {
+    return new Promise((resolve, reject) => {
+      const done = () => {
+        clearTimeout(timer);
+        offType();
+        offError();
+      };
+      const timer = setTimeout(() => {
+        done();
+        reject(new AsobiError("timeout", `no ${type}`));
+      }, this.options.requestTimeoutMs);
+      const offType = this.on(type, (payload) => {
+        done();
+        resolve(payload);
+      });
+      const offError = this.on("error", (payload, frame) => {
+        if (!errors.has(payload.code)) return;
+        done();
+        reject(new AsobiError(payload.code, payload.message, frame));
+      });
+    });
   }
 
   _settle(cid) {
@@ -375,8 +434,15 @@ export class Asobi {
     return this.request("match.list", mode ? { mode } : {}, "match.list");
   }
 
-  join(matchId) {
-    return this.request("match.join", { match_id: matchId }, "match.joined");
+  /** Resolves with `match.joined`; a match on another node (`match.redirect`) is joined there:
+   * the client moves to that node first (with `followRedirects: false`, the redirect's payload
+   * comes back instead). */
+  async join(matchId) {
+    const reply = await this.request("match.join", { match_id: matchId }, ["match.joined", "match.redirect"]);
+    if (!reply.seat_token || !this.options.followRedirects) return reply;
+    const joined = this._next("match.joined", JOIN_ERRORS);
+    this._redirect(reply.node_url, reply.seat_token).catch(() => {});
+    return joined;
   }
 
   /** Round trip in milliseconds, measured with session.heartbeat. */

@@ -10,7 +10,9 @@ export interface Frame<P = any> {
 }
 
 export class AsobiError extends Error {
-  /** The protocol's error code (`unknown_mode`...), or `timeout`, `disconnected`, `connect_failed`. */
+  /** The protocol's error code (`unknown_mode`...), or `timeout`, `disconnected`,
+   * `connect_failed`, `redirected` (a `session.redirect` with `followRedirects: false`),
+   * `redirect_loop`. */
   code: string;
   /** The `error` frame, when the server sent one. */
   frame: Frame | null;
@@ -21,7 +23,9 @@ export interface AsobiOptions {
   resumeToken?: string | null;
   /** Reconnect and resume after a drop (default true). */
   reconnect?: boolean;
-  /** Follow a `matchmaker.matched` that carries `node_url` + `seat_token` (default true). */
+  /** Cluster: follow `matchmaker.matched` and `match.redirect` frames that carry `node_url` +
+   * `seat_token`, and `session.redirect` frames, by reconnecting to the named node (default
+   * true).  A node that cannot be reached sends the client back to the URL `connect()` used. */
   followRedirects?: boolean;
   requestTimeoutMs?: number;
   maxBackoffMs?: number;
@@ -48,6 +52,26 @@ export interface Matched {
   /** Cluster: the node that runs the match, and the seat to present there. */
   node_url?: string;
   seat_token?: string;
+}
+
+export interface Joined {
+  match_id: string;
+  mode: string;
+  players: string[];
+}
+
+/** Cluster: `match.join` of a match that runs on another node. */
+export interface MatchRedirect {
+  match_id: string;
+  node_id: string;
+  node_url: string;
+  seat_token: string;
+}
+
+/** Cluster: `session.connect` whose resume token belongs to another node. */
+export interface SessionRedirect {
+  node_id: string;
+  node_url: string;
 }
 
 export type Handler<P = any> = (payload: P, frame: Frame<P> | null) => void;
@@ -94,7 +118,9 @@ export class Asobi {
   input(payload: object): void;
   leave(): Promise<{ match_id: string }>;
   listMatches(mode?: string): Promise<{ matches: { match_id: string; mode: string; players: string[]; max_players: number }[] }>;
-  join(matchId: string): Promise<{ match_id: string; mode: string; players: string[] }>;
+  /** Joins on the match's node, following a `match.redirect` (unless `followRedirects` is
+   * false: the redirect's payload is returned). */
+  join(matchId: string): Promise<Joined | MatchRedirect>;
   /** Round trip in milliseconds (session.heartbeat). */
   ping(): Promise<number>;
   /** Authenticate this connection for admin.* frames. */

@@ -1,0 +1,46 @@
+"""The match router of a node: local matches as on a single node, other nodes' by redirect.
+
+Inputs, leaves and resyncs only ever concern the player's match on this node (a player whose
+match runs elsewhere is connected there), so they stay the local router's.  Only a `match.join`
+can name a match this node does not run: the listing says which node does, and the player gets
+a `join` seat token for it; the session sends them there (`match.redirect`), where the join
+runs when they arrive.  Nothing is forwarded between nodes.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from asobi.cluster.listing import ClusterListing
+from asobi.cluster.nodes import NodeDirectory
+from asobi.cluster.seat_tokens import SeatTokens
+from asobi.directory import MatchElsewhere, MatchInfo
+from asobi.engine import Engine
+from asobi.local import LocalRouter
+
+log = structlog.get_logger("asobi.cluster")
+
+
+class ClusterRouter(LocalRouter):
+    def __init__(
+        self,
+        engine: Engine,
+        listing: ClusterListing,
+        nodes: NodeDirectory,
+        seat_tokens: SeatTokens,
+    ) -> None:
+        super().__init__(engine)
+        self.listing = listing
+        self.nodes = nodes
+        self.seat_tokens = seat_tokens
+
+    def join(self, player_id: str, match_id: str) -> MatchInfo:
+        """Join here when the match runs here (or the player already plays here: refused as
+        usual); raise `MatchElsewhere` with a seat token when another live node runs it."""
+        if match_id not in self.engine.matches and self.engine.match_of(player_id) is None:
+            node_id = self.listing.where(match_id)
+            url = self.nodes.url_of(node_id) if node_id is not None else None
+            if node_id is not None and url is not None:
+                token = self.seat_tokens.issue(player_id, match_id, node_id, join=True)
+                raise MatchElsewhere(match_id, node_id, url, token)
+        return super().join(player_id, match_id)
