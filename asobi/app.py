@@ -172,4 +172,12 @@ def join_cluster(app: App, secret: str) -> Cluster:
             "lateness_p99_ms": max(p99, 0.0),
         }
 
-    return Cluster(app.settings, secret, load)
+    cluster = Cluster(app.settings, secret, load)
+
+    if app.store is not None:  # leaderboards and global storage, shared live (docs/cluster.md)
+        from asobi.cluster.store_sync import PostgresStoreSync
+
+        sync = PostgresStoreSync(app.store, app.settings.database_url, cluster.node_id)
+        app.store.sync = sync
+        cluster.on_start(sync.start, sync.stop)
+    return cluster

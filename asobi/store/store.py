@@ -40,6 +40,7 @@ from asobi.store.board import Board
 from asobi.store.errors import BackendUnavailable, StoreError
 from asobi.store.model import Barrier, Batch, Load, StoreModel, UnitOfWork
 from asobi.store.ops import Job
+from asobi.store.sync import NoSync, StoreSync, changes_of
 
 __all__ = ["Backend", "Store", "UnitOfWork", "open_backend"]
 
@@ -101,6 +102,8 @@ class Store:
         self._waiters: dict[Load | Barrier, asyncio.Future[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # Who hears of this server's batches (nobody on a single server; asobi.store.sync).
+        self.sync: StoreSync = NoSync()
 
     # -- the model's reads and writes, for callers that hold the store ----------------------------
     @property
@@ -137,6 +140,21 @@ class Store:
 
     def top(self, board: str, n: int) -> list[dict[str, object]]:
         return self.model.top(board, n)
+
+    # -- other servers' writes (asobi.store.sync) -------------------------------------------------
+    def merge_scores(self, entries: Any) -> None:
+        """Leaderboard entries `(board, player, score)` another server committed."""
+        self.model.merge_scores(entries)
+
+    def refresh_global(self, keys: Any) -> None:
+        """Global keys another server changed: the writer re-reads them, between batches."""
+        self.model.stale_global.update((str(c), str(k)) for c, k in keys)
+        self._wake.set()
+
+    def refresh_all(self) -> None:
+        """Re-read every leaderboard and all global storage (after missing notices)."""
+        self.model.stale_all = True
+        self._wake.set()
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -222,7 +240,7 @@ class Store:
         model = self.model
         backoff = RETRY_FIRST_S
         while True:
-            if not model.queue:
+            if not model.queue and (self._closing or not model.has_stale()):
                 if self._closing:
                     return
                 if not model.available:
@@ -233,6 +251,8 @@ class Store:
                 await self._wake.wait()
                 continue
             try:
+                if model.has_stale() and not self._closing:
+                    await self._refresh()
                 for barrier in model.pop_barriers():  # resolve without touching the database
                     self._resolve(barrier)
                 head = model.head()
@@ -240,7 +260,7 @@ class Store:
                     await self._load(head)
                 elif head is not None and not isinstance(head, Barrier):
                     batch = model.next_batch()
-                    result = await self.backend.transact(ops.apply_batch(batch.id, batch.ops))
+                    result = await self.backend.transact(self._apply(batch))
                     model.batch_written(batch, result)
             except BackendUnavailable as exc:
                 # Retryable: the head stays where it is (order matters) and is tried again
@@ -272,7 +292,7 @@ class Store:
         for op in batch.ops:
             single = Batch(uuid.uuid4().hex, [op])
             try:
-                result = await self.backend.transact(ops.apply_batch(single.id, single.ops))
+                result = await self.backend.transact(self._apply(single))
             except BackendUnavailable:
                 # Keep the rest queued (in order) for the normal retry path.
                 return
@@ -280,6 +300,36 @@ class Store:
                 log.error("store_op_dropped", op=repr(op)[:500], error=str(exc))
                 result = ops.BatchResult()
             self.model.batch_written(single, result)
+
+    def _apply(self, batch: Batch) -> Job:
+        return ops.apply_batch(batch.id, batch.ops, self.sync.announce(changes_of(batch.ops)))
+
+    async def _refresh(self) -> None:
+        """Re-read what other servers changed.  Runs on the writer, between batches, so what is
+        read and what this server still has queued never overlap (`global_refreshed`)."""
+        model = self.model
+        every, keys = model.take_stale()
+        try:
+            if every:
+                model.merge_scores(await self.backend.transact(ops.load_boards()))
+                rows = await self.backend.transact(ops.load_global_storage())
+            else:
+                rows = await self.backend.transact(ops.load_global_keys(keys))
+            changed = model.global_refreshed(rows, None if every else keys)
+        except BackendUnavailable:
+            model.stale_all |= every  # read again once the database answers
+            model.stale_global.update(keys)
+            raise
+        except Exception as exc:  # an unreadable row: reading again would fail the same way
+            log.error("store_refresh_failed", keys=len(keys), every=every, error=str(exc)[:500])
+            return
+        if every:
+            log.info(
+                "store_refreshed",
+                boards=len(model.boards),
+                global_keys=len(model.global_storage),
+                changed=changed,
+            )
 
     async def _load(self, load: Load) -> None:
         rows: Any = (None, None)
