@@ -1,0 +1,170 @@
+"""Leaderboards and global storage written on one node are read on every node within 1 s.
+
+Real node processes on one Redis and one PostgreSQL schema; the writes come from a match script
+(`tests.store_helpers.BANK`) on one node and are read on another node by a client
+(`leaderboard.top`) and by that node's own match script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+from tests.cluster_support import Cluster, Node, needs_cluster
+from tests.conftest import Client
+from tests.store_helpers import BANK, bank_player, call, send_only
+
+pytestmark = needs_cluster
+
+FILES = {"bank.lua": BANK}
+DEBUG = {"ASOBI_LOG_LEVEL": "debug"}  # `store_changes_heard` carries each notice's lag
+
+
+async def until(probe: Callable[[], Awaitable[Any]], want: Any, timeout: float) -> float:
+    """Seconds until `probe()` returns `want`; fails with the last answer after `timeout`."""
+    started = time.monotonic()
+    while True:
+        got = await probe()
+        if got == want:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"still {got!r} after {timeout}s, expected {want!r}")
+        await asyncio.sleep(0.01)
+
+
+async def top(viewer: Client, board: str) -> list[dict[str, Any]]:
+    reply = await viewer.request("leaderboard.top", {"board": board, "n": 10})
+    entries: list[dict[str, Any]] = reply["payload"]["entries"]
+    return entries
+
+
+async def two_nodes(cluster: Cluster) -> tuple[Node, Node, Client, Client]:
+    a = await cluster.start_node(FILES, env=DEBUG)
+    b = await cluster.start_node(FILES, env=DEBUG)
+    for node in (a, b):
+        await node.wait_event("store_sync_listening")
+    return a, b, await bank_player(a), await bank_player(b)
+
+
+async def test_a_leaderboard_written_on_a_is_read_on_b_within_a_second(cluster: Cluster) -> None:
+    a, b, on_a, on_b = await two_nodes(cluster)
+    viewer = await b.player()
+    assert await top(viewer, "arena") == []
+
+    assert (await call(on_a, "submit", board="arena", pid="p1", score=500))["ok"]["improved"]
+    entry = [{"rank": 1, "player_id": "p1", "score": 500}]
+    assert await until(lambda: top(viewer, "arena"), entry, timeout=1.0) < 1.0
+    # B's own match script reads it too, and ranks against it.
+    assert await call(on_b, "top", board="arena", n=5) == {"ok": entry}
+    assert await call(on_b, "submit", board="arena", pid="p1", score=400) == {
+        "ok": {"best": 500, "improved": False}
+    }
+    assert (await call(on_b, "submit", board="arena", pid="p2", score=900))["ok"]["improved"]
+    assert await until(
+        lambda: call(on_a, "rank", board="arena", pid="p1"),
+        {"ok": {"rank": 2, "score": 500, "total": 2}},
+        timeout=1.0,
+    )
+    heard = await b.wait_event("store_changes_heard", sender=a.node_id)
+    assert heard["scores"] == 1 and 0 <= heard["lag_ms"] < 1000
+
+
+async def test_global_storage_written_on_a_is_read_on_b_within_a_second(cluster: Cluster) -> None:
+    a, b, on_a, on_b = await two_nodes(cluster)
+    assert await call(on_b, "get", collection="config", key="motd") == {}  # ok is nil
+
+    await call(on_a, "set", collection="config", key="motd", value={"text": "hello"})
+    waited = await until(
+        lambda: call(on_b, "get", collection="config", key="motd"),
+        {"ok": {"text": "hello"}},
+        timeout=1.0,
+    )
+    assert waited < 1.0
+    # A delete travels the same way, and so does a write the other way round.
+    await call(on_a, "set", collection="config", key="motd", value=None)
+    await until(lambda: call(on_b, "get", collection="config", key="motd"), {}, timeout=1.0)
+    await call(on_b, "set", collection="config", key="season", value=7)
+    await until(
+        lambda: call(on_a, "get", collection="config", key="season"), {"ok": 7}, timeout=1.0
+    )
+    heard = await b.wait_event("store_changes_heard", sender=a.node_id)
+    assert heard["keys"] == 1 and 0 <= heard["lag_ms"] < 1000
+
+
+async def test_both_nodes_writing_the_same_entries_end_up_with_what_the_database_holds(
+    cluster: Cluster,
+) -> None:
+    a, b, on_a, on_b = await two_nodes(cluster)
+    # Interleaved writes of one key and one leaderboard entry from both nodes, unanswered.
+    for i in range(20):
+        await send_only(on_a, "set", collection="race", key="k", value=f"a{i}")
+        await send_only(on_b, "set", collection="race", key="k", value=f"b{i}")
+        await send_only(on_a, "submit", board="race", pid="p1", score=100 + i)
+        await send_only(on_b, "submit", board="race", pid="p1", score=200 - i)
+    # The last answers of each node: everything before them is committed there.
+    await call(on_a, "get", collection="race", key="k")
+    await call(on_b, "get", collection="race", key="k")
+
+    conn = await asyncpg.connect(cluster.database_url)
+    try:
+        stored = await conn.fetchval("SELECT value FROM storage WHERE key = 'k'")
+        best = await conn.fetchval("SELECT score FROM leaderboard WHERE board = 'race'")
+    finally:
+        await conn.close()
+    assert best == 200  # the best of all submissions, from whichever node
+    # Last writer wins, in the database's commit order: both nodes converge to its value.
+    final = stored.strip('"')
+    for client in (on_a, on_b):
+        await until(
+            lambda c=client: call(c, "get", collection="race", key="k"), {"ok": final}, 1.0
+        )
+        await until(
+            lambda c=client: call(c, "rank", board="race", pid="p1"),
+            {"ok": {"rank": 1, "score": 200, "total": 1}},
+            1.0,
+        )
+
+
+async def test_a_node_that_lost_its_listening_connection_reads_everything_again(
+    cluster: Cluster,
+) -> None:
+    a, b, on_a, on_b = await two_nodes(cluster)
+    conn = await asyncpg.connect(cluster.database_url)
+    try:
+        # Rows no node announced: as if their notices had gone out while B was not listening.
+        await conn.execute(
+            "INSERT INTO storage (owner, collection, key, value, updated_at) "
+            "VALUES ('', 'config', 'missed', '\"recovered\"', 0)"
+        )
+        await conn.execute(
+            "INSERT INTO leaderboard (board, player_id, score, updated_at) "
+            "VALUES ('arena', 'p9', 42, 0)"
+        )
+        assert await call(on_b, "get", collection="config", key="missed") == {}
+        terminated = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = $1",
+            f"asobi-store-sync:{b.node_id}",
+        )
+        assert terminated == 1
+    finally:
+        await conn.close()
+    await b.wait_event("store_sync_lost", timeout=5)
+
+    async def listened() -> int:
+        return len(b.events("store_sync_listening"))
+
+    await until(listened, 2, timeout=5)
+    await until(
+        lambda: call(on_b, "get", collection="config", key="missed"),
+        {"ok": "recovered"},
+        timeout=2.0,
+    )
+    assert await call(on_b, "top", board="arena", n=5) == {
+        "ok": [{"rank": 1, "player_id": "p9", "score": 42}]
+    }
+    assert a.alive() and b.alive()
