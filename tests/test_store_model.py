@@ -112,7 +112,7 @@ def test_commits_wake_the_writer() -> None:
     assert woken and model.top("arena", 1) == [{"player_id": "p1", "score": 10, "rank": 1}]
 
 
-# -- other servers' writes (asobi.store.sync) -------------------------------------------------------
+# -- other servers' writes (asobi.store.sync) ------------------------------------------------
 def test_merged_scores_keep_the_best_whatever_order_they_arrive_in() -> None:
     model = StoreModel()
     work = model.unit("m1")

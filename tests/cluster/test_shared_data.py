@@ -98,7 +98,7 @@ async def test_global_storage_written_on_a_is_read_on_b_within_a_second(cluster:
 async def test_both_nodes_writing_the_same_entries_end_up_with_what_the_database_holds(
     cluster: Cluster,
 ) -> None:
-    a, b, on_a, on_b = await two_nodes(cluster)
+    _, _, on_a, on_b = await two_nodes(cluster)
     # Interleaved writes of one key and one leaderboard entry from both nodes, unanswered.
     for i in range(20):
         await send_only(on_a, "set", collection="race", key="k", value=f"a{i}")
@@ -119,9 +119,7 @@ async def test_both_nodes_writing_the_same_entries_end_up_with_what_the_database
     # Last writer wins, in the database's commit order: both nodes converge to its value.
     final = stored.strip('"')
     for client in (on_a, on_b):
-        await until(
-            lambda c=client: call(c, "get", collection="race", key="k"), {"ok": final}, 1.0
-        )
+        await until(lambda c=client: call(c, "get", collection="race", key="k"), {"ok": final}, 1.0)
         await until(
             lambda c=client: call(c, "rank", board="race", pid="p1"),
             {"ok": {"rank": 1, "score": 200, "total": 1}},
@@ -132,7 +130,7 @@ async def test_both_nodes_writing_the_same_entries_end_up_with_what_the_database
 async def test_a_node_that_lost_its_listening_connection_reads_everything_again(
     cluster: Cluster,
 ) -> None:
-    a, b, on_a, on_b = await two_nodes(cluster)
+    a, b, _, on_b = await two_nodes(cluster)
     conn = await asyncpg.connect(cluster.database_url)
     try:
         # Rows no node announced: as if their notices had gone out while B was not listening.
