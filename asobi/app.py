@@ -176,8 +176,10 @@ def join_cluster(app: App, secret: str) -> Cluster:
 
     if app.store is not None:  # leaderboards and global storage, shared live (docs/cluster.md)
         from asobi.cluster.store_sync import PostgresStoreSync
+        from asobi.cluster.wallets import WalletHandover
 
-        sync = PostgresStoreSync(app.store, app.settings.database_url, cluster.node_id)
+        wallets = WalletHandover(cluster.link, cluster.nodes, app.store, cluster.node_id)
+        sync = PostgresStoreSync(app.store, app.settings.database_url, cluster.node_id, wallets)
         app.store.sync = sync
         cluster.on_start(sync.start, sync.stop)
     return cluster

@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import asyncpg
 import orjson
 import structlog
 
+from asobi.cluster.wallets import WalletHandover
 from asobi.store import Store
 from asobi.store.sync import Changes, Statement
 
@@ -42,12 +44,20 @@ CONNECT_TIMEOUT_S = 5.0
 
 
 class PostgresStoreSync:
-    """`StoreSync` for a cluster: announces this node's batches, listens to the others'."""
+    """`StoreSync` for a cluster: announces this node's batches, listens to the others', and
+    hands players' data over between nodes (`asobi.cluster.wallets`)."""
 
-    def __init__(self, store: Store, database_url: str, node_id: str) -> None:
+    def __init__(
+        self,
+        store: Store,
+        database_url: str,
+        node_id: str,
+        wallets: WalletHandover | None = None,
+    ) -> None:
         self.store = store
         self.database_url = database_url
         self.node_id = node_id
+        self.wallets = wallets
         self._task: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
 
@@ -75,6 +85,14 @@ class PostgresStoreSync:
 
     def _notice(self) -> dict[str, Any]:
         return {"node": self.node_id, "at": int(time.time() * 1000), "scores": [], "keys": []}
+
+    # -- players' data --------------------------------------------------------------------------
+    def handover(self, player_id: str) -> Awaitable[None] | None:
+        return self.wallets.handover(player_id) if self.wallets is not None else None
+
+    def released(self, player_id: str) -> None:
+        if self.wallets is not None:
+            self.wallets.released(player_id)
 
     # -- listening ---------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -49,6 +49,8 @@ log = structlog.get_logger("asobi.store")
 # Pause before retrying the stream's head after a retryable failure, doubling up to the cap.
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 1.0
+# How long a player's load waits for the server that held their data before (`StoreSync`).
+HANDOVER_TIMEOUT_S = 2.0
 
 
 class Backend(Protocol):
@@ -100,6 +102,7 @@ class Store:
             on_queued=self._wake.set,
         )
         self._waiters: dict[Load | Barrier, asyncio.Future[None]] = {}
+        self._handovers: dict[Load, asyncio.Future[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         # Who hears of this server's batches (nobody on a single server; asobi.store.sync).
@@ -116,6 +119,7 @@ class Store:
 
     def release(self, player_id: str) -> None:
         self.model.release(player_id)
+        self.sync.released(player_id)
 
     def resident(self, player_id: str) -> bool:
         return self.model.resident(player_id)
@@ -202,6 +206,10 @@ class Store:
         future = self._waiters.get(load)
         if future is None:
             future = self._waiters[load] = asyncio.get_running_loop().create_future()
+            handover = self.sync.handover(player_id)
+            if handover is not None:  # runs while the load waits its turn in the queue
+                task = self._handovers[load] = asyncio.ensure_future(handover)
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return future
 
     def _resolve(self, entry: Load | Barrier, error: Exception | None = None) -> None:
@@ -333,10 +341,30 @@ class Store:
 
     async def _load(self, load: Load) -> None:
         rows: Any = (None, None)
+        handover = self._handovers.pop(load, None)
+        if handover is not None:
+            if load.cancelled:
+                handover.cancel()
+            else:
+                await self._await_handover(load.player_id, handover)
         if not load.cancelled:
             rows = await self.backend.transact(ops.load_player(load.player_id))
         self.model.load_answered(load, *rows)
         self._resolve(load)
+
+    async def _await_handover(self, player_id: str, handover: asyncio.Future[None]) -> None:
+        """Hold the player's load (and the writer) until the server that held their data has
+        written it out, up to a bound: past it, or if the handover fails, the load goes ahead
+        and may miss that server's last writes (docs/persistence.md)."""
+        try:
+            await asyncio.wait_for(asyncio.shield(handover), HANDOVER_TIMEOUT_S)
+        except Exception as exc:
+            handover.cancel()
+            log.warning(
+                "player_handover_failed",
+                player_id=player_id,
+                error=f"{type(exc).__name__}: {exc}"[:300],
+            )
 
     async def _probe(self, delay: float) -> None:
         await asyncio.sleep(delay)

@@ -15,11 +15,15 @@ What a notice carries, and why that is enough:
   merging the submitted score into memory (keep the higher) gives what the database holds,
   whatever order notices arrive in and however often;
 - a global storage key by name only (values are up to 64 KiB): the receiver re-reads it.
+
+Wallets and player storage are not shared this way: they are resident on the server of the
+player's session only.  When a player's session moves to another server, `handover` lets the new
+one wait until the old one has written the player's pending writes out, so the load sees them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -58,9 +62,24 @@ class StoreSync(Protocol):
         """Statements to run in the transaction that writes `changes` (after the writes)."""
         ...
 
+    def handover(self, player_id: str) -> Awaitable[None] | None:
+        """The player's data is about to be loaded here: make whichever server held it before
+        write its pending writes out first.  None when there is nothing to wait for."""
+        ...
+
+    def released(self, player_id: str) -> None:
+        """The player's data stopped being resident here."""
+        ...
+
 
 class NoSync:
     """One server: its memory already holds every write, nobody else needs telling."""
 
     def announce(self, changes: Changes) -> list[Statement]:
         return []
+
+    def handover(self, player_id: str) -> Awaitable[None] | None:
+        return None
+
+    def released(self, player_id: str) -> None:
+        return None

@@ -166,3 +166,50 @@ async def test_a_node_that_lost_its_listening_connection_reads_everything_again(
         "ok": [{"rank": 1, "player_id": "p9", "score": 42}]
     }
     assert a.alive() and b.alive()
+
+
+async def test_a_wallet_loads_on_the_new_node_only_after_the_old_one_wrote_it_out(
+    cluster: Cluster,
+) -> None:
+    a = await cluster.start_node(FILES)
+    b = await cluster.start_node(FILES)
+    on_a = await a.client()
+    await on_a.send("auth.guest")
+    token = (await on_a.expect("auth.token"))["payload"]["token"]
+    pid = (await on_a.expect("session.connected"))["payload"]["player_id"]
+    await on_a.send("matchmaker.add", {"mode": "bank"})
+    await on_a.expect("matchmaker.matched", skip=("matchmaker.queued",))
+    assert await call(on_a, "grant", amount=100) == {"ok": 100}
+
+    conn = await asyncpg.connect(cluster.database_url)
+    try:
+
+        async def stored() -> Any:
+            return await conn.fetchval("SELECT balance FROM wallets WHERE player_id = $1", pid)
+
+        await until(stored, 100, timeout=2.0)
+        # Hold the wallet's row: A's next write of it waits in A's queue until we let go.
+        lock = conn.transaction()
+        await lock.start()
+        await conn.execute("SELECT 1 FROM wallets WHERE player_id = $1 FOR UPDATE", pid)
+        assert await call(on_a, "grant", amount=50) == {"ok": 150}  # in A's memory, not written
+
+        async def let_go() -> None:
+            await asyncio.sleep(0.4)
+            await lock.rollback()
+
+        releasing = asyncio.create_task(let_go())
+        # The same player opens a session on B: B's load must wait for A's queued grant.
+        on_b = await b.client()
+        await on_b.send("session.connect", {"token": token})
+        await on_b.expect("session.connected")
+        await on_b.send("matchmaker.add", {"mode": "bank"})
+        await on_b.expect("matchmaker.matched", skip=("matchmaker.queued",))
+        assert await call(on_b, "balance") == {"ok": {"gold": 150}}
+        await releasing
+    finally:
+        await conn.close()
+    handed = await b.wait_event("player_handed_over", player_id=pid)
+    assert handed["from_node"] == a.node_id and handed["waited_ms"] >= 300
+    # A dropped its copy: one node at a time holds the wallet.
+    assert (await call(on_a, "balance"))["error"] == "not_loaded"
