@@ -4,7 +4,8 @@ Why this shape: Lua callbacks are synchronous and run one after another on the e
 thread, so a callback can never wait for a database round trip without stalling every match.
 Instead, everything a callback may read is already in memory when it runs:
 
-- all leaderboards and all global storage, loaded at start;
+- all leaderboards and all global storage, loaded at start (in a cluster, kept in step with
+  the other nodes' writes through `asobi.store.sync.StoreSync`);
 - a player's wallet and player storage while the player is connected (`acquire` on
   session.connect, `release` when the connection goes).
 

@@ -33,7 +33,7 @@ async def until(probe: Callable[[], Awaitable[Any]], want: Any, timeout: float) 
             return time.monotonic() - started
         if time.monotonic() - started > timeout:
             raise AssertionError(f"still {got!r} after {timeout}s, expected {want!r}")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.03)  # under the 60 frames/s a connection may send
 
 
 async def top(viewer: Client, board: str) -> list[dict[str, Any]]:
