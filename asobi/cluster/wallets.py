@@ -65,15 +65,18 @@ class WalletHandover:
         if holder == self.node_id or not self.nodes.alive(holder):
             return
         started = time.monotonic()
-        await self.link.request(
+        answer = await self.link.request(
             holder, "store_handover", {"player_id": player_id}, timeout_s=HANDOVER_WAIT_S
         )
+        waited_ms = round((time.monotonic() - started) * 1000, 1)
+        if not answer.get("flushed"):
+            raise Unavailable(f"node {holder} could not write the player's data out in time")
         log.info(
             "player_handed_over",
             player_id=player_id,
             from_node=holder,
             node_id=self.node_id,
-            waited_ms=round((time.monotonic() - started) * 1000, 1),
+            waited_ms=waited_ms,
         )
 
     def released(self, player_id: str) -> None:
@@ -94,5 +97,9 @@ class WalletHandover:
         if not isinstance(player_id, str):
             return
         self.store.model.release(player_id)  # not `Store.release`: the record is theirs now
-        await self.store.flush(timeout=FLUSH_WAIT_S)
+        try:
+            await self.store.flush(timeout=FLUSH_WAIT_S)
+        except TimeoutError:  # our database is behind or down: say so rather than stay silent
+            await self.link.reply(message, {"flushed": False})
+            return
         await self.link.reply(message, {"flushed": True})

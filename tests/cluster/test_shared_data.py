@@ -184,19 +184,46 @@ async def test_a_node_that_lost_its_listening_connection_reads_everything_again(
     assert a.alive() and b.alive()
 
 
+async def bank_guest(node: Node) -> tuple[Client, str, str]:
+    """A guest in a bank match on `node`: the client, its token and its player id."""
+    client = await node.client()
+    await client.send("auth.guest")
+    token = (await client.expect("auth.token"))["payload"]["token"]
+    pid = (await client.expect("session.connected"))["payload"]["player_id"]
+    await client.send("matchmaker.add", {"mode": "bank"})
+    await client.expect("matchmaker.matched", skip=("matchmaker.queued",))
+    return client, token, pid
+
+
+async def reconnect_in_bank(node: Node, token: str) -> Client:
+    client = await node.client()
+    await client.send("session.connect", {"token": token})
+    await client.expect("session.connected")
+    await client.send("matchmaker.add", {"mode": "bank"})
+    await client.expect("matchmaker.matched", skip=("matchmaker.queued",))
+    return client
+
+
+async def hold_wallet_row(conn: asyncpg.Connection, pid: str, seconds: float) -> asyncio.Task[None]:
+    """Lock the player's wallet row for `seconds`: a node's write of it waits in its queue."""
+    lock = conn.transaction()
+    await lock.start()
+    await conn.execute("SELECT 1 FROM wallets WHERE player_id = $1 FOR UPDATE", pid)
+
+    async def let_go() -> None:
+        await asyncio.sleep(seconds)
+        await lock.rollback()
+
+    return asyncio.create_task(let_go())
+
+
 async def test_a_wallet_loads_on_the_new_node_only_after_the_old_one_wrote_it_out(
     cluster: Cluster,
 ) -> None:
     a = await cluster.start_node(FILES)
     b = await cluster.start_node(FILES)
-    on_a = await a.client()
-    await on_a.send("auth.guest")
-    token = (await on_a.expect("auth.token"))["payload"]["token"]
-    pid = (await on_a.expect("session.connected"))["payload"]["player_id"]
-    await on_a.send("matchmaker.add", {"mode": "bank"})
-    await on_a.expect("matchmaker.matched", skip=("matchmaker.queued",))
+    on_a, token, pid = await bank_guest(a)
     assert await call(on_a, "grant", amount=100) == {"ok": 100}
-
     conn = await asyncpg.connect(cluster.database_url)
     try:
 
@@ -204,23 +231,10 @@ async def test_a_wallet_loads_on_the_new_node_only_after_the_old_one_wrote_it_ou
             return await conn.fetchval("SELECT balance FROM wallets WHERE player_id = $1", pid)
 
         await until(stored, 100, timeout=2.0)
-        # Hold the wallet's row: A's next write of it waits in A's queue until we let go.
-        lock = conn.transaction()
-        await lock.start()
-        await conn.execute("SELECT 1 FROM wallets WHERE player_id = $1 FOR UPDATE", pid)
+        releasing = await hold_wallet_row(conn, pid, 0.4)
         assert await call(on_a, "grant", amount=50) == {"ok": 150}  # in A's memory, not written
-
-        async def let_go() -> None:
-            await asyncio.sleep(0.4)
-            await lock.rollback()
-
-        releasing = asyncio.create_task(let_go())
         # The same player opens a session on B: B's load must wait for A's queued grant.
-        on_b = await b.client()
-        await on_b.send("session.connect", {"token": token})
-        await on_b.expect("session.connected")
-        await on_b.send("matchmaker.add", {"mode": "bank"})
-        await on_b.expect("matchmaker.matched", skip=("matchmaker.queued",))
+        on_b = await reconnect_in_bank(b, token)
         assert await call(on_b, "balance") == {"ok": {"gold": 150}}
         await releasing
     finally:
@@ -229,3 +243,31 @@ async def test_a_wallet_loads_on_the_new_node_only_after_the_old_one_wrote_it_ou
     assert handed["from_node"] == a.node_id and handed["waited_ms"] >= 300
     # A dropped its copy: one node at a time holds the wallet.
     assert (await call(on_a, "balance"))["error"] == "not_loaded"
+
+
+async def test_a_handover_the_old_node_cannot_finish_delays_the_load_at_most_two_seconds(
+    cluster: Cluster,
+) -> None:
+    a = await cluster.start_node(FILES)
+    b = await cluster.start_node(FILES)
+    on_a, token, pid = await bank_guest(a)
+    assert await call(on_a, "grant", amount=100) == {"ok": 100}
+    conn = await asyncpg.connect(cluster.database_url)
+    try:
+
+        async def stored() -> Any:
+            return await conn.fetchval("SELECT balance FROM wallets WHERE player_id = $1", pid)
+
+        await until(stored, 100, timeout=2.0)
+        releasing = await hold_wallet_row(conn, pid, 4.0)  # longer than A may take to answer
+        await call(on_a, "grant", amount=50)
+        started = time.monotonic()
+        on_b = await reconnect_in_bank(b, token)
+        assert "ok" in await call(on_b, "balance")
+        assert time.monotonic() - started < 2.0 + 1.0  # the bound, plus a busy machine's slack
+        failed = await b.wait_event("player_handover_failed", player_id=pid)
+        assert a.node_id in failed["error"]
+        await releasing
+        await until(stored, 150, timeout=2.0)  # A's grant is written once the row is free
+    finally:
+        await conn.close()
