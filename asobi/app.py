@@ -177,14 +177,21 @@ def join_cluster(app: App, secret: str) -> Cluster:
 
     cluster = Cluster(app.settings, secret, load)
 
+    _reload_across(app, cluster)
+    _reach_other_nodes(app, cluster)
+    _share_data(app, cluster)
+    return cluster
+
+
+def _reload_across(app: App, cluster: Cluster) -> None:
+    """`asobi push` bundles applied on every node (docs/cluster.md, "Reload across the
+    cluster")."""
     from asobi.cluster.reloads import ClusterReloader
 
     app.cluster_reloader = ClusterReloader(
         cluster.link, cluster.nodes, app.reloader, app.settings.max_script_bytes
     )
     cluster.on_start(app.cluster_reloader.start, app.cluster_reloader.stop)
-    _reach_other_nodes(app, cluster)
-    return cluster
 
 
 def _reach_other_nodes(app: App, cluster: Cluster) -> None:
@@ -206,3 +213,17 @@ def _reach_other_nodes(app: App, cluster: Cluster) -> None:
     app.listing = listing
     app.router = ClusterRouter(app.engine, listing, cluster.nodes, cluster.seat_tokens)
     cluster.on_start(listing.start, listing.stop)
+
+
+def _share_data(app: App, cluster: Cluster) -> None:
+    """Leaderboards and global storage seen live on every node; a player's wallet resident on
+    one node at a time (docs/cluster.md, "Shared data")."""
+    if app.store is None:
+        return
+    from asobi.cluster.store_sync import PostgresStoreSync
+    from asobi.cluster.wallets import WalletHandover
+
+    wallets = WalletHandover(cluster.link, cluster.nodes, app.store, cluster.node_id)
+    sync = PostgresStoreSync(app.store, app.settings.database_url, cluster.node_id, wallets)
+    app.store.sync = sync
+    cluster.on_start(sync.start, sync.stop)

@@ -110,3 +110,43 @@ def test_commits_wake_the_writer() -> None:
     work.submit("arena", "p1", 10)
     work.commit()
     assert woken and model.top("arena", 1) == [{"player_id": "p1", "score": 10, "rank": 1}]
+
+
+# -- other servers' writes (asobi.store.sync) ------------------------------------------------
+def test_merged_scores_keep_the_best_whatever_order_they_arrive_in() -> None:
+    model = StoreModel()
+    work = model.unit("m1")
+    work.submit("arena", "p1", 300)
+    work.commit()
+    model.merge_scores([("arena", "p1", 700), ("arena", "p2", 50)])
+    model.merge_scores([("arena", "p1", 500)])  # older, lower: ignored
+    assert model.top("arena", 5) == [
+        {"rank": 1, "player_id": "p1", "score": 700},
+        {"rank": 2, "player_id": "p2", "score": 50},
+    ]
+
+
+def test_a_refreshed_key_takes_the_database_value_unless_ours_is_still_queued() -> None:
+    model = StoreModel()
+    model.install([], [("config", "motd", '"old"'), ("config", "gone", "1")])
+    ours = model.unit("m1")
+    ours.set("", "config", "mine", "queued")
+    ours.commit()
+    # Another server wrote motd and mine and deleted gone; the database holds its values.
+    rows = [("config", "motd", '"theirs"'), ("config", "mine", '"theirs"')]
+    keys = [("config", "motd"), ("config", "mine"), ("config", "gone")]
+    assert model.global_refreshed(rows, keys) == 2
+    # Our write of `mine` is not in the database yet: it will be written after theirs and win.
+    assert model.global_storage == {("config", "motd"): "theirs", ("config", "mine"): "queued"}
+    model.batch_written(model.next_batch(), BatchResult())
+    assert model.pending_global == {}
+    # Once ours is written, a re-read takes whatever the database holds.
+    model.global_refreshed([("config", "mine", '"later"')], [("config", "mine")])
+    assert model.global_storage[("config", "mine")] == "later"
+
+
+def test_a_full_refresh_drops_keys_the_database_no_longer_has() -> None:
+    model = StoreModel()
+    model.install([], [("a", "1", "1"), ("a", "2", "2")])
+    assert model.global_refreshed([("a", "2", "20"), ("a", "3", "3")], None) == 3
+    assert model.global_storage == {("a", "2"): 20, ("a", "3"): 3}

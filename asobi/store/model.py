@@ -83,6 +83,12 @@ class StoreModel:
         self.load_errors: dict[str, str] = {}
         self.boards: dict[str, Board] = {}
         self.global_storage: dict[tuple[str, str], Any] = {}
+        # Global keys with writes of this server not yet in the database, and how many: a value
+        # re-read for another server's write must not replace a newer one of ours still queued.
+        self.pending_global: dict[tuple[str, str], int] = {}
+        # Global keys another server changed, to be re-read (`refresh_all`: every key).
+        self.stale_global: set[tuple[str, str]] = set()
+        self.stale_all = False
 
     def _queued(self) -> None:
         if self.on_queued is not None:
@@ -138,6 +144,9 @@ class StoreModel:
         for op in work.ops:
             self._apply_memory(op)
             self.queue.append(op)
+            if isinstance(op, StorageOp) and op.owner == GLOBAL_OWNER:
+                name = (op.collection, op.key)
+                self.pending_global[name] = self.pending_global.get(name, 0) + 1
         self.pending_ops += len(work.ops)
         self._queued()
 
@@ -201,6 +210,43 @@ class StoreModel:
         b = self.boards.get(board)
         return b.top(n) if b is not None else []
 
+    # -- other servers' writes (asobi.store.sync) ------------------------------------------------
+    def merge_scores(self, entries: Any) -> None:
+        """Leaderboard entries another server wrote: a board keeps each player's best, so the
+        higher of the two is what the database holds too."""
+        for board, player_id, score in entries:
+            self.boards.setdefault(board, Board()).submit(player_id, int(score))
+
+    def has_stale(self) -> bool:
+        return self.stale_all or bool(self.stale_global)
+
+    def take_stale(self) -> tuple[bool, list[tuple[str, str]]]:
+        """What the writer should re-read now: everything, or these global keys."""
+        every, keys = self.stale_all, sorted(self.stale_global)
+        self.stale_all = False
+        self.stale_global.clear()
+        return every, keys
+
+    def global_refreshed(self, rows: Any, keys: list[tuple[str, str]] | None) -> int:
+        """Install re-read global rows (`keys` None: the whole table was read).  Called by the
+        writer between batches, so a key with a write of ours still queued was not in the
+        database when it was read: ours comes later and stays.  Returns the keys changed."""
+        found = {(c, k): v for c, k, v in rows}
+        names = set(self.global_storage) | set(found) if keys is None else set(keys)
+        changed = 0
+        for name in names:
+            if name in self.pending_global:
+                continue
+            text = found.get(name)
+            if text is None:
+                changed += self.global_storage.pop(name, _DELETED) is not _DELETED
+                continue
+            value = orjson.loads(text)
+            if self.global_storage.get(name, _DELETED) != value:
+                self.global_storage[name] = value
+                changed += 1
+        return changed
+
     # -- the queue, step by step (the writer's side) ----------------------------------------------
     def add_barrier(self) -> Barrier:
         barrier = Barrier()
@@ -239,8 +285,15 @@ class StoreModel:
         return batch
 
     def batch_written(self, batch: Batch, result: ops.BatchResult) -> None:
-        for _ in batch.ops:
+        for op in batch.ops:
             self.queue.popleft()
+            if isinstance(op, StorageOp) and op.owner == GLOBAL_OWNER:
+                name = (op.collection, op.key)
+                left = self.pending_global.get(name, 0) - 1
+                if left > 0:
+                    self.pending_global[name] = left
+                else:
+                    self.pending_global.pop(name, None)
         self.pending_ops -= len(batch.ops)
         self.batch = None
         self.durable_ops += len(batch.ops)

@@ -9,7 +9,7 @@ statements; SQL is written with `?` placeholders and each backend adapts them.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,9 +120,13 @@ _STORE = (
 _UNSTORE = "DELETE FROM storage WHERE owner = ? AND collection = ? AND key = ?"
 
 
-def apply_batch(batch_id: str, ops: list[Op]) -> Job:
+def apply_batch(
+    batch_id: str, ops: list[Op], announce: Sequence[tuple[str, tuple[Any, ...]]] = ()
+) -> Job:
     """Write one batch atomically.  A batch id seen before is skipped, so a retry after a lost
-    commit acknowledgement never applies the same grants twice."""
+    commit acknowledgement never applies the same grants twice.  `announce` runs last, in the
+    same transaction, so other servers hear of the batch exactly when it commits
+    (`asobi.store.sync`)."""
     ts = now_ms()
     seen = yield (
         "INSERT INTO applied_batches (id, applied_at) VALUES (?, ?) "
@@ -157,6 +161,8 @@ def apply_batch(batch_id: str, ops: list[Op]) -> Job:
             yield (_UNSTORE, (op.owner, op.collection, op.key))
         else:
             yield (_STORE, (op.owner, op.collection, op.key, op.value, ts))
+    for statement in announce:  # noqa: UP028 (`yield from` a list would fail on send(rows))
+        yield statement
     if int(batch_id[-3:], 16) == 0:  # now and then, forget old batch ids
         yield ("DELETE FROM applied_batches WHERE applied_at < ?", (ts - 24 * 3600 * 1000,))
     return result
@@ -183,6 +189,19 @@ def load_boards() -> Job:
 def load_global_storage() -> Job:
     rows = yield ("SELECT collection, key, value FROM storage WHERE owner = ?", (GLOBAL_OWNER,))
     return rows
+
+
+def load_global_keys(keys: Sequence[tuple[str, str]]) -> Job:
+    """The current rows of these global keys (a key without a row was deleted)."""
+    found = []
+    for collection, key in keys:
+        rows = yield (
+            "SELECT collection, key, value FROM storage WHERE owner = ? AND collection = ? "
+            "AND key = ?",
+            (GLOBAL_OWNER, collection, key),
+        )
+        found.extend(rows)
+    return found
 
 
 def ledger(player_id: str, limit: int) -> Job:

@@ -4,7 +4,8 @@ Why this shape: Lua callbacks are synchronous and run one after another on the e
 thread, so a callback can never wait for a database round trip without stalling every match.
 Instead, everything a callback may read is already in memory when it runs:
 
-- all leaderboards and all global storage, loaded at start;
+- all leaderboards and all global storage, loaded at start (in a cluster, kept in step with
+  the other nodes' writes through `asobi.store.sync.StoreSync`);
 - a player's wallet and player storage while the player is connected (`acquire` on
   session.connect, `release` when the connection goes).
 
@@ -40,6 +41,7 @@ from asobi.store.board import Board
 from asobi.store.errors import BackendUnavailable, StoreError
 from asobi.store.model import Barrier, Batch, Load, StoreModel, UnitOfWork
 from asobi.store.ops import Job
+from asobi.store.sync import NoSync, StoreSync, changes_of
 
 __all__ = ["Backend", "Store", "UnitOfWork", "open_backend"]
 
@@ -48,6 +50,8 @@ log = structlog.get_logger("asobi.store")
 # Pause before retrying the stream's head after a retryable failure, doubling up to the cap.
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 1.0
+# How long a player's load waits for the server that held their data before (`StoreSync`).
+HANDOVER_TIMEOUT_S = 2.0
 
 
 class Backend(Protocol):
@@ -99,8 +103,11 @@ class Store:
             on_queued=self._wake.set,
         )
         self._waiters: dict[Load | Barrier, asyncio.Future[None]] = {}
+        self._handovers: dict[Load, asyncio.Future[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # Who hears of this server's batches (nobody on a single server; asobi.store.sync).
+        self.sync: StoreSync = NoSync()
 
     # -- the model's reads and writes, for callers that hold the store ----------------------------
     @property
@@ -113,6 +120,7 @@ class Store:
 
     def release(self, player_id: str) -> None:
         self.model.release(player_id)
+        self.sync.released(player_id)
 
     def resident(self, player_id: str) -> bool:
         return self.model.resident(player_id)
@@ -137,6 +145,21 @@ class Store:
 
     def top(self, board: str, n: int) -> list[dict[str, object]]:
         return self.model.top(board, n)
+
+    # -- other servers' writes (asobi.store.sync) -------------------------------------------------
+    def merge_scores(self, entries: Any) -> None:
+        """Leaderboard entries `(board, player, score)` another server committed."""
+        self.model.merge_scores(entries)
+
+    def refresh_global(self, keys: Any) -> None:
+        """Global keys another server changed: the writer re-reads them, between batches."""
+        self.model.stale_global.update((str(c), str(k)) for c, k in keys)
+        self._wake.set()
+
+    def refresh_all(self) -> None:
+        """Re-read every leaderboard and all global storage (after missing notices)."""
+        self.model.stale_all = True
+        self._wake.set()
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -184,6 +207,10 @@ class Store:
         future = self._waiters.get(load)
         if future is None:
             future = self._waiters[load] = asyncio.get_running_loop().create_future()
+            handover = self.sync.handover(player_id)
+            if handover is not None:  # runs while the load waits its turn in the queue
+                task = self._handovers[load] = asyncio.ensure_future(handover)
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return future
 
     def _resolve(self, entry: Load | Barrier, error: Exception | None = None) -> None:
@@ -222,7 +249,7 @@ class Store:
         model = self.model
         backoff = RETRY_FIRST_S
         while True:
-            if not model.queue:
+            if not model.queue and (self._closing or not model.has_stale()):
                 if self._closing:
                     return
                 if not model.available:
@@ -233,6 +260,8 @@ class Store:
                 await self._wake.wait()
                 continue
             try:
+                if model.has_stale() and not self._closing:
+                    await self._refresh()
                 for barrier in model.pop_barriers():  # resolve without touching the database
                     self._resolve(barrier)
                 head = model.head()
@@ -240,7 +269,7 @@ class Store:
                     await self._load(head)
                 elif head is not None and not isinstance(head, Barrier):
                     batch = model.next_batch()
-                    result = await self.backend.transact(ops.apply_batch(batch.id, batch.ops))
+                    result = await self.backend.transact(self._apply(batch))
                     model.batch_written(batch, result)
             except BackendUnavailable as exc:
                 # Retryable: the head stays where it is (order matters) and is tried again
@@ -272,7 +301,7 @@ class Store:
         for op in batch.ops:
             single = Batch(uuid.uuid4().hex, [op])
             try:
-                result = await self.backend.transact(ops.apply_batch(single.id, single.ops))
+                result = await self.backend.transact(self._apply(single))
             except BackendUnavailable:
                 # Keep the rest queued (in order) for the normal retry path.
                 return
@@ -281,12 +310,62 @@ class Store:
                 result = ops.BatchResult()
             self.model.batch_written(single, result)
 
+    def _apply(self, batch: Batch) -> Job:
+        return ops.apply_batch(batch.id, batch.ops, self.sync.announce(changes_of(batch.ops)))
+
+    async def _refresh(self) -> None:
+        """Re-read what other servers changed.  Runs on the writer, between batches, so what is
+        read and what this server still has queued never overlap (`global_refreshed`)."""
+        model = self.model
+        every, keys = model.take_stale()
+        try:
+            if every:
+                model.merge_scores(await self.backend.transact(ops.load_boards()))
+                rows = await self.backend.transact(ops.load_global_storage())
+            else:
+                rows = await self.backend.transact(ops.load_global_keys(keys))
+            changed = model.global_refreshed(rows, None if every else keys)
+        except BackendUnavailable:
+            model.stale_all |= every  # read again once the database answers
+            model.stale_global.update(keys)
+            raise
+        except Exception as exc:  # an unreadable row: reading again would fail the same way
+            log.error("store_refresh_failed", keys=len(keys), every=every, error=str(exc)[:500])
+            return
+        if every:
+            log.info(
+                "store_refreshed",
+                boards=len(model.boards),
+                global_keys=len(model.global_storage),
+                changed=changed,
+            )
+
     async def _load(self, load: Load) -> None:
         rows: Any = (None, None)
+        handover = self._handovers.pop(load, None)
+        if handover is not None:
+            if load.cancelled:
+                handover.cancel()
+            else:
+                await self._await_handover(load.player_id, handover)
         if not load.cancelled:
             rows = await self.backend.transact(ops.load_player(load.player_id))
         self.model.load_answered(load, *rows)
         self._resolve(load)
+
+    async def _await_handover(self, player_id: str, handover: asyncio.Future[None]) -> None:
+        """Hold the player's load (and the writer) until the server that held their data has
+        written it out, up to a bound: past it, or if the handover fails, the load goes ahead
+        and may miss that server's last writes (docs/persistence.md)."""
+        try:
+            await asyncio.wait_for(asyncio.shield(handover), HANDOVER_TIMEOUT_S)
+        except Exception as exc:
+            handover.cancel()
+            log.warning(
+                "player_handover_failed",
+                player_id=player_id,
+                error=f"{type(exc).__name__}: {exc}"[:300],
+            )
 
     async def _probe(self, delay: float) -> None:
         await asyncio.sleep(delay)
