@@ -20,7 +20,7 @@ from asobi.directory import MatchListing, MatchRouter, Placement
 from asobi.engine import Engine, EngineConfig
 from asobi.hub import Hub
 from asobi.local import LocalListing, LocalPlacement, LocalRouter
-from asobi.matchmaker import Matchmaker
+from asobi.matchmaker import Matchmaker, TicketQueue
 from asobi.metrics import Metrics
 from asobi.presence import Presence
 from asobi.reload import Reloader, ReloadHistory
@@ -39,7 +39,7 @@ class App:
     registry: ScriptRegistry
     engine: Engine
     hub: Hub
-    matchmaker: Matchmaker
+    matchmaker: TicketQueue
     signer: TokenSigner
     history: ReloadHistory
     reloader: Reloader
@@ -172,4 +172,13 @@ def join_cluster(app: App, secret: str) -> Cluster:
             "lateness_p99_ms": max(p99, 0.0),
         }
 
-    return Cluster(app.settings, secret, load)
+    cluster = Cluster(app.settings, secret, load)
+
+    # One matchmaker for the cluster: tickets in Redis, matches placed on the node holding most
+    # of their players (app.placement stays this node's: the placing node starts matches with it).
+    from asobi.cluster.matchmaker import RedisMatchmaker
+
+    matchmaker = RedisMatchmaker(app, cluster)
+    app.matchmaker = matchmaker
+    cluster.on_start(matchmaker.start, matchmaker.stop)
+    return cluster
