@@ -106,8 +106,9 @@ elseif op == "remove" then
 elseif op == "form" then
   -- ARGV: mode, size, max groups, lease_ms, former.  The atomic step: the oldest `size` live
   -- tickets leave the queue together as one group leased to `former`.  Tickets past their
-  -- expiry are left for their home node to expire (it tells the player); tickets of dead nodes
-  -- are dropped here.  Returns {depth, oldest score, group JSON...}.
+  -- expiry are left for their home node to expire (it tells the player), tickets of a node
+  -- whose heartbeat is missing for every node to drop (`drop_node`, when they see it gone).
+  -- Returns {depth, oldest score, group JSON...}.
   local mode, size, most = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
   local lease, former = tonumber(ARGV[7]), ARGV[8]
   local q = P .. "q:" .. mode
@@ -124,10 +125,8 @@ elseif op == "form" then
       for _, id in ipairs(ids) do
         local t = read(id)
         if not t then
-          gone[#gone + 1] = {stale = id}
-        elseif not alive(t.node) then
-          gone[#gone + 1] = t
-        elseif t.expires > now then
+          gone[#gone + 1] = id
+        elseif t.expires > now and alive(t.node) then
           picked[#picked + 1] = t
           if #picked == size then
             groups[#groups + 1] = picked
@@ -138,9 +137,7 @@ elseif op == "form" then
       end
     end
   end
-  for _, t in ipairs(gone) do
-    if t.stale then redis.call("ZREM", q, t.stale) else unlink(t) end
-  end
+  for _, id in ipairs(gone) do redis.call("ZREM", q, id) end
   for _, tickets in ipairs(groups) do
     for _, t in ipairs(tickets) do unlink(t) end
     local gid = former .. ":" .. redis.call("INCR", P .. "seq")
@@ -237,7 +234,10 @@ elseif op == "expire" then
   return out
 
 elseif op == "drop_node" then
-  -- ARGV: node.  Every ticket a (dead, or restarting) node's players held goes.
+  -- ARGV: node, "dead" or "any".  Every ticket a dead (or restarting) node's players held goes.
+  -- "dead": only if its heartbeat is still missing (a restarted Redis forgets every node's
+  -- heartbeat for up to one beat; those nodes are not dead).
+  if ARGV[5] == "dead" and alive(ARGV[4]) then return -1 end
   local ids = redis.call("ZRANGE", P .. "n:" .. ARGV[4], 0, -1)
   for _, id in ipairs(ids) do
     local t = read(id)

@@ -162,8 +162,10 @@ class Forming:
     async def expire(self, node: str) -> list[QueuedTicket]:
         return [_ticket(orjson.loads(b)) for b in await self._run("expire tickets", "expire", node)]
 
-    async def drop_node(self, node: str) -> int:
-        return int(await self._run("drop a node's tickets", "drop_node", node))
+    async def drop_node(self, node: str, *, only_if_dead: bool = False) -> int:
+        """Drop the node's tickets; -1 when `only_if_dead` and its heartbeat is there."""
+        mode = "dead" if only_if_dead else "any"
+        return int(await self._run("drop a node's tickets", "drop_node", node, mode))
 
     async def modes(self) -> list[str]:
         members = await self.link.call(

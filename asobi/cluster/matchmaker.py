@@ -62,6 +62,7 @@ class RedisMatchmaker:
         self.max_tickets_per_player = settings.max_tickets_per_player
         self.interval_s = interval_s
         self.reclaim_s = reclaim_s
+        self.heartbeat_s = settings.heartbeat_s
         self.clock = clock
         self.forming = Forming(cluster.link)
         self.placement = ClusterPlacement(app, cluster, self.forming, on_matched=self._used)
@@ -306,8 +307,11 @@ class RedisMatchmaker:
 
     def _node_gone(self, node_id: str) -> None:
         async def drop() -> None:
-            dropped = await self.forming.drop_node(node_id)
-            if dropped:
+            # A node also looks gone for a beat after Redis restarted (every heartbeat key went
+            # with it): drop its tickets only if it still has none after two more beats.
+            await asyncio.sleep(2 * self.heartbeat_s)
+            dropped = await self.forming.drop_node(node_id, only_if_dead=True)
+            if dropped > 0:
                 log.warning("tickets_dropped", node=node_id, tickets=dropped, by=self.node_id)
 
         self._spawn(drop())
