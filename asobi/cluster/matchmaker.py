@@ -127,8 +127,8 @@ class RedisMatchmaker:
         return ticket, False
 
     def remove(self, player_id: str, ticket_id: str | None = None) -> list[Ticket]:
-        """Drop one ticket (or all of the player's, wherever they queued them).  A ticket whose
-        group is already being placed is not taken out of its match."""
+        """Drop one ticket (or all the player's tickets).  A ticket whose group is already being
+        placed is not taken out of its match."""
         removed = [
             t
             for t in list(self._by_player.get(player_id, ()))
@@ -136,7 +136,10 @@ class RedisMatchmaker:
         ]
         for ticket in removed:
             self._forget(ticket.ticket_id)
-        if removed or ticket_id is None:
+        # A player's tickets are written by the node they queued on, and taken out by it when
+        # their session there ends; a session here with none of them has nothing to clear, but
+        # a named ticket may have been queued elsewhere (`matchmaker.remove` is cluster-wide).
+        if removed or ticket_id is not None:
 
             async def write() -> None:
                 await self.forming.remove(player_id, ticket_id)
