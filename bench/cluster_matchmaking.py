@@ -114,6 +114,11 @@ async def guest(url: str) -> Any:
     await ws.send(orjson.dumps({"type": "auth.guest", "payload": {}}).decode())
     while orjson.loads(await ws.recv())["type"] != "session.connected":
         pass
+    # Frames wait while the player's data loads from the database: a heartbeat's answer says
+    # the load is over, so it stays out of the matchmaking latency.
+    await ws.send(orjson.dumps({"type": "session.heartbeat", "payload": {}}).decode())
+    while orjson.loads(await ws.recv())["type"] != "session.heartbeat":
+        pass
     return ws
 
 
