@@ -5,8 +5,11 @@ synchronously: `add` checks the request and records the ticket here (so a refusa
 and the per-player cap are answered at once, and `add` answers `QueueUnavailable` at once while
 Redis is known to be down); the Redis work runs in this node's background tasks.  Writes go
 through one worker in the order they were asked for (a `remove` right after an `add` never
-overtakes it); a matchmaking loop forms groups after each add and every `interval_s` as a
-backstop, hands back expired leases, and places what it formed (`ClusterPlacement`).
+overtakes it); a matchmaking loop forms groups after each add (the node whose write completes
+a group is the one that sees it complete), hands back expired leases, and places what it formed
+(`ClusterPlacement`).  Its timed passes (every `interval_s`) are only a backstop, for groups
+handed back and tickets skipped while their node's heartbeat was missing: an idle cluster costs
+Redis a few commands per node every two seconds, not a poll per tick.
 
 What this node keeps is only a record of its own players' tickets; the queue itself, its depth
 and its order live in Redis (`forming.lua`).  When Redis becomes unreachable the queued tickets
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("asobi.cluster.matchmaker")
 
 Op = Callable[[], Awaitable[None]]
+EXPIRE_EVERY_S = 0.5
 
 
 class RedisMatchmaker:
@@ -47,8 +51,8 @@ class RedisMatchmaker:
         app: App,
         cluster: Cluster,
         *,
-        interval_s: float = 0.25,
-        reclaim_s: float = 1.0,
+        interval_s: float = 2.0,
+        reclaim_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         settings = app.settings
@@ -73,6 +77,7 @@ class RedisMatchmaker:
         self._ops: asyncio.Queue[Op] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._expiring = False
+        self._next_expiry = 0.0
         # Redis was unreachable since this node last cleared its tickets there.
         self._interrupted = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -154,8 +159,11 @@ class RedisMatchmaker:
     def expire(self, now: float | None = None) -> list[Ticket]:
         """Expire this node's tickets past their time to live (in Redis, against the
         forming of groups); their players are told when Redis answers."""
-        if not self._expiring and self.link.up:
+        now = self.clock() if now is None else now
+        # Only this node's players' tickets are its to expire, and it has a record of each.
+        if self._tickets and not self._expiring and self.link.up and now >= self._next_expiry:
             self._expiring = True
+            self._next_expiry = now + EXPIRE_EVERY_S
             self._ops.put_nowait(self._expire)
         return []
 
