@@ -20,7 +20,7 @@ from asobi.directory import MatchListing, MatchRouter, Placement
 from asobi.engine import Engine, EngineConfig
 from asobi.hub import Hub
 from asobi.local import LocalListing, LocalPlacement, LocalRouter
-from asobi.matchmaker import Matchmaker
+from asobi.matchmaker import Matchmaker, TicketQueue
 from asobi.metrics import Metrics
 from asobi.presence import Presence
 from asobi.reload import Reloader, ReloadHistory
@@ -40,7 +40,7 @@ class App:
     registry: ScriptRegistry
     engine: Engine
     hub: Hub
-    matchmaker: Matchmaker
+    matchmaker: TicketQueue
     signer: TokenSigner
     history: ReloadHistory
     reloader: Reloader
@@ -179,6 +179,7 @@ def join_cluster(app: App, secret: str) -> Cluster:
 
     _reload_across(app, cluster)
     _reach_other_nodes(app, cluster)
+    _match_across(app, cluster)
     _share_data(app, cluster)
     return cluster
 
@@ -213,6 +214,17 @@ def _reach_other_nodes(app: App, cluster: Cluster) -> None:
     app.listing = listing
     app.router = ClusterRouter(app.engine, listing, cluster.nodes, cluster.seat_tokens)
     cluster.on_start(listing.start, listing.stop)
+
+
+def _match_across(app: App, cluster: Cluster) -> None:
+    """One matchmaker for the cluster: tickets in Redis, matches placed on the node holding most
+    of their players (app.placement stays this node's: the placing node starts matches with it)
+    (docs/cluster.md, "One matchmaker")."""
+    from asobi.cluster.matchmaker import RedisMatchmaker
+
+    matchmaker = RedisMatchmaker(app, cluster)
+    app.matchmaker = matchmaker
+    cluster.on_start(matchmaker.start, matchmaker.stop)
 
 
 def _share_data(app: App, cluster: Cluster) -> None:

@@ -21,6 +21,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
@@ -40,8 +41,34 @@ class Ticket:
     queued_at: float = 0.0
 
 
+class TicketQueue(Protocol):
+    """What sessions, the server and the console ask of the matchmaker: this module's
+    `Matchmaker` on one node, `asobi.cluster.matchmaker.RedisMatchmaker` in a cluster."""
+
+    def add(self, player_id: str, mode: str) -> tuple[Ticket, bool]: ...
+
+    def remove(self, player_id: str, ticket_id: str | None = None) -> list[Ticket]: ...
+
+    def process(self) -> None: ...
+
+    def expire(self, now: float | None = None) -> list[Ticket]: ...
+
+    def queued(self, mode: str) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def live_queues(self) -> int: ...
+
+    def queues(self) -> list[tuple[str, int, float]]: ...
+
+
 class UnknownMode(Exception):
     pass
+
+
+class QueueUnavailable(Exception):
+    """The queue cannot take tickets right now (a cluster's Redis is unreachable); the message
+    says so.  The single-node queue never raises it."""
 
 
 class QueueLimit(Exception):

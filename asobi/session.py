@@ -30,7 +30,7 @@ from asobi.app import App
 from asobi.auth import InvalidToken
 from asobi.directory import InvalidSeat, JoinRefused, MatchElsewhere, MatchInfo, Peer, Seat
 from asobi.limits import TokenBucket
-from asobi.matchmaker import QueueLimit, UnknownMode
+from asobi.matchmaker import QueueLimit, QueueUnavailable, UnknownMode
 from asobi.protocol import (
     AUTH_FREE,
     ErrorCode,
@@ -398,6 +398,8 @@ class Session:
         except QueueLimit as exc:
             code = ErrorCode.TOO_MANY_TICKETS if exc.per_player else ErrorCode.MATCHMAKER_FULL
             raise ProtocolError(code, str(exc), frame.cid) from None
+        except QueueUnavailable as exc:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, str(exc), frame.cid) from None
         payload: dict[str, Any] = {"ticket_id": ticket.ticket_id, "mode": mode}
         if existed:
             payload["already_queued"] = True

@@ -1,7 +1,9 @@
-"""`python -m bench [--smoke] [--only asobi,reload,patch,colyseus]`: run the suite on loopback.
+"""`python -m bench [--smoke] [--only asobi,reload,patch,colyseus,cluster]`: run on loopback.
 
 The server under test runs pinned to one core and this process (the load generator) to the
-other.  Prints a markdown report and writes the figures as JSON under bench/results/.
+other.  `cluster` (matchmaking latency on 1 and 3 nodes over Redis; needs `redis-server` and
+PostgreSQL) runs only when `--only` names it.  Prints a markdown report and writes the figures
+as JSON under bench/results/.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from bench.targets import AsobiTarget, ColyseusTarget
 
 RESULTS = Path(__file__).parent / "results"
 PARTS = ("asobi", "shared", "reload", "patch", "colyseus")
+ON_REQUEST = ("cluster",)  # run only when `--only` names them
 
 
 @dataclass(frozen=True)
@@ -176,13 +179,18 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             ]
         if "colyseus" in parts:
             await run_colyseus(plan, work, cores, out, args.smoke)
+        if "cluster" in parts:
+            from bench import cluster_matchmaking  # needs redis-server and PostgreSQL
+
+            pairs = 30 if args.smoke else 300
+            out["cluster_matchmaking"] = await cluster_matchmaking.run(pairs=pairs)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny run (< 10 s) for CI")
-    parser.add_argument("--only", help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(PARTS + ON_REQUEST)}")
     parser.add_argument("--work", help="keep game dirs and server logs here (default: a temp dir)")
     args = parser.parse_args(argv)
     started = time.monotonic()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench import patch_bytes
+from bench import cluster_matchmaking, patch_bytes
 from bench.patch_bytes import Row as PatchRow
 
 TARGET_MATCHES = 1000
@@ -179,6 +179,14 @@ def markdown(out: dict[str, Any]) -> str:
             )
         bad = sum(r["skipped"] + r["repeated"] for r in reloads)
         summary.append(("ticks skipped or repeated on reload", "0", str(bad), _met(bad == 0)))
+    cluster_rows = out.get("cluster_matchmaking") or []
+    if cluster_rows:
+        lines += [
+            "",
+            "## Cluster matchmaking: add -> matched (`bench/cluster_matchmaking.py`)",
+            "",
+            *cluster_matchmaking.table(cluster_rows),
+        ]
     patches = out.get("patch_bytes") or []
     if patches:
         lines += [
