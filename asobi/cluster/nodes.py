@@ -85,6 +85,9 @@ class NodeDirectory:
         self._gone_listeners: list[Callable[[str], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._cpu_mark = (time.monotonic(), time.process_time())
+        self._last_write: float | None = None
+        self._amnesty_until = 0.0
+        self._suspects: set[str] = set()
 
     def on_gone(self, listener: Callable[[str], None]) -> None:
         self._gone_listeners.append(listener)
@@ -127,10 +130,12 @@ class NodeDirectory:
         redis = self.link.redis
         ttl_ms = int(self.ttl_s * 1000)
         async with redis.pipeline(transaction=False) as pipe:
-            pipe.set(key("node", self.node_id), orjson.dumps(record.as_dict()), px=ttl_ms)
+            pipe.set(key("node", self.node_id), orjson.dumps(record.as_dict()), px=ttl_ms, get=True)
             pipe.zadd(INDEX, {self.node_id: record.seen_at})
             pipe.zrange(INDEX, 0, -1)
             replies = await self.link.call("send the heartbeat", pipe.execute())
+        now = time.monotonic()
+        self._notice_reset(replies[0] is None, now)
         ids = [i.decode() if isinstance(i, bytes) else str(i) for i in replies[2]]
         values = await self.link.call(
             "read the nodes", redis.mget([key("node", i) for i in ids]) if ids else _none()
@@ -145,10 +150,17 @@ class NodeDirectory:
                 live[node_id] = NodeInfo(**orjson.loads(raw))
         if dead:
             await self.link.call("prune the nodes", redis.zrem(INDEX, *dead))
-        gone = [n for n in self.nodes if n not in live] + [
-            n for n in dead if n not in self.nodes and n != self.node_id
+        missing = [n for n in self.nodes if n not in live] + [
+            n for n in dead if n not in self.nodes
         ]
         self.nodes = live
+        self._last_write = now
+        if now < self._amnesty_until:
+            # Redis lost every record: a node missing now may just not have beaten since.
+            self._suspects.update(missing)
+            return
+        gone = [*missing, *(n for n in self._suspects if n not in live)]
+        self._suspects.clear()
         for node_id in dict.fromkeys(gone):
             if node_id == self.node_id:
                 continue
@@ -158,6 +170,16 @@ class NodeDirectory:
                     listener(node_id)
                 except Exception:
                     log.exception("node_gone_listener_failed", node_id=node_id)
+
+    def _notice_reset(self, own_record_was_missing: bool, now: float) -> None:
+        """Our own record is missing although we wrote it: Redis restarted without its data, or
+        we could not reach it for longer than the TTL.  Either way the other nodes' records
+        went the same way, so for one TTL a node missing from the listing is a suspect, not
+        gone: it re-appears at its next beat; one that does not is gone after the TTL."""
+        if own_record_was_missing and self._last_write is not None:
+            self._amnesty_until = now + self.ttl_s
+            self._suspects.update(self.nodes)
+            log.info("redis_reset_seen", node_id=self.node_id, amnesty_s=self.ttl_s)
 
     async def start(self) -> None:
         with contextlib.suppress(Unavailable):

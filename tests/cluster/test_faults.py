@@ -147,3 +147,8 @@ async def test_redis_restart_matches_keep_ticking_and_matchmaking_recovers(
     assert set(pair["players"]) == {partner.player_id, waiting.player_id}
     assert (await matched(waiting))["match_id"] == pair["match_id"]
     assert (await p1.states(1))[0]["n"] > after
+    # Redis came back empty, yet no node took the other for dead: both re-beat within the TTL.
+    await asyncio.sleep(a_ttl := 5.5)
+    for node, other in ((a, b), (b, a)):
+        assert not [e for e in node.events("node_gone") if e["node_id"] == other.node_id], a_ttl
+    await a.wait_event("redis_reset_seen")
