@@ -19,12 +19,15 @@ from asobi.config import Settings
 from asobi.directory import MatchListing, MatchRouter, Placement
 from asobi.engine import Engine, EngineConfig
 from asobi.hub import Hub
+from asobi.journal import Journal, StoreJournal
 from asobi.local import LocalListing, LocalPlacement, LocalRouter
 from asobi.matchmaker import Matchmaker
 from asobi.metrics import Metrics
 from asobi.presence import Presence
 from asobi.reload import Reloader, ReloadHistory
+from asobi.restore import restore_matches
 from asobi.scripts import ScriptError, ScriptRegistry
+from asobi.snapshots import Snapshotter
 from asobi.store import Store, open_backend
 
 if TYPE_CHECKING:
@@ -53,6 +56,8 @@ class App:
     accounts: Accounts | None = field(default=None)
     # This node's place in a cluster (ASOBI_REDIS_URL); None on a single node.
     cluster: Cluster | None = field(default=None)
+    # Matches' latest snapshots (docs/durability.md); None with ASOBI_SNAPSHOT_TICKS < 0.
+    journal: Journal | None = field(default=None)
 
     @classmethod
     def create(cls, settings: Settings) -> App:
@@ -119,6 +124,13 @@ class App:
             listing=LocalListing(engine),
             placement=placement,
         )
+        if settings.snapshot_ticks >= 0:
+            app.journal = StoreJournal(store.backend)
+            snapshots = Snapshotter(
+                app.journal, app.presence.token_of, every_ticks=settings.snapshot_ticks
+            )
+            engine.snapshots = snapshots
+            engine.listeners.append(snapshots)
         if settings.redis_url:
             app.cluster = join_cluster(app, secret)
         return app
@@ -138,6 +150,9 @@ class App:
         otherwise."""
         if self.store is not None:
             await self.store.start()
+        if self.journal is not None:
+            await self.journal.start()
+            await restore_matches(self)
         if self.cluster is not None:
             await self.cluster.start(port)
 
@@ -147,6 +162,11 @@ class App:
             await self.cluster.stop()
         if self.accounts is not None:
             self.accounts.close()
+        if self.journal is not None:
+            # A clean stop keeps every match: the next start restores it without a lost tick.
+            if self.engine.snapshots is not None:
+                self.engine.snapshots.take_all(self.engine)
+            await self.journal.stop()
         if self.store is not None:
             await self.store.stop()
 
