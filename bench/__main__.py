@@ -1,4 +1,4 @@
-"""`python -m bench [--smoke] [--only asobi,reload,patch,colyseus]`: run the suite on loopback.
+"""`python -m bench [--smoke] [--only asobi,reload,patch,snapshot,colyseus]`: the suite on loopback.
 
 The server under test runs pinned to one core and this process (the load generator) to the
 other.  Prints a markdown report and writes the figures as JSON under bench/results/.
@@ -19,12 +19,21 @@ from typing import Any
 
 import orjson
 
-from bench import capacity, patch_bytes, procs, profile, reload_bench, report, switch_cost
+from bench import (
+    capacity,
+    patch_bytes,
+    procs,
+    profile,
+    reload_bench,
+    report,
+    snapshot_cost,
+    switch_cost,
+)
 from bench.loadgen import Tally
 from bench.targets import AsobiTarget, ColyseusTarget
 
 RESULTS = Path(__file__).parent / "results"
-PARTS = ("asobi", "shared", "reload", "patch", "colyseus")
+PARTS = ("asobi", "shared", "reload", "patch", "snapshot", "colyseus")
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,8 @@ class Plan:
     profile_s: float
     # matches, ticks per round, rounds for `bench.patch_bytes`
     patch_run: tuple[int, int, int]
+    # matches per state shape for `bench.snapshot_cost`
+    snapshot_matches: int
 
 
 FULL = Plan(
@@ -56,6 +67,7 @@ FULL = Plan(
     switch_matches=300,
     profile_s=8.0,
     patch_run=(50, 100, 7),
+    snapshot_matches=300,
 )
 SMOKE = Plan(
     steps=(10,),
@@ -67,6 +79,7 @@ SMOKE = Plan(
     switch_matches=20,
     profile_s=0.0,
     patch_run=(2, 10, 1),
+    snapshot_matches=20,
 )
 
 
@@ -174,6 +187,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 {"full": asdict(full), "patch": asdict(patch)}
                 for full, patch in patch_bytes.run(*plan.patch_run)
             ]
+        if "snapshot" in parts:
+            # In a thread: it runs an event loop of its own for the journal's writer.
+            costs = await asyncio.to_thread(snapshot_cost.run, plan.snapshot_matches)
+            out["snapshot_cost"] = [c.as_dict() for c in costs]
         if "colyseus" in parts:
             await run_colyseus(plan, work, cores, out, args.smoke)
     return out

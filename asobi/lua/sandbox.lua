@@ -428,8 +428,20 @@ function api.pack(root)
     n = n + 1
     local count_at, count = n, 0
     for k, v in next_, src do
-      out[n + 1] = packed(k, ids, queue, root, src, KEY)
-      out[n + 2] = packed(v, ids, queue, root, src, k)
+      -- The common cases inline (a call per value would cost more than the rest of the walk).
+      local tk, tv = type_(k), type_(v)
+      if tk == "string" then
+        out[n + 1] = spack("<Bs4", 1, k)
+      else
+        out[n + 1] = packed(k, ids, queue, root, src, KEY)
+      end
+      if tv == "number" then
+        out[n + 2] = mtype(v) == "integer" and spack("<Bj", 2, v) or spack("<Bn", 3, v)
+      elseif tv == "string" then
+        out[n + 2] = spack("<Bs4", 1, v)
+      else
+        out[n + 2] = packed(v, ids, queue, root, src, k)
+      end
       n, count = n + 2, count + 1
     end
     out[count_at] = spack("<I4", count)
