@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from asobi.lua.runtime import Limits, MatchLua, compile_script
-from tests.test_patterns import _QuietHost
 from tests import test_state_copy
+from tests.test_patterns import _QuietHost
 from tests.test_state_copy import runtime
 
 # The cases the copy refuses (its own test's parameters): the snapshot must refuse each alike.
