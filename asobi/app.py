@@ -125,15 +125,26 @@ class App:
             placement=placement,
         )
         if settings.snapshot_ticks >= 0:
-            app.journal = StoreJournal(store.backend)
-            snapshots = Snapshotter(
-                app.journal, app.presence.token_of, every_ticks=settings.snapshot_ticks
-            )
-            engine.snapshots = snapshots
-            engine.listeners.append(snapshots)
+            app.use_journal(StoreJournal(store.backend))
         if settings.redis_url:
             app.cluster = join_cluster(app, secret)
         return app
+
+    def use_journal(self, journal: Journal | None) -> None:
+        """Keep matches' snapshots in `journal` (docs/durability.md); None: keep none."""
+        engine = self.engine
+        self.journal = journal
+        if journal is None:
+            if engine.snapshots is not None:
+                engine.listeners.remove(engine.snapshots)
+                engine.snapshots = None
+            return
+        if engine.snapshots is None:
+            engine.snapshots = Snapshotter(
+                journal, self.presence.token_of, every_ticks=self.settings.snapshot_ticks
+            )
+            engine.listeners.append(engine.snapshots)
+        engine.snapshots.journal = journal
 
     def unplayable(self) -> str | None:
         """Why no match can start (no script in force), or None.  `/ready` says it."""
@@ -181,6 +192,10 @@ def join_cluster(app: App, secret: str) -> Cluster:
     from asobi.cluster.node import check_settings
 
     check_settings(app.settings)
+    # The store's database is shared by every node: a node starting would restore its live
+    # neighbours' matches from it.  A node keeps no snapshots until the cluster has a journal
+    # of its own (`app.use_journal`).
+    app.use_journal(None)
 
     def load() -> dict[str, float]:
         recent = list(app.metrics.recent_lateness)[-2000:]

@@ -317,11 +317,14 @@ class Engine:
     def _tick_one(self, match: Match, may_switch: bool = True) -> None:
         late = self.clock() - match.deadline
         self.lateness.append(late)
+        host = match.host
+        host.ticking = True  # its units of work are keyed by tick (exactly-once after a restore)
         try:
             match.run_tick(may_switch=may_switch)
         except Exception:
             log.exception("match_crashed", match_id=match.id, mode=match.mode, tick=match.tick_no)
             self.finish(match, {"error": "internal error"})
+        host.ticking = False
         self.ticks += 1
         if self.wedged and match.id in self.wedged:
             self.wedged.discard(match.id)

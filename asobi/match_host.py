@@ -121,7 +121,10 @@ class MatchHost:
         self._dropped_since = 0
         # The key of the last unit of work, (tick, seq): units are numbered within each tick,
         # so a tick run again after a restore can tell which of its units already committed.
+        # Only units of a tick (`ticking`, set by the engine) are keyed: a join or a leave is
+        # a new event, never a re-run.
         self._unit_key = (-1, -1)
+        self.ticking = False
 
     def log(self, level: bytes, message: bytes, meta: Any) -> None:
         match = self.match
@@ -199,7 +202,9 @@ class MatchHost:
             raise StoreError(NOT_CONFIGURED, "this server has no store")
         effects = match.effects
         if effects.work is None:
-            tick, seq = self._unit_key
-            self._unit_key = (match.tick_no, seq + 1 if tick == match.tick_no else 0)
-            effects.work = store.unit(match.id, self._unit_key)
+            key = None
+            if self.ticking:
+                tick, seq = self._unit_key
+                key = self._unit_key = (match.tick_no, seq + 1 if tick == match.tick_no else 0)
+            effects.work = store.unit(match.id, key)
         return effects.work
