@@ -202,7 +202,15 @@ class StoreJournal:
         return Snapshot.from_row(*rows[0]) if rows else None
 
     async def all(self) -> list[Snapshot]:
-        return [Snapshot.from_row(*row) for row in await self.backend.transact(_read(None))]
+        """Every snapshot, oldest first.  A row that does not read back (damaged by hand, by a
+        disk) is logged as `journal_row_unreadable` and left out: it must not stop a start."""
+        snapshots = []
+        for row in await self.backend.transact(_read(None)):
+            try:
+                snapshots.append(Snapshot.from_row(*row))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("journal_row_unreadable", match_id=row[0], error=repr(exc)[:300])
+        return snapshots
 
     async def _writer(self) -> None:
         backoff = self.coalesce_s

@@ -54,7 +54,7 @@ async def restore_matches(app: App) -> list[Match]:
             continue
         try:
             match = restore_match(app, snapshot, marks.get(snapshot.match_id))
-        except RestoreRefused as exc:
+        except (RestoreRefused, ValueError) as exc:  # ValueError: a damaged random state
             log.error(
                 "match_restore_refused",
                 match_id=snapshot.match_id,

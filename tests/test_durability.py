@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from asobi.store import Store, open_backend
 from tests.conftest import Client, Logs
 
 COUNTER = """\
@@ -176,3 +177,36 @@ async def test_a_snapshot_that_cannot_be_restored_is_refused_and_dropped(
     assert second.app.engine.matches == {}
     await second.app.journal.flush()
     assert await second.app.journal.all() == []
+
+
+async def test_a_damaged_journal_row_is_logged_and_the_rest_restored(
+    start_server, logs: Logs, tmp_path, database_url: str
+) -> None:
+    first = await start_server({"match.lua": COUNTER})
+    one, _, _ = await _player(first)
+    two, token, resume = await _player(first)
+    await two.states(3)
+    await first.server.stop()
+    first.clients.clear()
+    damaged = first.app.engine.match_of(one.player_id).id
+    intact = first.app.engine.match_of(two.player_id).id
+
+    store = Store(open_backend(database_url, tmp_path / "data"))
+    await store.start()
+    try:
+        await store.backend.transact(_damage(damaged))
+    finally:
+        await store.stop()
+
+    second = await start_server({"match.lua": COUNTER})
+    unreadable = await logs.wait_for("journal_row_unreadable")
+    assert unreadable["match_id"] == damaged
+    restored = await logs.wait_for("match_restored")
+    assert restored["match_id"] == intact
+    assert set(second.app.engine.matches) == {intact}
+    again = await _resume(second, token, resume)
+    assert (await _state(again))["counter"] > 3
+
+
+def _damage(match_id: str) -> Any:
+    yield ("UPDATE match_journal SET meta = ? WHERE match_id = ?", ('{"mode": 1}', match_id))
