@@ -199,6 +199,8 @@ class Engine:
         if reason is not None:
             raise JoinRefused("refused", reason)
         self.player_match[player_id] = match.id
+        if self.snapshots is not None:
+            self.snapshots.due.pop(match.id, None)  # the journal gets the new seat next tick
         log.info("player_joined", match_id=match.id, player_id=player_id)
         return match
 

@@ -210,3 +210,22 @@ async def test_a_damaged_journal_row_is_logged_and_the_rest_restored(
 
 def _damage(match_id: str) -> Any:
     yield ("UPDATE match_journal SET meta = ? WHERE match_id = ?", ('{"mode": 1}', match_id))
+
+
+async def test_a_player_joining_a_running_match_is_in_the_journal_at_the_next_tick(
+    start_server,
+) -> None:
+    server = await start_server({"match.lua": COUNTER}, snapshot_ticks=100_000)
+    first, _, _ = await _player(server)
+    await first.states(2)  # the match's first snapshot (tick 1) holds one seat
+    match_id = server.app.engine.match_of(first.player_id).id
+    second = await server.player()
+    await second.send("match.join", {"match_id": match_id})
+    await second.expect("match.joined")
+    await second.states(2)
+    await server.app.journal.flush()
+    latest = await server.app.journal.latest(match_id)
+    assert latest is not None
+    assert {pid for pid, _ in latest.seats} == {first.player_id, second.player_id}
+    resume = server.app.presence.token_of(second.player_id)
+    assert dict(latest.seats)[second.player_id] == resume
