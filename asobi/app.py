@@ -19,12 +19,15 @@ from asobi.config import Settings
 from asobi.directory import MatchListing, MatchRouter, Placement
 from asobi.engine import Engine, EngineConfig
 from asobi.hub import Hub
+from asobi.journal import Journal, StoreJournal
 from asobi.local import LocalListing, LocalPlacement, LocalRouter
 from asobi.matchmaker import Matchmaker, TicketQueue
 from asobi.metrics import Metrics
 from asobi.presence import Presence
 from asobi.reload import Reloader, ReloadHistory
+from asobi.restore import restore_matches
 from asobi.scripts import ScriptError, ScriptRegistry
+from asobi.snapshots import Snapshotter
 from asobi.store import Store, open_backend
 
 if TYPE_CHECKING:
@@ -56,6 +59,8 @@ class App:
     cluster: Cluster | None = field(default=None)
     # `asobi push` and the cluster's reload records (docs/cluster.md); None on a single node.
     cluster_reloader: ClusterReloader | None = field(default=None)
+    # Matches' latest snapshots (docs/durability.md); None with ASOBI_SNAPSHOT_TICKS < 0.
+    journal: Journal | None = field(default=None)
 
     @classmethod
     def create(cls, settings: Settings) -> App:
@@ -122,9 +127,27 @@ class App:
             listing=LocalListing(engine),
             placement=placement,
         )
+        if settings.snapshot_ticks >= 0:
+            app.use_journal(StoreJournal(store.backend))
         if settings.redis_url:
             app.cluster = join_cluster(app, secret)
         return app
+
+    def use_journal(self, journal: Journal | None) -> None:
+        """Keep matches' snapshots in `journal` (docs/durability.md); None: keep none."""
+        engine = self.engine
+        self.journal = journal
+        if journal is None:
+            if engine.snapshots is not None:
+                engine.listeners.remove(engine.snapshots)
+                engine.snapshots = None
+            return
+        if engine.snapshots is None:
+            engine.snapshots = Snapshotter(
+                journal, self.presence.token_of, every_ticks=self.settings.snapshot_ticks
+            )
+            engine.listeners.append(engine.snapshots)
+        engine.snapshots.journal = journal
 
     def unplayable(self) -> str | None:
         """Why no match can start (no script in force), or None.  `/ready` says it."""
@@ -141,6 +164,9 @@ class App:
         otherwise."""
         if self.store is not None:
             await self.store.start()
+        if self.journal is not None:
+            await self.journal.start()
+            await restore_matches(self)
         if self.cluster is not None:
             await self.cluster.start(port)
 
@@ -150,6 +176,11 @@ class App:
             await self.cluster.stop()
         if self.accounts is not None:
             self.accounts.close()
+        if self.journal is not None:
+            # A clean stop keeps every match: the next start restores it without a lost tick.
+            if self.engine.snapshots is not None:
+                self.engine.snapshots.take_all(self.engine)
+            await self.journal.stop()
         if self.store is not None:
             await self.store.stop()
 
@@ -164,6 +195,10 @@ def join_cluster(app: App, secret: str) -> Cluster:
     from asobi.cluster.node import check_settings
 
     check_settings(app.settings)
+    # The store's database is shared by every node: a node starting would restore its live
+    # neighbours' matches from it.  A node keeps no snapshots until the cluster has a journal
+    # of its own (`app.use_journal`).
+    app.use_journal(None)
 
     def load() -> dict[str, float]:
         recent = list(app.metrics.recent_lateness)[-2000:]

@@ -27,6 +27,7 @@ from asobi.match import Match, MatchStartError
 from asobi.match_host import first_line
 from asobi.protocol import encode
 from asobi.scripts import ScriptRegistry, ScriptVersion
+from asobi.snapshots import Snapshotter
 from asobi.store import Store
 
 log = structlog.get_logger("asobi.engine")
@@ -99,6 +100,10 @@ class Engine:
         self.inputs_received: dict[str, int] = {}
         # Persistence for game.economy / leaderboard / storage (set by the app; None: refused).
         self.store: Store | None = None
+        # Takes matches' snapshots for the journal (`asobi.snapshots`; None: no journal).
+        self.snapshots: Snapshotter | None = None
+        # Restored matches' players -> the `match.restored` frame their next resync sends.
+        self.restored_notices: dict[str, bytes] = {}
 
     # -- matches ----------------------------------------------------------------------------------
     def start_match(self, mode: str, script: ScriptVersion, players: list[str]) -> Match:
@@ -124,12 +129,7 @@ class Engine:
                 error=first_line(str(exc)),
             )
             raise MatchStartError(first_line(str(exc))) from exc
-        self.matches[match_id] = match
-        for pid in match.players:
-            self.player_match[pid] = match_id
-        self._phase = (self._phase + _PHASE_STEP) % 1.0
-        match.deadline = self.clock() + match.period * (0.05 + 0.95 * self._phase)
-        self._push(match)
+        self.adopt(match)
         log.info(
             "match_started",
             match_id=match_id,
@@ -142,6 +142,15 @@ class Engine:
             refused=refused,
         )
         return match
+
+    def adopt(self, match: Match) -> None:
+        """Put a started (or restored) match on the schedule, at its own phase."""
+        self.matches[match.id] = match
+        for pid in match.players:
+            self.player_match[pid] = match.id
+        self._phase = (self._phase + _PHASE_STEP) % 1.0
+        match.deadline = self.clock() + match.period * (0.05 + 0.95 * self._phase)
+        self._push(match)
 
     def match_of(self, player_id: str) -> Match | None:
         match_id = self.player_match.get(player_id)
@@ -161,6 +170,10 @@ class Engine:
         if match is None:
             return False
         match.resync(player_id)
+        if self.restored_notices:
+            notice = self.restored_notices.pop(player_id, None)
+            if notice is not None:
+                self.outbox.send(player_id, notice)
         return True
 
     def list_matches(self, mode: str | None = None, limit: int = 100) -> list[Match]:
@@ -186,6 +199,8 @@ class Engine:
         if reason is not None:
             raise JoinRefused("refused", reason)
         self.player_match[player_id] = match.id
+        if self.snapshots is not None:
+            self.snapshots.due.pop(match.id, None)  # the journal gets the new seat next tick
         log.info("player_joined", match_id=match.id, player_id=player_id)
         return match
 
@@ -195,6 +210,8 @@ class Engine:
         if match is None:
             return None
         self.player_match.pop(player_id, None)
+        if self.restored_notices:
+            self.restored_notices.pop(player_id, None)
         match.leave(player_id)
         log.info("player_left", match_id=match.id, player_id=player_id)
         if not match.players and not match.finished:
@@ -302,17 +319,23 @@ class Engine:
     def _tick_one(self, match: Match, may_switch: bool = True) -> None:
         late = self.clock() - match.deadline
         self.lateness.append(late)
+        host = match.host
+        host.ticking = True  # its units of work are keyed by tick (exactly-once after a restore)
         try:
             match.run_tick(may_switch=may_switch)
         except Exception:
             log.exception("match_crashed", match_id=match.id, mode=match.mode, tick=match.tick_no)
             self.finish(match, {"error": "internal error"})
+        host.ticking = False
         self.ticks += 1
         if self.wedged and match.id in self.wedged:
             self.wedged.discard(match.id)
             self.finish(match, {"error": "a script call ran far past its time budget"})
         if match.finished:
             return
+        snapshots = self.snapshots
+        if snapshots is not None and match.tick_no >= snapshots.due.get(match.id, 0):
+            snapshots.take(match)
         match.deadline += match.period
         now = self.clock()
         if match.deadline < now - match.period:

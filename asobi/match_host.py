@@ -120,6 +120,12 @@ class MatchHost:
         rate = match.services.config.log_lines_per_second
         self._log_bucket = TokenBucket(rate, rate, time.monotonic())
         self._dropped_since = 0
+        # The key of the last unit of work, (tick, seq): units are numbered within each tick,
+        # so a tick run again after a restore can tell which of its units already committed.
+        # Only units of a tick (`ticking`, set by the engine) are keyed: a join or a leave is
+        # a new event, never a re-run.
+        self._unit_key = (-1, -1)
+        self.ticking = False
 
     def log(self, level: bytes, message: bytes, meta: Any) -> None:
         match = self.match
@@ -197,5 +203,9 @@ class MatchHost:
             raise StoreError(NOT_CONFIGURED, "this server has no store")
         effects = match.effects
         if effects.work is None:
-            effects.work = store.unit(match.id)
+            key = None
+            if self.ticking:
+                tick, seq = self._unit_key
+                key = self._unit_key = (match.tick_no, seq + 1 if tick == match.tick_no else 0)
+            effects.work = store.unit(match.id, key)
         return effects.work

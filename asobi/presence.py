@@ -33,6 +33,19 @@ class Presence:
     def new_token(self) -> str:
         return secrets.token_urlsafe(24)
 
+    def token_of(self, player_id: str) -> str | None:
+        """The player's current resume token (a match's snapshot keeps it with the seat)."""
+        return self._tokens.get(player_id)
+
+    def restore(self, player_id: str, token: str | None, now: float) -> bool:
+        """A seat of a match restored after a restart: held for the grace period, reclaimed by
+        the resume token the player held before (`asobi.restore`).  False without a grace
+        period or a token: the seat cannot be reclaimed."""
+        if token is None:
+            return False
+        self._tokens[player_id] = token
+        return self.hold(player_id, now)
+
     def check(self, player_id: str, token: str | None) -> bool:
         current = self._tokens.get(player_id)
         return token is not None and current is not None and secrets.compare_digest(current, token)

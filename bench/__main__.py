@@ -1,4 +1,4 @@
-"""`python -m bench [--smoke] [--only asobi,reload,patch,colyseus,cluster]`: run on loopback.
+"""`python -m bench [--smoke] [--only asobi,reload,patch,snapshot,colyseus,cluster]`: on loopback.
 
 The server under test runs pinned to one core and this process (the load generator) to the
 other.  `cluster` (matchmaking latency on 1 and 3 nodes over Redis; needs `redis-server` and
@@ -21,12 +21,21 @@ from typing import Any
 
 import orjson
 
-from bench import capacity, patch_bytes, procs, profile, reload_bench, report, switch_cost
+from bench import (
+    capacity,
+    patch_bytes,
+    procs,
+    profile,
+    reload_bench,
+    report,
+    snapshot_cost,
+    switch_cost,
+)
 from bench.loadgen import Tally
 from bench.targets import AsobiTarget, ColyseusTarget
 
 RESULTS = Path(__file__).parent / "results"
-PARTS = ("asobi", "shared", "reload", "patch", "colyseus")
+PARTS = ("asobi", "shared", "reload", "patch", "snapshot", "colyseus")
 ON_REQUEST = ("cluster",)  # run only when `--only` names them
 
 
@@ -44,6 +53,8 @@ class Plan:
     profile_s: float
     # matches, ticks per round, rounds for `bench.patch_bytes`
     patch_run: tuple[int, int, int]
+    # matches per state shape for `bench.snapshot_cost`
+    snapshot_matches: int
 
 
 FULL = Plan(
@@ -59,6 +70,7 @@ FULL = Plan(
     switch_matches=300,
     profile_s=8.0,
     patch_run=(50, 100, 7),
+    snapshot_matches=300,
 )
 SMOKE = Plan(
     steps=(10,),
@@ -70,6 +82,7 @@ SMOKE = Plan(
     switch_matches=20,
     profile_s=0.0,
     patch_run=(2, 10, 1),
+    snapshot_matches=20,
 )
 
 
@@ -177,6 +190,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 {"full": asdict(full), "patch": asdict(patch)}
                 for full, patch in patch_bytes.run(*plan.patch_run)
             ]
+        if "snapshot" in parts:
+            # In a thread: it runs an event loop of its own for the journal's writer.
+            costs = await asyncio.to_thread(snapshot_cost.run, plan.snapshot_matches)
+            out["snapshot_cost"] = [c.as_dict() for c in costs]
         if "colyseus" in parts:
             await run_colyseus(plan, work, cores, out, args.smoke)
         if "cluster" in parts:

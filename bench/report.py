@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench import cluster_matchmaking, patch_bytes
+from bench import cluster_matchmaking, patch_bytes, snapshot_cost
 from bench.patch_bytes import Row as PatchRow
 
 TARGET_MATCHES = 1000
@@ -134,6 +134,14 @@ def markdown(out: dict[str, Any]) -> str:
                 f"| {_mode(c)} | {c['normal_us']:.1f} | {c['switching_us']:.1f} "
                 f"| {c['extra_us']:.1f} | {c['extra_us']:.0f} ms |"
             )
+    snapshots = out.get("snapshot_cost") or []
+    if snapshots:
+        lines += [
+            "",
+            "## Cost of the match journal, per match (in-process; snapshot once a second)",
+            "",
+            *snapshot_cost.table(snapshots),
+        ]
     reloads = out.get("reload") or []
     if reloads:
         lines += ["", f"## Hot reload under load ({reloads[0]['saves']} saves per row)", ""]

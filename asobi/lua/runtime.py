@@ -78,7 +78,7 @@ class Limits:
 _MESSAGES: dict[tuple[str, float], tuple[bytes, bytes]] = {}
 _now = time.perf_counter
 # The Limits field (and so the ASOBI_LUA_<FIELD> variable) behind a call label that is not one.
-_LIMIT_OF_LABEL = {"reload copy": "copy"}
+_LIMIT_OF_LABEL = {"reload copy": "copy", "snapshot": "copy", "snapshot restore": "copy"}
 
 # The budgeted call running now: (started, deadline, label, MatchLua), perf_counter seconds, or
 # None.  One tuple swapped in and out per call, so that `asobi.watchdog`, reading it from its own
@@ -244,6 +244,8 @@ class MatchLua:
         self._install = self.api[b"install"]
         self._activate = self.api[b"activate"]
         self._copy = self.api[b"copy"]
+        self._pack = self.api[b"pack"]
+        self._unpack = self.api[b"unpack"]
         self._loaded = LoadedScript(None, {})
         self._budgets: dict[str, float] = {}
         # Plain labels the watchdog reads from its thread (it must not touch the Lua state).
@@ -305,6 +307,15 @@ class MatchLua:
     def copy_state(self, state: Any) -> CallResult:
         """A data-only copy of `state` for a new version to run on (see `api.copy`)."""
         return self.call_function("reload copy", self._copy, state, budget=self.limits.copy)
+
+    def pack_state(self, state: Any) -> CallResult:
+        """The same data-only copy written to bytes, for a snapshot (`api.pack`); the value is
+        the bytes, or the error names the path of what cannot be copied."""
+        return self.call_function("snapshot", self._pack, state, budget=self.limits.copy)
+
+    def unpack_state(self, data: bytes) -> CallResult:
+        """A state `pack_state` wrote, rebuilt as tables of this Lua state."""
+        return self.call_function("snapshot restore", self._unpack, data, budget=self.limits.copy)
 
     # -- calling --------------------------------------------------------------------------------
     def call(self, callback: str, *args: Any) -> CallResult:

@@ -12,6 +12,7 @@ _ID = {
     "sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT",
     "postgresql": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
 }
+_BLOB = {"sqlite": "BLOB", "postgresql": "BYTEA"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +22,10 @@ class Migration:
     statements: tuple[str, ...]
 
     def sql(self, dialect: str) -> list[str]:
-        return [s.replace("{ID}", _ID[dialect]) for s in self.statements]
+        return [
+            s.replace("{ID}", _ID[dialect]).replace("{BLOB}", _BLOB[dialect])
+            for s in self.statements
+        ]
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -66,6 +70,22 @@ MIGRATIONS: tuple[Migration, ...] = (
             """CREATE TABLE applied_batches (
                 id TEXT PRIMARY KEY,
                 applied_at BIGINT NOT NULL)""",
+        ),
+    ),
+    Migration(
+        2,
+        "match journal (latest snapshot per match) and the last unit of work each match committed",
+        (
+            """CREATE TABLE match_journal (
+                match_id TEXT PRIMARY KEY,
+                tick BIGINT NOT NULL,
+                saved_at BIGINT NOT NULL,
+                meta TEXT NOT NULL,
+                state {BLOB} NOT NULL)""",
+            """CREATE TABLE match_marks (
+                match_id TEXT PRIMARY KEY,
+                tick BIGINT NOT NULL,
+                seq BIGINT NOT NULL)""",
         ),
     ),
 )

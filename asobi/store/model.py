@@ -25,7 +25,15 @@ from asobi.store import errors as E
 from asobi.store import ops
 from asobi.store.board import Board
 from asobi.store.errors import StoreError
-from asobi.store.ops import GLOBAL_OWNER, MAX_BALANCE, LedgerOp, Op, ScoreOp, StorageOp
+from asobi.store.ops import (
+    GLOBAL_OWNER,
+    MAX_BALANCE,
+    LedgerOp,
+    MatchMark,
+    Op,
+    ScoreOp,
+    StorageOp,
+)
 
 log = structlog.get_logger("asobi.store")
 
@@ -89,6 +97,10 @@ class StoreModel:
         # Global keys another server changed, to be re-read (`refresh_all`: every key).
         self.stale_global: set[tuple[str, str]] = set()
         self.stale_all = False
+        # Matches restored from a snapshot: the last unit of work each had committed before the
+        # restart, `(tick, seq)`.  Units keyed at or before it ran already; they are skipped.
+        self.committed_before: dict[str, tuple[int, int]] = {}
+        self.units_skipped = 0
 
     def _queued(self) -> None:
         if self.on_queued is not None:
@@ -128,8 +140,10 @@ class StoreModel:
         return player_id in self.wallets
 
     # -- transactions -----------------------------------------------------------------------------
-    def unit(self, match_id: str | None = None) -> UnitOfWork:
-        return UnitOfWork(self, match_id)
+    def unit(self, match_id: str | None = None, key: tuple[int, int] | None = None) -> UnitOfWork:
+        """A unit of work; `key` is its `(tick, seq)` in its match (exactly-once across a
+        restore: see `commit`)."""
+        return UnitOfWork(self, match_id, key)
 
     def check_writable(self) -> None:
         if not self.available:
@@ -141,16 +155,41 @@ class StoreModel:
         """Apply a unit of work to memory and queue its writes, in order."""
         if not work.ops:
             return
+        key, match_id = work.key, work.match_id
+        if key is not None and match_id is not None and self.committed_before:
+            done = self.committed_before.get(match_id)
+            if done is not None:
+                if key <= done:
+                    # A tick lost in a crash and run again after the restore: its first run's
+                    # writes are in the database already.
+                    self.units_skipped += 1
+                    log.info(
+                        "unit_skipped",
+                        match_id=match_id,
+                        tick=key[0],
+                        seq=key[1],
+                        ops=len(work.ops),
+                        committed=list(done),
+                    )
+                    return
+                if key[0] > done[0]:
+                    del self.committed_before[match_id]
         for op in work.ops:
             self._apply_memory(op)
             self.queue.append(op)
             if isinstance(op, StorageOp) and op.owner == GLOBAL_OWNER:
                 name = (op.collection, op.key)
                 self.pending_global[name] = self.pending_global.get(name, 0) + 1
-        self.pending_ops += len(work.ops)
+        count = len(work.ops)
+        if key is not None and match_id is not None:
+            self.queue.append(MatchMark(match_id, key[0], key[1]))
+            count += 1
+        self.pending_ops += count
         self._queued()
 
     def _apply_memory(self, op: Op) -> None:
+        if isinstance(op, MatchMark):
+            return
         if isinstance(op, ScoreOp):
             self.boards.setdefault(op.board, Board()).submit(op.player_id, op.score)
             return
@@ -365,11 +404,14 @@ class StoreModel:
 class UnitOfWork:
     """The persistence writes of one callback: checked against memory, applied on commit."""
 
-    __slots__ = ("match_id", "ops", "scores", "storage", "store", "wallet")
+    __slots__ = ("key", "match_id", "ops", "scores", "storage", "store", "wallet")
 
-    def __init__(self, store: StoreModel, match_id: str | None) -> None:
+    def __init__(
+        self, store: StoreModel, match_id: str | None, key: tuple[int, int] | None = None
+    ) -> None:
         self.store = store
         self.match_id = match_id
+        self.key = key
         self.ops: list[Op] = []
         self.wallet: dict[tuple[str, str], int] = {}
         self.storage: dict[tuple[str, str, str], Any] = {}

@@ -49,7 +49,17 @@ class StorageOp:
     value: str | None  # JSON text; None deletes
 
 
-Op = LedgerOp | ScoreOp | StorageOp
+@dataclass(slots=True)
+class MatchMark:
+    """The last unit of work a match committed, `(tick, seq)`: written in the same transaction
+    as its writes, so after a crash it says exactly which re-run units were already applied."""
+
+    match_id: str
+    tick: int
+    seq: int
+
+
+Op = LedgerOp | ScoreOp | StorageOp | MatchMark
 
 
 @dataclass(slots=True)
@@ -118,6 +128,10 @@ _STORE = (
     "updated_at = excluded.updated_at"
 )
 _UNSTORE = "DELETE FROM storage WHERE owner = ? AND collection = ? AND key = ?"
+_MARK = (
+    "INSERT INTO match_marks (match_id, tick, seq) VALUES (?, ?, ?) "
+    "ON CONFLICT (match_id) DO UPDATE SET tick = excluded.tick, seq = excluded.seq"
+)
 
 
 def apply_batch(
@@ -157,6 +171,8 @@ def apply_batch(
             result.ledger += 1
         elif isinstance(op, ScoreOp):
             yield (_SCORE, (op.board, op.player_id, op.score, ts))
+        elif isinstance(op, MatchMark):
+            yield (_MARK, (op.match_id, op.tick, op.seq))
         elif op.value is None:
             yield (_UNSTORE, (op.owner, op.collection, op.key))
         else:
@@ -211,6 +227,12 @@ def ledger(player_id: str, limit: int) -> Job:
         (player_id, limit),
     )
     return rows
+
+
+def load_marks() -> Job:
+    """Every match's last committed unit of work: match id -> (tick, seq)."""
+    rows = yield ("SELECT match_id, tick, seq FROM match_marks", ())
+    return {match_id: (int(tick), int(seq)) for match_id, tick, seq in rows}
 
 
 def ping() -> Job:

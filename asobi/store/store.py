@@ -125,8 +125,8 @@ class Store:
     def resident(self, player_id: str) -> bool:
         return self.model.resident(player_id)
 
-    def unit(self, match_id: str | None = None) -> UnitOfWork:
-        return self.model.unit(match_id)
+    def unit(self, match_id: str | None = None, key: tuple[int, int] | None = None) -> UnitOfWork:
+        return self.model.unit(match_id, key)
 
     def check_writable(self) -> None:
         self.model.check_writable()
@@ -231,6 +231,11 @@ class Store:
     # -- reads (database) -------------------------------------------------------------------------
     async def ledger(self, player_id: str, limit: int = 1000) -> list[tuple[Any, ...]]:
         return list(await self.backend.transact(ops.ledger(player_id, limit)))
+
+    async def match_marks(self) -> dict[str, tuple[int, int]]:
+        """Each match's last committed unit of work, `(tick, seq)` (`asobi.restore`)."""
+        marks: dict[str, tuple[int, int]] = await self.backend.transact(ops.load_marks())
+        return marks
 
     async def create_account(self, player_id: str, username: str, password_hash: str) -> bool:
         return bool(

@@ -1,0 +1,255 @@
+"""The match journal: every match's latest snapshot, so a match can outlive its process.
+
+A `Snapshot` is what a match needs to carry on elsewhere or later: its state written as data
+(the reload's copy, `MatchLua.pack_state`), its tick, the script version it runs, its random
+generator and its seats with their resume tokens.  `asobi.snapshots` takes them at tick
+boundaries; `asobi.restore` starts matches from them.
+
+`Journal` is the interface; `StoreJournal` keeps snapshots in the store's database (SQLite or
+PostgreSQL, table `match_journal`), which is what a single node needs.  A cluster swaps in another
+implementation in `asobi.app.join_cluster`.  Saving never waits: `save` and `forget` only note
+the newest word on a match, and one writer task carries those notes to the database off the tick
+path, the latest snapshot of each match winning over any older one not yet written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+import structlog
+
+from asobi.store.errors import BackendUnavailable
+from asobi.store.store import Backend
+
+log = structlog.get_logger("asobi.journal")
+
+# The writer gathers this long after a wake-up before writing: one transaction (one fsync) then
+# carries every match whose snapshot came due meanwhile.
+COALESCE_S = 0.05
+RETRY_MAX_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One match at one tick boundary."""
+
+    match_id: str
+    mode: str
+    script: str
+    script_hash: str
+    script_version: str
+    tick: int
+    seed: int
+    random: tuple[int, int, int, int]
+    # (player id, resume token): the token a reconnecting player presents to take the seat back.
+    seats: tuple[tuple[str, str | None], ...]
+    state: bytes
+    saved_at_ms: int
+
+    def meta(self) -> bytes:
+        """Everything but the state, as JSON (the `meta` column)."""
+        return orjson.dumps(
+            {
+                "mode": self.mode,
+                "script": self.script,
+                "script_hash": self.script_hash,
+                "script_version": self.script_version,
+                "seed": self.seed,
+                "random": [str(w) for w in self.random],  # 64-bit unsigned: past JSON's doubles
+                "seats": [list(seat) for seat in self.seats],
+            }
+        )
+
+    @classmethod
+    def from_row(
+        cls, match_id: str, tick: int, saved_at: int, meta: str | bytes, state: bytes
+    ) -> Snapshot:
+        m = orjson.loads(meta)
+        a, b, c, d = (int(w) for w in m["random"])
+        return cls(
+            match_id=match_id,
+            mode=m["mode"],
+            script=m["script"],
+            script_hash=m["script_hash"],
+            script_version=m["script_version"],
+            tick=int(tick),
+            seed=int(m["seed"]),
+            random=(a, b, c, d),
+            seats=tuple((str(pid), tok) for pid, tok in m["seats"]),
+            state=bytes(state),
+            saved_at_ms=int(saved_at),
+        )
+
+    @property
+    def size(self) -> int:
+        return len(self.state) + len(self.meta())
+
+
+class Journal(Protocol):
+    """Where matches' latest snapshots are kept."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None:
+        """Write out what is pending, then stop."""
+
+    def save(self, snapshot: Snapshot) -> None:
+        """Keep `snapshot` as its match's latest; returns at once (written behind)."""
+
+    def forget(self, match_id: str) -> None:
+        """The match is over: drop its snapshot (written behind, after any pending save)."""
+
+    async def flush(self) -> None:
+        """Wait until everything saved or forgotten so far is written."""
+
+    async def latest(self, match_id: str) -> Snapshot | None: ...
+
+    async def all(self) -> list[Snapshot]: ...
+
+
+Rows = list[tuple[Any, ...]]
+Job = Generator[tuple[str, tuple[Any, ...]], Rows, Any]
+
+_UPSERT = (
+    "INSERT INTO match_journal (match_id, tick, saved_at, meta, state) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (match_id) DO UPDATE SET tick = excluded.tick, saved_at = excluded.saved_at, "
+    "meta = excluded.meta, state = excluded.state"
+)
+_SELECT = "SELECT match_id, tick, saved_at, meta, state FROM match_journal"
+
+
+def _write(notes: dict[str, Snapshot | None]) -> Job:
+    for match_id, snapshot in notes.items():
+        if snapshot is None:
+            yield ("DELETE FROM match_journal WHERE match_id = ?", (match_id,))
+            yield ("DELETE FROM match_marks WHERE match_id = ?", (match_id,))
+        else:
+            yield (
+                _UPSERT,
+                (
+                    match_id,
+                    snapshot.tick,
+                    snapshot.saved_at_ms,
+                    snapshot.meta().decode(),
+                    snapshot.state,
+                ),
+            )
+
+
+def _read(match_id: str | None) -> Job:
+    if match_id is None:
+        rows = yield (_SELECT + " ORDER BY saved_at", ())
+    else:
+        rows = yield (_SELECT + " WHERE match_id = ?", (match_id,))
+    return rows
+
+
+class StoreJournal:
+    """The journal in the store's database, written by one task of its own."""
+
+    def __init__(self, backend: Backend, *, coalesce_s: float = COALESCE_S) -> None:
+        self.backend = backend
+        self.coalesce_s = coalesce_s
+        # match id -> its newest snapshot, or None to forget it; not written yet.
+        self._notes: dict[str, Snapshot | None] = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.written = 0
+        self.bytes_written = 0
+        self.writes = 0
+        self._unavailable = False
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._writer())
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        if self._task is None or self._closing:
+            return
+        self._closing = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        except TimeoutError:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            log.error("journal_stop_unwritten", matches=len(self._notes))
+
+    def save(self, snapshot: Snapshot) -> None:
+        self._note(snapshot.match_id, snapshot)
+
+    def forget(self, match_id: str) -> None:
+        self._note(match_id, None)
+
+    def _note(self, match_id: str, snapshot: Snapshot | None) -> None:
+        self._notes[match_id] = snapshot
+        self._idle.clear()
+        self._wake.set()
+
+    async def flush(self) -> None:
+        await self._idle.wait()
+
+    async def latest(self, match_id: str) -> Snapshot | None:
+        rows = await self.backend.transact(_read(match_id))
+        return Snapshot.from_row(*rows[0]) if rows else None
+
+    async def all(self) -> list[Snapshot]:
+        """Every snapshot, oldest first.  A row that does not read back (damaged by hand, by a
+        disk) is logged as `journal_row_unreadable` and left out: it must not stop a start."""
+        snapshots = []
+        for row in await self.backend.transact(_read(None)):
+            try:
+                snapshots.append(Snapshot.from_row(*row))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("journal_row_unreadable", match_id=row[0], error=repr(exc)[:300])
+        return snapshots
+
+    async def _writer(self) -> None:
+        backoff = self.coalesce_s
+        while True:
+            if not self._notes:
+                self._idle.set()
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                if not self._closing:
+                    await asyncio.sleep(self.coalesce_s)
+                continue
+            notes, self._notes = self._notes, {}
+            try:
+                await self.backend.transact(_write(notes))
+            except BackendUnavailable as exc:
+                # Put them back under anything newer noted meanwhile, and try again later.
+                for match_id, snapshot in notes.items():
+                    self._notes.setdefault(match_id, snapshot)
+                if not self._unavailable:
+                    self._unavailable = True
+                    log.error("journal_unavailable", error=str(exc), matches=len(self._notes))
+                if self._closing:
+                    log.error("journal_stop_unwritten", matches=len(self._notes))
+                    self._notes.clear()
+                    continue
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RETRY_MAX_S)
+                continue
+            except Exception as exc:  # a snapshot the database refuses: dropped, never retried
+                log.exception("journal_write_failed", error=str(exc), matches=len(notes))
+                continue
+            if self._unavailable:
+                self._unavailable = False
+                log.info("journal_recovered")
+            backoff = self.coalesce_s
+            self.writes += 1
+            for snapshot in notes.values():
+                if snapshot is not None:
+                    self.written += 1
+                    self.bytes_written += len(snapshot.state)
