@@ -36,7 +36,7 @@ from asobi import merge_patch
 from asobi.engine import Engine
 from asobi.match import Match
 from asobi.scripts import ScriptRegistry
-from bench import game
+from bench import field_game, game
 
 GAME_DIR = Path(__file__).resolve().parent.parent / "game"
 
@@ -151,6 +151,19 @@ def _entities_files(d: Path) -> None:
     (d / "match.lua").write_text(ENTITIES)
 
 
+def _field_files(d: Path) -> None:
+    field_game.write_script(d)
+
+
+def _field_inputs(match: Match, rng: random.Random) -> None:
+    """Two inputs per player per tick (20 per second), on the schedule `states.js` uses."""
+    tick = match.tick_no + 1
+    for j, pid in enumerate(match.players, 1):
+        payload = {"dir": field_game.input_dir(j, tick)}
+        match.queue_input(pid, payload)
+        match.queue_input(pid, payload)
+
+
 def _arena_moves(match: Match, rng: random.Random) -> None:
     for pid in match.players:
         if rng.random() < 0.5:
@@ -162,6 +175,7 @@ WORKLOADS = [
     Workload("bench shared", _bench_files(True), game.MODE, game.MATCH_SIZE),
     Workload("arena", _arena_files, "arena", 2, _arena_moves),
     Workload("entities", _entities_files, "entities", 4),
+    Workload("field", _field_files, field_game.MODE, field_game.MATCH_SIZE, _field_inputs),
 ]
 
 

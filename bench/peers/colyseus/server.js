@@ -10,33 +10,13 @@ const fs = require("fs");
 const { performance } = require("perf_hooks");
 const { Server, Room } = require("@colyseus/core");
 const { WebSocketTransport } = require("@colyseus/ws-transport");
-const { Schema, defineTypes } = require("@colyseus/schema");
+const { BenchState, benchTick } = require("./states");
 
 const PERIOD_MS = 100;
 const port = Number(process.env.PORT || 2567);
 const statsPath = process.env.BENCH_STATS || "";
 let lateness = [];
 let rooms = 0;
-
-class BenchState extends Schema {
-  constructor() {
-    super();
-    this.counter = 0;
-    this.message = process.env.BENCH_MESSAGE || "hello";
-    this.phase = "play";
-    this.x = 0; this.y = 0; this.vx = 1.5; this.vy = -0.5;
-    this.hp = 100; this.mana = 50; this.score = 0; this.level = 1;
-    this.round = 1; this.timer = 600; this.seed = 12345;
-    this.a = 0; this.b = 0; this.c = 0; this.d = 0; this.players = 0;
-  }
-}
-defineTypes(BenchState, {
-  counter: "uint32", message: "string", phase: "string",
-  x: "number", y: "number", vx: "number", vy: "number",
-  hp: "number", mana: "number", score: "number", level: "number",
-  round: "number", timer: "number", seed: "number",
-  a: "number", b: "number", c: "number", d: "number", players: "uint8",
-});
 
 class BenchRoom extends Room {
   onCreate() {
@@ -53,17 +33,7 @@ class BenchRoom extends Room {
     const now = performance.now();
     if (this.last !== undefined) lateness.push(Math.max(0, now - this.last - PERIOD_MS));
     this.last = now;
-    const s = this.state;
-    const c = s.counter + 1;
-    s.counter = c;
-    s.x += s.vx; s.y += s.vy;
-    s.hp = 100 - (c % 100);
-    s.mana = (s.mana + 3) % 200;
-    s.score += 7;
-    s.level = 1 + Math.floor(c / 100);
-    s.timer -= 1;
-    s.seed = (s.seed * 1103515245 + 12345) % 2147483648;
-    s.a = c % 3; s.b = c % 5; s.c = c % 7; s.d = c % 11;
+    benchTick(this.state);
   }
 
   onJoin() { this.state.players = this.clients.length; }
