@@ -24,7 +24,7 @@ from bench.loadgen import Tally
 from bench.targets import AsobiTarget, ColyseusTarget
 
 RESULTS = Path(__file__).parent / "results"
-PARTS = ("asobi", "shared", "reload", "patch", "colyseus")
+PARTS = ("asobi", "shared", "reload", "patch", "colyseus", "field")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class Plan:
     profile_s: float
     # matches, ticks per round, rounds for `bench.patch_bytes`
     patch_run: tuple[int, int, int]
+    # capacity steps of the field game (16 players per match), asobi and Colyseus
+    field_steps: tuple[int, ...]
 
 
 FULL = Plan(
@@ -56,6 +58,7 @@ FULL = Plan(
     switch_matches=300,
     profile_s=8.0,
     patch_run=(50, 100, 7),
+    field_steps=(5, 10, 20, 30, 40, 50, 60, 80, 100, 125, 150, 200),
 )
 SMOKE = Plan(
     steps=(10,),
@@ -67,6 +70,7 @@ SMOKE = Plan(
     switch_matches=20,
     profile_s=0.0,
     patch_run=(2, 10, 1),
+    field_steps=(1,),
 )
 
 
@@ -143,6 +147,34 @@ async def run_colyseus(
         target.stop()
 
 
+async def run_field(plan: Plan, work: Path, cores: Any, out: dict[str, Any], smoke: bool) -> None:
+    """The field game (`bench/field_game.py`) on asobi, then as the same Colyseus room."""
+    server_core, _ = cores
+    targets: list[AsobiTarget | ColyseusTarget] = [
+        AsobiTarget(work / "asobi-field", server_core, Tally(), field=True)
+    ]
+    if ColyseusTarget.installed():
+        targets.append(ColyseusTarget(work / "colyseus-field", server_core, Tally(), field=True))
+    elif not smoke:
+        out["colyseus-field"] = {"error": "Colyseus is not installed (run the colyseus part)"}
+    for target in targets:
+        target.work.mkdir(parents=True, exist_ok=True)
+        try:
+            target.start()
+            result = await capacity.run(
+                target,
+                list(plan.field_steps),
+                plan.window_s,
+                plan.settle_s,
+                plan.capacity_budget_s,
+            )
+            out[target.name] = result.as_dict()
+        except (RuntimeError, OSError) as exc:
+            out[target.name] = {"error": f"{exc}"}
+        finally:
+            target.stop()
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     plan = SMOKE if args.smoke else FULL
     cores = procs.cores()
@@ -174,8 +206,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 {"full": asdict(full), "patch": asdict(patch)}
                 for full, patch in patch_bytes.run(*plan.patch_run)
             ]
+            out["colyseus_bytes"] = patch_bytes.colyseus_bytes(
+                plan.patch_run[1] * plan.patch_run[2]
+            )
         if "colyseus" in parts:
             await run_colyseus(plan, work, cores, out, args.smoke)
+        if "field" in parts:
+            await run_field(plan, work, cores, out, args.smoke)
     return out
 
 
