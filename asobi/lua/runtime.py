@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, NewType, NoReturn, Protocol
+from typing import Any, NamedTuple, NewType, NoReturn, Protocol
 
 from lupa import lua54
 
@@ -119,9 +119,11 @@ class ScriptHost(Protocol):
     def module(self, name: bytes) -> tuple[bytes | None, bytes]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class CallResult:
-    """Outcome of one budgeted call: `values` on success, `error` (a message) on failure."""
+class CallResult(NamedTuple):
+    """Outcome of one budgeted call: `values` on success, `error` (a message) on failure.
+
+    A named tuple: one is made per Lua call (every tick and input), and it is built in less
+    than half the time of a frozen dataclass."""
 
     ok: bool
     values: tuple[Any, ...] = ()
