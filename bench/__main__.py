@@ -1,4 +1,4 @@
-"""`python -m bench [--smoke] [--only asobi,reload,patch,colyseus]`: run the suite on loopback.
+"""`python -m bench [--smoke] [--only asobi,shared,reload,patch,colyseus,field]`: the suite.
 
 The server under test runs pinned to one core and this process (the load generator) to the
 other.  Prints a markdown report and writes the figures as JSON under bench/results/.
