@@ -392,7 +392,7 @@ class MatchLua:
                 continue
             try:
                 results.append((to_python(out[pos + 1], what=what), None))
-            except ConversionError as exc:
+            except (ConversionError, TypeError) as exc:
                 results.append((None, str(exc)))
         return results
 
