@@ -203,7 +203,8 @@ async def pump_inputs(
     while True:
         tick = int((time.monotonic() - started) * TICK_RATE)
         for index, player in enumerate(players):
-            if player.transport is not None:
+            # only players already in their match (a new step's clients connect idle first)
+            if player.transport is not None and player.first_state.done():
                 player.send(frames[input_dir(index % per_match + 1, tick)], text=text)
         await asyncio.sleep(interval)
 
