@@ -58,7 +58,7 @@ FULL = Plan(
     switch_matches=300,
     profile_s=8.0,
     patch_run=(50, 100, 7),
-    field_steps=(5, 10, 20, 30, 40, 50, 60, 80, 100, 125, 150, 200),
+    field_steps=(5, 10, 15, 20, 25, 30, 40, 50, 60, 80, 100),
 )
 SMOKE = Plan(
     steps=(10,),
