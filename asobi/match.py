@@ -334,24 +334,32 @@ class Match:
         patching = self._patching(meta)
         if patching:
             self.state_frames.begin()
-        for pid in (None,) if meta.shared_state else self.players:
-            if not strict:
-                self.effects.discard()
-            result = lua.call("get_state", state, pid.encode() if pid else None)
-            error = None if result.ok else result.error
+        ids: list[str | None] = [None] if meta.shared_state else list(self.players)
+        outcomes: list[tuple[Any, str | None]] = []
+        done = 0
+        for index, pid in enumerate(ids):
+            if index == done:
+                # One crossing into Lua answers for as many players as it can; effects held
+                # meanwhile belong to the last of them (see `MatchLua.call_each`).
+                if not strict:
+                    self.effects.discard()
+                outcomes = lua.call_each("get_state", state, ids[done:], what="get_state result")
+                done += len(outcomes)
+            data, error = outcomes[index - done + len(outcomes)]
+            last = index == done - 1
             if error is None:
                 try:
-                    data = to_python(result.value, what="get_state result")
                     body = b"" if patching else orjson.dumps(data)
-                except (ConversionError, TypeError) as exc:
+                except TypeError as exc:
                     error = str(exc)
             if error is not None:
                 if strict:
                     raise _CallFailed(f"get_state failed on the new code: {short_error(error)}")
                 self._log_failure("get_state", error)
-                self.effects.discard()
+                if last:
+                    self.effects.discard()
                 continue
-            if not strict:
+            if not strict and last:
                 self._commit_effects()
             if patching:
                 targets = self.players if pid is None else (pid,)

@@ -1,4 +1,4 @@
-"""`python -m bench [--smoke] [--only asobi,reload,patch,snapshot,colyseus,cluster]`: on loopback.
+"""`python -m bench [--smoke] [--only asobi,shared,reload,patch,snapshot,colyseus,field,cluster]`.
 
 The server under test runs pinned to one core and this process (the load generator) to the
 other.  `cluster` (matchmaking latency on 1 and 3 nodes over Redis; needs `redis-server` and
@@ -35,7 +35,7 @@ from bench.loadgen import Tally
 from bench.targets import AsobiTarget, ColyseusTarget
 
 RESULTS = Path(__file__).parent / "results"
-PARTS = ("asobi", "shared", "reload", "patch", "snapshot", "colyseus")
+PARTS = ("asobi", "shared", "reload", "patch", "snapshot", "colyseus", "field")
 ON_REQUEST = ("cluster",)  # run only when `--only` names them
 
 
@@ -55,6 +55,8 @@ class Plan:
     patch_run: tuple[int, int, int]
     # matches per state shape for `bench.snapshot_cost`
     snapshot_matches: int
+    # capacity steps of the field game (16 players per match), asobi and Colyseus
+    field_steps: tuple[int, ...]
 
 
 FULL = Plan(
@@ -71,6 +73,7 @@ FULL = Plan(
     profile_s=8.0,
     patch_run=(50, 100, 7),
     snapshot_matches=300,
+    field_steps=(5, 10, 15, 20, 25, 30, 40, 50, 60, 80, 100),
 )
 SMOKE = Plan(
     steps=(10,),
@@ -83,6 +86,7 @@ SMOKE = Plan(
     profile_s=0.0,
     patch_run=(2, 10, 1),
     snapshot_matches=20,
+    field_steps=(1,),
 )
 
 
@@ -159,6 +163,34 @@ async def run_colyseus(
         target.stop()
 
 
+async def run_field(plan: Plan, work: Path, cores: Any, out: dict[str, Any], smoke: bool) -> None:
+    """The field game (`bench/field_game.py`) on asobi, then as the same Colyseus room."""
+    server_core, _ = cores
+    targets: list[AsobiTarget | ColyseusTarget] = [
+        AsobiTarget(work / "asobi-field", server_core, Tally(), field=True)
+    ]
+    if ColyseusTarget.installed():
+        targets.append(ColyseusTarget(work / "colyseus-field", server_core, Tally(), field=True))
+    elif not smoke:
+        out["colyseus-field"] = {"error": "Colyseus is not installed (run the colyseus part)"}
+    for target in targets:
+        target.work.mkdir(parents=True, exist_ok=True)
+        try:
+            target.start()
+            result = await capacity.run(
+                target,
+                list(plan.field_steps),
+                plan.window_s,
+                plan.settle_s,
+                plan.capacity_budget_s,
+            )
+            out[target.name] = result.as_dict()
+        except (RuntimeError, OSError) as exc:
+            out[target.name] = {"error": f"{exc}"}
+        finally:
+            target.stop()
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     plan = SMOKE if args.smoke else FULL
     cores = procs.cores()
@@ -190,12 +222,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 {"full": asdict(full), "patch": asdict(patch)}
                 for full, patch in patch_bytes.run(*plan.patch_run)
             ]
+            out["colyseus_bytes"] = patch_bytes.colyseus_bytes(
+                plan.patch_run[1] * plan.patch_run[2]
+            )
         if "snapshot" in parts:
             # In a thread: it runs an event loop of its own for the journal's writer.
             costs = await asyncio.to_thread(snapshot_cost.run, plan.snapshot_matches)
             out["snapshot_cost"] = [c.as_dict() for c in costs]
         if "colyseus" in parts:
             await run_colyseus(plan, work, cores, out, args.smoke)
+        if "field" in parts:
+            await run_field(plan, work, cores, out, args.smoke)
         if "cluster" in parts:
             from bench import cluster_matchmaking  # needs redis-server and PostgreSQL
 

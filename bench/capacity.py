@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench import game, procs
+from bench import procs
 from bench.targets import AsobiTarget, Target, loadgen_cpu
 
 LATENESS_BOUND_MS = 10.0
@@ -139,7 +139,7 @@ async def run(
                 await target.start_matches(idle)
                 await asyncio.sleep(min(0.3, settle))
                 rss2 = target.server.rss()
-                per_conn = (rss1 - rss0) / (add * game.MATCH_SIZE) / 1024
+                per_conn = (rss1 - rss0) / (add * target.players_per_match) / 1024
                 per_match = (rss2 - rss1) / add / 1024
             else:
                 await target.add_matches(add)

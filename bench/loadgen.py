@@ -20,9 +20,12 @@ import orjson
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 _COUNTER = re.compile(rb'"counter":(\d+)')
+# State frames of a match in patch mode (`bench/field_game.py`) carry the match's frame `seq`.
+_SEQ = re.compile(rb'"seq":(\d+)')
 _MESSAGE = re.compile(rb'"message":"([^"]*)"')
-_STATE_PREFIX = b'{"type":"match.state"'
+_STATE_PREFIXES = (b'{"type":"match.state"', b'{"type":"match.patch"')
 COLYSEUS_JOIN_ROOM, COLYSEUS_ERROR, COLYSEUS_STATE, COLYSEUS_PATCH = 10, 11, 14, 15
+COLYSEUS_ROOM_DATA = 13
 
 
 @dataclass
@@ -114,7 +117,7 @@ class AsobiPlayer(_Player):
         if frame.msg_type is not WSMsgType.TEXT:
             return
         data = frame.get_payload_as_bytes()
-        if data.startswith(_STATE_PREFIX):
+        if data.startswith(_STATE_PREFIXES):
             self._state(data)
             return
         doc = orjson.loads(data)
@@ -127,7 +130,7 @@ class AsobiPlayer(_Player):
     def _state(self, data: bytes) -> None:
         now = time.monotonic()
         tally = self.tally
-        found = _COUNTER.search(data)
+        found = _COUNTER.search(data) or _SEQ.search(data)
         if found is not None:
             counter = int(found.group(1))
             last = self.last_counter
@@ -169,6 +172,41 @@ class ColyseusPlayer(_Player):
                 self.ready.set_result(None)
         elif code == COLYSEUS_ERROR:
             self._fail(f"colyseus error frame {data[:80]!r}")
+
+
+def asobi_input(direction: int) -> bytes:
+    """A `match.input` frame steering a field game player (`bench/field_game.py`)."""
+    return orjson.dumps({"type": "match.input", "payload": {"dir": direction}})
+
+
+def colyseus_input(direction: int) -> bytes:
+    """The same input as a Colyseus ROOM_DATA message: type "input", body {dir} (msgpack)."""
+    return (
+        bytes([COLYSEUS_ROOM_DATA, 0xA5])
+        + b"input"
+        + bytes([0x81, 0xA3])
+        + b"dir"
+        + bytes([direction])
+    )
+
+
+async def pump_inputs(
+    players: list[Any], frames: list[bytes], *, text: bool, rate: float, per_match: int
+) -> None:
+    """Every player sends `rate` inputs per second until cancelled, steering on the schedule of
+    `bench.field_game.input_dir` (as player j of its match, by ticks of this process' clock);
+    `frames[d]` is the encoded input for direction d."""
+    from bench.field_game import TICK_RATE, input_dir
+
+    interval = 1.0 / rate
+    started = time.monotonic()
+    while True:
+        tick = int((time.monotonic() - started) * TICK_RATE)
+        for index, player in enumerate(players):
+            # only players already in their match (a new step's clients connect idle first)
+            if player.transport is not None and player.first_state.done():
+                player.send(frames[input_dir(index % per_match + 1, tick)], text=text)
+        await asyncio.sleep(interval)
 
 
 def asobi_token(secret: str, player_id: str) -> str:

@@ -19,10 +19,12 @@ busy machine is noisy.  `diff us` is the time of `merge_patch.diff` alone per pa
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,7 +38,7 @@ from asobi import merge_patch
 from asobi.engine import Engine
 from asobi.match import Match
 from asobi.scripts import ScriptRegistry
-from bench import game
+from bench import field_game, game
 
 GAME_DIR = Path(__file__).resolve().parent.parent / "game"
 
@@ -151,6 +153,19 @@ def _entities_files(d: Path) -> None:
     (d / "match.lua").write_text(ENTITIES)
 
 
+def _field_files(d: Path) -> None:
+    field_game.write_script(d)
+
+
+def _field_inputs(match: Match, rng: random.Random) -> None:
+    """Two inputs per player per tick (20 per second), on the schedule `states.js` uses."""
+    tick = match.tick_no + 1
+    for j, pid in enumerate(match.players, 1):
+        payload = {"dir": field_game.input_dir(j, tick)}
+        match.queue_input(pid, payload)
+        match.queue_input(pid, payload)
+
+
 def _arena_moves(match: Match, rng: random.Random) -> None:
     for pid in match.players:
         if rng.random() < 0.5:
@@ -162,6 +177,7 @@ WORKLOADS = [
     Workload("bench shared", _bench_files(True), game.MODE, game.MATCH_SIZE),
     Workload("arena", _arena_files, "arena", 2, _arena_moves),
     Workload("entities", _entities_files, "entities", 4),
+    Workload("field", _field_files, field_game.MODE, field_game.MATCH_SIZE, _field_inputs),
 ]
 
 
@@ -231,6 +247,55 @@ def run(matches: int = 50, ticks: int = 100, rounds: int = 5) -> list[tuple[Row,
     return pairs
 
 
+COLYSEUS_DIR = Path(__file__).resolve().parent / "peers" / "colyseus"
+# bench/patch_bytes workload -> the same state in bench/peers/colyseus/states.js
+COLYSEUS_GAMES = {"bench": "bench", "field": "field"}
+
+
+def colyseus_bytes(ticks: int) -> dict[str, Any]:
+    """Colyseus' bytes for the same states and simulation (`bytes.js`: its own serializer, a
+    StateView per client for the field game), per workload name; {} when it is not installed."""
+    node = shutil.which("node")
+    if node is None or not (COLYSEUS_DIR / "node_modules" / "@colyseus" / "core").is_dir():
+        return {}
+    out: dict[str, Any] = {}
+    for workload, name in COLYSEUS_GAMES.items():
+        done = subprocess.run(
+            [node, "bytes.js", name, str(ticks)],
+            cwd=COLYSEUS_DIR,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode == 0:
+            out[workload] = json.loads(done.stdout)
+        else:
+            out[workload] = {"error": done.stderr.strip()[-300:]}
+    return out
+
+
+def colyseus_table(pairs: list[tuple[Row, Row]], colyseus: dict[str, Any]) -> str:
+    """Bytes per player per second: asobi's full and patch frames beside Colyseus' deltas."""
+    lines = [
+        "| workload | asobi full B/player/s | asobi patch B/player/s | Colyseus B/player/s "
+        "| asobi patch / Colyseus | mean patch frame B (asobi / Colyseus) "
+        "| full state B (asobi / Colyseus) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for full, patch in pairs:
+        theirs = colyseus.get(full.workload)
+        if not theirs or "error" in theirs:
+            continue
+        lines.append(
+            f"| {full.workload} | {full.bytes_per_player_s:,.0f} | "
+            f"{patch.bytes_per_player_s:,.0f} | {theirs['patch_bytes_per_player_s']:,.0f} | "
+            f"{patch.bytes_per_player_s / theirs['patch_bytes_per_player_s']:.2f} | "
+            f"{patch.frame_bytes:.0f} / {theirs['patch_frame_bytes']:.0f} | "
+            f"{full.frame_bytes:.0f} / {theirs['full_frame_bytes']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def table(pairs: list[tuple[Row, Row]]) -> str:
     lines = [
         "| workload | full B/player/s | patch B/player/s | patch / full | mean frame B "
@@ -256,7 +321,12 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=100, help="ticks per round")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    print(table(run(args.matches, args.ticks, args.rounds)))
+    pairs = run(args.matches, args.ticks, args.rounds)
+    print(table(pairs))
+    colyseus = colyseus_bytes(args.ticks * args.rounds)
+    if colyseus:
+        print()
+        print(colyseus_table(pairs, colyseus))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ TARGET_KIB_PER_MATCH = 100.0
 TARGET_RELOAD_MS = 150.0
 TARGET_SPREAD_TICKS = 2.0
 TARGET_PATCH_SHARE = 0.25  # bytes of patch frames, as a share of full frames (issue 16)
+TARGET_VS_COLYSEUS_BYTES = 2.0  # patch bytes at most this many times Colyseus' deltas
 
 
 def _f(value: Any, digits: int = 1) -> str:
@@ -205,6 +206,39 @@ def markdown(out: dict[str, Any]) -> str:
                 [(PatchRow(**p["full"]), PatchRow(**p["patch"])) for p in patches]
             ).splitlines(),
         ]
+        pairs = [(PatchRow(**p["full"]), PatchRow(**p["patch"])) for p in patches]
+        theirs = out.get("colyseus_bytes") or {}
+        if theirs:
+            lines += [
+                "",
+                "Colyseus' deltas for the same states and simulation (its own `SchemaSerializer`, "
+                "a `StateView` per client for the field game; `bench/peers/colyseus/bytes.js`):",
+                "",
+                *patch_bytes.colyseus_table(pairs, theirs).splitlines(),
+            ]
+            for full, patch in pairs:
+                coly = theirs.get(full.workload)
+                if coly and "error" not in coly:
+                    ratio = patch.bytes_per_player_s / coly["patch_bytes_per_player_s"]
+                    summary.append(
+                        (
+                            f"patch bytes per player per second vs Colyseus, {full.workload}",
+                            f"<= {TARGET_VS_COLYSEUS_BYTES:.0f}x",
+                            f"{ratio:.2f}x",
+                            _met(ratio <= TARGET_VS_COLYSEUS_BYTES),
+                        )
+                    )
+        field_pair = next((p for p in pairs if p[0].workload == "field"), None)
+        if field_pair is not None:
+            share = field_pair[1].bytes_per_player_s / field_pair[0].bytes_per_player_s
+            summary.append(
+                (
+                    "bytes per player per second with patches, field game",
+                    f"<= {TARGET_PATCH_SHARE:.0%} of full frames",
+                    f"{share:.0%}",
+                    _met(share <= TARGET_PATCH_SHARE),
+                )
+            )
         bench_pair = next((p for p in patches if p["full"]["workload"] == "bench"), None)
         if bench_pair is not None:
             share = (
@@ -242,6 +276,7 @@ def markdown(out: dict[str, Any]) -> str:
             rows = [row for pair in ratio_rows if pair for row in pair]
             if rows:
                 lines += ["", "| ratio asobi / Colyseus | value |", "|---|---:|", *rows]
+    lines += _field(out, summary)
     prof = out.get("profile")
     if prof and "self" in prof:
         lines += [
@@ -261,6 +296,54 @@ def markdown(out: dict[str, Any]) -> str:
         lines += ["", "## Targets", "", "| target | goal | measured | met |", "|---|---|---|:---:|"]
         lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary]
     return "\n".join(lines)
+
+
+def _field(out: dict[str, Any], summary: list[tuple[str, str, str, str]]) -> list[str]:
+    """The realistic workload on asobi and on Colyseus, side by side."""
+    ours, coly = out.get("asobi-field"), out.get("colyseus-field")
+    if not ours:
+        return []
+    lines = [
+        "",
+        "## Field game: 16 players, 50 moving NPCs, 20 inputs/s per player, per-player views",
+        "",
+        '`bench/field_game.py` with `state_sync = "patch"` on asobi; the same room on '
+        "Colyseus with a `StateView` per client (`bench/peers/colyseus/server.js`).",
+        "",
+        "### asobi",
+        "",
+    ]
+    for name, result in (("asobi", ours), ("Colyseus", coly)):
+        if result is None:
+            continue
+        if result is not ours:
+            lines += ["", f"### {name}", ""]
+        if "error" in result:
+            lines.append(f"Not measured: {result['error']}")
+            continue
+        lines += _steps_table(result)
+        lines += [
+            "",
+            f"Largest M holding p99 lateness <= 10 ms: **{result['largest_ok']}** "
+            f"({result['stopped']}).",
+        ]
+    if coly and "error" not in coly and "error" not in ours:
+        m_ratio = ours["largest_ok"] / coly["largest_ok"] if coly["largest_ok"] else None
+        rows = _ratio(ours, coly, ", field game", "ratios_field", out) or []
+        lines += ["", "| ratio asobi / Colyseus | value |", "|---|---:|", *rows]
+        summary.append(
+            (
+                "field game: matches per core at p99 <= 10 ms, vs Colyseus",
+                ">= 1.0x",
+                f"{ours['largest_ok']} vs {coly['largest_ok']} ({_f(m_ratio, 2)}x)",
+                _met(m_ratio is not None and m_ratio >= 1.0),
+            )
+        )
+    elif "error" not in ours:
+        summary.append(
+            ("field game: matches per core at p99 <= 10 ms", "-", str(ours["largest_ok"]), "-")
+        )
+    return lines
 
 
 def _capacity(

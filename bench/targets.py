@@ -16,15 +16,18 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from bench import game, procs
+from bench import field_game, game, procs
 from bench.loadgen import (
     AsobiPlayer,
     ColyseusPlayer,
     Tally,
+    asobi_input,
     asobi_token,
+    colyseus_input,
     connect,
     gather_limited,
     http_post_json,
+    pump_inputs,
 )
 
 PEERS = Path(__file__).parent / "peers"
@@ -42,12 +45,29 @@ class Target:
         self.server: procs.ServerProcess | None = None
         self.matches = 0
         self.players: list[Any] = []
+        self.players_per_match = game.MATCH_SIZE
+        # The field game's clients send inputs (`start_inputs`) for as long as the target runs.
+        self._inputs: asyncio.Task[None] | None = None
+
+    def start_inputs(self, frames: list[bytes], *, text: bool) -> None:
+        """Every client sends field_game.INPUTS_PER_SECOND inputs per second from now on."""
+        self._inputs = asyncio.get_running_loop().create_task(
+            pump_inputs(
+                self.players,
+                frames,
+                text=text,
+                rate=field_game.INPUTS_PER_SECOND,
+                per_match=self.players_per_match,
+            )
+        )
 
     async def stats(self) -> dict[str, Any]:
         assert self.server is not None
         return await procs.read_stats(self.server, self.stats_signal, asyncio.sleep)
 
     def stop(self) -> None:
+        if self._inputs is not None:
+            self._inputs.cancel()
         for player in self.players:
             if player.transport is not None:
                 player.transport.disconnect()
@@ -66,13 +86,20 @@ class AsobiTarget(Target):
         reload: str = "off",
         shared: bool = False,
         players: int = game.MATCH_SIZE,
+        field: bool = False,
     ) -> None:
+        """`field`: the realistic game (`bench/field_game.py`, patch frames, inputs) instead of
+        the bench game."""
         super().__init__(work, core, tally)
         self.reload = reload
         self.shared = shared
-        self.players_per_match = players
+        self.field = field
+        self.players_per_match = field_game.MATCH_SIZE if field else players
+        self.mode = field_game.MODE if field else game.MODE
         if shared:
             self.name = "asobi-shared"
+        if field:
+            self.name = "asobi-field"
         self.secret = secrets.token_urlsafe(32)
         self.game_dir = work / "game"
         self.data_dir = work / "data"
@@ -80,7 +107,10 @@ class AsobiTarget(Target):
     def start(self) -> None:
         self.game_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        game.write_script(self.game_dir, "v0", self.shared, self.players_per_match)
+        if self.field:
+            field_game.write_script(self.game_dir, "v0", sync="patch")
+        else:
+            game.write_script(self.game_dir, "v0", self.shared, self.players_per_match)
         self.server = procs.spawn_asobi(
             self.game_dir,
             self.data_dir,
@@ -114,10 +144,12 @@ class AsobiTarget(Target):
 
     async def start_matches(self, players: list[AsobiPlayer]) -> None:
         for player in players:
-            player.queue(game.MODE)
+            player.queue(self.mode)
         await asyncio.wait_for(asyncio.gather(*(p.first_state for p in players)), 60)
         self.matches += len(players) // self.players_per_match
         self.tally.clients = len(self.players)
+        if self.field and self._inputs is None:
+            self.start_inputs([asobi_input(d) for d in range(9)], text=True)
 
     async def add_matches(self, matches: int) -> None:
         await self.start_matches(await self.connect_idle(matches))
@@ -133,6 +165,16 @@ class ColyseusTarget(Target):
     name = "colyseus"
     stats_signal = signal.SIGWINCH
     dir = PEERS / "colyseus"
+
+    def __init__(
+        self, work: Path, core: set[int] | None, tally: Tally, field: bool = False
+    ) -> None:
+        """`field`: the field room (`bench/peers/colyseus/server.js`), 16 clients, inputs."""
+        super().__init__(work, core, tally)
+        self.room = field_game.MODE if field else game.MODE
+        self.players_per_match = field_game.MATCH_SIZE if field else game.MATCH_SIZE
+        if field:
+            self.name = "colyseus-field"
 
     @classmethod
     def installed(cls) -> bool:
@@ -171,10 +213,10 @@ class ColyseusTarget(Target):
     async def _one_match(self) -> list[ColyseusPlayer]:
         assert self.server is not None
         port = self.server.port
-        first = await http_post_json("127.0.0.1", port, "/matchmake/create/bench", {})
+        first = await http_post_json("127.0.0.1", port, f"/matchmake/create/{self.room}", {})
         room = first["room"]
         seats = [first]
-        for _ in range(game.MATCH_SIZE - 1):
+        for _ in range(self.players_per_match - 1):
             seats.append(
                 await http_post_json("127.0.0.1", port, f"/matchmake/joinById/{room['roomId']}", {})
             )
@@ -192,13 +234,16 @@ class ColyseusTarget(Target):
 
     async def add_matches(self, matches: int) -> None:
         groups = await gather_limited(
-            [self._one_match for _ in range(matches)], CONNECT_CONCURRENCY // game.MATCH_SIZE
+            [self._one_match for _ in range(matches)],
+            max(1, CONNECT_CONCURRENCY // self.players_per_match),
         )
         new = [p for group in groups for p in group]
         await asyncio.wait_for(asyncio.gather(*(p.first_state for p in new)), 60)
         self.players.extend(new)
         self.matches += matches
         self.tally.clients = len(self.players)
+        if self.room == field_game.MODE and self._inputs is None:
+            self.start_inputs([colyseus_input(d) for d in range(9)], text=False)
 
 
 def loadgen_cpu() -> float:

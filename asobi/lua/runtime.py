@@ -14,9 +14,10 @@ from __future__ import annotations
 import functools
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, NewType, NoReturn, Protocol
+from typing import Any, NamedTuple, NewType, NoReturn, Protocol
 
 from lupa import lua54
 
@@ -118,9 +119,11 @@ class ScriptHost(Protocol):
     def module(self, name: bytes) -> tuple[bytes | None, bytes]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class CallResult:
-    """Outcome of one budgeted call: `values` on success, `error` (a message) on failure."""
+class CallResult(NamedTuple):
+    """Outcome of one budgeted call: `values` on success, `error` (a message) on failure.
+
+    A named tuple: one is made per Lua call (every tick and input), and it is built in less
+    than half the time of a frozen dataclass."""
 
     ok: bool
     values: tuple[Any, ...] = ()
@@ -238,6 +241,7 @@ class MatchLua:
             host_table
         )
         self._call = self.api[b"call"]
+        self._call_each = self.api[b"call_each"]
         self._ctx = self.api[b"ctx"]
         self._global = self.api[b"global"]
         self._field = self.api[b"field"]
@@ -356,6 +360,52 @@ class MatchLua:
         if out[0] is True:
             return CallResult(True, out[1:])
         return CallResult(False, error=error_text(out[1] if len(out) > 1 else b"unknown error"))
+
+    def call_each(
+        self, callback: str, state: Any, ids: Sequence[str | None], *, what: str
+    ) -> list[tuple[Any, str | None]]:
+        """Call the script's `callback(state, id)` for the first ids in one crossing, each call
+        under the callback's own budget; per id called, (its result as plain data, None) or
+        (None, why it failed: the call or the conversion).
+
+        It answers for `ids[:k]`, k >= 1: it stops after a call that used host functions, so
+        that effects held meanwhile are the last id's alone, and the caller calls again for the
+        rest.  This is the state-frame path: one crossing per match tick instead of one budgeted
+        call per player.
+        """
+        global _in_flight
+        fn = self.function(callback)
+        if fn is None:
+            return [(None, f"{callback} is not defined")]
+        budget = self._budgets.get(callback)
+        if budget is None:
+            budget = self._budgets[callback] = self.limits.budget(callback)
+        started = _now()
+        watched = self.watched
+        if watched:
+            outer, _in_flight = _in_flight, (started, started + budget * len(ids), callback, self)
+        try:
+            prefix, suffix = budget_message(callback, budget)
+            out = self._call_each(
+                prefix, suffix, budget, fn, state, *[i.encode() if i else None for i in ids]
+            )
+        except LuaMemoryError:
+            return [(None, f"{callback} ran out of memory (cap {self.limits.max_memory} bytes)")]
+        except LuaError as exc:
+            return [(None, error_text(exc))]
+        finally:
+            if watched:
+                _in_flight = outer
+        results: list[tuple[Any, str | None]] = []
+        for pos in range(0, len(out), 2):
+            if out[pos] is not True:
+                results.append((None, error_text(out[pos + 1])))
+                continue
+            try:
+                results.append((to_python(out[pos + 1], what=what), None))
+            except (ConversionError, TypeError) as exc:
+                results.append((None, str(exc)))
+        return results
 
     # -- random generator ------------------------------------------------------------------------
     def random_state(self) -> tuple[int, int, int, int]:

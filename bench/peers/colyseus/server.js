@@ -10,33 +10,15 @@ const fs = require("fs");
 const { performance } = require("perf_hooks");
 const { Server, Room } = require("@colyseus/core");
 const { WebSocketTransport } = require("@colyseus/ws-transport");
-const { Schema, defineTypes } = require("@colyseus/schema");
+const { StateView } = require("@colyseus/schema");
+const S = require("./states");
+const { BenchState, benchTick } = S;
 
 const PERIOD_MS = 100;
 const port = Number(process.env.PORT || 2567);
 const statsPath = process.env.BENCH_STATS || "";
 let lateness = [];
 let rooms = 0;
-
-class BenchState extends Schema {
-  constructor() {
-    super();
-    this.counter = 0;
-    this.message = process.env.BENCH_MESSAGE || "hello";
-    this.phase = "play";
-    this.x = 0; this.y = 0; this.vx = 1.5; this.vy = -0.5;
-    this.hp = 100; this.mana = 50; this.score = 0; this.level = 1;
-    this.round = 1; this.timer = 600; this.seed = 12345;
-    this.a = 0; this.b = 0; this.c = 0; this.d = 0; this.players = 0;
-  }
-}
-defineTypes(BenchState, {
-  counter: "uint32", message: "string", phase: "string",
-  x: "number", y: "number", vx: "number", vy: "number",
-  hp: "number", mana: "number", score: "number", level: "number",
-  round: "number", timer: "number", seed: "number",
-  a: "number", b: "number", c: "number", d: "number", players: "uint8",
-});
 
 class BenchRoom extends Room {
   onCreate() {
@@ -53,21 +35,53 @@ class BenchRoom extends Room {
     const now = performance.now();
     if (this.last !== undefined) lateness.push(Math.max(0, now - this.last - PERIOD_MS));
     this.last = now;
-    const s = this.state;
-    const c = s.counter + 1;
-    s.counter = c;
-    s.x += s.vx; s.y += s.vy;
-    s.hp = 100 - (c % 100);
-    s.mana = (s.mana + 3) % 200;
-    s.score += 7;
-    s.level = 1 + Math.floor(c / 100);
-    s.timer -= 1;
-    s.seed = (s.seed * 1103515245 + 12345) % 2147483648;
-    s.a = c % 3; s.b = c % 5; s.c = c % 7; s.d = c % 11;
+    benchTick(this.state);
   }
 
   onJoin() { this.state.players = this.clients.length; }
   onLeave() { this.state.players = this.clients.length; }
+  onDispose() { rooms -= 1; }
+}
+
+// bench/field_game.py as a Colyseus room: 16 clients, each with a StateView of what is within
+// reach (updated every tick), inputs as "input" messages ({dir}).
+class FieldRoom extends Room {
+  onCreate() {
+    this.maxClients = 16;
+    this.autoDispose = true;
+    this.setState(new S.FieldState());
+    this.patchRate = PERIOD_MS;
+    this.last = undefined;
+    this.seen = new Map();
+    rooms += 1;
+    this.onMessage("input", (client, msg) => S.fieldInput(this.state, client.sessionId, msg && msg.dir));
+    this.setSimulationInterval(() => this.tick(), PERIOD_MS);
+  }
+
+  tick() {
+    const now = performance.now();
+    if (this.last !== undefined) lateness.push(Math.max(0, now - this.last - PERIOD_MS));
+    this.last = now;
+    S.fieldTick(this.state);
+    for (const client of this.clients) {
+      const seen = this.seen.get(client.sessionId);
+      if (seen && client.view) S.fieldView(this.state, client.sessionId, client.view, seen);
+    }
+  }
+
+  onJoin(client) {
+    S.fieldJoin(this.state, client.sessionId);
+    client.view = new StateView();
+    const seen = new Set();
+    this.seen.set(client.sessionId, seen);
+    S.fieldView(this.state, client.sessionId, client.view, seen);
+  }
+
+  onLeave(client) {
+    S.fieldLeave(this.state, client.sessionId);
+    this.seen.delete(client.sessionId);
+  }
+
   onDispose() { rooms -= 1; }
 }
 
@@ -95,4 +109,5 @@ process.on("SIGTERM", () => process.exit(0));
 
 const gameServer = new Server({ transport: new WebSocketTransport() });
 gameServer.define("bench", BenchRoom);
+gameServer.define("field", FieldRoom);
 gameServer.listen(port, "127.0.0.1").then(() => console.log(`LISTENING ${port}`));
