@@ -248,7 +248,7 @@ class Match:
         first = True
         while inputs:
             left = deadline - now()
-            # After the first input, one starts only if twice the slowest call seen so far still
+            # After the first input, one starts only if twice the recent peak cost of a call still
             # fits (the same handler takes longer on a busy machine): an honest input then does
             # not run out of the shared budget halfway and get lost.
             if left <= 0 or (not first and left < 2 * self.input_cost):
@@ -276,7 +276,11 @@ class Match:
                 budget=left,
                 named=self.lua.limits.handle_input,
             )
-            self.input_cost = max(self.input_cost, now() - started)
+            # A peak that rises at once and decays by a tenth per call: one call delayed by a
+            # busy machine must not hold the match to one input per tick for good.
+            cost = now() - started
+            peak = self.input_cost
+            self.input_cost = cost if cost >= peak else peak - (peak - cost) * 0.1
             self._apply("handle_input", result)
 
     def _after_tick(self, frames: list[tuple[str, bytes]] | None) -> None:

@@ -121,3 +121,31 @@ async def test_a_full_input_queue_drops_and_counts(start_server: Any, logs: Logs
     # 40 sent, at most 8 queued plus the one or two taken by the ticks that ran meanwhile.
     assert dropped >= 40 - 8 - 2
     assert len(logs.events("inputs_dropped")) <= 3
+
+
+# The first input costs 8 ms (a machine that was busy once), every later one about 0.5 ms.
+SLOW_ONCE = COUNTING.replace(
+    "  local stop = os.clock() + 0.002",
+    "  local stop = os.clock() + (input.i == 0 and 0.008 or 0.0005)",
+)
+
+
+async def test_one_slow_input_does_not_slow_the_inputs_after_it(start_server: Any) -> None:
+    """The cost a match expects of its next input follows its recent calls: after one 8 ms call,
+    cheap inputs go back to many per tick (with the slowest call ever seen as the estimate,
+    2 x 8 ms would leave room for one input per 20 ms budget from then on)."""
+    server = await start_server({"count.lua": SLOW_ONCE}, limits=LIMITS)
+    player = await server.player("count")
+    await player.expect("matchmaker.matched")
+    await player.states(1)
+    await player.send("match.input", {"i": 0})
+    state: dict[str, Any] = {"seen": []}
+    while not state["seen"]:
+        (state,) = await player.states(1)
+    for i in range(1, 41):
+        await player.send("match.input", {"i": i})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(state["seen"]) < 41:
+        (state,) = await player.states(1)
+    assert state["seen"] == list(range(41))
+    assert state["most_per_tick"] >= 4, state["most_per_tick"]
