@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,6 +79,37 @@ class QueueLimit(Exception):
         self.per_player = per_player
 
 
+def held_or_admit(
+    held: Sequence[Ticket],
+    player_id: str,
+    mode: str,
+    *,
+    queued_modes: Collection[str],
+    max_tickets: int,
+    max_queues: int,
+    where: str,
+) -> Ticket | None:
+    """The ticket the player already holds for `mode`, else None when a new one is within the
+    caps (per player, and modes with players waiting, counted by `queued_modes`); raises
+    `QueueLimit` otherwise.  Shared by the single-node queue and the cluster's."""
+    for ticket in held:
+        if ticket.mode == mode:
+            return ticket
+    if len(held) >= max_tickets:
+        raise QueueLimit(
+            f"you already hold {len(held)} tickets, the most one player may hold",
+            per_player=True,
+        )
+    if mode not in queued_modes and len(queued_modes) >= max_queues:
+        log.warning("matchmaker_queues_full", player_id=player_id, mode=mode)
+        raise QueueLimit(
+            f"{len(queued_modes)} modes already have players waiting, the most {where} keeps; "
+            "try a mode others are queued for",
+            per_player=False,
+        )
+    return None
+
+
 class Matchmaker:
     def __init__(
         self,
@@ -108,21 +139,17 @@ class Matchmaker:
         if self.registry.resolve_mode(mode) is None:
             raise UnknownMode(mode)
         held = self._by_player.get(player_id, ())
-        for ticket in held:
-            if ticket.mode == mode:
-                return ticket, True
-        if len(held) >= self.max_tickets_per_player:
-            raise QueueLimit(
-                f"you already hold {len(held)} tickets, the most one player may hold",
-                per_player=True,
-            )
-        if mode not in self._queues and len(self._queues) >= self.max_queues:
-            log.warning("matchmaker_queues_full", player_id=player_id, mode=mode)
-            raise QueueLimit(
-                f"{len(self._queues)} modes already have players waiting, the most this server "
-                "keeps; try a mode others are queued for",
-                per_player=False,
-            )
+        existing = held_or_admit(
+            held,
+            player_id,
+            mode,
+            queued_modes=self._queues,
+            max_tickets=self.max_tickets_per_player,
+            max_queues=self.max_queues,
+            where="this server",
+        )
+        if existing is not None:
+            return existing, True
         expires = self.clock() + self.ticket_ttl_s if self.ticket_ttl_s > 0 else float("inf")
         ticket = Ticket(uuid.uuid4().hex, player_id, mode, expires, self.clock())
         self._queues.setdefault(mode, OrderedDict())[ticket.ticket_id] = ticket

@@ -32,7 +32,7 @@ import structlog
 from asobi.cluster.forming import Forming, QueueDepth
 from asobi.cluster.link import Unavailable
 from asobi.cluster.placement import ClusterPlacement
-from asobi.matchmaker import QueueLimit, QueueUnavailable, Ticket, UnknownMode
+from asobi.matchmaker import QueueUnavailable, Ticket, UnknownMode, held_or_admit
 from asobi.protocol import ErrorCode, encode, encode_error
 
 if TYPE_CHECKING:
@@ -93,22 +93,17 @@ class RedisMatchmaker:
             self.link.require_up("queue for a match")
         except Unavailable as exc:
             raise QueueUnavailable(str(exc)) from None
-        held = self._by_player.get(player_id, ())
-        for ticket in held:
-            if ticket.mode == mode:
-                return ticket, True
-        if len(held) >= self.max_tickets_per_player:
-            raise QueueLimit(
-                f"you already hold {len(held)} tickets, the most one player may hold",
-                per_player=True,
-            )
-        if mode not in self._depths and len(self._depths) >= self.max_queues:
-            log.warning("matchmaker_queues_full", player_id=player_id, mode=mode)
-            raise QueueLimit(
-                f"{len(self._depths)} modes already have players waiting, the most this cluster "
-                "keeps; try a mode others are queued for",
-                per_player=False,
-            )
+        existing = held_or_admit(
+            self._by_player.get(player_id, ()),
+            player_id,
+            mode,
+            queued_modes=self._depths,
+            max_tickets=self.max_tickets_per_player,
+            max_queues=self.max_queues,
+            where="this cluster",
+        )
+        if existing is not None:
+            return existing, True
         now = self.clock()
         expires = now + self.ticket_ttl_s if self.ticket_ttl_s > 0 else float("inf")
         ticket = Ticket(uuid.uuid4().hex, player_id, mode, expires, now)
