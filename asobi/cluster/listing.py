@@ -11,13 +11,13 @@ can send the player there.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import Any
 
 import orjson
 import structlog
 
+from asobi.cluster.every import Every
 from asobi.cluster.link import RedisLink, Unavailable, key
 from asobi.cluster.nodes import NodeDirectory
 from asobi.directory import MatchInfo
@@ -50,7 +50,7 @@ class ClusterListing:
         self.ttl_s = ttl_s
         # The other nodes' matches as of the last read, by node id.
         self._remote: dict[str, list[MatchInfo]] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._every = Every(interval_s, self.exchange, "match_listing_failed", self.node_id)
 
     def list(self, mode: str | None = None) -> list[MatchInfo]:
         """This node's matches first (live), then the other live nodes' (as last read)."""
@@ -87,30 +87,15 @@ class ClusterListing:
         self._remote = remote
 
     async def start(self) -> None:
-        with contextlib.suppress(Unavailable):
-            await self.exchange()
-        self._task = asyncio.create_task(self._run())
+        await self._every.start()
 
     async def stop(self) -> None:
         """Stop publishing and remove this node's list: a clean stop is seen at once."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._every.stop()
         with contextlib.suppress(Unavailable):
             await self.link.call(
                 "withdraw the match listing", self.link.redis.delete(matches_key(self.node_id))
             )
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.exchange()
-            except Unavailable:
-                pass  # logged once by the link; the next round retries
-            except Exception:
-                log.exception("match_listing_failed", node_id=self.node_id)
 
 
 def _as_dict(match: MatchInfo) -> dict[str, Any]:

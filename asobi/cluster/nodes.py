@@ -12,7 +12,6 @@ parts that hold its tickets or route to its matches can react.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import socket
@@ -24,6 +23,7 @@ from typing import Any
 import orjson
 import structlog
 
+from asobi.cluster.every import Every
 from asobi.cluster.link import RedisLink, Unavailable, key
 
 log = structlog.get_logger("asobi.cluster")
@@ -83,7 +83,7 @@ class NodeDirectory:
         self.started_at = time.time()
         self.nodes: dict[str, NodeInfo] = {}
         self._gone_listeners: list[Callable[[str], None]] = []
-        self._task: asyncio.Task[None] | None = None
+        self._every = Every(heartbeat_s, self.beat, "heartbeat_failed", self.node_id)
         self._cpu_mark = (time.monotonic(), time.process_time())
         self._last_write: float | None = None
         self._amnesty_until = 0.0
@@ -182,30 +182,15 @@ class NodeDirectory:
             log.info("redis_reset_seen", node_id=self.node_id, amnesty_s=self.ttl_s)
 
     async def start(self) -> None:
-        with contextlib.suppress(Unavailable):
-            await self.beat()
-        self._task = asyncio.create_task(self._run())
+        await self._every.start()
 
     async def stop(self) -> None:
         """Stop beating and remove this node's record: a clean stop is seen at once."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._every.stop()
         with contextlib.suppress(Unavailable):
             redis = self.link.redis
             await self.link.call("leave the cluster", redis.delete(key("node", self.node_id)))
             await self.link.call("leave the cluster", redis.zrem(INDEX, self.node_id))
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.heartbeat_s)
-            try:
-                await self.beat()
-            except Unavailable:
-                pass  # logged once by the link; the next beat retries
-            except Exception:
-                log.exception("heartbeat_failed", node_id=self.node_id)
 
 
 async def _none() -> list[Any]:
