@@ -28,7 +28,7 @@ import orjson
 import pytest
 import websockets
 
-from tests.conftest import TEST_DATABASE_URL, Client
+from tests.conftest import CLOSE_TIMEOUT_S, TEST_DATABASE_URL, Client
 
 SECRET = "cluster-test-secret-long-enough-for-hs256"
 REDIS_BIN = shutil.which("redis-server")
@@ -137,7 +137,8 @@ class Node:
             return exc.code, orjson.loads(exc.read() or b"null")
 
     async def client(self) -> Client:
-        client = Client(await websockets.connect(self.url, max_size=2**22))
+        ws = await websockets.connect(self.url, max_size=2**22, close_timeout=CLOSE_TIMEOUT_S)
+        client = Client(ws)
         self.clients.append(client)
         return client
 
@@ -175,9 +176,7 @@ class Node:
         self.process.wait()
 
     async def stop(self) -> None:
-        for client in self.clients:
-            with contextlib.suppress(Exception):
-                await client.close()
+        await asyncio.gather(*(client.close() for client in self.clients), return_exceptions=True)
         if self.alive():
             self.process.send_signal(signal.SIGTERM)
             for _ in range(200):

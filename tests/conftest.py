@@ -100,6 +100,12 @@ def logs() -> Logs:
     return Logs(len(LOGS.lines))
 
 
+# A test client that stopped reading has up to 16 frames queued ahead of the server's reply to its
+# close (websockets stops reading the socket past its max_queue), so it would wait the library's
+# 10 s for a reply it cannot see: tests close with a short wait, then drop the socket.
+CLOSE_TIMEOUT_S = 0.5
+
+
 class Client:
     """A real WebSocket client speaking asobi's JSON frames."""
 
@@ -173,7 +179,7 @@ class Running:
         return f"http://127.0.0.1:{self.server.port}"
 
     async def client(self) -> Client:
-        ws = await websockets.connect(self.url, max_size=2**22)
+        ws = await websockets.connect(self.url, max_size=2**22, close_timeout=CLOSE_TIMEOUT_S)
         client = Client(ws)
         self.clients.append(client)
         return client
@@ -275,6 +281,5 @@ async def start_server(tmp_path: Path, database_url: str) -> AsyncIterator[Calla
 
     yield start
     for run in running:
-        for client in run.clients:
-            await client.close()
+        await asyncio.gather(*(client.close() for client in run.clients))
         await run.server.stop()
