@@ -29,6 +29,7 @@ version = "one"
 function init(state)
   state.score = {}
   state.total = 0
+  state.first = game.random(1, 1000000)  -- the generator moves before the first snapshot
   return state
 end
 function join(state, player_id)
