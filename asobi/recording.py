@@ -316,13 +316,17 @@ class Recorder:
             )
 
 
+def encode_body(body: dict[str, Any]) -> bytes:
+    """A tick row as stored (JSON); an input that JSON cannot hold is noted, not raised."""
+    try:
+        return orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError as exc:
+        return orjson.dumps({"ran": body.get("ran", True), "unrecordable": str(exc)})
+
+
 def _encoded(sql: str, params: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
     """A tick row's body is encoded here, in the writer, not on the tick path."""
     if sql is _INSERT_TICK:
         match_id, tick, body = params
-        try:
-            encoded = orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS)
-        except TypeError as exc:
-            encoded = orjson.dumps({"ran": body.get("ran", True), "unrecordable": str(exc)})
-        return sql, (match_id, tick, encoded)
+        return sql, (match_id, tick, encode_body(body))
     return sql, params

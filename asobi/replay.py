@@ -275,6 +275,11 @@ def replay(record: Record, *, until: int | None = None, limits: Limits | None = 
             elif event[0] == "modules":
                 services.use_modules(event[1])
         if not body.get("ran", True):
+            if not match.players:
+                line = (
+                    f"replayed {ran} ticks, identical; the last player left after tick {tick - 1}"
+                )
+                return Outcome("finished", ran, [line])
             break
         for pid, payload in body.get("in", ()):
             match.inputs.append((pid, payload))
@@ -326,7 +331,11 @@ def replay(record: Record, *, until: int | None = None, limits: Limits | None = 
                     f"finished at tick {at}: {_dump(result)}"
                 ],
             )
-    return Outcome("identical", ran, [f"replayed {ran} ticks, identical"])
+    line = f"replayed {ran} ticks, identical"
+    last = record.ticks[-1][0] if record.ticks else record.snapshot.tick
+    if until is None and record.ended_tick is not None and record.ended_tick > last:
+        line += f" (the record stops at tick {last}; the match ran to tick {record.ended_tick})"
+    return Outcome("identical", ran, [line])
 
 
 def _divergence(tick: int, expected: dict[str, str], got: dict[str, str]) -> tuple[str, str] | None:

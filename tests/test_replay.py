@@ -202,18 +202,30 @@ async def test_a_failing_callback_is_pinpointed_with_the_state_before_it(
 
 
 async def test_a_tampered_record_is_reported_at_the_tick_it_differs(
-    start_server, tmp_path: Path, database_url: str
+    start_server, logs: Logs, tmp_path: Path, database_url: str
 ) -> None:
     server = await start_server({"match.lua": GAME}, record=True)
     a, b, match_id = await _pair(server)
     for i in range(1, 4):
         await a.send("match.input", {"add": i})
         await a.states(3)
+    # Both leave: the match ends between ticks, and the record says so.
+    await a.send("match.leave")
+    await a.expect("match.left")
+    await b.send("match.leave")
+    await b.expect("match.left", skip=("match.finished",))
+    await logs.wait_for("match_finished")
     await server.server.stop()
     server.clients.clear()
     rows = await _db(tmp_path, database_url, _ticks(match_id))
+    last_tick, last_row = rows[-1]
+    assert last_row["ran"] is False and last_row["ev"][-1] == ["leave", b.player_id]
     code, out = await _replay(tmp_path, database_url, match_id)
-    assert code == 0 and f"replayed {len(rows)} ticks, identical" in out, out
+    assert code == 0, out
+    assert out.strip() == (
+        f"replayed {last_tick - 1} ticks, identical; the last player left after tick "
+        f"{last_tick - 1}"
+    )
 
     # One recorded input changed: the frames of that very tick differ.
     tick, body = next((t, body) for t, body in rows[3:] if body.get("in"))
