@@ -247,6 +247,11 @@ class Recorder:
         recording.events.append(["modules", self._modules(match)])
 
     # -- the rows ---------------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Rows queued and not written yet; no tick row is queued past `max_pending`."""
+        return len(self._pending)
+
     def row(self, match_id: str, tick: int, body: dict[str, Any]) -> bool:
         """Queue one tick's row; False when too many rows wait (the match stops recording)."""
         if len(self._pending) >= self.max_pending:

@@ -17,7 +17,11 @@ from typing import Any
 
 import orjson
 
-from asobi.store import open_backend
+from asobi.engine import Engine
+from asobi.recording import Recorder
+from asobi.scripts import ScriptRegistry
+from asobi.store import Store, open_backend
+from asobi.store.sqlite import SQLiteBackend
 from tests.conftest import Client, Logs
 
 GAME = """\
@@ -58,6 +62,11 @@ end
 """
 
 Job = Generator[tuple[str, tuple[Any, ...]], list[tuple[Any, ...]], Any]
+
+
+class _Discard:
+    def send(self, player_id: str, frame: bytes, *, droppable: bool = False) -> bool:
+        return True
 
 
 async def _pair(server: Any) -> tuple[Client, Client, str]:
@@ -248,3 +257,35 @@ async def test_a_tampered_record_is_reported_at_the_tick_it_differs(
         f"got {good}"
     )
     assert f"get_state for {b.player_id} (replayed): " in out
+
+
+async def test_recording_memory_is_bounded_and_the_match_plays_on(
+    tmp_path: Path, logs: Logs
+) -> None:
+    """A database that does not keep up: past `max_pending` rows waiting, a match stops
+    recording (logged once) and keeps ticking; the rows already queued are still written."""
+    (tmp_path / "game").mkdir()
+    (tmp_path / "game" / "match.lua").write_text(GAME)
+    registry = ScriptRegistry(tmp_path / "game")
+    assert registry.load_all() == []
+    store = Store(SQLiteBackend(tmp_path / "data" / "asobi.db"))
+    await store.start()
+    engine = Engine(registry, _Discard())
+    recorder = Recorder(store.backend, registry, max_pending=20)
+    engine.recorder = recorder
+    engine.listeners.append(recorder)
+    script = registry.get("match.lua")
+    assert script is not None
+    match = engine.start_match("default", script, ["p1", "p2"])
+    assert match.recorder is not None
+    for _ in range(50):  # the writer is not running: nothing leaves the queue
+        match.run_tick()
+        match.recorder.ticked(match.tick_no)
+    assert match.tick_no == 50 and match.recorder.stopped
+    assert recorder.pending == 20
+    assert [e["tick"] for e in logs.events("record_overflow")] == [19]
+    await recorder.start()
+    await recorder.stop()
+    rows = await store.backend.transact(_ticks(match.id))
+    assert [t for t, _ in rows] == list(range(1, 19))
+    await store.stop()
