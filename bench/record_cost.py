@@ -6,7 +6,9 @@ Measured in-process on the engine alone (no sockets, frames go nowhere), like
 matches, per match-tick, CPU (process time), medians of seven rounds:
 
 - a tick with recording off;
-- a tick with recording on (the hooks: input kept, each frame's digest, the row handed over);
+- a tick with recording on (the hooks: input kept, each frame's digest, the row handed over),
+  as the paired difference of the two passes in each round (noisy on a busy machine);
+- the same hooks timed alone, on the very `get_state` data the match renders (steadier);
 - encoding those rows as the writer task does (also on the event loop, but after the tick);
 
 then the wall time of one transaction writing one tick's rows of every match into SQLite (on the
@@ -56,7 +58,40 @@ class _Rows:
         return True
 
 
-def measure(matches: int = 300, rounds: int = 7) -> dict[str, Any]:
+class _Keep(MatchRecording):
+    """Keeps one tick's get_state data, to time the hooks on exactly what the match renders."""
+
+    def __init__(self, match_id: str, sink: Any) -> None:
+        super().__init__(match_id, sink)
+        self.data: dict[str | None, Any] = {}
+
+    def state(self, player_id: str | None, data: Any) -> None:
+        self.data[player_id] = data
+
+
+def hooks_alone(match: Any, payload: dict[str, Any], repeat: int = 20_000) -> float:
+    """CPU us of one match-tick's recording calls, timed alone (no tick around them): a frame
+    digest per player, an input per player, the row handed over."""
+    keep = _Keep(match.id, _Rows())
+    match.recorder = keep
+    match.run_tick()
+    match.recorder = None
+    frames = list(keep.data.items())
+    sink = _Rows()
+    recording = MatchRecording(match.id, sink)
+    started = time.process_time()
+    for n in range(repeat):
+        for pid, _ in frames:
+            recording.input(pid or "", payload)
+        for pid, data in frames:
+            recording.state(pid, data)
+        recording.ticked(n)
+        if len(sink.rows) > 1000:
+            sink.rows.clear()
+    return (time.process_time() - started) / repeat * 1e6
+
+
+def measure(matches: int = 300, rounds: int = 9) -> dict[str, Any]:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     with tempfile.TemporaryDirectory(prefix="asobi-record-") as tmp:
         game_dir = Path(tmp) / "game"
@@ -89,28 +124,30 @@ def measure(matches: int = 300, rounds: int = 7) -> dict[str, Any]:
                     match.recorder.ticked(match.tick_no)
             return (time.process_time() - started) / matches * 1e6
 
-        off, on, encode = [], [], []
+        off, on, diff, encode = [], [], [], []
         encoded: list[bytes] = []
         for _ in range(rounds):
             off.append(tick_all(False))
             sink.rows.clear()
             on.append(tick_all(True))
+            diff.append(on[-1] - off[-1])
             started = time.process_time()
             encoded = [encode_body(body) for _, _, body in sink.rows]
             encode.append((time.process_time() - started) / matches * 1e6)
         row_bytes = statistics.median(len(row) for row in encoded)
         write_ms = asyncio.run(_write(Path(tmp) / "data", registry, sink.rows))
+        alone = statistics.median(hooks_alone(running[0], payload) for _ in range(5))
         for match in running:
             engine.finish(match, None, notify=False)
     tick_us = statistics.median(off)
-    hooks_us = statistics.median(on) - tick_us
     encode_us = statistics.median(encode)
     return {
         "matches": matches,
         "tick_us": tick_us,
-        "hooks_us": hooks_us,
+        "paired_us": statistics.median(diff),
+        "hooks_us": alone,
         "encode_us": encode_us,
-        "share": (hooks_us + encode_us) / tick_us,
+        "share": (alone + encode_us) / tick_us,
         "row_bytes": row_bytes,
         "bytes_per_s": row_bytes * script.meta.tick_rate,
         "write_ms": write_ms,
@@ -136,10 +173,11 @@ async def _write(data_dir: Path, registry: ScriptRegistry, rows: list[Any]) -> f
 
 def table(c: dict[str, Any]) -> list[str]:
     return [
-        "| matches | tick us (off) | hooks us | row encoding us | share of tick CPU "
-        "| row bytes | bytes per match per s | write ms (one tick, all matches) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {c['matches']} | {c['tick_us']:.1f} | {c['hooks_us']:.1f} | {c['encode_us']:.1f} "
+        "| matches | tick us (off) | on - off us (paired) | hooks alone us | row encoding us "
+        "| share of tick CPU | row bytes | bytes per match per s | write ms (one tick, all) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {c['matches']} | {c['tick_us']:.1f} | {c['paired_us']:.1f} | {c['hooks_us']:.1f} "
+        f"| {c['encode_us']:.1f} "
         f"| {c['share'] * 100:.1f}% | {c['row_bytes']:.0f} | {c['bytes_per_s']:.0f} "
         f"| {c['write_ms']:.1f} |",
     ]
