@@ -205,9 +205,10 @@ class Recorder:
         match.recorder = MatchRecording(match.id, self)
 
     def _modules(self, match: Match) -> dict[str, str]:
-        """The modules the match has loaded (`require`), by content hash; their sources kept."""
+        """Every script `require` could load now, by content hash, their sources kept: a module
+        a tick requires later is then in the record too."""
         modules = {}
-        for name in sorted(match.required):
+        for name in self.registry.names():
             version = self.registry.get(name)
             if version is not None:
                 self._source(version)

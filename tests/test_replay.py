@@ -61,6 +61,13 @@ function get_state(state, player_id)
 end
 """
 
+# The same game with a module: the replay must load the module's recorded version too.
+UTIL = "local M = {}\nfunction M.bonus(total) return total * 2 + 1 end\nreturn M\n"
+WITH_MODULE = GAME.replace(
+    "function tick(state)\n",
+    "local util = require('util')\nfunction tick(state)\n  state.bonus = util.bonus(state.total)\n",
+)
+
 Job = Generator[tuple[str, tuple[Any, ...]], list[tuple[Any, ...]], Any]
 
 
@@ -134,7 +141,7 @@ def _set_body(match_id: str, tick: int, body: dict[str, Any]) -> Job:
 async def test_a_recorded_match_replays_identically_after_the_game_dir_changed(
     start_server, logs: Logs, tmp_path: Path, database_url: str
 ) -> None:
-    server = await start_server({"match.lua": GAME}, record=True)
+    server = await start_server({"match.lua": WITH_MODULE, "util.lua": UTIL}, record=True)
     a, b, match_id = await _pair(server)
     for i in range(1, 6):
         await a.send("match.input", {"add": i})
@@ -149,7 +156,7 @@ async def test_a_recorded_match_replays_identically_after_the_game_dir_changed(
     await c.send("match.leave")
     await c.expect("match.left")
     # The script changes while the match runs: it switches to "two".
-    server.write("match.lua", GAME.replace('version = "one"', 'version = "two"'))
+    server.write("match.lua", WITH_MODULE.replace('version = "one"', 'version = "two"'))
     await logs.wait_for("reloaded")
     for _ in range(3):
         await a.send("match.input", {"add": 1000})
@@ -161,6 +168,7 @@ async def test_a_recorded_match_replays_identically_after_the_game_dir_changed(
 
     # The game dir changes again after the match: the replay runs the recorded code anyway.
     (server.game_dir / "match.lua").write_text("this is not lua")
+    (server.game_dir / "util.lua").write_text("return { bonus = function() return 0 end }")
 
     rows = await _db(tmp_path, database_url, _ticks(match_id))
     kinds = {event[0] for _, body in rows for event in body.get("ev", [])}
