@@ -175,7 +175,14 @@ class Recorder:
     # -- the engine's side ------------------------------------------------------------------------
     def attach(self, match: Match) -> None:
         """Record `match` from now on (it has just started: tick 0).  A state that cannot be
-        copied cannot be replayed: the match then runs unrecorded (`record_refused`)."""
+        copied cannot be replayed: the match then runs unrecorded (`record_refused`).  Never
+        raises into the engine: a match runs whether or not it can be recorded."""
+        try:
+            self._attach(match)
+        except Exception:
+            log.exception("record_failed", match_id=match.id)
+
+    def _attach(self, match: Match) -> None:
         packed = match.lua.pack_state(match.state)
         if not packed.ok:
             log.warning("record_refused", match_id=match.id, error=first_line(packed.error))

@@ -267,22 +267,31 @@ async def test_a_tampered_record_is_reported_at_the_tick_it_differs(
     assert f"get_state for {b.player_id} (replayed): " in out
 
 
-async def test_recording_memory_is_bounded_and_the_match_plays_on(
-    tmp_path: Path, logs: Logs
-) -> None:
-    """A database that does not keep up: past `max_pending` rows waiting, a match stops
-    recording (logged once) and keeps ticking; the rows already queued are still written."""
+async def _recording_engine(
+    tmp_path: Path, source: str, max_pending: int = 100
+) -> tuple[Engine, Recorder, Store]:
+    """An engine driven directly (no sockets), recording into a real SQLite store whose writer
+    task is not started yet: rows stay queued until the test starts it."""
     (tmp_path / "game").mkdir()
-    (tmp_path / "game" / "match.lua").write_text(GAME)
+    (tmp_path / "game" / "match.lua").write_text(source)
     registry = ScriptRegistry(tmp_path / "game")
     assert registry.load_all() == []
     store = Store(SQLiteBackend(tmp_path / "data" / "asobi.db"))
     await store.start()
     engine = Engine(registry, _Discard())
-    recorder = Recorder(store.backend, registry, max_pending=20)
+    recorder = Recorder(store.backend, registry, max_pending=max_pending)
     engine.recorder = recorder
     engine.listeners.append(recorder)
-    script = registry.get("match.lua")
+    return engine, recorder, store
+
+
+async def test_recording_memory_is_bounded_and_the_match_plays_on(
+    tmp_path: Path, logs: Logs
+) -> None:
+    """A database that does not keep up: past `max_pending` rows waiting, a match stops
+    recording (logged once) and keeps ticking; the rows already queued are still written."""
+    engine, recorder, store = await _recording_engine(tmp_path, GAME, max_pending=20)
+    script = engine.registry.get("match.lua")
     assert script is not None
     match = engine.start_match("default", script, ["p1", "p2"])
     assert match.recorder is not None
@@ -296,4 +305,23 @@ async def test_recording_memory_is_bounded_and_the_match_plays_on(
     await recorder.stop()
     rows = await store.backend.transact(_ticks(match.id))
     assert [t for t, _ in rows] == list(range(1, 19))
+    await store.stop()
+
+
+async def test_a_match_whose_state_cannot_be_copied_runs_unrecorded(
+    tmp_path: Path, logs: Logs
+) -> None:
+    source = GAME.replace("  state.total = 0\n", "  state.total = 0\n  state.fn = function() end\n")
+    engine, recorder, store = await _recording_engine(tmp_path, source)
+    script = engine.registry.get("match.lua")
+    assert script is not None
+    match = engine.start_match("default", script, ["p1", "p2"])
+    assert match.recorder is None
+    refused = logs.events("record_refused")
+    assert [e["match_id"] for e in refused] == [match.id]
+    assert refused[0]["error"].startswith("state.fn is a function")
+    for _ in range(3):
+        match.run_tick()
+    assert match.tick_no == 3 and not match.finished
+    assert recorder.pending == 0
     await store.stop()
