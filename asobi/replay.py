@@ -303,6 +303,17 @@ def replay(record: Record, *, until: int | None = None, limits: Limits | None = 
                 else "the recorded frames of this tick differ from the replay",
             ]
             return Outcome("failure", ran, lines)
+        recorded_reloads = [outcome for _, _, outcome in body.get("rl", ())]
+        if recorded_reloads and services.reloads[-len(recorded_reloads) :] != recorded_reloads:
+            return Outcome(
+                "divergence",
+                ran,
+                [
+                    f"divergence at tick {tick}: the reload ended {recorded_reloads[-1]} in the "
+                    f"record, {services.reloads[-1] if services.reloads else 'not at all'} here",
+                    f"state before tick {tick}: {before}",
+                ],
+            )
         diverged = _divergence(tick, body.get("s", {}), frames.body.get("s", {}))
         if diverged is not None:
             pid = diverged[0]

@@ -186,6 +186,17 @@ async def test_a_recorded_match_replays_identically_after_the_game_dir_changed(
     code, out = await _replay(tmp_path, database_url, match_id[:10], "--until", "5")
     assert code == 0 and "replayed 5 ticks, identical" in out, out
 
+    # The record says the reload rolled back: the replay, where it went through, says so.
+    switched, body = next((t, body) for t, body in rows if body.get("rl"))
+    body["rl"][0][2] = "reload_rolled_back"
+    await _db(tmp_path, database_url, _set_body(match_id, switched, body))
+    code, out = await _replay(tmp_path, database_url, match_id)
+    assert code == 1, out
+    assert out.splitlines()[0] == (
+        f"divergence at tick {switched}: the reload ended reload_rolled_back in the record, "
+        "reloaded here"
+    )
+
 
 async def test_a_failing_callback_is_pinpointed_with_the_state_before_it(
     start_server, logs: Logs, tmp_path: Path, database_url: str
