@@ -13,8 +13,9 @@ A recorded match keeps, in the store's database:
 `asobi.replay` re-runs a match from these and compares digests.  The match calls its
 `MatchRecording` with plain data (None when recording is off, so the tick path pays one attribute
 test); rows are handed to `RecordWriter`, whose task writes them in batches off the tick path.
-Memory is bounded: past `max_pending` rows not yet written, a match's recording stops
-(`record_overflow`), and its replay ends where its record does.
+Each row is encoded (JSON) when its tick ends, so what waits for the database is bytes, not the
+inputs' objects.  Memory is bounded: past `max_pending_bytes` of rows not yet written, a match's
+recording stops (`record_overflow`), and its replay ends where its record does.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ log = structlog.get_logger("asobi.recording")
 
 COALESCE_S = 0.1
 RETRY_MAX_S = 1.0
-MAX_PENDING_ROWS = 100_000
+MAX_PENDING_BYTES = 64 * 1024 * 1024
 # The digest of a get_state call that failed (no frame was sent).
 FAILED = "!"
 # The key of the one frame a `shared_state` match renders for everybody.
@@ -65,7 +66,8 @@ class MatchRecording:
 
     def __init__(self, match_id: str, sink: Any) -> None:
         self.match_id = match_id
-        # Where finished rows go: `sink.row(match_id, tick, body) -> bool` (False: no room).
+        # Where finished rows go, encoded: `sink.row(match_id, tick, body) -> bool` (False: no
+        # room).
         self.sink = sink
         self.events: list[list[Any]] = []
         self.inputs: list[list[Any]] = []
@@ -126,7 +128,7 @@ class MatchRecording:
         if self.states:
             body["s"] = self.states
             self.states = {}
-        if not self.sink.row(self.match_id, tick, body):
+        if not self.sink.row(self.match_id, tick, encode_body(body)):
             self.stopped = True
             log.warning("record_overflow", match_id=self.match_id, tick=tick)
 
@@ -155,12 +157,13 @@ class Recorder:
         backend: Backend,
         registry: ScriptRegistry,
         *,
-        max_pending: int = MAX_PENDING_ROWS,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
         coalesce_s: float = COALESCE_S,
     ) -> None:
         self.backend = backend
         self.registry = registry
-        self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        self._pending_bytes = 0
         self.coalesce_s = coalesce_s
         self._pending: list[tuple[str, tuple[Any, ...]]] = []
         self._sources: set[str] = set()
@@ -256,14 +259,15 @@ class Recorder:
 
     # -- the rows ---------------------------------------------------------------------------------
     @property
-    def pending(self) -> int:
-        """Rows queued and not written yet; no tick row is queued past `max_pending`."""
-        return len(self._pending)
+    def pending_bytes(self) -> int:
+        """Bytes of tick rows queued and not written yet (at most `max_pending_bytes`)."""
+        return self._pending_bytes
 
-    def row(self, match_id: str, tick: int, body: dict[str, Any]) -> bool:
-        """Queue one tick's row; False when too many rows wait (the match stops recording)."""
-        if len(self._pending) >= self.max_pending:
+    def row(self, match_id: str, tick: int, body: bytes) -> bool:
+        """Queue one tick's row; False when too much waits already (the match stops recording)."""
+        if self._pending_bytes + len(body) > self.max_pending_bytes:
             return False
+        self._pending_bytes += len(body)
         self._queue(_INSERT_TICK, (match_id, tick, body))
         return True
 
@@ -307,14 +311,16 @@ class Recorder:
                     await asyncio.sleep(self.coalesce_s)
                 continue
             batch, self._pending = self._pending, []
-            rows = [_encoded(sql, params) for sql, params in batch]
+            batch_bytes, self._pending_bytes = self._pending_bytes, 0
             try:
-                await self.backend.transact(_write(rows))
+                await self.backend.transact(_write(batch))
             except BackendUnavailable as exc:
                 self._pending[:0] = batch
+                self._pending_bytes += batch_bytes
                 log.error("record_unavailable", error=str(exc), rows=len(self._pending))
                 if self._closing:
                     self._pending.clear()
+                    self._pending_bytes = 0
                     continue
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RETRY_MAX_S)
@@ -323,10 +329,8 @@ class Recorder:
                 log.exception("record_write_failed", error=str(exc), rows=len(batch))
                 continue
             backoff = self.coalesce_s
-            self.rows_written += len(rows)
-            self.bytes_written += sum(
-                len(p[2]) for s, p in rows if s is _INSERT_TICK and isinstance(p[2], bytes)
-            )
+            self.rows_written += len(batch)
+            self.bytes_written += batch_bytes
 
 
 def encode_body(body: dict[str, Any]) -> bytes:
@@ -335,11 +339,3 @@ def encode_body(body: dict[str, Any]) -> bytes:
         return orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS)
     except TypeError as exc:
         return orjson.dumps({"ran": body.get("ran", True), "unrecordable": str(exc)})
-
-
-def _encoded(sql: str, params: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
-    """A tick row's body is encoded here, in the writer, not on the tick path."""
-    if sql is _INSERT_TICK:
-        match_id, tick, body = params
-        return sql, (match_id, tick, encode_body(body))
-    return sql, params

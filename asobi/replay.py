@@ -177,8 +177,8 @@ class _Frames:
     def __init__(self) -> None:
         self.body: dict[str, Any] = {}
 
-    def row(self, match_id: str, tick: int, body: dict[str, Any]) -> bool:
-        self.body = body
+    def row(self, match_id: str, tick: int, body: bytes) -> bool:
+        self.body = orjson.loads(body)
         return True
 
 

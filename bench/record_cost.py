@@ -2,14 +2,14 @@
 
 Measured in-process on the engine alone (no sockets, frames go nowhere), like
 `bench.snapshot_cost`: the bench game (20 fields, four players, `get_state` per player) with a
-`handle_input` added, every player sending one input every tick.  Three passes over the same
-matches, per match-tick, CPU (process time), medians of seven rounds:
+`handle_input` added, every player sending one input every tick.  Per match-tick, CPU (process
+time), medians of nine rounds:
 
 - a tick with recording off;
-- a tick with recording on (the hooks: input kept, each frame's digest, the row handed over),
-  as the paired difference of the two passes in each round (noisy on a busy machine);
+- a tick with recording on (the hooks: input kept, each frame's digest, the row encoded and
+  handed over), as the paired difference of the two passes in each round (noisy on a busy
+  machine);
 - the same hooks timed alone, on the very `get_state` data the match renders (steadier);
-- encoding those rows as the writer task does (also on the event loop, but after the tick);
 
 then the wall time of one transaction writing one tick's rows of every match into SQLite (on the
 store's database thread).  `python -m bench.record_cost` prints the table.
@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 
 from asobi.engine import Engine
-from asobi.recording import MatchRecording, Recorder, encode_body
+from asobi.recording import MatchRecording, Recorder
 from asobi.scripts import ScriptRegistry
 from asobi.store.sqlite import SQLiteBackend
 from asobi.store.store import Store
@@ -51,9 +51,9 @@ class _Rows:
     """Keeps the rows handed over (the CPU measure leaves the database out)."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[str, int, dict[str, Any]]] = []
+        self.rows: list[tuple[str, int, bytes]] = []
 
-    def row(self, match_id: str, tick: int, body: dict[str, Any]) -> bool:
+    def row(self, match_id: str, tick: int, body: bytes) -> bool:
         self.rows.append((match_id, tick, body))
         return True
 
@@ -124,30 +124,24 @@ def measure(matches: int = 300, rounds: int = 9) -> dict[str, Any]:
                     match.recorder.ticked(match.tick_no)
             return (time.process_time() - started) / matches * 1e6
 
-        off, on, diff, encode = [], [], [], []
-        encoded: list[bytes] = []
+        off, on, diff = [], [], []
         for _ in range(rounds):
             off.append(tick_all(False))
             sink.rows.clear()
             on.append(tick_all(True))
             diff.append(on[-1] - off[-1])
-            started = time.process_time()
-            encoded = [encode_body(body) for _, _, body in sink.rows]
-            encode.append((time.process_time() - started) / matches * 1e6)
-        row_bytes = statistics.median(len(row) for row in encoded)
+        row_bytes = statistics.median(len(body) for _, _, body in sink.rows)
         write_ms = asyncio.run(_write(Path(tmp) / "data", registry, sink.rows))
         alone = statistics.median(hooks_alone(running[0], payload) for _ in range(5))
         for match in running:
             engine.finish(match, None, notify=False)
     tick_us = statistics.median(off)
-    encode_us = statistics.median(encode)
     return {
         "matches": matches,
         "tick_us": tick_us,
         "paired_us": statistics.median(diff),
         "hooks_us": alone,
-        "encode_us": encode_us,
-        "share": (alone + encode_us) / tick_us,
+        "share": alone / tick_us,
         "row_bytes": row_bytes,
         "bytes_per_s": row_bytes * script.meta.tick_rate,
         "write_ms": write_ms,
@@ -173,11 +167,10 @@ async def _write(data_dir: Path, registry: ScriptRegistry, rows: list[Any]) -> f
 
 def table(c: dict[str, Any]) -> list[str]:
     return [
-        "| matches | tick us (off) | on - off us (paired) | hooks alone us | row encoding us "
+        "| matches | tick us (off) | on - off us (paired) | hooks alone us "
         "| share of tick CPU | row bytes | bytes per match per s | write ms (one tick, all) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {c['matches']} | {c['tick_us']:.1f} | {c['paired_us']:.1f} | {c['hooks_us']:.1f} "
-        f"| {c['encode_us']:.1f} "
         f"| {c['share'] * 100:.1f}% | {c['row_bytes']:.0f} | {c['bytes_per_s']:.0f} "
         f"| {c['write_ms']:.1f} |",
     ]

@@ -279,7 +279,7 @@ async def test_a_tampered_record_is_reported_at_the_tick_it_differs(
 
 
 async def _recording_engine(
-    tmp_path: Path, source: str, max_pending: int = 100
+    tmp_path: Path, source: str, max_pending_bytes: int = 1 << 20
 ) -> tuple[Engine, Recorder, Store]:
     """An engine driven directly (no sockets), recording into a real SQLite store whose writer
     task is not started yet: rows stay queued until the test starts it."""
@@ -290,7 +290,7 @@ async def _recording_engine(
     store = Store(SQLiteBackend(tmp_path / "data" / "asobi.db"))
     await store.start()
     engine = Engine(registry, _Discard())
-    recorder = Recorder(store.backend, registry, max_pending=max_pending)
+    recorder = Recorder(store.backend, registry, max_pending_bytes=max_pending_bytes)
     engine.recorder = recorder
     engine.listeners.append(recorder)
     return engine, recorder, store
@@ -299,9 +299,9 @@ async def _recording_engine(
 async def test_recording_memory_is_bounded_and_the_match_plays_on(
     tmp_path: Path, logs: Logs
 ) -> None:
-    """A database that does not keep up: past `max_pending` rows waiting, a match stops
+    """A database that does not keep up: past `max_pending_bytes` of rows waiting, a match stops
     recording (logged once) and keeps ticking; the rows already queued are still written."""
-    engine, recorder, store = await _recording_engine(tmp_path, GAME, max_pending=20)
+    engine, recorder, store = await _recording_engine(tmp_path, GAME, max_pending_bytes=1000)
     script = engine.registry.get("match.lua")
     assert script is not None
     match = engine.start_match("default", script, ["p1", "p2"])
@@ -310,12 +310,15 @@ async def test_recording_memory_is_bounded_and_the_match_plays_on(
         match.run_tick()
         match.recorder.ticked(match.tick_no)
     assert match.tick_no == 50 and match.recorder.stopped
-    assert recorder.pending == 20
-    assert [e["tick"] for e in logs.events("record_overflow")] == [19]
+    overflows = logs.events("record_overflow")
+    assert len(overflows) == 1 and 5 < overflows[0]["tick"] < 50
+    stopped_at = overflows[0]["tick"]
+    assert 1000 - 100 < recorder.pending_bytes <= 1000
     await recorder.start()
     await recorder.stop()
     rows = await store.backend.transact(_ticks(match.id))
-    assert [t for t, _ in rows] == list(range(1, 19))
+    assert [t for t, _ in rows] == list(range(1, stopped_at))
+    assert recorder.bytes_written == sum(len(orjson.dumps(body)) for _, body in rows)
     await store.stop()
 
 
@@ -334,5 +337,5 @@ async def test_a_match_whose_state_cannot_be_copied_runs_unrecorded(
     for _ in range(3):
         match.run_tick()
     assert match.tick_no == 3 and not match.finished
-    assert recorder.pending == 0
+    assert recorder.pending_bytes == 0
     await store.stop()
