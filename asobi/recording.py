@@ -206,7 +206,7 @@ class Recorder:
         )
         meta = orjson.loads(snapshot.meta())
         meta["tick"] = snapshot.tick
-        meta["modules"] = self._modules(match)
+        meta["modules"] = self._modules()
         self._source(script)
         self._queue(
             _INSERT_START,
@@ -214,7 +214,7 @@ class Recorder:
         )
         match.recorder = MatchRecording(match.id, self)
 
-    def _modules(self, match: Match) -> dict[str, str]:
+    def _modules(self) -> dict[str, str]:
         """Every script `require` could load now, by content hash, their sources kept: a module
         a tick requires later is then in the record too."""
         modules = {}
@@ -255,7 +255,7 @@ class Recorder:
             return
         self._source(version)
         recording.reloaded(version.name, version.hash, outcome)
-        recording.events.append(["modules", self._modules(match)])
+        recording.events.append(["modules", self._modules()])
 
     # -- the rows ---------------------------------------------------------------------------------
     @property
