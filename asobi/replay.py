@@ -287,7 +287,15 @@ def replay(record: Record, *, until: int | None = None, limits: Limits | None = 
         for _, script_hash, _ in body.get("rl", ()):
             match.pending = services.version(script_hash)
         recording.data.clear()
-        match.run_tick()
+        try:
+            match.run_tick()
+        except Exception as exc:  # the engine logs `match_crashed` and ends such a match
+            lines = [
+                f"tick {tick}: the server failed running the tick: {exc!r}",
+                f"inputs at tick {tick}: {_dump(body.get('in', []))}",
+                f"state before tick {tick}: {before}",
+            ]
+            return Outcome("failure", ran, lines)
         recording.ticked(tick)
         ran += 1
         if match.failures_seen:
