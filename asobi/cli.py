@@ -445,7 +445,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     # The report is stdout; what the replayed match logs (its failures, game.log) goes to stderr.
-    logsetup.configure("warning", stream=sys.stderr, fmt="console")
+    logsetup.configure("info", stream=sys.stderr, fmt="console")
 
     async def load() -> Any:
         backend = open_backend(settings.database_url, settings.data_dir)
