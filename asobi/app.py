@@ -24,6 +24,7 @@ from asobi.local import LocalListing, LocalPlacement, LocalRouter
 from asobi.matchmaker import Matchmaker, TicketQueue
 from asobi.metrics import Metrics
 from asobi.presence import Presence
+from asobi.recording import Recorder
 from asobi.reload import Reloader, ReloadHistory
 from asobi.restore import restore_matches
 from asobi.scripts import ScriptError, ScriptRegistry
@@ -129,6 +130,9 @@ class App:
         )
         if settings.snapshot_ticks >= 0:
             app.use_journal(StoreJournal(store.backend))
+        if settings.record:
+            engine.recorder = Recorder(store.backend, registry)
+            engine.listeners.append(engine.recorder)
         if settings.redis_url:
             app.cluster = join_cluster(app, secret)
         return app
@@ -167,6 +171,8 @@ class App:
         if self.journal is not None:
             await self.journal.start()
             await restore_matches(self)
+        if self.engine.recorder is not None:
+            await self.engine.recorder.start()
         if self.cluster is not None:
             await self.cluster.start(port)
 
@@ -181,6 +187,8 @@ class App:
             if self.engine.snapshots is not None:
                 self.engine.snapshots.take_all(self.engine)
             await self.journal.stop()
+        if self.engine.recorder is not None:
+            await self.engine.recorder.stop()
         if self.store is not None:
             await self.store.stop()
 

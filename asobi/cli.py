@@ -1,5 +1,5 @@
-"""The `asobi` command: new, serve, token, check, reloads, reload, nodes, push (argument parsing
-and output)."""
+"""The `asobi` command: new, serve, token, check, reloads, reload, nodes, push, replay (argument
+parsing and output)."""
 
 from __future__ import annotations
 
@@ -439,6 +439,31 @@ every setting is also an ASOBI_* environment variable (see README.md)
 """
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from asobi.replay import ReplayError, load_record, replay
+    from asobi.store import open_backend
+
+    settings = _settings(args)
+    # The report is stdout; what the replayed match logs (its failures, game.log) goes to stderr.
+    logsetup.configure("info", stream=sys.stderr, fmt="console")
+
+    async def load() -> Any:
+        backend = open_backend(settings.database_url, settings.data_dir)
+        await backend.open()
+        try:
+            return await load_record(backend, args.match_id)
+        finally:
+            await backend.close()
+
+    try:
+        outcome = replay(asyncio.run(load()), until=args.until, limits=settings.limits)
+    except ReplayError as exc:
+        print(f"asobi replay: {exc}", file=sys.stderr)
+        return 2
+    print(outcome.text())
+    return 0 if outcome.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asobi",
@@ -533,6 +558,19 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("game_dir", nargs="?", type=Path, help="scripts (default ASOBI_GAME_DIR)")
     push.add_argument("--url", help="a node's base URL (default from ASOBI_HOST/ASOBI_PORT)")
     push.set_defaults(func=cmd_push)
+
+    replay = sub.add_parser(
+        "replay",
+        help="re-run a recorded match (ASOBI_RECORD=1) and show where it first differs",
+        description="Re-run a match recorded with ASOBI_RECORD=1 from its first snapshot, on "
+        "the script versions it ran, feeding its recorded inputs, joins and leaves, and compare "
+        "every tick's get_state with the record. Prints the first divergence, or the tick where "
+        "a callback failed with the state before it. Exit 1 when it differs or fails.",
+    )
+    replay.add_argument("match_id", help="the match's id (or a unique start of it)")
+    replay.add_argument("--until", type=int, help="stop after this tick")
+    replay.add_argument("--data-dir", type=Path, help="data (ASOBI_DATA_DIR, default ./data)")
+    replay.set_defaults(func=cmd_replay)
     return parser
 
 

@@ -66,6 +66,9 @@ class Settings:
     # ASOBI_SNAPSHOT_TICKS: ticks between a match's snapshots in the journal (docs/durability.md);
     # 0: once a second at the match's tick rate; a negative number turns the journal off.
     snapshot_ticks: int = 0
+    # ASOBI_RECORD=1: record every match's inputs, joins, leaves and state digests per tick, for
+    # `asobi replay` (docs/durability.md, "Replay").
+    record: bool = False
     # The watchdog (asobi/watchdog.py): a Lua call still running this long after its deadline is
     # wedged; a loop that has not turned for wedge_exit_s exits the process; /ready is false for
     # wedge_ready_hold_s after a wedge; after SIGTERM a loop stuck this long is not waited for.

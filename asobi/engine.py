@@ -26,6 +26,7 @@ from asobi.lua.runtime import Limits, ScriptLoadError
 from asobi.match import Match, MatchStartError
 from asobi.match_host import first_line
 from asobi.protocol import encode
+from asobi.recording import Recorder
 from asobi.scripts import ScriptRegistry, ScriptVersion
 from asobi.snapshots import Snapshotter
 from asobi.store import Store
@@ -104,6 +105,8 @@ class Engine:
         self.snapshots: Snapshotter | None = None
         # Restored matches' players -> the `match.restored` frame their next resync sends.
         self.restored_notices: dict[str, bytes] = {}
+        # Records started matches for `asobi replay` (`asobi.recording`; None: ASOBI_RECORD off).
+        self.recorder: Recorder | None = None
 
     # -- matches ----------------------------------------------------------------------------------
     def start_match(self, mode: str, script: ScriptVersion, players: list[str]) -> Match:
@@ -130,6 +133,8 @@ class Engine:
             )
             raise MatchStartError(first_line(str(exc))) from exc
         self.adopt(match)
+        if self.recorder is not None:
+            self.recorder.attach(match)
         log.info(
             "match_started",
             match_id=match_id,
@@ -326,6 +331,8 @@ class Engine:
         except Exception:
             log.exception("match_crashed", match_id=match.id, mode=match.mode, tick=match.tick_no)
             self.finish(match, {"error": "internal error"})
+        if match.recorder is not None:
+            match.recorder.ticked(match.tick_no)
         host.ticking = False
         self.ticks += 1
         if self.wedged and match.id in self.wedged:

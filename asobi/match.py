@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -30,6 +30,9 @@ from asobi.match_services import MatchServices
 from asobi.protocol import encode, encode_raw_payload
 from asobi.scripts import ScriptMeta, ScriptVersion
 from asobi.state_frames import NOBODY, StateFrames
+
+if TYPE_CHECKING:
+    from asobi.recording import MatchRecording
 
 log = structlog.get_logger("asobi.match")
 
@@ -87,6 +90,8 @@ class Match:
         self._failure_tick = -1
         self._failure_lines = 0
         self._failures_suppressed = 0
+        # Its record for `asobi replay` (`asobi.recording`); None when not recorded.
+        self.recorder: MatchRecording | None = None
         self.lua = self._new_lua(script, self.seed)
         self.state: Any = None
         self._initial_players = players
@@ -138,6 +143,8 @@ class Match:
         """
         if player_id in self.players:
             return None
+        if self.recorder is not None:
+            self.recorder.joined(player_id)
         if len(self.players) >= self.script.meta.max_players:
             return "match is full"
         self.players.append(player_id)
@@ -161,6 +168,8 @@ class Match:
     def leave(self, player_id: str) -> None:
         if player_id not in self.players:
             return
+        if self.recorder is not None:
+            self.recorder.left(player_id)
         if self.lua.function("leave") is not None:
             self._apply("leave", self._call("leave", self.state, player_id.encode()))
         self.players.remove(player_id)
@@ -237,7 +246,7 @@ class Match:
         of it, and what does not fit waits for the next tick.  So a burst of inputs costs every
         other match at most one budget per tick, however many inputs it holds.
         """
-        inputs, queued = self.inputs, self.queued
+        inputs, queued, recorder = self.inputs, self.queued, self.recorder
         fn = self.lua.function("handle_input")
         if fn is None:
             inputs.clear()
@@ -260,6 +269,8 @@ class Match:
                 queued[pid] = count
             if pid not in self.players:
                 continue
+            if recorder is not None:
+                recorder.input(pid, payload)
             try:
                 lua_input = self.lua.to_lua(payload)
             except ConversionError as exc:
@@ -335,6 +346,7 @@ class Match:
         reload transaction (`strict`) it fails the whole transaction.
         """
         frames: list[tuple[str, bytes]] = []
+        recorder = self.recorder
         patching = self._patching(meta)
         if patching:
             self.state_frames.begin()
@@ -359,12 +371,16 @@ class Match:
             if error is not None:
                 if strict:
                     raise _CallFailed(f"get_state failed on the new code: {short_error(error)}")
+                if recorder is not None:
+                    recorder.state_failed(pid)
                 self._log_failure("get_state", error)
                 if last:
                     self.effects.discard()
                 continue
             if not strict and last:
                 self._commit_effects()
+            if recorder is not None:
+                recorder.state(pid, data)
             if patching:
                 targets = self.players if pid is None else (pid,)
                 frames.extend(

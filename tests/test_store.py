@@ -43,7 +43,7 @@ async def test_backend_in_use(start_server) -> None:
 async def test_everything_survives_a_restart(start_server, logs: Logs) -> None:
     first = await start_server(FILES)
     opened = await logs.wait_for("store_opened")
-    assert opened["migrations_applied"] == [1, 2]
+    assert opened["migrations_applied"] == [1, 2, 3]
     alice = await _bank(await _account(first, "auth.register", "alice", "password-a"))
     assert await call(alice, "grant", amount=120) == {"ok": 120}
     assert await call(alice, "debit", amount=20) == {"ok": 100}

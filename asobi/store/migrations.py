@@ -88,6 +88,28 @@ MIGRATIONS: tuple[Migration, ...] = (
                 seq BIGINT NOT NULL)""",
         ),
     ),
+    Migration(
+        3,
+        "recorded matches for replay: first snapshot, one row per tick, script sources by hash",
+        (
+            """CREATE TABLE match_records (
+                match_id TEXT PRIMARY KEY,
+                started_at BIGINT NOT NULL,
+                meta TEXT NOT NULL,
+                state {BLOB} NOT NULL,
+                ended_tick BIGINT,
+                result TEXT)""",
+            """CREATE TABLE match_record_ticks (
+                match_id TEXT NOT NULL,
+                tick BIGINT NOT NULL,
+                body {BLOB} NOT NULL,
+                PRIMARY KEY (match_id, tick))""",
+            """CREATE TABLE script_sources (
+                hash TEXT PRIMARY KEY,
+                name TEXT NOT NULL,
+                source {BLOB} NOT NULL)""",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version
