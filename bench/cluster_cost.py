@@ -187,6 +187,7 @@ async def frame_cost(
     window: float,
     settle: float,
     windows: int,
+    variants: tuple[str, ...] = ("single", "cluster"),
 ) -> dict[str, Any]:
     """The same load on a node without Redis and on a cluster node; rows per window."""
     server_core, other_core = cores
@@ -195,7 +196,7 @@ async def frame_cost(
     matchmaking: dict[str, Any] = {}
     listing_bytes = 0
     try:
-        for variant in ("single", "cluster"):
+        for variant in variants:
             async with fresh_schema(db) as url:
                 env = {"ASOBI_DATABASE_URL": url}
                 if variant == "cluster":
@@ -237,7 +238,8 @@ async def frame_cost(
                                 f"  cost {variant:7} M={m:4} "
                                 f"us/frame={row['cpu_us_per_frame']:5.1f} "
                                 f"p99={row['lateness_p99_ms']:5.1f}ms redis cmd/s="
-                                f"{row['redis']['commands_per_s']:6.1f} load={load}",
+                                f"{row['redis']['commands_per_s']:6.1f} load={load} "
+                                f"foreign={row['foreign_cpu_pct']:.0f}%",
                                 flush=True,
                             )
                     if variant == "cluster":
