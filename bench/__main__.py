@@ -205,7 +205,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if "cluster-cost" in parts:
             from bench import cluster_cost  # needs redis-server and PostgreSQL
 
-            out["cluster_cost"] = await cluster_cost.run(smoke=args.smoke)
+            out["cluster_cost"] = await cluster_cost.run(smoke=args.smoke, work=work)
     return out
 
 

@@ -194,7 +194,8 @@ async def frame_cost(
     redis = PrivateRedis(work / "redis-cost", other_core)
     rows: list[dict[str, Any]] = []
     matchmaking: dict[str, Any] = {}
-    listing_bytes = 0
+    listing_bytes = listing_matches = 0
+    failures: list[str] = []
     try:
         for variant in variants:
             async with fresh_schema(db) as url:
@@ -209,9 +210,14 @@ async def frame_cost(
                 try:
                     for m in steps:
                         before = redis.sample()
-                        idle = await target.connect_idle(m - target.matches)
-                        connected = redis.sample()
-                        await target.start_matches(idle)
+                        try:
+                            idle = await target.connect_idle(m - target.matches)
+                            connected = redis.sample()
+                            await target.start_matches(idle)
+                        except (TimeoutError, RuntimeError, OSError) as exc:
+                            failures.append(f"{variant}: could not start {m} matches: {exc!r}")
+                            print(f"  cost {variant} M={m} FAILED {exc!r}", flush=True)
+                            break
                         if variant == "cluster":
                             matchmaking[str(m)] = {
                                 "players": len(idle),
@@ -245,7 +251,7 @@ async def frame_cost(
                     if variant == "cluster":
                         node_id = env["ASOBI_NODE_ID"]
                         raw = redis.client.get(f"asobi:matches:{node_id}") or b""
-                        listing_bytes = len(raw)
+                        listing_bytes, listing_matches = len(raw), target.matches
                 finally:
                     target.stop()
     finally:
@@ -254,7 +260,8 @@ async def frame_cost(
         "rows": rows,
         "matchmaking": matchmaking,
         "listing_bytes": listing_bytes,
-        "listing_matches": steps[-1],
+        "listing_matches": listing_matches,
+        "failures": failures,
     }
 
 
@@ -357,7 +364,7 @@ def redis_ops(work: Path, core: set[int] | None, listing_bytes: int, rounds: int
     return out
 
 
-async def run(smoke: bool = False) -> dict[str, Any]:
+async def run(smoke: bool = False, work: Path | None = None) -> dict[str, Any]:
     db = database_url()
     if not db.startswith(("postgresql://", "postgres://")):
         return {
@@ -371,7 +378,7 @@ async def run(smoke: bool = False) -> dict[str, Any]:
         os.sched_setaffinity(0, cores[1])  # the load generator: the second core (as `bench`)
     out: dict[str, Any] = {"load_avg_start": load_average()}
     with tempfile.TemporaryDirectory(prefix="asobi-cluster-cost-") as tmp:
-        work = Path(tmp)
+        work = work / "cluster-cost" if work is not None else Path(tmp)
         steps = (10,) if smoke else (200, 400)
         out["frame_cost"] = await frame_cost(
             work, cores, db, steps, 1.0 if smoke else 6.0, 0.5 if smoke else 2.0, 1 if smoke else 2
@@ -380,7 +387,7 @@ async def run(smoke: bool = False) -> dict[str, Any]:
         out["redis_ops"] = await asyncio.to_thread(
             redis_ops, work, cores[1], listing, 50 if smoke else 2000
         )
-        capacity_steps = [10] if smoke else [200, 300, 400, 500, 600, 700, 800, 1000]
+        capacity_steps = [10] if smoke else [50, 100, 150, 200, 250, 300, 400, 500, 600, 800]
         from bench.cluster_workers import workers_capacity  # it builds on this module
 
         out["workers"] = await workers_capacity(
@@ -428,6 +435,7 @@ def tables(cost: dict[str, Any]) -> list[str]:
             f"{r['lateness_max_ms']:.1f} | {red['commands_per_s']:.1f} | {red['cpu_pct']:.1f}% "
             f"| {red['bytes_in_per_s']:,} / {red['bytes_out_per_s']:,} |"
         )
+    lines += [f"\n{f}" for f in cost["frame_cost"].get("failures", [])]
     mm = cost["frame_cost"]["matchmaking"]
     if mm:
         lines += [
@@ -503,6 +511,9 @@ def tables(cost: dict[str, Any]) -> list[str]:
 # The capacity model's assumptions (docs/cluster.md, "Capacity: 10k, 100k, 1M players").
 MODEL_PLAYERS = (10_000, 100_000, 1_000_000)
 MATCH_S = 300.0  # a match lasts 5 minutes: each player queues once per 5 minutes
+# Players per node: one process on one core, per-player `get_state`, the quiet machine's figure
+# (docs/performance.md, 400 matches x 4).  A shared machine's run measures less (see `workers`).
+PLAYERS_PER_NODE = 1600
 PUBLISHES_PER_MATCH = 5  # mm.place request and reply, mm.matched to up to 3 other home nodes
 NODE_RECORD_BYTES = 300  # one heartbeat record (`NodeInfo` as JSON), as read by every node
 
@@ -517,13 +528,13 @@ def model(cost: dict[str, Any]) -> list[dict[str, Any]]:
     """Nodes, Redis operations, Redis CPU and bytes per second at each cluster size, from the
     run's measured costs: per-node capacity, heartbeat and listing cost by cluster size, the
     matchmaker's Redis CPU and bytes per match formed, a PUBLISH."""
-    per_node = cost["workers"]["workers-1"]["largest_ok"] * game.MATCH_SIZE
+    per_node = PLAYERS_PER_NODE
     ops = cost["redis_ops"]
     beat = [(r["nodes"], r["cpu_us_per_round"]) for r in ops["heartbeat"]]
     listing = [(r["nodes"], r["cpu_us_per_round"]) for r in ops["listing"]]
-    # one node's listing value at its capacity (measured: the frame-cost run's last step)
-    per_match = ops["listing_bytes"] / cost["frame_cost"]["listing_matches"]
-    listing_bytes = per_match * per_node / game.MATCH_SIZE
+    # one node's listing value: a node lists at most 100 matches (`Engine.list_matches`), so a
+    # loaded node's value is the measured one whatever its number of matches
+    listing_bytes = ops["listing_bytes"]
     mm = list(cost["frame_cost"]["matchmaking"].values())[-1]["queue_to_playing"]
     matches = list(cost["frame_cost"]["matchmaking"].values())[-1]["matches"]
     mm_cpu_us = mm["cpu_s"] / matches * 1e6
