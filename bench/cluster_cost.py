@@ -379,7 +379,7 @@ async def run(smoke: bool = False, work: Path | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"load_avg_start": load_average()}
     with tempfile.TemporaryDirectory(prefix="asobi-cluster-cost-") as tmp:
         work = work / "cluster-cost" if work is not None else Path(tmp)
-        steps = (10,) if smoke else (200, 400)
+        steps = (10,) if smoke else (100, 200)
         out["frame_cost"] = await frame_cost(
             work, cores, db, steps, 1.0 if smoke else 6.0, 0.5 if smoke else 2.0, 1 if smoke else 2
         )
@@ -519,9 +519,11 @@ NODE_RECORD_BYTES = 300  # one heartbeat record (`NodeInfo` as JSON), as read by
 
 
 def _linear(points: list[tuple[float, float]], x: float) -> float:
-    """Through the last two measured points (cost per call grows with the keys it reads)."""
-    (x0, y0), (x1, y1) = points[-2], points[-1]
-    return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 != x0 else y1
+    """Between the two measured points around `x` (or the last two, beyond them): a call's
+    cost grows with the keys it reads."""
+    i = next((i for i in range(1, len(points)) if x <= points[i][0]), len(points) - 1)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 != x0 else y1, min(y0, y1))
 
 
 def model(cost: dict[str, Any]) -> list[dict[str, Any]]:
@@ -538,7 +540,9 @@ def model(cost: dict[str, Any]) -> list[dict[str, Any]]:
     mm = list(cost["frame_cost"]["matchmaking"].values())[-1]["queue_to_playing"]
     matches = list(cost["frame_cost"]["matchmaking"].values())[-1]["matches"]
     mm_cpu_us = mm["cpu_s"] / matches * 1e6
-    mm_cmds = mm["commands"] / matches
+    # commands as nodes send them (scripts, SMEMBERS); those the scripts run inside are CPU
+    mm_cmds = sum(mm["per_command"].get(c, {}).get("calls", 0) for c in ("evalsha", "smembers"))
+    mm_cmds /= matches
     mm_bytes = (mm["bytes_in_per_s"] + mm["bytes_out_per_s"]) * mm["elapsed_s"] / matches
     pub = ops["publish"]["cpu_us_per_round"] / 10
     rows = []
@@ -547,12 +551,12 @@ def model(cost: dict[str, Any]) -> list[dict[str, Any]]:
         formed = players / game.MATCH_SIZE / MATCH_S
         heartbeat = {
             "ops": 4 * nodes,
-            "cpu": nodes * max(_linear(beat, nodes), 0.0),
+            "cpu": nodes * _linear(beat, nodes),
             "bytes": nodes * nodes * NODE_RECORD_BYTES,
         }
         listing_part = {
             "ops": 2 * nodes,
-            "cpu": nodes * max(_linear(listing, nodes), 0.0),
+            "cpu": nodes * _linear(listing, nodes),
             "bytes": nodes * (nodes - 1) * listing_bytes,
         }
         matchmaking = {
