@@ -1,9 +1,11 @@
-"""`python -m bench [--smoke] [--only asobi,shared,reload,patch,snapshot,colyseus,field,cluster]`.
+"""`python -m bench [--smoke] [--only PART,...]`: the suite on loopback.
 
-The server under test runs pinned to one core and this process (the load generator) to the
-other.  `cluster` (matchmaking latency on 1 and 3 nodes over Redis; needs `redis-server` and
-PostgreSQL) runs only when `--only` names it.  Prints a markdown report and writes the figures
-as JSON under bench/results/.
+Parts: asobi, shared, reload, patch, snapshot, colyseus, field (the default run), cluster and
+cluster-cost (only when `--only` names them: matchmaking latency on 1 and 3 nodes over Redis;
+CPU per frame with and without Redis, `--workers 2` against one process, Redis's cost per
+operation; both need `redis-server` and PostgreSQL).  The server under test runs pinned to one
+core and this process (the load generator) to the other.  Prints a markdown report and writes
+the figures as JSON under bench/results/.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from bench.targets import AsobiTarget, ColyseusTarget
 
 RESULTS = Path(__file__).parent / "results"
 PARTS = ("asobi", "shared", "reload", "patch", "snapshot", "colyseus", "field")
-ON_REQUEST = ("cluster",)  # run only when `--only` names them
+ON_REQUEST = ("cluster", "cluster-cost")  # run only when `--only` names them
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
             pairs = 30 if args.smoke else 300
             out["cluster_matchmaking"] = await cluster_matchmaking.run(pairs=pairs)
+        if "cluster-cost" in parts:
+            from bench import cluster_cost  # needs redis-server and PostgreSQL
+
+            out["cluster_cost"] = await cluster_cost.run(smoke=args.smoke, work=work)
     return out
 
 

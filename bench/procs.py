@@ -137,7 +137,9 @@ def spawn_asobi(
     reload: str,
     core: set[int] | None,
     log_path: Path,
+    env: dict[str, str] | None = None,
 ) -> ServerProcess:
+    """`asobi serve` for the bench; `env` adds settings (a cluster node's, for instance)."""
     stats = data_dir / "bench-stats.json"
     server = spawn(
         [
@@ -165,6 +167,7 @@ def spawn_asobi(
             "ASOBI_CONNECT_RATE_PER_IP": "100000",
             "ASOBI_CONNECT_BURST_PER_IP": "100000",
             "ASOBI_MAX_CONNECTIONS": "100000",
+            **(env or {}),
         },
         core=core,
         port_of=_asobi_port,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench import cluster_matchmaking, patch_bytes, snapshot_cost
+from bench import cluster_cost, cluster_matchmaking, patch_bytes, snapshot_cost
 from bench.patch_bytes import Row as PatchRow
 
 TARGET_MATCHES = 1000
@@ -196,6 +196,9 @@ def markdown(out: dict[str, Any]) -> str:
             "",
             *cluster_matchmaking.table(cluster_rows),
         ]
+    if out.get("cluster_cost"):
+        lines += ["", "## Cluster cost (`bench/cluster_cost.py`)", ""]
+        lines += cluster_cost.tables(out["cluster_cost"])
     patches = out.get("patch_bytes") or []
     if patches:
         lines += [

@@ -28,6 +28,7 @@ log = structlog.get_logger("asobi.cluster")
 
 PREFIX = "asobi:"
 ALL = PREFIX + "bus:all"
+POOL_CONNECTIONS = 100  # connections to Redis per node, the pub/sub one included
 T = TypeVar("T")
 Handler = Callable[[dict[str, Any]], Awaitable[None] | None]
 
@@ -49,17 +50,23 @@ class RedisLink:
     """One Redis client (a connection pool) and one pub/sub connection for this node."""
 
     def __init__(self, url: str, node_id: str, *, timeout_s: float = 2.0) -> None:
-        from redis.asyncio import Redis  # the `cluster` extra; checked by App.create
+        from redis.asyncio import BlockingConnectionPool, Redis  # the `cluster` extra
 
         self.url = url
         self.node_id = node_id
         self.timeout_s = timeout_s
-        self.redis: Any = Redis.from_url(
+        # A blocking pool: a burst of calls (hundreds of players connecting at once) waits for a
+        # free connection.  redis-py's default pool raises at its size instead, which `call`
+        # would take for Redis being down, and every queued ticket of the node would be dropped.
+        pool = BlockingConnectionPool.from_url(
             url,
+            max_connections=POOL_CONNECTIONS,
+            timeout=timeout_s,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             health_check_interval=5,
         )
+        self.redis: Any = Redis.from_pool(pool)
         self.up = False
         self._handlers: dict[str, Handler] = {}
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
