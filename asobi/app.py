@@ -242,7 +242,7 @@ def _reach_other_nodes(app: App, cluster: Cluster) -> None:
     """Resume tokens that name their node, seat tokens honoured, `match.list` and `match.join`
     across the cluster (docs/cluster.md, "Reaching a match on another node")."""
     from asobi.cluster.listing import ClusterListing
-    from asobi.cluster.router import ClusterRouter
+    from asobi.cluster.router import ClusterRouter, match_id_prefix
     from asobi.cluster.seats import ClusterSeats
 
     settings = app.settings
@@ -256,6 +256,7 @@ def _reach_other_nodes(app: App, cluster: Cluster) -> None:
     )
     app.listing = listing
     app.router = ClusterRouter(app.engine, listing, cluster.nodes, cluster.seat_tokens)
+    app.engine.match_id_prefix = match_id_prefix(cluster.node_id)
     cluster.on_start(listing.start, listing.stop)
 
 

@@ -77,6 +77,9 @@ class Engine:
         self.outbox = outbox
         self.config = config or EngineConfig()
         self.clock = clock
+        # Put in front of every new match id: a cluster node's id, so any node can tell from a
+        # match id alone which node started it.
+        self.match_id_prefix = ""
         self.matches: dict[str, Match] = {}
         self.player_match: dict[str, str] = {}
         self.listeners: list[EngineListener] = []
@@ -119,7 +122,7 @@ class Engine:
         a matchmaking ticket completes a group (one start per ticket at most) or a backfill
         join, each within those budgets.
         """
-        match_id = uuid.uuid4().hex
+        match_id = self.match_id_prefix + uuid.uuid4().hex
         try:
             match = Match(self, match_id, mode, script, players)
             refused = match.start()
