@@ -1,5 +1,5 @@
-"""The `asobi` command: new, serve, token, check, reloads, reload, nodes, push (argument parsing
-and output)."""
+"""The `asobi` command: new, serve, token, check, reloads, reload, nodes, push, drain (argument
+parsing and output)."""
 
 from __future__ import annotations
 
@@ -424,6 +424,47 @@ def _push(url: str, token: str, files: dict[str, bytes], digest: str) -> dict[st
         return dict(answer["record"])
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Move every match of a node to the other nodes of its cluster (docs/durability.md)."""
+    from websockets.sync.client import connect
+
+    settings = Settings.from_env()
+    if not settings.admin_token:
+        print("asobi drain: set ASOBI_ADMIN_TOKEN (the same value as the nodes')", file=sys.stderr)
+        return 2
+    http = urllib.parse.urlsplit(_server_url(args))
+    url = f"{'wss' if http.scheme == 'https' else 'ws'}://{http.netloc}/ws"
+    try:
+        with connect(url, open_timeout=10, close_timeout=2) as ws:
+            answer: dict[str, Any] = {}
+            for kind, payload, want in (
+                ("admin.auth", {"token": settings.admin_token}, "admin.authed"),
+                ("admin.drain", {}, "admin.drained"),
+            ):
+                ws.send(orjson.dumps({"type": kind, "payload": payload, "cid": kind}).decode())
+                while True:
+                    frame = orjson.loads(ws.recv(timeout=PUSH_TIMEOUT_S))
+                    if frame.get("type") == "error":
+                        error = frame.get("payload") or {}
+                        print(
+                            f"asobi drain: {error.get('code')}: {error.get('message')}",
+                            file=sys.stderr,
+                        )
+                        return 2
+                    if frame.get("type") == want:
+                        answer = dict(frame.get("payload") or {})
+                        break
+    except (OSError, TimeoutError) as exc:
+        print(f"asobi drain: cannot reach {url}: {exc}", file=sys.stderr)
+        return 2
+    nodes = ", ".join(answer.get("nodes") or []) or "-"
+    print(
+        f"moved {answer.get('moved', 0)} matches to {nodes} in {answer.get('elapsed_ms', 0)} ms; "
+        f"kept {answer.get('kept', 0)}" + (f" ({answer['reason']})" if answer.get("reason") else "")
+    )
+    return 0 if not answer.get("kept") else 1
+
+
 DESCRIPTION = """\
 asobi runs multiplayer matches scripted in Lua. Put match.lua in a folder, start the server on
 it, and players connect over WebSocket; edit the script while matches run and they pick it up.
@@ -533,6 +574,15 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("game_dir", nargs="?", type=Path, help="scripts (default ASOBI_GAME_DIR)")
     push.add_argument("--url", help="a node's base URL (default from ASOBI_HOST/ASOBI_PORT)")
     push.set_defaults(func=cmd_push)
+
+    drain = sub.add_parser(
+        "drain",
+        help="move every match of a cluster node to the other nodes (needs ASOBI_ADMIN_TOKEN)",
+        description="Move every match running on a node to the other live nodes of its "
+        "cluster: players follow their match with no tick lost. Exit 1 when a match stayed.",
+    )
+    drain.add_argument("--url", help="the node's base URL (default from ASOBI_HOST/ASOBI_PORT)")
+    drain.set_defaults(func=cmd_drain)
     return parser
 
 
