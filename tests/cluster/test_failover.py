@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 from typing import Any
+
+import pytest
 
 from tests.cluster.test_matchmaking import guest, matched, queue
 from tests.cluster_support import Cluster, Node, needs_cluster
@@ -86,17 +89,20 @@ def _granted_ticks(reasons: list[str]) -> list[int]:
     return [int(r[1:]) for r in reasons if r.startswith("t")]
 
 
+@pytest.mark.parametrize("how", ["asobi drain", "SIGTERM"])
 async def test_drain_moves_a_two_player_match_with_no_tick_skipped_or_repeated(
-    cluster: Cluster,
+    cluster: Cluster, how: str
 ) -> None:
     a = await cluster.start_node({"match.lua": GRANTING}, env=ENV)
     b = await cluster.start_node({"match.lua": GRANTING}, env=ENV)
     await cluster.wait_nodes(a, {a.node_id, b.node_id})
     players, match_id = await _pair(a)
-    for client, _ in players:
-        await client.states(5)
+    seen = [[s["counter"] for s in await client.states(5)] for client, _ in players]
 
-    drained = asyncio.create_task(asyncio.to_thread(_drain, a))
+    if how == "SIGTERM":
+        a.process.send_signal(signal.SIGTERM)
+    else:
+        drained = asyncio.create_task(asyncio.to_thread(_drain, a))
     before: list[list[int]] = []
     resumed: list[Client] = []
     for n, (client, token) in enumerate(players):
@@ -105,15 +111,18 @@ async def test_drain_moves_a_two_player_match_with_no_tick_skipped_or_repeated(
             await asyncio.sleep(0.3)  # a slow client: the match waits for it, up to 2 s
         assert moved["match_id"] == match_id
         assert (moved["node_id"], moved["node_url"]) == (b.node_id, b.url)
-        before.append(counters)
+        before.append(seen[n] + counters)
         again, connected = await _resume(b, token, seat_token=moved["seat_token"])
         assert connected["resumed"] is True
         rejoined = await again.expect("match.rejoined")
         assert rejoined["payload"]["match_id"] == match_id
         resumed.append(again)
-    done = await drained
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert f"moved 1 matches to {b.node_id}" in done.stdout
+    if how == "SIGTERM":
+        await asyncio.to_thread(a.process.wait, 20)
+    else:
+        done = await drained
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"moved 1 matches to {b.node_id}" in done.stdout
 
     stopped_at = (await a.wait_event("match_moved", match_id=match_id))["tick"]
     for counters, again in zip(before, resumed, strict=True):
