@@ -1,9 +1,10 @@
-"""`python -m bench [--smoke] [--only asobi,reload,patch,snapshot,colyseus,cluster]`: on loopback.
+"""`python -m bench [--smoke] [--only asobi,reload,patch,snapshot,colyseus,cluster,drain]`: on
+loopback.
 
 The server under test runs pinned to one core and this process (the load generator) to the
-other.  `cluster` (matchmaking latency on 1 and 3 nodes over Redis; needs `redis-server` and
-PostgreSQL) runs only when `--only` names it.  Prints a markdown report and writes the figures
-as JSON under bench/results/.
+other.  `cluster` (matchmaking latency on 1 and 3 nodes over Redis) and `drain` (100 matches
+moved off a node) need `redis-server` and PostgreSQL, and run only when `--only` names them.
+Prints a markdown report and writes the figures as JSON under bench/results/.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from bench.targets import AsobiTarget, ColyseusTarget
 
 RESULTS = Path(__file__).parent / "results"
 PARTS = ("asobi", "shared", "reload", "patch", "snapshot", "colyseus")
-ON_REQUEST = ("cluster",)  # run only when `--only` names them
+ON_REQUEST = ("cluster", "drain")  # run only when `--only` names them
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
             pairs = 30 if args.smoke else 300
             out["cluster_matchmaking"] = await cluster_matchmaking.run(pairs=pairs)
+        if "drain" in parts:
+            from bench import drain_bench  # needs redis-server and PostgreSQL
+
+            out["drain"] = await drain_bench.run((10,) if args.smoke else (100,))
     return out
 
 

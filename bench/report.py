@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench import cluster_matchmaking, patch_bytes, snapshot_cost
+from bench import cluster_matchmaking, drain_bench, patch_bytes, snapshot_cost
 from bench.patch_bytes import Row as PatchRow
 
 TARGET_MATCHES = 1000
@@ -194,6 +194,14 @@ def markdown(out: dict[str, Any]) -> str:
             "## Cluster matchmaking: add -> matched (`bench/cluster_matchmaking.py`)",
             "",
             *cluster_matchmaking.table(cluster_rows),
+        ]
+    drain_rows = out.get("drain") or []
+    if drain_rows:
+        lines += [
+            "",
+            "## Drain: matches moved off a node (`bench/drain_bench.py`)",
+            "",
+            *drain_bench.table(drain_rows),
         ]
     patches = out.get("patch_bytes") or []
     if patches:

@@ -32,6 +32,7 @@ import structlog
 from asobi.cluster.failover import Failover, deal
 from asobi.cluster.journal import RedisJournal
 from asobi.cluster.link import Unavailable
+from asobi.journal import Snapshot
 from asobi.match import Match
 from asobi.protocol import encode
 
@@ -172,7 +173,7 @@ class Drainer:
 
     async def _write_out(self) -> None:
         """The snapshots into Redis, the matches' queued writes into the database."""
-        waits = [self.journal.flush()]
+        waits = [self.journal.flush_now()]
         if self.app.store is not None:
             waits.append(self.app.store.flush())
         with contextlib.suppress(TimeoutError):
@@ -229,28 +230,26 @@ class Drainer:
     async def _on_take(self, message: dict[str, Any]) -> None:
         giver = str(message.get("from"))
         entries = message.get("matches")
-        taken: list[str] = []
-        waiting: list[tuple[Match, list[str]]] = []
+        arriving: dict[str, list[str]] = {}
         for entry in entries if isinstance(entries, list) else []:
-            try:
-                match_id, connected = str(entry[0]), [str(p) for p in entry[1]]
-            except (IndexError, TypeError):
-                continue
-            snapshot = await self.journal.claim(match_id, giver)
-            if snapshot is None:
-                continue
+            with contextlib.suppress(IndexError, TypeError):
+                arriving[str(entry[0])] = [str(p) for p in entry[1]]
+        claimed = await self.journal.claim_many(list(arriving), giver)
+        taken: list[Snapshot] = []
+        waiting: list[tuple[Match, list[str]]] = []
+        for match_id, snapshot in claimed.items():
             match = self.failover.restore(snapshot, None, giver, schedule=False, notify=False)
             if match is None:
                 continue
-            taken.append(match_id)
-            waiting.append((match, connected))
+            taken.append(snapshot)
+            waiting.append((match, arriving[match_id]))
             log.info("match_taken", match_id=match_id, from_node=giver, tick=snapshot.tick)
-            await self.failover.announce(snapshot)
-        await self.cluster.link.reply(message, {"taken": taken})
+        await self.cluster.link.reply(message, {"taken": [s.match_id for s in taken]})
         if waiting:
             task = asyncio.get_running_loop().create_task(self._start_when_arrived(waiting))
             self._waits.add(task)
             task.add_done_callback(self._waits.discard)
+        await self.failover.announce(taken)
 
     async def _start_when_arrived(self, waiting: list[tuple[Match, list[str]]]) -> None:
         """Start each match's clock once its players sent over are connected here (or after

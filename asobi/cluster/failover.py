@@ -105,19 +105,16 @@ class Failover:
         return adopted
 
     async def adopt_all(self, from_node: str, match_ids: list[str]) -> int:
+        match_ids = [m for m in match_ids if m not in self.app.engine.matches]
         if not match_ids:
             return 0
         marks = await self.app.store.match_marks() if self.app.store is not None else {}
-        count = 0
-        for match_id in match_ids:
-            if match_id in self.app.engine.matches:
-                continue
-            snapshot = await self.journal.claim(match_id, from_node)
-            if snapshot is None:
-                continue  # another node was first
+        claimed = await self.journal.claim_many(match_ids, from_node)  # the others: taken
+        adopted = []
+        for match_id, snapshot in claimed.items():
             match = self.restore(snapshot, marks.get(match_id), from_node)
             if match is not None:
-                count += 1
+                adopted.append(snapshot)
                 log.info(
                     "match_adopted",
                     match_id=match_id,
@@ -126,8 +123,8 @@ class Failover:
                     tick=snapshot.tick,
                     players=list(match.players),
                 )
-                await self.announce(snapshot)
-        return count
+        await self.announce(adopted)
+        return len(adopted)
 
     def restore(
         self,
@@ -154,16 +151,16 @@ class Failover:
             self.journal.forget(snapshot.match_id)
             return None
 
-    async def announce(self, snapshot: Snapshot) -> None:
-        """Tell every node that the snapshot's resume tokens lead here now."""
-        tokens = [token for _, token in snapshot.seats if token]
+    async def announce(self, snapshots: list[Snapshot]) -> None:
+        """Tell every node that these snapshots' resume tokens lead here now."""
+        tokens = [token for s in snapshots for _, token in s.seats if token]
         if not tokens:
             return
         self.seats.follow(self.node_id, tokens)
         try:
             await self.cluster.link.broadcast(FOLLOW, {"node": self.node_id, "tokens": tokens})
         except Unavailable as exc:
-            log.warning("seats_follow_unsent", match_id=snapshot.match_id, error=str(exc))
+            log.warning("seats_follow_unsent", matches=len(snapshots), error=str(exc))
 
     def _on_follow(self, message: dict[str, Any]) -> None:
         node, tokens = message.get("node"), message.get("tokens")

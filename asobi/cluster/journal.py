@@ -68,6 +68,7 @@ class RedisJournal:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._hurry = False
         self._claim: Any = link.redis.register_script(CLAIM)
         self.written = 0
         self.bytes_written = 0
@@ -104,6 +105,15 @@ class RedisJournal:
     async def flush(self) -> None:
         await self._idle.wait()
 
+    async def flush_now(self) -> None:
+        """`flush` without the writer's gathering delay (a drain waits on it)."""
+        self._hurry = True
+        self._wake.set()
+        try:
+            await self._idle.wait()
+        finally:
+            self._hurry = False
+
     async def latest(self, match_id: str) -> Snapshot | None:
         redis = self.link.redis
         values = await self.link.call("read a snapshot", redis.hmget(match_key(match_id), FIELDS))
@@ -134,14 +144,26 @@ class RedisJournal:
     async def claim(self, match_id: str, from_node: str) -> Snapshot | None:
         """Make this node the one running `match_id`, if `from_node` still is; its snapshot, or
         None when another node claimed it first (or it ended)."""
-        values = await self.link.call(
-            "claim a match",
-            self._claim(
-                keys=[match_key(match_id), node_key(from_node), node_key(self.node_id)],
-                args=[match_id, from_node, self.node_id],
-            ),
-        )
-        return _snapshot(match_id, values) if values else None
+        return (await self.claim_many([match_id], from_node)).get(match_id)
+
+    async def claim_many(self, match_ids: list[str], from_node: str) -> dict[str, Snapshot]:
+        """`claim` for many matches in one round trip: the snapshots of those claimed."""
+        if not match_ids:
+            return {}
+        async with self.link.redis.pipeline(transaction=False) as pipe:
+            for match_id in match_ids:
+                await self._claim(  # queued on the pipeline (sent by `execute`)
+                    keys=[match_key(match_id), node_key(from_node), node_key(self.node_id)],
+                    args=[match_id, from_node, self.node_id],
+                    client=pipe,
+                )
+            replies = await self.link.call("claim matches", pipe.execute())
+        out = {}
+        for match_id, values in zip(match_ids, replies, strict=True):
+            snapshot = _snapshot(match_id, values) if values else None
+            if snapshot is not None:
+                out[match_id] = snapshot
+        return out
 
     # -- writer -----------------------------------------------------------------------------------
     async def _writer(self) -> None:
@@ -153,7 +175,7 @@ class RedisJournal:
                     return
                 self._wake.clear()
                 await self._wake.wait()
-                if not self._closing:
+                if not (self._closing or self._hurry):
                     await asyncio.sleep(self.coalesce_s)
                 continue
             notes, self._notes = self._notes, {}
