@@ -45,6 +45,7 @@ log = structlog.get_logger("asobi.cluster.drain")
 TAKE = "drain.take"
 REQUEST_S = 10.0
 FLUSH_S = 5.0
+BATCH = 10  # matches per `drain.take` request
 
 
 @dataclass
@@ -145,13 +146,13 @@ class Drainer:
         shares: dict[str, list[str]] = {}
         for match_id, node in plan.items():
             shares.setdefault(node, []).append(match_id)
-        answers = await asyncio.gather(
-            *(self._hand(node, ids, moving) for node, ids in shares.items())
-        )
-        for node, taken in zip(shares, answers, strict=True):
-            for match_id in taken:
-                result.moved[match_id] = node
-                self._tell_moved(moving[match_id], node)
+        # In batches: the players of the first batch move while the node restores the next.
+        batches = [
+            (node, ids[i : i + BATCH])
+            for node, ids in shares.items()
+            for i in range(0, len(ids), BATCH)
+        ]
+        await asyncio.gather(*(self._hand(node, ids, moving, result) for node, ids in batches))
         for match_id, entry in moving.items():
             if match_id not in result.moved and await self._keep(entry.match):
                 result.kept.append(match_id)
@@ -179,8 +180,10 @@ class Drainer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*waits), FLUSH_S)
 
-    async def _hand(self, node: str, match_ids: list[str], moving: dict[str, Moving]) -> list[str]:
-        """Ask `node` to take these matches; the ids it took."""
+    async def _hand(
+        self, node: str, match_ids: list[str], moving: dict[str, Moving], result: DrainResult
+    ) -> None:
+        """Ask `node` to take these matches; tell the players of those it took."""
         payload = {
             "from": self.node_id,
             "matches": [[m, moving[m].connected] for m in match_ids],
@@ -189,9 +192,12 @@ class Drainer:
             reply = await self.cluster.link.request(node, TAKE, payload, timeout_s=REQUEST_S)
         except Unavailable as exc:
             log.warning("drain_node_unanswered", node=node, matches=len(match_ids), error=str(exc))
-            return []
+            return
         taken = reply.get("taken")
-        return [m for m in taken if m in moving] if isinstance(taken, list) else []
+        for match_id in taken if isinstance(taken, list) else []:
+            if match_id in moving and match_id not in result.moved:
+                result.moved[match_id] = node
+                self._tell_moved(moving[match_id], node)
 
     def _tell_moved(self, entry: Moving, node: str) -> None:
         url = self.cluster.nodes.url_of(node)
