@@ -221,3 +221,30 @@ async def _connect_or_redirect(node: Node, token: str, resume: str) -> tuple[Cli
     await client.send("session.connect", {"token": token, "resume_token": resume})
     frame = await client.expect("session.redirect")
     return client, frame["payload"]
+
+
+async def test_a_node_starting_adopts_the_matches_of_a_node_that_died_alone(
+    cluster: Cluster,
+) -> None:
+    """Nobody saw A die (it ran alone): B, starting, finds A in the heartbeat index without a
+    heartbeat (`node_gone` at its first beat) and adopts its matches."""
+    a = await cluster.start_node({"match.lua": GRANTING}, env=ENV)
+    players, match_id = await _pair(a)
+    (client, token), _ = players
+    await client.send("session.connect", {"token": token})
+    resume = (await client.expect("session.connected"))["payload"]["resume_token"]
+    await client.states(20)  # a snapshot holding that token is in Redis
+    a.kill9()
+    await asyncio.sleep(5.5)  # A's heartbeat expired: B never sees it alive
+
+    b = await cluster.start_node({"match.lua": GRANTING}, env=ENV)
+    adopted = await b.wait_event("match_adopted", match_id=match_id)
+    assert adopted["from_node"] == a.node_id
+    again, connected = await _resume(b, token, resume_token=resume)
+    assert connected["resumed"] is True
+    notice = (await again.expect("match.restored"))["payload"]
+    assert notice["match_id"] == match_id and notice["tick"] == adopted["tick"]
+    await again.expect("match.rejoined")
+    counters = [s["counter"] for s in await again.states(5)]
+    assert counters[0] > adopted["tick"]
+    assert counters == list(range(counters[0], counters[0] + 5))
