@@ -238,7 +238,7 @@ def _outlive_nodes(app: App, cluster: Cluster) -> None:
     assert isinstance(app.presence, ClusterSeats)
     failover = Failover(app, cluster, journal, app.presence)
     app.drainer = Drainer(app, cluster, journal, failover)
-    cluster.on_start(_nothing, failover.stop)
+    cluster.on_start(failover.start, failover.stop)
     cluster.on_start(_nothing, app.drainer.stop)
 
 

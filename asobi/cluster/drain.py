@@ -154,7 +154,7 @@ class Drainer:
         ]
         await asyncio.gather(*(self._hand(node, ids, moving, result) for node, ids in batches))
         for match_id, entry in moving.items():
-            if match_id not in result.moved and await self._keep(entry.match):
+            if match_id not in result.moved and await self._keep(entry):
                 result.kept.append(match_id)
             entry.match.close()
 
@@ -220,17 +220,25 @@ class Drainer:
             players=list(match.players),
         )
 
-    async def _keep(self, match: Match) -> bool:
+    async def _keep(self, entry: Moving) -> bool:
         """No node took the match: run it here again from the same snapshot, if it is still
         this node's in the journal."""
+        match_id = entry.match.id
         try:
-            snapshot = await self.journal.claim(match.id, self.node_id)
+            snapshot = await self.journal.claim(match_id, self.node_id)
         except Unavailable:
             snapshot = None
         if snapshot is None:
-            log.warning("drain_match_lost", match_id=match.id, node=self.node_id)
+            log.warning("drain_match_lost", match_id=match_id, node=self.node_id)
             return False
-        return self.failover.restore(snapshot, None, self.node_id, notify=False) is not None
+        if self.failover.restore(snapshot, None, self.node_id, notify=False) is None:
+            return False
+        for pid in entry.connected:
+            # Still connected here: their seat is theirs, not held for a reconnect.
+            self.app.presence.reclaim(pid)
+            self.app.engine.resync(pid)
+        log.info("drain_match_kept", match_id=match_id, tick=snapshot.tick)
+        return True
 
     # -- the taking node --------------------------------------------------------------------------
     async def _on_take(self, message: dict[str, Any]) -> None:

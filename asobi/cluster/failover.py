@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from asobi.cluster.journal import RedisJournal
+from asobi.cluster.journal import RedisJournal, node_key
 from asobi.cluster.link import Unavailable
 from asobi.cluster.seats import ClusterSeats
 from asobi.journal import Snapshot
@@ -68,6 +68,26 @@ class Failover:
         self._tasks: set[asyncio.Task[None]] = set()
         cluster.nodes.on_gone(self._gone)
         cluster.link.on(FOLLOW, self._on_follow)
+
+    async def start(self) -> None:
+        """Adopt the matches of nodes that left no trace in the heartbeat index: a node that
+        stopped cleanly while it ran alone removed its record, its snapshots stayed (a node
+        restarted under another id, e.g. the default hostname-pid, would never see them)."""
+        task = asyncio.get_running_loop().create_task(self._sweep_orphans())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _sweep_orphans(self) -> None:
+        prefix = node_key("")
+        try:
+            keys = [k async for k in self.cluster.link.redis.scan_iter(match=prefix + "*")]
+        except Exception as exc:  # Redis away: the next node_gone or start tries again
+            log.warning("failover_sweep_failed", error=str(exc)[:200])
+            return
+        for raw in keys:
+            node = (raw.decode() if isinstance(raw, bytes) else str(raw))[len(prefix) :]
+            if node and node != self.node_id and not self.cluster.nodes.alive(node):
+                await self.take_over(node)
 
     async def stop(self) -> None:
         for task in list(self._tasks):

@@ -223,19 +223,25 @@ async def _connect_or_redirect(node: Node, token: str, resume: str) -> tuple[Cli
     return client, frame["payload"]
 
 
-async def test_a_node_starting_adopts_the_matches_of_a_node_that_died_alone(
-    cluster: Cluster,
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+async def test_a_node_starting_adopts_the_matches_of_a_node_that_ran_alone(
+    cluster: Cluster, how: str
 ) -> None:
-    """Nobody saw A die (it ran alone): B, starting, finds A in the heartbeat index without a
-    heartbeat (`node_gone` at its first beat) and adopts its matches."""
+    """Nobody saw A go (it ran alone).  Killed, it is still in the heartbeat index without a
+    heartbeat: B's first beat reports it gone.  Stopped (no node to drain to: its matches stay
+    in the journal), it left the index: B finds its journal when it starts."""
     a = await cluster.start_node({"match.lua": GRANTING}, env=ENV)
     players, match_id = await _pair(a)
     (client, token), _ = players
     await client.send("session.connect", {"token": token})
     resume = (await client.expect("session.connected"))["payload"]["resume_token"]
     await client.states(20)  # a snapshot holding that token is in Redis
-    a.kill9()
-    await asyncio.sleep(5.5)  # A's heartbeat expired: B never sees it alive
+    if how == "SIGTERM":
+        await a.stop()
+        assert a.events("drain_refused")[0]["reason"] == "no other live node"
+    else:
+        a.kill9()
+        await asyncio.sleep(5.5)  # A's heartbeat expired: B never sees it alive
 
     b = await cluster.start_node({"match.lua": GRANTING}, env=ENV)
     adopted = await b.wait_event("match_adopted", match_id=match_id)
@@ -248,3 +254,6 @@ async def test_a_node_starting_adopts_the_matches_of_a_node_that_died_alone(
     counters = [s["counter"] for s in await again.states(5)]
     assert counters[0] > adopted["tick"]
     assert counters == list(range(counters[0], counters[0] + 5))
+    if how == "SIGTERM":  # a clean stop snapshotted every match: nothing lost
+        assert notice["lost_ticks"] == 0
+        assert not b.events("node_gone")
