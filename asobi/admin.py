@@ -29,6 +29,7 @@ import structlog
 from asobi import admin_feed, merge_patch
 from asobi.app import App
 from asobi.cluster.bundles import BadBundle, Bundle, BundleUpload
+from asobi.cluster.drain import Drainer
 from asobi.cluster.link import Unavailable
 from asobi.engine import Engine
 from asobi.hub import Peer
@@ -182,6 +183,7 @@ class AdminChannel:
             "admin.queues": self._queues,
             "admin.push": self._push_begin,
             "admin.push_data": self._push_data,
+            "admin.drain": self._drain,
         }
         out: dict[str, Callable[[Frame], None]] = {"admin.auth": self._auth}
         for kind, handler in guarded.items():
@@ -545,6 +547,30 @@ class AdminChannel:
             return
         log.info("admin_push", record=record["id"], bundle=bundle.hash, remote=self.remote)
         self._reply(frame, "admin.pushed", {"record": record})
+
+    # -- drain (`asobi drain`, docs/durability.md) -----------------------------------------------
+    def _drain(self, frame: Frame) -> None:
+        """Move every match of this node to the other nodes; answered by `admin.drained`."""
+        drainer = self.app.drainer
+        if drainer is None:
+            raise ProtocolError(
+                ErrorCode.UNAVAILABLE,
+                "asobi drain needs a node of a cluster (ASOBI_REDIS_URL) with its journal on",
+                frame.cid,
+            )
+        task = asyncio.get_running_loop().create_task(self._run_drain(frame, drainer))
+        self._reload_tasks.add(task)
+        task.add_done_callback(self._reload_tasks.discard)
+
+    async def _run_drain(self, frame: Frame, drainer: Drainer) -> None:
+        try:
+            result = await drainer.drain()
+        except Exception:
+            log.exception("admin_drain_failed", remote=self.remote)
+            self.peer.send_frame(encode_error(ErrorCode.INTERNAL, "drain crashed", frame.cid))
+            return
+        log.info("admin_drain", remote=self.remote, **result.as_dict())
+        self._reply(frame, "admin.drained", result.as_dict())
 
 
 def _summary(match: Match) -> dict[str, Any]:

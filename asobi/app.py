@@ -33,6 +33,7 @@ from asobi.store import Store, open_backend
 
 if TYPE_CHECKING:
     from asobi.cluster import Cluster
+    from asobi.cluster.drain import Drainer
     from asobi.cluster.reloads import ClusterReloader
 
 log = structlog.get_logger("asobi.app")
@@ -62,6 +63,8 @@ class App:
     cluster_reloader: ClusterReloader | None = field(default=None)
     # Matches' latest snapshots (docs/durability.md); None with ASOBI_SNAPSHOT_TICKS < 0.
     journal: Journal | None = field(default=None)
+    # Moves this node's matches to other nodes (`asobi drain`, SIGTERM); None on a single node.
+    drainer: Drainer | None = field(default=None)
 
     @classmethod
     def create(cls, settings: Settings) -> App:
@@ -152,6 +155,7 @@ class App:
             )
             engine.listeners.append(engine.snapshots)
         engine.snapshots.journal = journal
+        engine.snapshots.resume_token = self.presence.token_of  # a cluster swaps the seats
 
     def unplayable(self) -> str | None:
         """Why no match can start (no script in force), or None.  `/ready` says it."""
@@ -203,10 +207,6 @@ def join_cluster(app: App, secret: str) -> Cluster:
     from asobi.cluster.node import check_settings
 
     check_settings(app.settings)
-    # The store's database is shared by every node: a node starting would restore its live
-    # neighbours' matches from it.  A node keeps no snapshots until the cluster has a journal
-    # of its own (`app.use_journal`).
-    app.use_journal(None)
 
     def load() -> dict[str, float]:
         recent = list(app.metrics.recent_lateness)[-2000:]
@@ -224,7 +224,34 @@ def join_cluster(app: App, secret: str) -> Cluster:
     _reach_other_nodes(app, cluster)
     _match_across(app, cluster)
     _share_data(app, cluster)
+    _outlive_nodes(app, cluster)
     return cluster
+
+
+def _outlive_nodes(app: App, cluster: Cluster) -> None:
+    """Snapshots in Redis, marked with their node (the store's database is shared: a node
+    starting must not restore its live neighbours' matches from it); a dead node's matches
+    adopted by the others, a draining node's handed over (docs/durability.md, "In a
+    cluster")."""
+    if app.settings.snapshot_ticks < 0:
+        app.use_journal(None)
+        return
+    from asobi.cluster.drain import Drainer
+    from asobi.cluster.failover import Failover
+    from asobi.cluster.journal import RedisJournal
+    from asobi.cluster.seats import ClusterSeats
+
+    journal = RedisJournal(cluster.link)
+    app.use_journal(journal)
+    assert isinstance(app.presence, ClusterSeats)
+    failover = Failover(app, cluster, journal, app.presence)
+    app.drainer = Drainer(app, cluster, journal, failover)
+    cluster.on_start(failover.start, failover.stop)
+    cluster.on_start(_nothing, app.drainer.stop)
+
+
+async def _nothing() -> None:
+    """A part with nothing to start (its bus handlers are registered when it is built)."""
 
 
 def _reload_across(app: App, cluster: Cluster) -> None:

@@ -1,5 +1,5 @@
-"""The `asobi` command: new, serve, token, check, reloads, reload, nodes, push, replay (argument
-parsing and output)."""
+"""The `asobi` command: new, serve, token, check, reloads, reload, nodes, push, drain, replay
+(argument parsing and output)."""
 
 from __future__ import annotations
 
@@ -232,6 +232,37 @@ def _print_reloads(records: list[dict[str, Any]]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
+def _print_push(record: dict[str, Any]) -> None:
+    """A cluster reload record: the push, then one line per node and script."""
+    when = time.strftime("%H:%M:%S", time.localtime(record.get("started_at", 0)))
+    files = record.get("files") or []
+    print(
+        f"push {record['id']}  {when}  {record['outcome']}  bundle {record['bundle'][:12]}  "
+        f"{len(files)} script{'' if len(files) == 1 else 's'}, {record.get('bytes', 0)} bytes  "
+        f"from {record.get('pushed_by')}"
+    )
+    rows = []
+    for answer in record.get("answers") or []:
+        node = answer["node_id"] + (" (late)" if answer.get("late") else "")
+        if answer.get("error"):
+            rows.append((node, "-", answer["outcome"], "", answer["error"]))
+        for script in answer.get("scripts") or []:
+            errors = "; ".join(script.get("errors") or [])
+            matches = f"{script['switched']}/{script['matches']}" if "matches" in script else ""
+            rows.append((node, script["script"], script["outcome"], matches, errors))
+        rows.extend((node, "-", "write failed", "", e) for e in answer.get("write_errors") or [])
+    answered = {a["node_id"] for a in record.get("answers") or []}
+    for node in record.get("nodes") or []:
+        if node not in answered:
+            why = "left the cluster" if node in (record.get("gone") or []) else "no answer"
+            rows.append((node, "-", why, "", ""))
+    columns = ("node", "script", "outcome", "switched", "errors")
+    widths = [max([len(c), *(len(row[i]) for row in rows)]) for i, c in enumerate(columns)]
+    print("  " + "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in rows:
+        print("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
 def _reload_records(
     command: str, url: str, headers: dict[str, str] | None = None
 ) -> list[dict[str, Any]] | None:
@@ -267,29 +298,6 @@ def cmd_reloads(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_nodes(args: argparse.Namespace) -> int:
-    url = _server_url(args) + "/api/v1/cluster"
-    try:
-        status, body = _get_json(url)
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"asobi nodes: cannot reach {url}: {exc}", file=sys.stderr)
-        return 1
-    if status != 200 or not isinstance(body, dict):
-        print(f"asobi nodes: {url} answered {status}", file=sys.stderr)
-        return 1
-    nodes = body.get("nodes") or []
-    if not body.get("cluster"):
-        print("single node (no ASOBI_REDIS_URL)")
-    print(f"{'NODE':<28} {'URL':<36} {'MATCHES':>7} {'PLAYERS':>7} {'P99 MS':>7} {'CPU':>5}")
-    for node in nodes:
-        print(
-            f"{str(node.get('node_id'))[:28]:<28} {str(node.get('public_url'))[:36]:<36} "
-            f"{node.get('matches', 0):>7} {node.get('players', 0):>7} "
-            f"{node.get('lateness_p99_ms', 0):>7} {node.get('cpu', 0):>5}"
-        )
-    return 0
-
-
 def cmd_reload(args: argparse.Namespace) -> int:
     token = Settings.from_env().admin_token
     if not token:
@@ -308,120 +316,6 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return 0
     _print_reloads(records)
     return 1 if any(r["outcome"] != "reloaded" for r in records) else 0
-
-
-def _print_push(record: dict[str, Any]) -> None:
-    """A cluster reload record: the push, then one line per node and script."""
-    when = time.strftime("%H:%M:%S", time.localtime(record.get("started_at", 0)))
-    files = record.get("files") or []
-    print(
-        f"push {record['id']}  {when}  {record['outcome']}  bundle {record['bundle'][:12]}  "
-        f"{len(files)} script{'' if len(files) == 1 else 's'}, {record.get('bytes', 0)} bytes  "
-        f"from {record.get('pushed_by')}"
-    )
-    rows = []
-    for answer in record.get("answers") or []:
-        node = answer["node_id"] + (" (late)" if answer.get("late") else "")
-        if answer.get("error"):
-            rows.append((node, "-", answer["outcome"], "", answer["error"]))
-        for script in answer.get("scripts") or []:
-            errors = "; ".join(script.get("errors") or [])
-            matches = f"{script['switched']}/{script['matches']}" if "matches" in script else ""
-            rows.append((node, script["script"], script["outcome"], matches, errors))
-        rows.extend((node, "-", "write failed", "", e) for e in answer.get("write_errors") or [])
-    answered = {a["node_id"] for a in record.get("answers") or []}
-    for node in record.get("nodes") or []:
-        if node not in answered:
-            why = "left the cluster" if node in (record.get("gone") or []) else "no answer"
-            rows.append((node, "-", why, "", ""))
-    columns = ("node", "script", "outcome", "switched", "errors")
-    widths = [max([len(c), *(len(row[i]) for row in rows)]) for i, c in enumerate(columns)]
-    print("  " + "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
-    for row in rows:
-        print("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-
-
-PUSH_TIMEOUT_S = 60.0
-
-
-def cmd_push(args: argparse.Namespace) -> int:
-    from asobi.cluster.bundles import BadBundle, bundle_hash, read_game_dir
-
-    settings = Settings.from_env()
-    if not settings.admin_token:
-        print("asobi push: set ASOBI_ADMIN_TOKEN (the same value as the nodes')", file=sys.stderr)
-        return 2
-    game_dir: Path = args.game_dir or settings.game_dir
-    if not game_dir.is_dir():
-        print(f"asobi push: {game_dir} is not a directory", file=sys.stderr)
-        return 2
-    try:
-        files = read_game_dir(game_dir, settings.max_script_bytes)
-    except BadBundle as exc:
-        print(f"asobi push: {exc}", file=sys.stderr)
-        return 2
-    if not files:
-        print(f"asobi push: no scripts in {game_dir}", file=sys.stderr)
-        return 2
-    http = urllib.parse.urlsplit(_server_url(args))
-    url = f"{'wss' if http.scheme == 'https' else 'ws'}://{http.netloc}/ws"
-    try:
-        record = _push(url, settings.admin_token, files, bundle_hash(files))
-    except (OSError, TimeoutError) as exc:
-        print(f"asobi push: cannot reach {url}: {exc}", file=sys.stderr)
-        return 2
-    except PushRefused as exc:
-        print(f"asobi push: {exc}", file=sys.stderr)
-        return 2
-    _print_push(record)
-    return 0 if record["outcome"] == "reloaded" else 1
-
-
-class PushRefused(Exception):
-    """The node answered a push frame with an error; the message is its words."""
-
-
-def _push(url: str, token: str, files: dict[str, bytes], digest: str) -> dict[str, Any]:
-    """Send a bundle over the admin channel: announce it, send its bytes in the chunks the node
-    asks for (one at a time, each acknowledged; a chunk refused by the rate limit is sent
-    again), then wait for the record."""
-    import base64
-
-    from websockets.sync.client import connect
-
-    with connect(url, open_timeout=10, close_timeout=2) as ws:
-
-        def call(kind: str, payload: dict[str, Any], want: tuple[str, ...]) -> dict[str, Any]:
-            frame_text = orjson.dumps({"type": kind, "payload": payload, "cid": kind}).decode()
-            ws.send(frame_text)
-            deadline = time.monotonic() + PUSH_TIMEOUT_S
-            while True:
-                frame = orjson.loads(ws.recv(timeout=max(deadline - time.monotonic(), 0.01)))
-                if frame.get("type") in want:
-                    return dict(frame["payload"])
-                if frame.get("type") == "error":
-                    error = frame.get("payload") or {}
-                    if error.get("code") == "rate_limited":
-                        time.sleep(0.5)
-                        ws.send(frame_text)
-                        continue
-                    raise PushRefused(f"{error.get('code')}: {error.get('message')}")
-
-        call("admin.auth", {"token": token}, ("admin.authed",))
-        manifest = [{"path": p, "size": len(b)} for p, b in files.items()]
-        ready = call("admin.push", {"files": manifest, "hash": digest}, ("admin.push_ready",))
-        data = b"".join(files.values())
-        step = int(ready["chunk_bytes"])
-        if not data:
-            raise PushRefused("every script is empty")
-        for offset in range(0, len(data), step):
-            chunk = base64.b64encode(data[offset : offset + step]).decode()
-            answer = call(
-                "admin.push_data",
-                {"offset": offset, "data": chunk},
-                ("admin.push_received", "admin.pushed"),
-            )
-        return dict(answer["record"])
 
 
 DESCRIPTION = """\
@@ -531,14 +425,6 @@ def build_parser() -> argparse.ArgumentParser:
     reloads.add_argument("--url", help="server base URL (default from ASOBI_HOST/ASOBI_PORT)")
     reloads.set_defaults(func=cmd_reloads)
 
-    nodes = sub.add_parser(
-        "nodes",
-        help="list the nodes of a running cluster with their load",
-        description="List the live nodes of the cluster a server belongs to (its heartbeats).",
-    )
-    nodes.add_argument("--url", help="server base URL (default from ASOBI_HOST/ASOBI_PORT)")
-    nodes.set_defaults(func=cmd_nodes)
-
     reload = sub.add_parser(
         "reload",
         help="make a running server re-read its scripts now (needs ASOBI_ADMIN_TOKEN)",
@@ -547,17 +433,6 @@ def build_parser() -> argparse.ArgumentParser:
     reload.add_argument("script", nargs="?", help="one script (path under the game dir)")
     reload.add_argument("--url", help="server base URL (default from ASOBI_HOST/ASOBI_PORT)")
     reload.set_defaults(func=cmd_reload)
-
-    push = sub.add_parser(
-        "push",
-        help="put a folder's scripts in force on every node of a cluster (needs ASOBI_ADMIN_TOKEN)",
-        description="Send the scripts of GAME_DIR to a node of a cluster as one bundle; every "
-        "node vets and reloads them as it would a saved file, and the record of what each node "
-        "did is printed. Exit 1 when a node refused a script or did not answer.",
-    )
-    push.add_argument("game_dir", nargs="?", type=Path, help="scripts (default ASOBI_GAME_DIR)")
-    push.add_argument("--url", help="a node's base URL (default from ASOBI_HOST/ASOBI_PORT)")
-    push.set_defaults(func=cmd_push)
 
     replay = sub.add_parser(
         "replay",
@@ -571,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--until", type=int, help="stop after this tick")
     replay.add_argument("--data-dir", type=Path, help="data (ASOBI_DATA_DIR, default ./data)")
     replay.set_defaults(func=cmd_replay)
+
+    from asobi import cli_cluster  # here: it imports this module
+
+    cli_cluster.add_commands(sub)
     return parser
 
 

@@ -45,6 +45,8 @@ RESERVED_EVENTS = frozenset(
         "patch",
         "resync",
         "redirect",
+        "moved",
+        "restored",
     }
 )
 MAX_TRACEBACK_LINES = 8

@@ -91,6 +91,7 @@ ADMIN_TYPES = (
     "admin.queues",
     "admin.push",
     "admin.push_data",
+    "admin.drain",
 )
 
 # Frames a client may send.  Frames in AUTH_FREE need no session.

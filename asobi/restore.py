@@ -69,8 +69,19 @@ async def restore_matches(app: App) -> list[Match]:
     return restored
 
 
-def restore_match(app: App, snapshot: Snapshot, mark: tuple[int, int] | None) -> Match:
-    """Start one match from its snapshot; raises RestoreRefused."""
+def restore_match(
+    app: App,
+    snapshot: Snapshot,
+    mark: tuple[int, int] | None,
+    *,
+    schedule: bool = True,
+    notify: bool = True,
+) -> Match:
+    """Start one match from its snapshot; raises RestoreRefused.
+
+    `schedule` False registers the match and its seats without ticking it yet: a node receiving
+    a drained match starts its clock once the players have arrived (`Engine.adopt`), so they miss
+    no tick.  `notify` False sends no `match.restored` (a drained match lost nothing)."""
     engine = app.engine
     version = app.registry.get(snapshot.script)
     if version is None:
@@ -109,7 +120,12 @@ def restore_match(app: App, snapshot: Snapshot, mark: tuple[int, int] | None) ->
     match.state = state
     match.players = [pid for pid, _ in snapshot.seats]
     lua.set_players(match.players)
-    engine.adopt(match)
+    if schedule:
+        engine.adopt(match)
+    else:
+        engine.matches[match.id] = match
+        for pid in match.players:
+            engine.player_match[pid] = match.id
 
     lost_ticks = 0
     if mark is not None and mark[0] > snapshot.tick:
@@ -123,7 +139,8 @@ def restore_match(app: App, snapshot: Snapshot, mark: tuple[int, int] | None) ->
     unclaimable = []
     for pid, token in snapshot.seats:
         if app.presence.restore(pid, token, now):
-            engine.restored_notices[pid] = notice
+            if notify:
+                engine.restored_notices[pid] = notice
         else:
             unclaimable.append(pid)
     log.info(

@@ -249,6 +249,13 @@ class AsobiServer:
         self._stopping = True
         if self._handoff is not None:
             self._handoff.stop()
+        if self.app.drainer is not None:
+            # A node of a cluster hands its matches to the others before it goes (the ticker
+            # and the connections still run: players are told where their match went).
+            try:
+                await self.app.drainer.drain()
+            except Exception:
+                log.exception("drain_failed")
         self._stop_watch.set()
         if self._watch_task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):

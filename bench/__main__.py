@@ -1,11 +1,11 @@
 """`python -m bench [--smoke] [--only PART,...]`: the suite on loopback.
 
-Parts: asobi, shared, reload, patch, snapshot, colyseus, field (the default run), cluster and
-cluster-cost (only when `--only` names them: matchmaking latency on 1 and 3 nodes over Redis;
-CPU per frame with and without Redis, `--workers 2` against one process, Redis's cost per
-operation; both need `redis-server` and PostgreSQL).  The server under test runs pinned to one
-core and this process (the load generator) to the other.  Prints a markdown report and writes
-the figures as JSON under bench/results/.
+Parts: asobi, shared, reload, patch, snapshot, colyseus, field (the default run), cluster,
+cluster-cost and drain (only when `--only` names them: matchmaking latency on 1 and 3 nodes over
+Redis; CPU per frame with and without Redis, `--workers 2` against one process, Redis's cost per
+operation; 100 matches moved off a node; all need `redis-server` and PostgreSQL).  The server
+under test runs pinned to one core and this process (the load generator) to the other.  Prints
+a markdown report and writes the figures as JSON under bench/results/.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from bench.targets import AsobiTarget, ColyseusTarget
 
 RESULTS = Path(__file__).parent / "results"
 PARTS = ("asobi", "shared", "reload", "patch", "snapshot", "colyseus", "field")
-ON_REQUEST = ("cluster", "cluster-cost")  # run only when `--only` names them
+ON_REQUEST = ("cluster", "cluster-cost", "drain")  # run only when `--only` names them
 
 
 @dataclass(frozen=True)
@@ -244,6 +244,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             from bench import cluster_cost  # needs redis-server and PostgreSQL
 
             out["cluster_cost"] = await cluster_cost.run(smoke=args.smoke, work=work)
+        if "drain" in parts:
+            from bench import drain_bench  # needs redis-server and PostgreSQL
+
+            out["drain"] = await drain_bench.run((10,) if args.smoke else (100,))
     return out
 
 

@@ -71,10 +71,12 @@ def start_redis(work: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"unix://{sock}"
 
 
-async def start_node(work: Path, redis_url: str, db: str, name: str) -> tuple[Any, str]:
+async def start_node(
+    work: Path, redis_url: str, db: str, name: str, *, game: str = GAME
+) -> tuple[Any, str]:
     home = work / name
     (home / "game").mkdir(parents=True, exist_ok=True)
-    (home / "game" / "match.lua").write_text(GAME)
+    (home / "game" / "match.lua").write_text(game)
     env = {
         **os.environ,
         "ASOBI_REDIS_URL": redis_url,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench import cluster_cost, cluster_matchmaking, patch_bytes, snapshot_cost
+from bench import cluster_cost, cluster_matchmaking, drain_bench, patch_bytes, snapshot_cost
 from bench.patch_bytes import Row as PatchRow
 
 TARGET_MATCHES = 1000
@@ -199,6 +199,14 @@ def markdown(out: dict[str, Any]) -> str:
     if out.get("cluster_cost"):
         lines += ["", "## Cluster cost (`bench/cluster_cost.py`)", ""]
         lines += cluster_cost.tables(out["cluster_cost"])
+    drain_rows = out.get("drain") or []
+    if drain_rows:
+        lines += [
+            "",
+            "## Drain: matches moved off a node (`bench/drain_bench.py`)",
+            "",
+            *drain_bench.table(drain_rows),
+        ]
     patches = out.get("patch_bytes") or []
     if patches:
         lines += [

@@ -299,10 +299,13 @@ async def _assert_inert(browser: Browser, ids: tuple[str, ...]) -> None:
     assert await browser.js("return window.__pwned === undefined")
 
 
-async def test_js_client_follows_a_cluster_redirect(start_server, browser: Browser) -> None:
-    """The cluster hook: a `matchmaker.matched` naming another node moves the session there.
-    No server sends one yet, so the frame is handed to the page's client directly; the move
-    itself goes to a second real server."""
+@pytest.mark.parametrize("kind", ["matchmaker.matched", "match.moved"])
+async def test_js_client_follows_a_cluster_redirect(
+    start_server, browser: Browser, kind: str
+) -> None:
+    """The cluster hook: a `matchmaker.matched` (or a drained node's `match.moved`) naming
+    another node moves the session there.  The frame is handed to the page's client directly;
+    the move itself goes to a second real server."""
     first = await start_server({"match.lua": ECHO})
     second = await start_server({"match.lua": ECHO})  # same secret: a node of one cluster
     await browser.get(first.http + "/")
@@ -314,14 +317,15 @@ async def test_js_client_follows_a_cluster_redirect(start_server, browser: Brows
         c.on('redirect', (p) => redirects.push(p.url));
         await c.guest();
         const moved = new Promise((r) => { const off = c.on('session', (p) => { off(); r(p); }); });
-        c._receive(JSON.stringify({type: 'matchmaker.matched', payload: {
+        c._receive(JSON.stringify({type: args[1], payload: {
           match_id: 'm1', mode: 'match', players: [c.playerId],
-          node_url: args[0], seat_token: 'seat-1'}}));
+          node_url: args[0], node_id: 'n2', seat_token: 'seat-1'}}));
         const late = new Promise((_, no) => setTimeout(() => no(new Error('no move')), 5000));
         const session = await Promise.race([moved, late]);
         return { player: c.playerId, url: c.url, redirects, session };
         """,
         second.url,
+        kind,
     )
     assert result["redirects"] == [second.url] and result["url"] == second.url
     player = result["player"]

@@ -232,7 +232,8 @@ export class Asobi {
       }
     }
     if (type === "session.connected") this._emit("session", payload, frame);
-    if (type === "matchmaker.matched" && payload.node_url && payload.seat_token) {
+    const moves = type === "matchmaker.matched" || type === "match.moved";
+    if (moves && payload.node_url && payload.seat_token) {
       this._redirect(payload.node_url, payload.seat_token).catch(() => {});
     }
   }
@@ -260,8 +261,9 @@ export class Asobi {
     this.send("match.resync");
   }
 
-  // Cluster: a `matchmaker.matched` or `match.redirect` that names another node (`node_url`) with
-  // a short-lived `seat_token` means "your match runs there"; a `session.redirect` means "your
+  // Cluster: a `matchmaker.matched`, `match.moved` (a draining node handed the match over) or
+  // `match.redirect` that names another node (`node_url`) with a short-lived `seat_token` means
+  // "your match runs there"; a `session.redirect` means "your
   // session lives there".  Reconnect to that node (presenting the seat, if any); resolves when
   // the session opens there.
   _redirect(url, seatToken) {

@@ -23,7 +23,7 @@ export interface AsobiOptions {
   resumeToken?: string | null;
   /** Reconnect and resume after a drop (default true). */
   reconnect?: boolean;
-  /** Cluster: follow `matchmaker.matched` and `match.redirect` frames that carry `node_url` +
+  /** Cluster: follow `matchmaker.matched`, `match.moved` and `match.redirect` frames that carry `node_url` +
    * `seat_token`, and `session.redirect` frames, by reconnecting to the named node (default
    * true).  A node that cannot be reached sends the client back to the URL `connect()` used. */
   followRedirects?: boolean;

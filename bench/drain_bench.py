@@ -1,0 +1,222 @@
+"""Draining a node: how long moving its matches takes, and the longest gap a player sees.
+
+`python -m bench --only drain` (or `python -m bench.drain_bench`).  A private `redis-server`,
+two node processes on the PostgreSQL of ASOBI_DATABASE_URL or ASOBI_TEST_DATABASE_URL, and this
+process as the players: N two-player matches at 20 Hz on node A, every player reading its
+frames.  Then `admin.drain` on A: each player follows its `match.moved` to node B with the seat
+token, as the JavaScript client does.  Reported: the drain as A measured it (stop, write out,
+hand over) and as the operator saw it (request to answer); per player, the longest time between
+two state frames across the move, and the ticks skipped or repeated in what they saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import websockets
+
+from bench.cluster_matchmaking import database_url, pct, start_node, start_redis
+
+GAME = """
+match_size = 2
+max_players = 2
+tick_rate = 20
+function init(state) state.n = 0 return state end
+function join(state, player_id) return state end
+function tick(state) state.n = state.n + 1 return state end
+function get_state(state, player_id) return { n = state.n } end
+"""
+ADMIN = "bench-drain-admin-token"
+
+
+@dataclass
+class Player:
+    ws: Any
+    token: str
+    frames: list[tuple[float, int]] = field(default_factory=list)
+    moved_at: float | None = None
+
+
+@dataclass
+class Row:
+    matches: int
+    moved: int
+    drain_server_ms: float
+    drain_client_ms: float
+    gap_p50_ms: float
+    gap_p99_ms: float
+    gap_max_ms: float
+    tick_period_ms: float
+    players_over_3_periods: int
+    skipped: int
+    repeated: int
+
+
+def send(kind: str, payload: dict[str, Any]) -> str:
+    return orjson.dumps({"type": kind, "payload": payload}).decode()
+
+
+async def guest(url: str) -> Player:
+    ws = await websockets.connect(url, max_queue=None)
+    await ws.send(send("auth.guest", {}))
+    token = ""
+    while True:
+        frame = orjson.loads(await ws.recv())
+        if frame["type"] == "auth.token":
+            token = frame["payload"]["token"]
+        if frame["type"] == "session.connected":
+            return Player(ws, token)
+
+
+async def matched(player: Player) -> None:
+    await player.ws.send(send("matchmaker.add", {"mode": "duel"}))
+    while orjson.loads(await player.ws.recv())["type"] != "matchmaker.matched":
+        pass
+
+
+async def read(player: Player, stop: asyncio.Event) -> None:
+    """Record every state frame; follow `match.moved` to the node it names."""
+    while not stop.is_set():
+        try:
+            raw = await asyncio.wait_for(player.ws.recv(), 0.5)
+        except TimeoutError:
+            continue
+        except websockets.ConnectionClosed:
+            await asyncio.sleep(0.01)
+            continue
+        frame = orjson.loads(raw)
+        if frame["type"] == "match.state":
+            player.frames.append((time.perf_counter(), frame["payload"]["n"]))
+        elif frame["type"] == "match.moved":
+            player.moved_at = time.perf_counter()
+            old = player.ws
+            player.ws = await websockets.connect(frame["payload"]["node_url"], max_queue=None)
+            await player.ws.send(
+                send(
+                    "session.connect",
+                    {"token": player.token, "seat_token": frame["payload"]["seat_token"]},
+                )
+            )
+            await old.close()
+
+
+async def drain(url: str) -> tuple[float, dict[str, Any]]:
+    async with websockets.connect(url) as ws:
+        await ws.send(send("admin.auth", {"token": ADMIN}))
+        while orjson.loads(await ws.recv())["type"] != "admin.authed":
+            pass
+        started = time.perf_counter()
+        await ws.send(send("admin.drain", {}))
+        while True:
+            frame = orjson.loads(await ws.recv())
+            if frame["type"] == "admin.drained":
+                return (time.perf_counter() - started) * 1000, frame["payload"]
+            if frame["type"] == "error":
+                raise RuntimeError(f"drain: {frame['payload']}")
+
+
+async def measure(matches: int, db: str) -> Row:
+    os.environ["ASOBI_ADMIN_TOKEN"] = ADMIN
+    with tempfile.TemporaryDirectory(prefix="asobi-drain-bench-") as tmp:
+        work = Path(tmp)
+        redis, redis_url = start_redis(work)
+        procs: list[Any] = []
+        players: list[Player] = []
+        try:
+            a, a_url = await start_node(work, redis_url, db, "drain-a", game=GAME)
+            procs.append(a)
+            b, _ = await start_node(work, redis_url, db, "drain-b", game=GAME)
+            procs.append(b)
+            await asyncio.sleep(1.5)  # each node has seen the other's heartbeat
+            gate = asyncio.Semaphore(16)
+
+            async def pair() -> list[Player]:
+                async with gate:
+                    two = [await guest(a_url), await guest(a_url)]
+                    await asyncio.gather(*(matched(p) for p in two))
+                    return two
+
+            for two in await asyncio.gather(*(pair() for _ in range(matches))):
+                players.extend(two)
+            stop = asyncio.Event()
+            readers = [asyncio.create_task(read(p, stop)) for p in players]
+            await asyncio.sleep(1.5)
+            drain_client_ms, answer = await drain(a_url)
+            await asyncio.sleep(2.0)
+            stop.set()
+            await asyncio.gather(*readers)
+        finally:
+            for p in players:
+                with contextlib.suppress(Exception):
+                    await p.ws.close()
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(10)
+            redis.terminate()
+            redis.wait()
+    period_ms = 50.0
+    gaps, skipped, repeated = [], 0, 0
+    for p in players:
+        if p.moved_at is None or not p.frames:
+            continue
+        # The gap across the move: the last frame before `match.moved` to the first after it.
+        before = [t for t, _ in p.frames if t < p.moved_at]
+        after = [t for t, _ in p.frames if t > p.moved_at]
+        if before and after:
+            gaps.append((after[0] - before[-1]) * 1000)
+        counters = [n for _, n in p.frames]
+        for x, y in itertools.pairwise(counters):
+            skipped += max(0, y - x - 1)
+            repeated += 1 if y <= x else 0
+    return Row(
+        matches=matches,
+        moved=int(answer.get("moved", 0)),
+        drain_server_ms=float(answer.get("elapsed_ms", 0.0)),
+        drain_client_ms=round(drain_client_ms, 1),
+        gap_p50_ms=round(statistics.median(gaps), 1) if gaps else 0.0,
+        gap_p99_ms=pct(gaps, 0.99) if gaps else 0.0,
+        gap_max_ms=round(max(gaps), 1) if gaps else 0.0,
+        tick_period_ms=period_ms,
+        players_over_3_periods=sum(1 for g in gaps if g > 3 * period_ms),
+        skipped=skipped,
+        repeated=repeated,
+    )
+
+
+async def run(sizes: tuple[int, ...] = (100,)) -> list[dict[str, Any]]:
+    db = database_url()
+    if not db.startswith(("postgresql://", "postgres://")):
+        raise RuntimeError("set ASOBI_DATABASE_URL (or ASOBI_TEST_DATABASE_URL) to PostgreSQL")
+    return [asdict(await measure(n, db)) for n in sizes]
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| matches | moved | drain, node / operator (ms) | frame gap p50 / p99 / max (ms) "
+        "| players over 3 periods | ticks skipped / repeated |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['matches']} | {r['moved']} | {r['drain_server_ms']} / {r['drain_client_ms']} "
+            f"| {r['gap_p50_ms']} / {r['gap_p99_ms']} / {r['gap_max_ms']} "
+            f"| {r['players_over_3_periods']} | {r['skipped']} / {r['repeated']} |"
+        )
+    return lines
+
+
+if __name__ == "__main__":
+    print("\n".join(table(asyncio.run(run()))))

@@ -1,0 +1,259 @@
+"""Matches that outlive their node: a drained node hands its matches over with no tick lost or
+repeated; a node killed with -9 has its matches restarted elsewhere from their snapshots, and
+their players resume with their tokens through any node; no tick grants twice."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from tests.cluster.test_matchmaking import guest, matched, queue
+from tests.cluster_support import Cluster, Node, needs_cluster
+from tests.conftest import Client
+from tests.test_durability_crash import _ledger_reasons
+
+pytestmark = needs_cluster
+
+ADMIN_TOKEN = "drain-test-admin-token"
+GRANTING = """\
+match_size = 2
+max_players = 4
+tick_rate = 20
+
+function init(state)
+  state.counter = 0
+  return state
+end
+function join(state, player_id) return state end
+function tick(state)
+  state.counter = state.counter + 1
+  -- One grant per tick, named after its tick: a tick granting twice shows up twice.
+  local pid = game.players()[1]
+  if pid then game.economy.grant(pid, "gold", 1, "t" .. game.tick()) end
+  return state
+end
+function get_state(state, player_id)
+  return { counter = state.counter, tick = game.tick() }
+end
+"""
+ENV = {"ASOBI_ADMIN_TOKEN": ADMIN_TOKEN, "ASOBI_SNAPSHOT_TICKS": "15"}
+
+
+async def _pair(node: Node) -> tuple[list[tuple[Client, str]], str]:
+    """Two players on `node` matched together there; ([(client, token)], match id)."""
+    players = [await guest(node), await guest(node)]
+    for client, _ in players:
+        await queue(client, "default")
+    ids = {(await matched(client))["match_id"] for client, _ in players}
+    assert len(ids) == 1
+    return players, ids.pop()
+
+
+async def _until(client: Client, kind: str, timeout: float = 15.0) -> tuple[list[int], dict]:
+    """The counters of the state frames before the first `kind` frame, and its payload."""
+    counters: list[int] = []
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        frame = await client.recv(max(deadline - asyncio.get_running_loop().time(), 0.01))
+        if frame["type"] == "match.state":
+            counters.append(frame["payload"]["counter"])
+        elif frame["type"] == kind:
+            return counters, frame["payload"]
+
+
+def _drain(node: Node) -> subprocess.CompletedProcess[str]:
+    """`asobi drain` against `node`, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "asobi", "drain", "--url", node.http],
+        env={**os.environ, "ASOBI_ADMIN_TOKEN": ADMIN_TOKEN},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def _resume(node: Node, token: str, **extra: Any) -> tuple[Client, dict[str, Any]]:
+    client = await node.client()
+    await client.send("session.connect", {"token": token, **extra})
+    connected = await client.expect("session.connected")
+    return client, connected["payload"]
+
+
+def _granted_ticks(reasons: list[str]) -> list[int]:
+    return [int(r[1:]) for r in reasons if r.startswith("t")]
+
+
+@pytest.mark.parametrize("how", ["asobi drain", "SIGTERM"])
+async def test_drain_moves_a_two_player_match_with_no_tick_skipped_or_repeated(
+    cluster: Cluster, how: str
+) -> None:
+    a = await cluster.start_node({"match.lua": GRANTING}, env=ENV)
+    b = await cluster.start_node({"match.lua": GRANTING}, env=ENV)
+    await cluster.wait_nodes(a, {a.node_id, b.node_id})
+    players, match_id = await _pair(a)
+    seen = [[s["counter"] for s in await client.states(5)] for client, _ in players]
+
+    if how == "SIGTERM":
+        a.process.send_signal(signal.SIGTERM)
+    else:
+        drained = asyncio.create_task(asyncio.to_thread(_drain, a))
+    before: list[list[int]] = []
+    resumed: list[Client] = []
+    for n, (client, token) in enumerate(players):
+        counters, moved = await _until(client, "match.moved")
+        if n == 1:
+            await asyncio.sleep(0.3)  # a slow client: the match waits for it, up to 2 s
+        assert moved["match_id"] == match_id
+        assert (moved["node_id"], moved["node_url"]) == (b.node_id, b.url)
+        before.append(seen[n] + counters)
+        again, connected = await _resume(b, token, seat_token=moved["seat_token"])
+        assert connected["resumed"] is True
+        rejoined = await again.expect("match.rejoined")
+        assert rejoined["payload"]["match_id"] == match_id
+        resumed.append(again)
+    if how == "SIGTERM":
+        await asyncio.to_thread(a.process.wait, 20)
+    else:
+        done = await drained
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"moved 1 matches to {b.node_id}" in done.stdout
+
+    stopped_at = (await a.wait_event("match_moved", match_id=match_id))["tick"]
+    for counters, again in zip(before, resumed, strict=True):
+        after = [s["counter"] for s in await again.states(10)]
+        # The last frame from A is the tick the match stopped at; B's first is the next one.
+        assert counters[-1] == stopped_at
+        assert after == list(range(stopped_at + 1, stopped_at + 11))
+    taken = await b.wait_event("match_taken", match_id=match_id)
+    assert taken["tick"] == stopped_at and taken["from_node"] == a.node_id
+    assert not a.events("match_finished")  # moved, not ended
+
+    # Every tick granted once, on A up to the move and on B after it.
+    owner = players[0][0].player_id
+    assert owner is not None
+    ticks = _granted_ticks(await _ledger_reasons(cluster.root, cluster.database_url, owner))
+    assert len(ticks) == len(set(ticks))
+    assert set(range(1, stopped_at + 6)) <= set(ticks)
+
+
+async def test_kill_9_failover_restores_the_match_elsewhere_and_the_token_leads_there(
+    cluster: Cluster,
+) -> None:
+    a = await cluster.start_node({"match.lua": GRANTING}, env=ENV)
+    b = await cluster.start_node({"match.lua": GRANTING}, env=ENV)
+    c = await cluster.start_node({"match.lua": GRANTING}, env=ENV)
+    for node in (a, b, c):
+        await cluster.wait_nodes(node, {a.node_id, b.node_id, c.node_id})
+    players, match_id = await _pair(a)
+    resume_tokens = []
+    for client, _ in players:
+        await client.states(40, timeout=10)
+    for client, token in players:  # a fresh resume token each, as after a reconnect
+        await client.send("session.connect", {"token": token})
+        resume_tokens.append((await client.expect("session.connected"))["payload"]["resume_token"])
+    await players[0][0].states(20)  # a snapshot with these tokens is in Redis
+    seen = (await players[0][0].states(1))[0]["counter"]
+    a.kill9()
+    owner = players[0][0].player_id
+    assert owner is not None
+    # What A wrote before it died (the adopter writes only after the TTL).
+    written = _granted_ticks(await _ledger_reasons(cluster.root, cluster.database_url, owner))
+
+    adopters = await _adopter(b, c, match_id)
+    adopter = adopters[0]
+    assert len(adopters) == 1
+    other = c if adopter is b else b
+    restored = await adopter.wait_event("match_restored", match_id=match_id)
+    snapshot_tick = restored["tick"]
+    assert seen - 20 <= snapshot_tick <= seen
+    assert restored["lost_ticks"] == max(written) - snapshot_tick >= seen - snapshot_tick - 2
+
+    # The first player comes back through the node that did not adopt the match: sent on.
+    (_, token), resume = players[0], resume_tokens[0]
+    via, payload = await _connect_or_redirect(other, token, resume)
+    assert payload == {"node_id": adopter.node_id, "node_url": adopter.url}
+    await via.close()
+    again, connected = await _resume(adopter, token, resume_token=resume)
+    assert connected["resumed"] is True
+    notice = (await again.expect("match.restored"))["payload"]
+    assert notice == {
+        "match_id": match_id,
+        "tick": snapshot_tick,
+        "lost_ticks": restored["lost_ticks"],
+    }
+    await again.expect("match.rejoined")
+    states = await again.states(10)
+    counters = [s["counter"] for s in states]
+    assert counters[0] == states[0]["tick"] > snapshot_tick
+    assert counters == list(range(counters[0], counters[0] + 10))
+
+    # No tick granted twice: the re-run ticks up to the last written one were skipped.
+    await asyncio.sleep(0.5)
+    ticks = _granted_ticks(await _ledger_reasons(cluster.root, cluster.database_url, owner))
+    assert len(ticks) == len(set(ticks))
+    assert set(range(1, counters[-1] - 5)) <= set(ticks)
+    skipped = adopter.events("unit_skipped")
+    assert len(skipped) == restored["lost_ticks"]
+
+
+async def _adopter(b: Node, c: Node, match_id: str) -> list[Node]:
+    """The node(s) that adopted the match (waits up to the TTL plus a few beats)."""
+    deadline = asyncio.get_running_loop().time() + 15
+    while asyncio.get_running_loop().time() < deadline:
+        found = [
+            n for n in (b, c) if any(e["match_id"] == match_id for e in n.events("match_adopted"))
+        ]
+        if found:
+            await asyncio.sleep(3)  # past the sweep: a second adopter would show by now
+            return [n for n in (b, c) if n.events("match_adopted")]
+        await asyncio.sleep(0.05)
+    raise AssertionError("no node adopted the match")
+
+
+async def _connect_or_redirect(node: Node, token: str, resume: str) -> tuple[Client, dict]:
+    client = await node.client()
+    await client.send("session.connect", {"token": token, "resume_token": resume})
+    frame = await client.expect("session.redirect")
+    return client, frame["payload"]
+
+
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+async def test_a_node_starting_adopts_the_matches_of_a_node_that_ran_alone(
+    cluster: Cluster, how: str
+) -> None:
+    """Nobody saw A go (it ran alone).  Killed, it is still in the heartbeat index without a
+    heartbeat: B's first beat reports it gone.  Stopped (no node to drain to: its matches stay
+    in the journal), it left the index: B finds its journal when it starts."""
+    a = await cluster.start_node({"match.lua": GRANTING}, env=ENV)
+    players, match_id = await _pair(a)
+    (client, token), _ = players
+    await client.send("session.connect", {"token": token})
+    resume = (await client.expect("session.connected"))["payload"]["resume_token"]
+    await client.states(20)  # a snapshot holding that token is in Redis
+    if how == "SIGTERM":
+        await a.stop()
+        assert a.events("drain_refused")[0]["reason"] == "no other live node"
+    else:
+        a.kill9()
+        await asyncio.sleep(5.5)  # A's heartbeat expired: B never sees it alive
+
+    b = await cluster.start_node({"match.lua": GRANTING}, env=ENV)
+    adopted = await b.wait_event("match_adopted", match_id=match_id)
+    assert adopted["from_node"] == a.node_id
+    again, connected = await _resume(b, token, resume_token=resume)
+    assert connected["resumed"] is True
+    notice = (await again.expect("match.restored"))["payload"]
+    assert notice["match_id"] == match_id and notice["tick"] == adopted["tick"]
+    await again.expect("match.rejoined")
+    counters = [s["counter"] for s in await again.states(5)]
+    assert counters[0] > adopted["tick"]
+    assert counters == list(range(counters[0], counters[0] + 5))
+    if how == "SIGTERM":  # a clean stop snapshotted every match: nothing lost
+        assert notice["lost_ticks"] == 0
+        assert not b.events("node_gone")
