@@ -420,6 +420,8 @@ class AsobiServer:
 
     def _cluster(self) -> dict[str, Any]:
         """The live nodes (`asobi nodes`); a single node lists itself."""
+        from asobi.cluster.node import default_public_url
+
         if self.app.cluster is not None:
             return self.app.cluster.describe()
         return {
@@ -428,7 +430,7 @@ class AsobiServer:
             "nodes": [
                 {
                     "node_id": "local",
-                    "public_url": f"ws://{self.settings.host}:{self.port}{WS_PATH}",
+                    "public_url": default_public_url(self.settings.host, self.port),
                     "matches": len(self.app.engine.matches),
                     "players": len(self.app.hub),
                 }

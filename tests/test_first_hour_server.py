@@ -198,3 +198,17 @@ async def test_a_reload_every_match_refuses_is_not_used_for_new_matches(
     server.write("match.lua", HOLDS_FUNCTION.replace('"hello"', '"edited"'))
     skipped = await logs.wait_for("reload_skipped")
     assert skipped["reason"] == "already_rejected"
+
+
+async def test_a_single_server_lists_itself_as_the_only_node(start_server) -> None:
+    """`GET /api/v1/cluster` (and `asobi nodes`) on a server without Redis: one node, its own
+    URL and load."""
+    server = await start_server()
+    player = await server.player("solo")
+    await player.expect("matchmaker.matched")
+    status, _, body = await http_get(server.http + "/api/v1/cluster")
+    reply = orjson.loads(body)
+    assert status == 200 and reply["cluster"] is False
+    [node] = reply["nodes"]
+    assert node["public_url"] == f"ws://127.0.0.1:{server.server.port}/ws"
+    assert (node["matches"], node["players"]) == (1, 1)
