@@ -241,7 +241,8 @@ def _outlive_nodes(app: App, cluster: Cluster) -> None:
     from asobi.cluster.journal import RedisJournal
     from asobi.cluster.seats import ClusterSeats
 
-    journal = RedisJournal(cluster.link)
+    backend = app.store.backend if app.store is not None else None
+    journal = RedisJournal(cluster.link, backend=backend)
     app.use_journal(journal)
     assert isinstance(app.presence, ClusterSeats)
     failover = Failover(app, cluster, journal, app.presence)

@@ -141,6 +141,13 @@ def _write(notes: dict[str, Snapshot | None]) -> Job:
             )
 
 
+def forget_marks(match_ids: list[str]) -> Job:
+    """Drop the exactly-once marks of matches that ended (a journal kept elsewhere than the
+    store, as in a cluster, still leaves its marks in the store's database)."""
+    for match_id in match_ids:
+        yield ("DELETE FROM match_marks WHERE match_id = ?", (match_id,))
+
+
 def _read(match_id: str | None) -> Job:
     if match_id is None:
         rows = yield (_SELECT + " ORDER BY saved_at", ())

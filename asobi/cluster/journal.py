@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 
 from asobi.cluster.link import RedisLink, Unavailable, key
-from asobi.journal import COALESCE_S, RETRY_MAX_S, Snapshot
+from asobi.journal import COALESCE_S, RETRY_MAX_S, Snapshot, forget_marks
 
 log = structlog.get_logger("asobi.cluster.journal")
 
@@ -58,8 +58,12 @@ def node_key(node_id: str) -> str:
 class RedisJournal:
     """`asobi.journal.Journal` kept in Redis, each snapshot marked with the node running it."""
 
-    def __init__(self, link: RedisLink, *, coalesce_s: float = COALESCE_S) -> None:
+    def __init__(
+        self, link: RedisLink, *, coalesce_s: float = COALESCE_S, backend: Any = None
+    ) -> None:
         self.link = link
+        # The store's backend, where the marks of ended matches are deleted.
+        self.backend = backend
         self.node_id = link.node_id
         self.coalesce_s = coalesce_s
         self._notes: dict[str, Snapshot | None] = {}
@@ -219,6 +223,12 @@ class RedisJournal:
                 pipe.hset(match_key(match_id), mapping=mapping)
                 pipe.sadd(own, match_id)
             await self.link.call("write the journal", pipe.execute())
+        ended = [match_id for match_id, snapshot in notes.items() if snapshot is None]
+        if ended and self.backend is not None:
+            try:
+                await self.backend.transact(forget_marks(ended))
+            except Exception as exc:  # a leftover mark row is harmless: logged, not retried
+                log.warning("match_marks_not_deleted", matches=len(ended), error=str(exc)[:200])
 
 
 def _snapshot(match_id: str, values: list[Any] | None) -> Snapshot | None:

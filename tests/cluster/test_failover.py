@@ -257,3 +257,37 @@ async def test_a_node_starting_adopts_the_matches_of_a_node_that_ran_alone(
     if how == "SIGTERM":  # a clean stop snapshotted every match: nothing lost
         assert notice["lost_ticks"] == 0
         assert not b.events("node_gone")
+
+
+async def _marks(database_url: str, match_id: str) -> int:
+    import asyncpg
+
+    from tests.test_durability_crash import _path
+
+    url, settings = database_url.split("?")[0], _path(database_url)
+    conn = await asyncpg.connect(url, server_settings=settings)
+    try:
+        return int(
+            await conn.fetchval("SELECT count(*) FROM match_marks WHERE match_id = $1", match_id)
+        )
+    finally:
+        await conn.close()
+
+
+async def test_a_match_that_ends_leaves_no_exactly_once_mark_behind(cluster: Cluster) -> None:
+    """The journal is in Redis, the exactly-once marks in the database: when a match ends, both
+    go (the marks table would otherwise grow by a row per match ever played)."""
+    node = await cluster.start_node({"match.lua": GRANTING}, env=ENV)
+    players, match_id = await _pair(node)
+    await players[0][0].states(5)
+    deadline = asyncio.get_running_loop().time() + 5
+    while await _marks(cluster.database_url, match_id) == 0:
+        assert asyncio.get_running_loop().time() < deadline, "no mark was written"
+        await asyncio.sleep(0.1)
+    for client, _ in players:
+        await client.send("match.leave")
+    await node.wait_event("match_finished", match_id=match_id)
+    deadline = asyncio.get_running_loop().time() + 5
+    while await _marks(cluster.database_url, match_id) != 0:
+        assert asyncio.get_running_loop().time() < deadline, "the ended match's mark stayed"
+        await asyncio.sleep(0.1)
