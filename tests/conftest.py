@@ -71,6 +71,19 @@ def pytest_configure(config: pytest.Config) -> None:
     logsetup.configure("debug", LOGS)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """ASOBI_TEST_DATABASE_ONLY=1 (CI's PostgreSQL pass, after the full SQLite one): run only the
+    tests that get a database (the `database_url` fixture); the others never touch one and have
+    just passed."""
+    if os.environ.get("ASOBI_TEST_DATABASE_ONLY") != "1":
+        return
+    keep = [item for item in items if "database_url" in getattr(item, "fixturenames", ())]
+    deselected = [item for item in items if item not in keep]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = keep
+
+
 @dataclass
 class Logs:
     """The log lines written since the test started."""
