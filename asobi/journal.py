@@ -156,11 +156,16 @@ def _read(match_id: str | None) -> Job:
     return rows
 
 
-class StoreJournal:
-    """The journal in the store's database, written by one task of its own."""
+class WriteBehindJournal:
+    """The write-behind part every journal shares: `save` and `forget` note the newest word on a
+    match and return at once; one task writes the notes in batches, gathering `coalesce_s` after
+    a wake-up, retrying with back-off while the storage is unreachable (`RETRYABLE`) and keeping
+    only the newest note per match meanwhile.  Subclasses say where a batch goes (`write`) and
+    how to read snapshots back."""
 
-    def __init__(self, backend: Backend, *, coalesce_s: float = COALESCE_S) -> None:
-        self.backend = backend
+    RETRYABLE: tuple[type[Exception], ...] = ()
+
+    def __init__(self, *, coalesce_s: float = COALESCE_S) -> None:
         self.coalesce_s = coalesce_s
         # match id -> its newest snapshot, or None to forget it; not written yet.
         self._notes: dict[str, Snapshot | None] = {}
@@ -169,10 +174,14 @@ class StoreJournal:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._hurry = False
+        self._unavailable = False
         self.written = 0
         self.bytes_written = 0
         self.writes = 0
-        self._unavailable = False
+
+    async def write(self, notes: dict[str, Snapshot | None]) -> None:
+        raise NotImplementedError
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._writer())
@@ -204,6 +213,70 @@ class StoreJournal:
     async def flush(self) -> None:
         await self._idle.wait()
 
+    async def flush_now(self) -> None:
+        """`flush` without the writer's gathering delay (a drain waits on it)."""
+        self._hurry = True
+        self._wake.set()
+        try:
+            await self._idle.wait()
+        finally:
+            self._hurry = False
+
+    async def _writer(self) -> None:
+        backoff = self.coalesce_s
+        while True:
+            if not self._notes:
+                self._idle.set()
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                if not (self._closing or self._hurry):
+                    await asyncio.sleep(self.coalesce_s)
+                continue
+            notes, self._notes = self._notes, {}
+            try:
+                await self.write(notes)
+            except self.RETRYABLE as exc:
+                # Put them back under anything newer noted meanwhile, and try again later.
+                for match_id, snapshot in notes.items():
+                    self._notes.setdefault(match_id, snapshot)
+                if not self._unavailable:
+                    self._unavailable = True
+                    log.error("journal_unavailable", error=str(exc), matches=len(self._notes))
+                if self._closing:
+                    log.error("journal_stop_unwritten", matches=len(self._notes))
+                    self._notes.clear()
+                    continue
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RETRY_MAX_S)
+                continue
+            except Exception as exc:  # a snapshot the storage refuses: dropped, never retried
+                log.exception("journal_write_failed", error=str(exc), matches=len(notes))
+                continue
+            if self._unavailable:
+                self._unavailable = False
+                log.info("journal_recovered")
+            backoff = self.coalesce_s
+            self.writes += 1
+            for snapshot in notes.values():
+                if snapshot is not None:
+                    self.written += 1
+                    self.bytes_written += len(snapshot.state)
+
+
+class StoreJournal(WriteBehindJournal):
+    """The journal in the store's database, written by one task of its own."""
+
+    RETRYABLE = (BackendUnavailable,)
+
+    def __init__(self, backend: Backend, *, coalesce_s: float = COALESCE_S) -> None:
+        super().__init__(coalesce_s=coalesce_s)
+        self.backend = backend
+
+    async def write(self, notes: dict[str, Snapshot | None]) -> None:
+        await self.backend.transact(_write(notes))
+
     async def latest(self, match_id: str) -> Snapshot | None:
         rows = await self.backend.transact(_read(match_id))
         return Snapshot.from_row(*rows[0]) if rows else None
@@ -218,45 +291,3 @@ class StoreJournal:
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("journal_row_unreadable", match_id=row[0], error=repr(exc)[:300])
         return snapshots
-
-    async def _writer(self) -> None:
-        backoff = self.coalesce_s
-        while True:
-            if not self._notes:
-                self._idle.set()
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                if not self._closing:
-                    await asyncio.sleep(self.coalesce_s)
-                continue
-            notes, self._notes = self._notes, {}
-            try:
-                await self.backend.transact(_write(notes))
-            except BackendUnavailable as exc:
-                # Put them back under anything newer noted meanwhile, and try again later.
-                for match_id, snapshot in notes.items():
-                    self._notes.setdefault(match_id, snapshot)
-                if not self._unavailable:
-                    self._unavailable = True
-                    log.error("journal_unavailable", error=str(exc), matches=len(self._notes))
-                if self._closing:
-                    log.error("journal_stop_unwritten", matches=len(self._notes))
-                    self._notes.clear()
-                    continue
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, RETRY_MAX_S)
-                continue
-            except Exception as exc:  # a snapshot the database refuses: dropped, never retried
-                log.exception("journal_write_failed", error=str(exc), matches=len(notes))
-                continue
-            if self._unavailable:
-                self._unavailable = False
-                log.info("journal_recovered")
-            backoff = self.coalesce_s
-            self.writes += 1
-            for snapshot in notes.values():
-                if snapshot is not None:
-                    self.written += 1
-                    self.bytes_written += len(snapshot.state)

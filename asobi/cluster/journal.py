@@ -18,14 +18,12 @@ from.  Two nodes adopting the same match of a dead node cannot both win.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import Any
 
 import structlog
 
 from asobi.cluster.link import RedisLink, Unavailable, key
-from asobi.journal import COALESCE_S, RETRY_MAX_S, Snapshot, forget_marks
+from asobi.journal import COALESCE_S, Snapshot, WriteBehindJournal, forget_marks
 
 log = structlog.get_logger("asobi.cluster.journal")
 
@@ -55,68 +53,20 @@ def node_key(node_id: str) -> str:
     return key("journal", "n", node_id)
 
 
-class RedisJournal:
+class RedisJournal(WriteBehindJournal):
     """`asobi.journal.Journal` kept in Redis, each snapshot marked with the node running it."""
+
+    RETRYABLE = (Unavailable,)
 
     def __init__(
         self, link: RedisLink, *, coalesce_s: float = COALESCE_S, backend: Any = None
     ) -> None:
+        super().__init__(coalesce_s=coalesce_s)
         self.link = link
         # The store's backend, where the marks of ended matches are deleted.
         self.backend = backend
         self.node_id = link.node_id
-        self.coalesce_s = coalesce_s
-        self._notes: dict[str, Snapshot | None] = {}
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
-        self._hurry = False
         self._claim: Any = link.redis.register_script(CLAIM)
-        self.written = 0
-        self.bytes_written = 0
-        self.writes = 0
-
-    # -- the Journal interface --------------------------------------------------------------------
-    async def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._writer())
-
-    async def stop(self, timeout: float = 5.0) -> None:
-        if self._task is None or self._closing:
-            return
-        self._closing = True
-        self._wake.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout)
-        except TimeoutError:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            log.error("journal_stop_unwritten", matches=len(self._notes))
-
-    def save(self, snapshot: Snapshot) -> None:
-        self._note(snapshot.match_id, snapshot)
-
-    def forget(self, match_id: str) -> None:
-        self._note(match_id, None)
-
-    def _note(self, match_id: str, snapshot: Snapshot | None) -> None:
-        self._notes[match_id] = snapshot
-        self._idle.clear()
-        self._wake.set()
-
-    async def flush(self) -> None:
-        await self._idle.wait()
-
-    async def flush_now(self) -> None:
-        """`flush` without the writer's gathering delay (a drain waits on it)."""
-        self._hurry = True
-        self._wake.set()
-        try:
-            await self._idle.wait()
-        finally:
-            self._hurry = False
 
     async def latest(self, match_id: str) -> Snapshot | None:
         redis = self.link.redis
@@ -169,43 +119,7 @@ class RedisJournal:
                 out[match_id] = snapshot
         return out
 
-    # -- writer -----------------------------------------------------------------------------------
-    async def _writer(self) -> None:
-        backoff = self.coalesce_s
-        while True:
-            if not self._notes:
-                self._idle.set()
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                if not (self._closing or self._hurry):
-                    await asyncio.sleep(self.coalesce_s)
-                continue
-            notes, self._notes = self._notes, {}
-            try:
-                await self._write(notes)
-            except Unavailable:
-                for match_id, snapshot in notes.items():
-                    self._notes.setdefault(match_id, snapshot)
-                if self._closing:
-                    log.error("journal_stop_unwritten", matches=len(self._notes))
-                    self._notes.clear()
-                    continue
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, RETRY_MAX_S)
-                continue
-            except Exception as exc:
-                log.exception("journal_write_failed", error=str(exc), matches=len(notes))
-                continue
-            backoff = self.coalesce_s
-            self.writes += 1
-            for snapshot in notes.values():
-                if snapshot is not None:
-                    self.written += 1
-                    self.bytes_written += len(snapshot.state)
-
-    async def _write(self, notes: dict[str, Snapshot | None]) -> None:
+    async def write(self, notes: dict[str, Snapshot | None]) -> None:
         own = node_key(self.node_id)
         async with self.link.redis.pipeline(transaction=False) as pipe:
             for match_id, snapshot in notes.items():
