@@ -26,9 +26,8 @@ from typing import Any
 
 import orjson
 import pytest
-import websockets
 
-from tests.conftest import CLOSE_TIMEOUT_S, TEST_DATABASE_URL, Client
+from tests.conftest import TEST_DATABASE_URL, Client, Connects
 
 SECRET = "cluster-test-secret-long-enough-for-hs256"
 REDIS_BIN = shutil.which("redis-server")
@@ -109,7 +108,7 @@ class RedisServer:
 
 
 @dataclass
-class Node:
+class Node(Connects):
     """One `asobi serve` process in the cluster."""
 
     node_id: str
@@ -135,20 +134,6 @@ class Node:
                 return response.status, orjson.loads(response.read())
         except urllib.error.HTTPError as exc:
             return exc.code, orjson.loads(exc.read() or b"null")
-
-    async def client(self) -> Client:
-        ws = await websockets.connect(self.url, max_size=2**22, close_timeout=CLOSE_TIMEOUT_S)
-        client = Client(ws)
-        self.clients.append(client)
-        return client
-
-    async def player(self, mode: str | None = None) -> Client:
-        client = await self.client()
-        await client.login_guest()
-        if mode is not None:
-            await client.send("matchmaker.add", {"mode": mode})
-            await client.expect("matchmaker.queued")
-        return client
 
     def events(self, name: str) -> list[dict[str, Any]]:
         out = []

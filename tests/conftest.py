@@ -176,20 +176,11 @@ class Client:
         await self.ws.close()
 
 
-@dataclass
-class Running:
-    app: App
-    server: AsobiServer
-    game_dir: Path
-    clients: list[Client] = field(default_factory=list)
+class Connects:
+    """Real clients of one server (its `url`), kept in `clients` to be closed at teardown."""
 
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.server.port}/ws"
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.server.port}"
+    url: str
+    clients: list[Client]
 
     async def client(self) -> Client:
         ws = await websockets.connect(self.url, max_size=2**22, close_timeout=CLOSE_TIMEOUT_S)
@@ -205,6 +196,22 @@ class Running:
             await client.send("matchmaker.add", {"mode": mode})
             await client.expect("matchmaker.queued")
         return client
+
+
+@dataclass
+class Running(Connects):
+    app: App
+    server: AsobiServer
+    game_dir: Path
+    clients: list[Client] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.server.port}/ws"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
 
     def write(self, name: str, source: str) -> None:
         """Save a script the way a plain editor does (truncate and write in place)."""
