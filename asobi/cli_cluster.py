@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import sys
 import time
 import urllib.error
 import urllib.parse
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,29 +64,33 @@ def cmd_push(args: argparse.Namespace) -> int:
     if not files:
         print(f"asobi push: no scripts in {game_dir}", file=sys.stderr)
         return 2
-    http = urllib.parse.urlsplit(_server_url(args))
-    url = f"{'wss' if http.scheme == 'https' else 'ws'}://{http.netloc}/ws"
+    url = _ws_url(args)
     try:
         record = _push(url, settings.admin_token, files, bundle_hash(files))
     except (OSError, TimeoutError) as exc:
         print(f"asobi push: cannot reach {url}: {exc}", file=sys.stderr)
         return 2
-    except PushRefused as exc:
+    except AdminRefused as exc:
         print(f"asobi push: {exc}", file=sys.stderr)
         return 2
     _print_push(record)
     return 0 if record["outcome"] == "reloaded" else 1
 
 
-class PushRefused(Exception):
-    """The node answered a push frame with an error; the message is its words."""
+class AdminRefused(Exception):
+    """The node answered an admin frame with an error; the message is its words."""
 
 
-def _push(url: str, token: str, files: dict[str, bytes], digest: str) -> dict[str, Any]:
-    """Send a bundle over the admin channel: announce it, send its bytes in the chunks the node
-    asks for (one at a time, each acknowledged; a chunk refused by the rate limit is sent
-    again), then wait for the record."""
+def _ws_url(args: argparse.Namespace) -> str:
+    http = urllib.parse.urlsplit(_server_url(args))
+    return f"{'wss' if http.scheme == 'https' else 'ws'}://{http.netloc}/ws"
 
+
+@contextlib.contextmanager
+def _admin(url: str, token: str) -> Iterator[Callable[..., dict[str, Any]]]:
+    """An authenticated admin channel to a node: yields `call(kind, payload, want)`, which sends
+    one frame and returns the payload of the first answer whose type is in `want` (a frame
+    refused by the rate limit is sent again; any other error raises `AdminRefused`)."""
     from websockets.sync.client import connect
 
     with connect(url, open_timeout=10, close_timeout=2) as ws:
@@ -96,22 +102,29 @@ def _push(url: str, token: str, files: dict[str, bytes], digest: str) -> dict[st
             while True:
                 frame = orjson.loads(ws.recv(timeout=max(deadline - time.monotonic(), 0.01)))
                 if frame.get("type") in want:
-                    return dict(frame["payload"])
+                    return dict(frame.get("payload") or {})
                 if frame.get("type") == "error":
                     error = frame.get("payload") or {}
                     if error.get("code") == "rate_limited":
                         time.sleep(0.5)
                         ws.send(frame_text)
                         continue
-                    raise PushRefused(f"{error.get('code')}: {error.get('message')}")
+                    raise AdminRefused(f"{error.get('code')}: {error.get('message')}")
 
         call("admin.auth", {"token": token}, ("admin.authed",))
+        yield call
+
+
+def _push(url: str, token: str, files: dict[str, bytes], digest: str) -> dict[str, Any]:
+    """Send a bundle over the admin channel: announce it, send its bytes in the chunks the node
+    asks for (one at a time, each acknowledged), then wait for the record."""
+    with _admin(url, token) as call:
         manifest = [{"path": p, "size": len(b)} for p, b in files.items()]
         ready = call("admin.push", {"files": manifest, "hash": digest}, ("admin.push_ready",))
         data = b"".join(files.values())
         step = int(ready["chunk_bytes"])
         if not data:
-            raise PushRefused("every script is empty")
+            raise AdminRefused("every script is empty")
         for offset in range(0, len(data), step):
             chunk = base64.b64encode(data[offset : offset + step]).decode()
             answer = call(
@@ -124,36 +137,19 @@ def _push(url: str, token: str, files: dict[str, bytes], digest: str) -> dict[st
 
 def cmd_drain(args: argparse.Namespace) -> int:
     """Move every match of a node to the other nodes of its cluster (docs/durability.md)."""
-    from websockets.sync.client import connect
-
     settings = Settings.from_env()
     if not settings.admin_token:
         print("asobi drain: set ASOBI_ADMIN_TOKEN (the same value as the nodes')", file=sys.stderr)
         return 2
-    http = urllib.parse.urlsplit(_server_url(args))
-    url = f"{'wss' if http.scheme == 'https' else 'ws'}://{http.netloc}/ws"
+    url = _ws_url(args)
     try:
-        with connect(url, open_timeout=10, close_timeout=2) as ws:
-            answer: dict[str, Any] = {}
-            for kind, payload, want in (
-                ("admin.auth", {"token": settings.admin_token}, "admin.authed"),
-                ("admin.drain", {}, "admin.drained"),
-            ):
-                ws.send(orjson.dumps({"type": kind, "payload": payload, "cid": kind}).decode())
-                while True:
-                    frame = orjson.loads(ws.recv(timeout=PUSH_TIMEOUT_S))
-                    if frame.get("type") == "error":
-                        error = frame.get("payload") or {}
-                        print(
-                            f"asobi drain: {error.get('code')}: {error.get('message')}",
-                            file=sys.stderr,
-                        )
-                        return 2
-                    if frame.get("type") == want:
-                        answer = dict(frame.get("payload") or {})
-                        break
+        with _admin(url, settings.admin_token) as call:
+            answer = call("admin.drain", {}, ("admin.drained",))
     except (OSError, TimeoutError) as exc:
         print(f"asobi drain: cannot reach {url}: {exc}", file=sys.stderr)
+        return 2
+    except AdminRefused as exc:
+        print(f"asobi drain: {exc}", file=sys.stderr)
         return 2
     nodes = ", ".join(answer.get("nodes") or []) or "-"
     print(
