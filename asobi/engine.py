@@ -208,7 +208,7 @@ class Engine:
             raise JoinRefused("refused", reason)
         self.player_match[player_id] = match.id
         if self.snapshots is not None:
-            self.snapshots.due.pop(match.id, None)  # the journal gets the new seat next tick
+            self.snapshots.clear_due(match.id)  # the journal gets the new seat
         log.info("player_joined", match_id=match.id, player_id=player_id)
         return match
 
@@ -233,12 +233,8 @@ class Engine:
         if notify:
             for pid in match.players:
                 self.outbox.send(pid, frame)
-        for pid in match.players:
-            if self.player_match.get(pid) == match.id:
-                del self.player_match[pid]
+        self._unlink(match)
         match.close()
-        self.matches.pop(match.id, None)
-        self.inputs_received.pop(match.id, None)
         log.info(
             "match_finished",
             match_id=match.id,
@@ -249,6 +245,22 @@ class Engine:
         )
         for listener in self.listeners:
             listener.match_finished(match, result)
+
+    def release(self, match: Match) -> None:
+        """Take a match off this engine without ending it: it was handed to another node (no
+        `match_finished`, so its snapshot stays in the journal for the taker)."""
+        self._unlink(match)
+        if self.snapshots is not None:
+            self.snapshots.clear_due(match.id)
+        match.finished = True  # the schedule skips it from now on
+
+    def _unlink(self, match: Match) -> None:
+        for pid in match.players:
+            if self.player_match.get(pid) == match.id:
+                del self.player_match[pid]
+            self.restored_notices.pop(pid, None)
+        self.matches.pop(match.id, None)
+        self.inputs_received.pop(match.id, None)
 
     # -- reload -----------------------------------------------------------------------------------
     def schedule_reload(self, version: ScriptVersion) -> list[Match]:

@@ -58,6 +58,11 @@ class Snapshotter:
             return self.every_ticks
         return max(1, round(match.script.meta.tick_rate))
 
+    def clear_due(self, match_id: str) -> None:
+        """Forget when the match is next due: its next tick here, if any, takes a snapshot (its
+        seats changed, or it was handed to another node)."""
+        self.due.pop(match_id, None)
+
     def take(self, match: Match) -> Snapshot | None:
         """Snapshot `match` now (a tick boundary) and queue it; None when its state cannot be
         copied.  Never raises into the engine."""

@@ -136,7 +136,7 @@ class Drainer:
                 continue  # a state that cannot be copied plays on here until the node stops
             hub = self.app.hub
             connected = [p for p in match.players if hub.peer(p) is not None]
-            self._stop(match)
+            self.app.engine.release(match)
             moving[match.id] = Moving(match, connected)
         if not moving:
             return
@@ -157,20 +157,6 @@ class Drainer:
             if match_id not in result.moved and await self._keep(entry):
                 result.kept.append(match_id)
             entry.match.close()
-
-    def _stop(self, match: Match) -> None:
-        """Take the match off this node's engine without ending it (no `match_finished`: its
-        snapshot must stay in the journal for the taking node)."""
-        engine = self.app.engine
-        engine.matches.pop(match.id, None)
-        engine.inputs_received.pop(match.id, None)
-        for pid in match.players:
-            if engine.player_match.get(pid) == match.id:
-                del engine.player_match[pid]
-            engine.restored_notices.pop(pid, None)
-        if engine.snapshots is not None:
-            engine.snapshots.due.pop(match.id, None)
-        match.finished = True  # the schedule skips it from now on
 
     async def _write_out(self) -> None:
         """The snapshots into Redis, the matches' queued writes into the database."""
