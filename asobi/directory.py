@@ -53,12 +53,14 @@ class Connections(Outbox, Protocol):
 class Seat:
     """A seat a seat token grants on this node: `join` False is a seat the match already holds
     for the player (a resume without a resume token); True asks this node to run the backfill
-    join of `match.join`."""
+    join of `match.join`.  `moving` is a seat in a match a draining node is about to hand over
+    (`match.moving`): the player may arrive before the match does."""
 
     player_id: str
     match_id: str
     node_id: str
     join: bool
+    moving: bool = False
 
 
 class InvalidSeat(Exception):

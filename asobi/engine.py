@@ -151,14 +151,22 @@ class Engine:
         )
         return match
 
-    def adopt(self, match: Match) -> None:
-        """Put a started (or restored) match on the schedule, at its own phase."""
+    def adopt(self, match: Match, first_tick_in: float | None = None) -> None:
+        """Put a started (or restored) match on the schedule, at its own phase; or, for a match
+        handed over by another node, `first_tick_in` seconds from now, when its next tick was
+        due there (its players then see no longer a pause than the hand-over took)."""
         self.matches[match.id] = match
         for pid in match.players:
             self.player_match[pid] = match.id
-        self._phase = (self._phase + _PHASE_STEP) % 1.0
-        match.deadline = self.clock() + match.period * (0.05 + 0.95 * self._phase)
+        if first_tick_in is None:
+            self._phase = (self._phase + _PHASE_STEP) % 1.0
+            first_tick_in = match.period * (0.05 + 0.95 * self._phase)
+        match.deadline = self.clock() + max(0.0, min(first_tick_in, match.period))
         self._push(match)
+
+    def due_in(self, match: Match) -> float:
+        """Seconds until the match's next tick is due (0 when late)."""
+        return max(0.0, match.deadline - self.clock())
 
     def match_of(self, player_id: str) -> Match | None:
         match_id = self.player_match.get(player_id)

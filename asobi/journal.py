@@ -174,8 +174,13 @@ class WriteBehindJournal:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._hurry = False
         self._unavailable = False
+        # `flush_now`: notes are numbered; the writer says up to which one all are written,
+        # and a hurried flush cuts the writer's gathering delay short.
+        self._noted = 0
+        self._written_through = 0
+        self._hurried = asyncio.Event()
+        self._flushes: list[tuple[int, asyncio.Future[None]]] = []
         self.written = 0
         self.bytes_written = 0
         self.writes = 0
@@ -207,6 +212,7 @@ class WriteBehindJournal:
 
     def _note(self, match_id: str, snapshot: Snapshot | None) -> None:
         self._notes[match_id] = snapshot
+        self._noted += 1
         self._idle.clear()
         self._wake.set()
 
@@ -214,13 +220,31 @@ class WriteBehindJournal:
         await self._idle.wait()
 
     async def flush_now(self) -> None:
-        """`flush` without the writer's gathering delay (a drain waits on it)."""
-        self._hurry = True
+        """Wait until every note made so far is written, without the writer's gathering delay
+        (a drain waits on it between a match's last tick here and its first on another node,
+        so notes made after the call, by matches still running, do not hold it up)."""
+        target = self._noted
+        if self._written_through >= target or self._task is None:
+            return
+        done = asyncio.get_running_loop().create_future()
+        self._flushes.append((target, done))
+        self._hurried.set()
         self._wake.set()
-        try:
-            await self._idle.wait()
-        finally:
-            self._hurry = False
+        await done
+
+    def _written(self, through: int) -> None:
+        """Every note up to `through` is written (or dropped for good): release their flushes."""
+        self._written_through = max(self._written_through, through)
+        waiting = []
+        for target, done in self._flushes:
+            if target <= self._written_through:
+                if not done.done():
+                    done.set_result(None)
+            else:
+                waiting.append((target, done))
+        self._flushes = waiting
+        if not waiting:
+            self._hurried.clear()
 
     async def _writer(self) -> None:
         backoff = self.coalesce_s
@@ -231,10 +255,12 @@ class WriteBehindJournal:
                     return
                 self._wake.clear()
                 await self._wake.wait()
-                if not (self._closing or self._hurry):
-                    await asyncio.sleep(self.coalesce_s)
+                if not (self._closing or self._hurried.is_set()):
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._hurried.wait(), self.coalesce_s)
                 continue
             notes, self._notes = self._notes, {}
+            through = self._noted
             try:
                 await self.write(notes)
             except self.RETRYABLE as exc:
@@ -247,17 +273,20 @@ class WriteBehindJournal:
                 if self._closing:
                     log.error("journal_stop_unwritten", matches=len(self._notes))
                     self._notes.clear()
+                    self._written(self._noted)
                     continue
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RETRY_MAX_S)
                 continue
             except Exception as exc:  # a snapshot the storage refuses: dropped, never retried
                 log.exception("journal_write_failed", error=str(exc), matches=len(notes))
+                self._written(through)
                 continue
             if self._unavailable:
                 self._unavailable = False
                 log.info("journal_recovered")
             backoff = self.coalesce_s
+            self._written(through)
             self.writes += 1
             for snapshot in notes.values():
                 if snapshot is not None:

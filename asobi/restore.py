@@ -76,12 +76,15 @@ def restore_match(
     *,
     schedule: bool = True,
     notify: bool = True,
+    present: dict[str, str | None] | None = None,
 ) -> Match:
     """Start one match from its snapshot; raises RestoreRefused.
 
     `schedule` False registers the match and its seats without ticking it yet: a node receiving
     a drained match starts its clock once the players have arrived (`Engine.adopt`), so they miss
-    no tick.  `notify` False sends no `match.restored` (a drained match lost nothing)."""
+    no tick.  `notify` False sends no `match.restored` (a drained match lost nothing).
+    `present` are players already connected here (sent ahead of a drained match): they take
+    their seats at once and keep the resume token of the session they opened here."""
     engine = app.engine
     version = app.registry.get(snapshot.script)
     if version is None:
@@ -138,6 +141,10 @@ def restore_match(
     now = time.monotonic()
     unclaimable = []
     for pid, token in snapshot.seats:
+        if present is not None and pid in present:
+            if present[pid] is None:
+                app.presence.issue(pid)
+            continue  # seated now, with the resume token of their session here
         if app.presence.restore(pid, token, now):
             if notify:
                 engine.restored_notices[pid] = notice

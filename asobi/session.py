@@ -296,6 +296,10 @@ class Session:
             # The backfill join runs as `match.join` would, once the player's data is resident.
             join = {"type": "match.join", "payload": {"match_id": seat.match_id}}
             self.handle(orjson.dumps(join))
+        elif seat is not None and seat.moving and match is None:
+            # Sent ahead of its match by a draining node (`match.moving`): the match arrives
+            # here within a moment and takes this session into its seat (asobi.cluster.drain).
+            log.info("seat_arriving", player_id=player_id, match_id=seat.match_id)
         elif seat is not None and (match is None or match.match_id != seat.match_id):
             self.send_error(
                 ErrorCode.MATCH_NOT_FOUND, "the match of this seat ended or gave the seat up"

@@ -3,10 +3,12 @@
 `python -m bench --only drain` (or `python -m bench.drain_bench`).  A private `redis-server`,
 two node processes on the PostgreSQL of ASOBI_DATABASE_URL or ASOBI_TEST_DATABASE_URL, and this
 process as the players: N two-player matches at 20 Hz on node A, every player reading its
-frames.  Then `admin.drain` on A: each player follows its `match.moved` to node B with the seat
-token, as the JavaScript client does.  Reported: the drain as A measured it (stop, write out,
-hand over) and as the operator saw it (request to answer); per player, the longest time between
-two state frames across the move, and the ticks skipped or repeated in what they saw.
+frames.  Then `admin.drain` on A: as the JavaScript client does, each player opens a second
+connection to node B when `match.moving` names it, keeps reading A until B's first state frame,
+then closes A's (and follows a `match.moved` the old way).  Reported: the drain as A measured it
+(players ahead, cut, write out, hand over) and as the operator saw it (request to answer); per
+player, the longest time between two state frames it saw from the drain's start to the end,
+and the ticks skipped or repeated in what they saw.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Player:
     token: str
     frames: list[tuple[float, int]] = field(default_factory=list)
     moved_at: float | None = None
+    readers: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 @dataclass
@@ -85,30 +88,40 @@ async def matched(player: Player) -> None:
         pass
 
 
-async def read(player: Player, stop: asyncio.Event) -> None:
-    """Record every state frame; follow `match.moved` to the node it names."""
+async def read(player: Player, ws: Any, stop: asyncio.Event) -> None:
+    """Record the state frames of one of the player's connections; follow `match.moving` (a
+    second connection) and `match.moved` (a new connection instead of this one).  A connection
+    another one replaced is read until it falls quiet, then closed."""
+    led = False
     while not stop.is_set():
+        led = led or ws is player.ws
+        retired = led and ws is not player.ws
         try:
-            raw = await asyncio.wait_for(player.ws.recv(), 0.5)
+            raw = await asyncio.wait_for(ws.recv(), 0.2 if retired else 0.5)
         except TimeoutError:
-            continue
+            if not retired:
+                continue
+            await ws.close()
+            return
         except websockets.ConnectionClosed:
-            await asyncio.sleep(0.01)
-            continue
+            return
         frame = orjson.loads(raw)
-        if frame["type"] == "match.state":
+        kind = frame["type"]
+        if kind == "match.state":
             player.frames.append((time.perf_counter(), frame["payload"]["n"]))
-        elif frame["type"] == "match.moved":
-            player.moved_at = time.perf_counter()
-            old = player.ws
-            player.ws = await websockets.connect(frame["payload"]["node_url"], max_queue=None)
-            await player.ws.send(
-                send(
-                    "session.connect",
-                    {"token": player.token, "seat_token": frame["payload"]["seat_token"]},
-                )
-            )
-            await old.close()
+            if ws is not player.ws:
+                player.ws = ws  # the first frame of the connection opened ahead: it leads now
+        elif kind in ("match.moving", "match.moved"):
+            player.moved_at = player.moved_at or time.perf_counter()
+            follow = asyncio.create_task(ahead(player, frame["payload"], stop))
+            player.readers.append(follow)
+
+
+async def ahead(player: Player, moving: dict[str, Any], stop: asyncio.Event) -> None:
+    ws = await websockets.connect(moving["node_url"], max_queue=None)
+    payload = {"token": player.token, "seat_token": moving["seat_token"]}
+    await ws.send(send("session.connect", payload))
+    await read(player, ws, stop)
 
 
 async def drain(url: str) -> tuple[float, dict[str, Any]]:
@@ -150,12 +163,17 @@ async def measure(matches: int, db: str) -> Row:
             for two in await asyncio.gather(*(pair() for _ in range(matches))):
                 players.extend(two)
             stop = asyncio.Event()
-            readers = [asyncio.create_task(read(p, stop)) for p in players]
+            for p in players:
+                p.readers.append(asyncio.create_task(read(p, p.ws, stop)))
             await asyncio.sleep(1.5)
+            drain_started = time.perf_counter()
             drain_client_ms, answer = await drain(a_url)
             await asyncio.sleep(2.0)
             stop.set()
-            await asyncio.gather(*readers)
+            for p in players:
+                while p.readers:
+                    with contextlib.suppress(Exception):
+                        await p.readers.pop()
         finally:
             for p in players:
                 with contextlib.suppress(Exception):
@@ -172,15 +190,15 @@ async def measure(matches: int, db: str) -> Row:
     for p in players:
         if p.moved_at is None or not p.frames:
             continue
-        # The gap across the move: the last frame before `match.moved` to the first after it.
-        before = [t for t, _ in p.frames if t < p.moved_at]
-        after = [t for t, _ in p.frames if t > p.moved_at]
-        if before and after:
-            gaps.append((after[0] - before[-1]) * 1000)
-        counters = [n for _, n in p.frames]
+        # The longest pause between two frames the player saw while the node drained.
+        times = sorted(t for t, _ in p.frames if t >= drain_started)
+        if len(times) > 1:
+            gaps.append(max(y - x for x, y in itertools.pairwise(times)) * 1000)
+        # Every tick once: the counters seen, whatever connection brought them.
+        counters = sorted(n for _, n in p.frames)
         for x, y in itertools.pairwise(counters):
             skipped += max(0, y - x - 1)
-            repeated += 1 if y <= x else 0
+            repeated += 1 if y == x else 0
     return Row(
         matches=matches,
         moved=int(answer.get("moved", 0)),

@@ -1,28 +1,37 @@
-"""Draining a node: every match it runs moves to another node, with no tick lost or repeated.
+"""Draining a node: every match it runs moves to another node, with no tick lost or repeated
+and no pause longer than the hand-over itself.
 
-`asobi drain` (the admin frame `admin.drain`) and SIGTERM on a node of a cluster run `drain`:
+`asobi drain` (the admin frame `admin.drain`) and SIGTERM on a node of a cluster run `drain`.
+The matches are dealt to the other live nodes, least loaded first (as the failover deals a dead
+node's), in batches; each batch moves *make before break*:
 
-1. Between two ticks, every match is snapshotted (`Snapshotter.take`) and stops ticking here.
-   Its snapshot and the store's queued writes are written out (the journal, then the database,
-   so the marks of its last units are in before another node commits any).
-2. The matches are dealt to the other live nodes, least loaded first (as the failover deals a
-   dead node's), and each node is asked to `drain.take` its share: it claims each match in the
-   journal (`RedisJournal.claim`, atomic) and restores it through the single node's restore
-   without starting its clock.
-3. Each player connected here is sent `match.moved {match_id, node_id, node_url, seat_token}` and
-   reconnects there with the seat token; the taking node starts the match's clock once every
-   player sent over has arrived (or after `arrival_s`), so the first tick there is the snapshot's
-   tick plus one and the players miss none of it.  Players whose seat was held (disconnected) keep
-   their resume token, which now leads to the new node (`seats.follow`).
+1. **Sent ahead.** While its matches play on here, each connected player gets
+   `match.moving {match_id, node_id, node_url, seat_token}` and opens a second connection to the
+   taking node with that seat token, keeping this one; the taking node answers `drain.arrive`
+   once they are all connected there (or after `arrival_s`).  Reconnecting is what takes time (a
+   WebSocket handshake per player), so it happens before the match stops, not during the pause.
+2. **Cut.** Between two ticks the batch's matches are snapshotted (`Snapshotter.take`) and stop
+   ticking here; their snapshots and the store's queued writes are written out (the journal,
+   then the database, so the marks of their last units are in before another node commits any).
+3. **Taken.** The taking node (`drain.take`) claims each match in the journal
+   (`RedisJournal.claim`, atomic), restores it through the single node's restore, seats the
+   players already connected there, and starts its clock when its next tick was due here: the
+   first frame there is the snapshot's tick plus one, one hand-over after the last frame here.
+   Players who did not come ahead (a client that does not know `match.moving`) get
+   `match.moved {match_id, node_id, node_url, seat_token}` and reconnect the old way; the match
+   then starts once they are there (or after `arrival_s`).  Players whose seat was held
+   (disconnected) keep their resume token, which now leads to the new node (`seats.follow`).
 
 A match no node took (the node did not answer, refused it) is restored here again from the same
-snapshot, unless the journal says another node claimed it meanwhile (then that node runs it).
+snapshot, unless the journal says another node claimed it meanwhile (then that node runs it);
+its players sent ahead stay here, and their second connection simply carries no match.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -43,17 +52,22 @@ if TYPE_CHECKING:
 log = structlog.get_logger("asobi.cluster.drain")
 
 TAKE = "drain.take"
+ARRIVE = "drain.arrive"
 REQUEST_S = 10.0
 FLUSH_S = 5.0
 BATCH = 10  # matches per `drain.take` request
+WAVE_S = 0.04  # between two batches' `match.moving` frames
 
 
 @dataclass
 class Moving:
-    """A match stopped here for its move: the match, and the players connected here."""
+    """A match stopped here for its move: the players connected here when it stopped, those of
+    them already connected to the taking node, and when its next tick was due (seconds)."""
 
     match: Match
     connected: list[str]
+    arrived: list[str]
+    due_in_s: float
 
 
 @dataclass
@@ -92,6 +106,7 @@ class Drainer:
         self.draining = False
         self._waits: set[asyncio.Task[None]] = set()
         cluster.link.on(TAKE, self._on_take)
+        cluster.link.on(ARRIVE, self._on_arrive)
 
     async def stop(self) -> None:
         for task in list(self._waits):
@@ -127,36 +142,98 @@ class Drainer:
 
     async def _drain(self, result: DrainResult, targets: list[str]) -> None:
         engine = self.app.engine
+        running = [m.id for m in engine.matches.values() if not m.finished]
+        if not running:
+            return
+        log.info("drain_started", node=self.node_id, matches=len(running), targets=targets)
+        shares: dict[str, list[str]] = {}
+        for match_id, node in deal(running, targets).items():
+            shares.setdefault(node, []).append(match_id)
+        per_node = [
+            [(node, ids[i : i + BATCH]) for i in range(0, len(ids), BATCH)]
+            for node, ids in shares.items()
+        ]
+        # The nodes' batches interleaved: wave k goes to one node, wave k + 1 to the next.
+        waves = [b for group in itertools.zip_longest(*per_node) for b in group if b]
+        cutting = {node: asyncio.Lock() for node in shares}
+        await asyncio.gather(
+            *(
+                self._move(k * WAVE_S, node, ids, cutting[node], result)
+                for k, (node, ids) in enumerate(waves)
+            )
+        )
+
+    async def _move(
+        self, delay_s: float, node: str, ids: list[str], cutting: asyncio.Lock, r: DrainResult
+    ) -> None:
+        """One batch: its players sent ahead (a wave every `WAVE_S`, so the reconnections do
+        not all land on the taking node, nor on anyone's network, at once), then, once they
+        are there, the cut and the hand-over (one batch at a time per node, so a cut is never
+        queued behind another's)."""
+        await asyncio.sleep(delay_s)
+        told = self._send_ahead(node, ids)
+        arrived = await self._arrivals(node, told) if told else set()
+        async with cutting:
+            moving = self._cut(ids, arrived)
+            if not moving:
+                return
+            await self._write_out()
+            await self._hand(node, moving, r)
+        for match_id, entry in moving.items():
+            if match_id not in r.moved and await self._keep(entry):
+                r.kept.append(match_id)
+            entry.match.close()
+
+    def _send_ahead(self, node: str, match_ids: list[str]) -> list[str]:
+        """`match.moving` to the connected players of these matches; the players told."""
+        url = self.cluster.nodes.url_of(node)
+        engine, hub = self.app.engine, self.app.hub
+        snapshots = engine.snapshots
+        if url is None or snapshots is None:
+            return []
+        told = []
+        for match_id in match_ids:
+            match = engine.matches.get(match_id)
+            if match is None or match.finished or match_id in snapshots.refused:
+                continue  # ended meanwhile, or cannot be copied: it stays here
+            for pid in match.players:
+                if hub.peer(pid) is None:
+                    continue
+                token = self.cluster.seat_tokens.issue(pid, match_id, node, moving=True)
+                payload = {"match_id": match_id, "node_id": node, "node_url": url}
+                hub.send(pid, encode("match.moving", dict(payload, seat_token=token)))
+                told.append(pid)
+        return told
+
+    async def _arrivals(self, node: str, players: list[str]) -> set[str]:
+        """The players sent ahead who are connected to `node` (it waits up to `arrival_s`)."""
+        try:
+            reply = await self.cluster.link.request(
+                node, ARRIVE, {"players": players}, timeout_s=self.arrival_s + REQUEST_S
+            )
+        except Unavailable as exc:
+            log.warning("drain_node_unanswered", node=node, players=len(players), error=str(exc))
+            return set()
+        arrived = reply.get("arrived")
+        return {str(p) for p in arrived} if isinstance(arrived, list) else set()
+
+    def _cut(self, match_ids: list[str], arrived: set[str]) -> dict[str, Moving]:
+        """One synchronous pass, between two ticks: each match is snapshotted and stops here
+        after the tick it is at."""
+        engine, hub = self.app.engine, self.app.hub
         snapshots = engine.snapshots
         assert snapshots is not None
         moving: dict[str, Moving] = {}
-        # One synchronous pass, between ticks: every match stops after the same tick it is at.
-        for match in list(engine.matches.values()):
-            if match.finished or snapshots.take(match) is None:
+        for match_id in match_ids:
+            match = engine.matches.get(match_id)
+            if match is None or match.finished or snapshots.take(match) is None:
                 continue  # a state that cannot be copied plays on here until the node stops
-            hub = self.app.hub
             connected = [p for p in match.players if hub.peer(p) is not None]
-            self.app.engine.release(match)
-            moving[match.id] = Moving(match, connected)
-        if not moving:
-            return
-        log.info("drain_started", node=self.node_id, matches=len(moving), targets=targets)
-        await self._write_out()
-        plan = deal(list(moving), targets)
-        shares: dict[str, list[str]] = {}
-        for match_id, node in plan.items():
-            shares.setdefault(node, []).append(match_id)
-        # In batches: the players of the first batch move while the node restores the next.
-        batches = [
-            (node, ids[i : i + BATCH])
-            for node, ids in shares.items()
-            for i in range(0, len(ids), BATCH)
-        ]
-        await asyncio.gather(*(self._hand(node, ids, moving, result) for node, ids in batches))
-        for match_id, entry in moving.items():
-            if match_id not in result.moved and await self._keep(entry):
-                result.kept.append(match_id)
-            entry.match.close()
+            due_in_s = engine.due_in(match)
+            engine.release(match)
+            ahead = [p for p in connected if p in arrived]
+            moving[match_id] = Moving(match, connected, ahead, due_in_s)
+        return moving
 
     async def _write_out(self) -> None:
         """The snapshots into Redis, the matches' queued writes into the database."""
@@ -166,18 +243,18 @@ class Drainer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*waits), FLUSH_S)
 
-    async def _hand(
-        self, node: str, match_ids: list[str], moving: dict[str, Moving], result: DrainResult
-    ) -> None:
+    async def _hand(self, node: str, moving: dict[str, Moving], result: DrainResult) -> None:
         """Ask `node` to take these matches; tell the players of those it took."""
         payload = {
             "from": self.node_id,
-            "matches": [[m, moving[m].connected] for m in match_ids],
+            "matches": [
+                [m, e.connected, e.arrived, round(e.due_in_s * 1000, 1)] for m, e in moving.items()
+            ],
         }
         try:
             reply = await self.cluster.link.request(node, TAKE, payload, timeout_s=REQUEST_S)
         except Unavailable as exc:
-            log.warning("drain_node_unanswered", node=node, matches=len(match_ids), error=str(exc))
+            log.warning("drain_node_unanswered", node=node, matches=len(moving), error=str(exc))
             return
         taken = reply.get("taken")
         for match_id in taken if isinstance(taken, list) else []:
@@ -192,6 +269,8 @@ class Drainer:
         for pid in match.players:
             seats.forget(pid)
         for pid in entry.connected:
+            if pid in entry.arrived:
+                continue  # already there: the taking node seated them
             token = self.cluster.seat_tokens.issue(pid, match.id, node)
             frame = encode(
                 "match.moved",
@@ -204,6 +283,7 @@ class Drainer:
             node=node,
             tick=match.tick_no,
             players=list(match.players),
+            ahead=len(entry.arrived),
         )
 
     async def _keep(self, entry: Moving) -> bool:
@@ -227,23 +307,56 @@ class Drainer:
         return True
 
     # -- the taking node --------------------------------------------------------------------------
+    async def _on_arrive(self, message: dict[str, Any]) -> None:
+        """Answer once the players sent ahead are all connected here (or after `arrival_s`)."""
+        players = message.get("players")
+        expected = {str(p) for p in players} if isinstance(players, list) else set()
+        hub = self.app.hub
+        deadline = time.monotonic() + self.arrival_s
+        while any(hub.peer(p) is None for p in expected) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        arrived = [p for p in expected if hub.peer(p) is not None]
+        await self.cluster.link.reply(message, {"arrived": arrived})
+
     async def _on_take(self, message: dict[str, Any]) -> None:
         giver = str(message.get("from"))
         entries = message.get("matches")
-        arriving: dict[str, list[str]] = {}
+        handed: dict[str, tuple[list[str], list[str], float]] = {}
         for entry in entries if isinstance(entries, list) else []:
-            with contextlib.suppress(IndexError, TypeError):
-                arriving[str(entry[0])] = [str(p) for p in entry[1]]
-        claimed = await self.journal.claim_many(list(arriving), giver)
+            with contextlib.suppress(IndexError, TypeError, ValueError):
+                connected = [str(p) for p in entry[1]]
+                ahead = [str(p) for p in entry[2]]
+                handed[str(entry[0])] = (connected, ahead, float(entry[3]) / 1000)
+        claimed = await self.journal.claim_many(list(handed), giver)
+        engine, hub, presence = self.app.engine, self.app.hub, self.app.presence
         taken: list[Snapshot] = []
         waiting: list[tuple[Match, list[str]]] = []
         for match_id, snapshot in claimed.items():
-            match = self.failover.restore(snapshot, None, giver, schedule=False, notify=False)
+            connected, ahead, due_in_s = handed[match_id]
+            # Players who came ahead keep the session (and resume token) they opened here.
+            present = {p: presence.token_of(p) for p in ahead if hub.peer(p) is not None}
+            match = self.failover.restore(
+                snapshot, None, giver, schedule=False, notify=False, present=present
+            )
             if match is None:
                 continue
             taken.append(snapshot)
-            waiting.append((match, arriving[match_id]))
-            log.info("match_taken", match_id=match_id, from_node=giver, tick=snapshot.tick)
+            rejoined = encode("match.rejoined", {"match_id": match.id, "mode": match.mode})
+            for pid in present:
+                engine.resync(pid)
+                hub.send(pid, rejoined)
+            if all(hub.peer(p) is not None for p in connected if p in match.players):
+                engine.adopt(match, due_in_s)
+            else:
+                waiting.append((match, connected))
+            log.info(
+                "match_taken",
+                match_id=match_id,
+                from_node=giver,
+                tick=snapshot.tick,
+                ahead=len(present),
+                late=len(connected) - len(present),
+            )
         await self.cluster.link.reply(message, {"taken": [s.match_id for s in taken]})
         if waiting:
             task = asyncio.get_running_loop().create_task(self._start_when_arrived(waiting))

@@ -154,10 +154,13 @@ class Failover:
         *,
         schedule: bool = True,
         notify: bool = True,
+        present: dict[str, str | None] | None = None,
     ) -> Match | None:
         """Start a claimed match here (None: it cannot be restored, and is dropped)."""
         try:
-            return restore_match(self.app, snapshot, mark, schedule=schedule, notify=notify)
+            return restore_match(
+                self.app, snapshot, mark, schedule=schedule, notify=notify, present=present
+            )
         except (RestoreRefused, ValueError) as exc:
             log.error(
                 "match_restore_refused",

@@ -25,13 +25,22 @@ class SeatTokens:
         self._secret = secret
         self.ttl_s = ttl_s
 
-    def issue(self, player_id: str, match_id: str, node_id: str, *, join: bool = False) -> str:
+    def issue(
+        self,
+        player_id: str,
+        match_id: str,
+        node_id: str,
+        *,
+        join: bool = False,
+        moving: bool = False,
+    ) -> str:
         now = int(time.time())
         claims = {
             "sub": player_id,
             "match": match_id,
             "node": node_id,
             "join": join,
+            "moving": moving,
             "aud": AUDIENCE,
             "iat": now,
             "exp": now + self.ttl_s,
@@ -56,7 +65,13 @@ class SeatTokens:
             raise InvalidSeat("seat token is for another player")
         if claims.get("node") != node_id:
             raise InvalidSeat("seat token is for another node")
-        return Seat(player_id, str(claims["match"]), node_id, bool(claims.get("join")))
+        return Seat(
+            player_id,
+            str(claims["match"]),
+            node_id,
+            bool(claims.get("join")),
+            bool(claims.get("moving")),
+        )
 
 
 __all__ = ["InvalidSeat", "Seat", "SeatTokens"]
