@@ -46,6 +46,7 @@ RESERVED_EVENTS = frozenset(
         "resync",
         "redirect",
         "moved",
+        "moving",
         "restored",
     }
 )

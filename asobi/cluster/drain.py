@@ -332,9 +332,10 @@ class Drainer:
         taken: list[Snapshot] = []
         waiting: list[tuple[Match, list[str]]] = []
         for match_id, snapshot in claimed.items():
-            connected, ahead, due_in_s = handed[match_id]
-            # Players who came ahead keep the session (and resume token) they opened here.
-            present = {p: presence.token_of(p) for p in ahead if hub.peer(p) is not None}
+            connected, _, due_in_s = handed[match_id]
+            # Players who came ahead keep the session (and resume token) they opened here;
+            # also those the giver did not see arrive before it cut (`ahead` is its count).
+            present = {p: presence.token_of(p) for p in connected if hub.peer(p) is not None}
             match = self.failover.restore(
                 snapshot, None, giver, schedule=False, notify=False, present=present
             )

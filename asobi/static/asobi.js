@@ -42,6 +42,8 @@ export function applyMergePatch(target, patch) {
 const FINAL_CLOSES = new Set([4000, 4001, 1008]);
 // Redirects followed in a row without a session opening before the client gives up.
 const MAX_HOPS = 4;
+// How long a socket opened ahead on `match.moving` waits for its match before it is dropped.
+const AHEAD_TIMEOUT_MS = 15000;
 // Error codes that end a `match.join` carried out on the node a `match.redirect` named.
 const JOIN_ERRORS = new Set(["invalid_seat", "match_not_found", "match_full", "join_refused", "already_in_match"]);
 
@@ -75,6 +77,7 @@ export class Asobi {
     this._attempt = 0;
     this._seatToken = null;
     this._hops = 0;
+    this._ahead = null; // the socket opened ahead on `match.moving`, until the match comes
     // The last state frame of a `match.patch` chain: {seq, state} (null: none to patch).
     this._sync = null;
     this._resyncAt = 0;
@@ -129,18 +132,86 @@ export class Asobi {
       };
       ws.onmessage = (event) => this._receive(event.data);
       ws.onclose = (event) => {
-        this.connected = false;
-        this._sync = null;
-        if (this._ws === ws) this._ws = null;
-        this._failInFlight();
-        this._emit("close", { code: event.code, reason: event.reason });
         if (!opened && this.url !== this._homeUrl) this.url = this._homeUrl;
         if (!opened) reject(new AsobiError("connect_failed", `cannot connect to ${this.url}`));
-        if (!this._closedByUser && this.options.reconnect && this.token && !FINAL_CLOSES.has(event.code)) {
-          this._scheduleReconnect();
-        }
+        this._closed(ws, event);
       };
     });
+  }
+
+  _closed(ws, event) {
+    this.connected = false;
+    this._sync = null;
+    if (this._ws === ws) this._ws = null;
+    this._failInFlight();
+    this._emit("close", { code: event.code, reason: event.reason });
+    if (!this._closedByUser && this.options.reconnect && this.token && !FINAL_CLOSES.has(event.code)) {
+      this._scheduleReconnect();
+    }
+  }
+
+  // Cluster, make before break: a draining node sends `match.moving` while the match still runs
+  // there.  A second socket opens to the node named, with the seat token, and waits; the match
+  // carries on over the first.  When the match arrives there (`match.rejoined` on the second
+  // socket) the client switches to it and closes the first, between two ticks.  If the match
+  // never comes (the hand-over failed and the match stayed), the second socket is dropped.
+  _goAhead(url, seatToken) {
+    if (!this.options.followRedirects || this._ahead || !this.token) return;
+    const ws = new this.options.WebSocket(url);
+    const ahead = { ws, url, connected: null };
+    ahead.timer = setTimeout(() => this._dropAhead(ahead), AHEAD_TIMEOUT_MS);
+    this._ahead = ahead;
+    ws.onopen = () => {
+      const payload = { token: this.token, seat_token: seatToken };
+      if (this.options.notifyReload) payload.notify_reload = true;
+      if (this.options.stateSync) payload.state_sync = this.options.stateSync;
+      ws.send(JSON.stringify({ type: "session.connect", payload }));
+    };
+    ws.onmessage = (event) => this._aheadFrame(ahead, event.data);
+    ws.onclose = () => this._dropAhead(ahead);
+  }
+
+  _aheadFrame(ahead, data) {
+    let frame;
+    try {
+      frame = JSON.parse(data);
+    } catch {
+      return;
+    }
+    if (frame.type === "session.connected") {
+      ahead.connected = data; // replayed at the switch: the resume token is this node's now
+    } else if (frame.type === "match.rejoined" && ahead.connected !== null) {
+      clearTimeout(ahead.timer);
+      this._ahead = null;
+      const old = this._ws;
+      if (old) {
+        old.onmessage = null; // anything older still in flight there is superseded
+        old.onclose = null;
+        old.close(1000, "moved");
+      }
+      this._ws = ahead.ws;
+      this.url = ahead.url;
+      this._hops = 0;
+      ahead.ws.onmessage = (event) => this._receive(event.data);
+      ahead.ws.onclose = (event) => this._closed(ahead.ws, event);
+      this._emit("redirect", { url: ahead.url });
+      this._receive(ahead.connected);
+      this._receive(data);
+      this.connected = true;
+      this._flush();
+    } else if (frame.type === "error") {
+      this._dropAhead(ahead); // the seat was refused: the match goes on over the first socket
+    }
+  }
+
+  _dropAhead(ahead) {
+    clearTimeout(ahead.timer);
+    if (this._ahead === ahead) this._ahead = null;
+    if (this._ws !== ahead.ws) {
+      ahead.ws.onclose = null;
+      ahead.ws.onmessage = null;
+      ahead.ws.close(1000, "not needed");
+    }
   }
 
   async _resume() {
@@ -232,7 +303,11 @@ export class Asobi {
       }
     }
     if (type === "session.connected") this._emit("session", payload, frame);
-    const moves = type === "matchmaker.matched" || type === "match.moved";
+    if (type === "match.moving" && payload.node_url && payload.seat_token) {
+      this._goAhead(payload.node_url, payload.seat_token);
+    }
+    // A `match.moved` after a `match.moving`: the socket opened ahead gets the match.
+    const moves = type === "matchmaker.matched" || (type === "match.moved" && !this._ahead);
     if (moves && payload.node_url && payload.seat_token) {
       this._redirect(payload.node_url, payload.seat_token).catch(() => {});
     }

@@ -25,7 +25,9 @@ export interface AsobiOptions {
   reconnect?: boolean;
   /** Cluster: follow `matchmaker.matched`, `match.moved` and `match.redirect` frames that carry `node_url` +
    * `seat_token`, and `session.redirect` frames, by reconnecting to the named node (default
-   * true).  A node that cannot be reached sends the client back to the URL `connect()` used. */
+   * true), and `match.moving` (a draining node) by opening a second socket to the named node
+   * ahead and switching to it when the match arrives there.  A node that cannot be reached
+   * sends the client back to the URL `connect()` used. */
   followRedirects?: boolean;
   requestTimeoutMs?: number;
   maxBackoffMs?: number;

@@ -142,6 +142,105 @@ async def test_drain_moves_a_two_player_match_with_no_tick_skipped_or_repeated(
     assert set(range(1, stopped_at + 6)) <= set(ticks)
 
 
+async def _rest(client: Client, quiet_s: float = 0.5) -> list[dict[str, Any]]:
+    """Every frame the connection still gets until it falls quiet."""
+    frames = []
+    while True:
+        try:
+            frames.append(await client.recv(quiet_s))
+        except TimeoutError:
+            return frames
+
+
+async def test_players_sent_ahead_switch_nodes_between_two_ticks(cluster: Cluster) -> None:
+    """Make before break: on `match.moving` each player opens a second connection to the taking
+    node and keeps the first; the first carries the match up to its last tick here, the second
+    from the next tick on; nothing more (no `match.moved`) reaches the first."""
+    a = await cluster.start_node({"match.lua": GRANTING}, env=ENV)
+    b = await cluster.start_node({"match.lua": GRANTING}, env=ENV)
+    await cluster.wait_nodes(a, {a.node_id, b.node_id})
+    players, match_id = await _pair(a)
+    for client, _ in players:
+        await client.states(5)
+
+    drained = asyncio.create_task(asyncio.to_thread(_drain, a))
+    old_counters: list[list[int]] = []
+    ahead: list[Client] = []
+    for client, token in players:
+        counters, moving = await _until(client, "match.moving")
+        assert (moving["match_id"], moving["node_id"], moving["node_url"]) == (
+            match_id,
+            b.node_id,
+            b.url,
+        )
+        old_counters.append(counters)
+        second, connected = await _resume(b, token, seat_token=moving["seat_token"])
+        assert connected["player_id"] == client.player_id
+        ahead.append(second)
+    for n, ((client, _), second) in enumerate(zip(players, ahead, strict=True)):
+        rejoined = await second.expect("match.rejoined", timeout=10)
+        assert rejoined["payload"]["match_id"] == match_id
+        after = [s["counter"] for s in await second.states(10)]
+        rest = await _rest(client)
+        assert not [f for f in rest if f["type"] != "match.state"], rest
+        old_counters[n] += [f["payload"]["counter"] for f in rest]
+        before = old_counters[n]
+        # One tick after another, whichever connection brought it.
+        assert before == list(range(before[0], before[-1] + 1))
+        assert after == list(range(before[-1] + 1, before[-1] + 11))
+    done = await drained
+    assert done.returncode == 0, done.stdout + done.stderr
+    stopped_at = (await a.wait_event("match_moved", match_id=match_id))["tick"]
+    assert all(counters[-1] == stopped_at for counters in old_counters)
+    taken = await b.wait_event("match_taken", match_id=match_id)
+    assert (taken["ahead"], taken["late"]) == (2, 0)
+    assert not b.events("match_started_without_players")
+
+
+async def test_the_js_client_switches_nodes_on_match_moving(cluster: Cluster, browser: Any) -> None:
+    """The JavaScript client in a real browser: on `match.moving` it opens a socket to the
+    taking node ahead of the cut and switches to it when the match arrives; its players see
+    every tick once, in order, and the taking node seats both without a `match.moved`."""
+    a = await cluster.start_node({"match.lua": GRANTING}, env=ENV)
+    b = await cluster.start_node({"match.lua": GRANTING}, env=ENV)
+    await cluster.wait_nodes(a, {a.node_id, b.node_id})
+    await browser.get(a.http + "/")
+    await browser.js_async(
+        """
+        const { Asobi } = await import('/static/asobi.js');
+        window.seen = [[], []];
+        window.redirects = [];
+        window.clients = [];
+        for (const n of [0, 1]) {
+          const c = new Asobi();
+          c.on('match.state', (s) => window.seen[n].push(s.counter));
+          c.on('redirect', (p) => window.redirects.push(p.url));
+          c.on('match.moved', () => window.redirects.push('match.moved'));
+          await c.guest();
+          window.clients.push(c);
+        }
+        await Promise.all(window.clients.map((c) => c.queue('default')));
+        """
+    )
+    await browser.wait("return window.seen[0].length > 5 && window.seen[1].length > 5")
+    done = await asyncio.to_thread(_drain, a)
+    assert done.returncode == 0, done.stdout + done.stderr
+    match_id = a.events("match_moved")[0]["match_id"]
+    stopped_at = (await a.wait_event("match_moved", match_id=match_id))["tick"]
+    await browser.wait(
+        "return window.seen.every((s) => s[s.length - 1] >= arguments[0])", stopped_at + 10
+    )
+    seen = await browser.js("return window.seen")
+    for counters in seen:
+        assert stopped_at in counters and stopped_at + 1 in counters
+        assert counters == list(range(counters[0], counters[-1] + 1))  # none skipped or repeated
+    assert await browser.js("return window.redirects") == [b.url, b.url]
+    assert await browser.js("return window.clients.map((c) => c.url)") == [b.url, b.url]
+    taken = await b.wait_event("match_taken", match_id=match_id)
+    assert (taken["ahead"], taken["late"]) == (2, 0)
+    await browser.js("window.clients.forEach((c) => c.close())")
+
+
 async def test_kill_9_failover_restores_the_match_elsewhere_and_the_token_leads_there(
     cluster: Cluster,
 ) -> None:
