@@ -163,6 +163,8 @@ class Failover:
             adopted += await self.adopt_all(dead, await self.journal.match_ids(dead))
         except Unavailable as exc:
             log.warning("failover_unavailable", node=dead, error=str(exc))
+            return adopted
+        log.info("failover_done", node=dead, adopted=adopted)
         return adopted
 
     async def adopt_all(self, from_node: str, match_ids: list[str]) -> int:
@@ -172,6 +174,9 @@ class Failover:
         marks = await self.app.store.match_marks() if self.app.store is not None else {}
         # The others: taken by another process, or their owner is alive (restarted meanwhile).
         claimed = await self.journal.claim_many(match_ids, from_node, only_dead=True)
+        elsewhere = [m for m in match_ids if m not in claimed]
+        if elsewhere:
+            log.info("matches_claimed_elsewhere", from_node=from_node, matches=elsewhere)
         adopted = []
         for match_id, snapshot in claimed.items():
             match = self.restore(snapshot, marks.get(match_id), from_node)
