@@ -1,10 +1,13 @@
-"""A node killed with -9 and restarted under the same id is a new process: it takes its old
-matches back by the same atomic claim as the nodes that saw the old process go, and every match
-ends up running in exactly one process, its counter continuing and no tick granting twice."""
+"""Exactly one process runs a match.  A node killed with -9 and restarted under the same id is a
+new process: it takes its old matches back by the same atomic claim as the nodes that saw the old
+process go, its counters continuing and no tick granting twice.  A node taken for dead while it
+was only frozen finds its matches claimed when it carries on, stops its copies and sends its
+players to the adopter."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 from typing import Any
 
 from tests.cluster.test_failover import ENV, GRANTING, _granted_ticks, _resume
@@ -159,3 +162,43 @@ async def test_a_node_restarted_at_once_takes_its_matches_back_before_anyone_see
         assert counters[0] > _restored(again)[match_id]["tick"]
         assert counters == list(range(counters[0], counters[0] + 5))
         again.clients.append(client)
+
+
+async def test_a_node_frozen_past_its_expiry_stops_its_copies_and_sends_players_on(
+    cluster: Cluster,
+) -> None:
+    a = await cluster.start_node({"match.lua": GRANTING}, env=ENV)
+    b = await cluster.start_node({"match.lua": GRANTING}, env=ENV)
+    await cluster.wait_nodes(a, {a.node_id, b.node_id})
+    matches = await _matches_on(a, 1)
+    ((match_id, seats),) = matches.items()
+    await seats[0].client.states(25)
+
+    a.process.send_signal(signal.SIGSTOP)  # alive, but silent: its heartbeat expires
+    try:
+        adopted = await b.wait_event("match_adopted", timeout=15, match_id=match_id)
+    finally:
+        a.process.send_signal(signal.SIGCONT)
+    fenced = await a.wait_event("journal_write_fenced", match_id=match_id)
+    assert fenced["owner_node"] == b.node_id
+    lost = await a.wait_event("match_lost", match_id=match_id)
+    assert lost["to_node"] == b.node_id
+
+    for seat in seats:
+        frame = await seat.client.expect("match.moved", timeout=10, skip=("match.state",))
+        moved = frame["payload"]
+        assert (moved["match_id"], moved["node_id"], moved["node_url"]) == (
+            match_id,
+            b.node_id,
+            b.url,
+        )
+        client, connected = await _resume(b, seat.token, seat_token=moved["seat_token"])
+        assert connected["resumed"] is True
+        await client.expect("match.rejoined", skip=("match.restored",))
+        counters = [s["counter"] for s in await client.states(5)]
+        assert counters[0] > adopted["tick"]
+        assert counters == list(range(counters[0], counters[0] + 5))
+        b.clients.append(client)
+    # A runs it no more: its snapshots stopped, B's continue.
+    assert len(a.events("journal_write_fenced")) == 1
+    assert not b.events("journal_write_fenced")
