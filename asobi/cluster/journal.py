@@ -208,7 +208,8 @@ class RedisJournal(WriteBehindJournal):
         items = list(notes.items())
         async with self.link.redis.pipeline(transaction=False) as pipe:
             for start in range(0, len(items), WRITE_BATCH):
-                keys, args = [own], [self.node_id, self.incarnation]
+                keys = [own]
+                args: list[str | int | bytes] = [self.node_id, self.incarnation]
                 for match_id, snapshot in items[start : start + WRITE_BATCH]:
                     keys.append(match_key(match_id))
                     if snapshot is None:
