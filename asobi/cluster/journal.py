@@ -150,17 +150,6 @@ class RedisJournal(WriteBehindJournal):
         return []
 
     # -- the cluster's side -----------------------------------------------------------------------
-    async def of_node(self, node_id: str) -> list[Snapshot]:
-        """The snapshots of the matches `node_id` runs, oldest first."""
-        ids = await self.match_ids(node_id)
-        redis = self.link.redis
-        async with redis.pipeline(transaction=False) as pipe:
-            for match_id in ids:
-                pipe.hmget(match_key(match_id), FIELDS)
-            rows = await self.link.call("read the journal", pipe.execute()) if ids else []
-        out = [s for s in (_snapshot(m, v) for m, v in zip(ids, rows, strict=True)) if s]
-        return sorted(out, key=lambda s: s.saved_at_ms)
-
     async def match_ids(self, node_id: str) -> list[str]:
         members = await self.link.call(
             "read the journal", self.link.redis.smembers(node_key(node_id))
