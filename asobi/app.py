@@ -242,7 +242,7 @@ def _outlive_nodes(app: App, cluster: Cluster) -> None:
     from asobi.cluster.seats import ClusterSeats
 
     backend = app.store.backend if app.store is not None else None
-    journal = RedisJournal(cluster.link, backend=backend)
+    journal = RedisJournal(cluster.link, incarnation=cluster.incarnation, backend=backend)
     app.use_journal(journal)
     assert isinstance(app.presence, ClusterSeats)
     failover = Failover(app, cluster, journal, app.presence)

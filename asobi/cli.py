@@ -334,7 +334,7 @@ every setting is also an ASOBI_* environment variable (see README.md)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from asobi.replay import ReplayError, load_record, replay
+    from asobi.replay import ReplayError, limits_for, load_record, replay
     from asobi.store import open_backend
 
     settings = _settings(args)
@@ -350,10 +350,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
             await backend.close()
 
     try:
-        outcome = replay(asyncio.run(load()), until=args.until, limits=settings.limits)
+        record = asyncio.run(load())
+        limits, note = limits_for(record, settings.limits, use_local=args.local_limits)
+        outcome = replay(record, until=args.until, limits=limits)
     except ReplayError as exc:
         print(f"asobi replay: {exc}", file=sys.stderr)
         return 2
+    if note:
+        print(note)
     print(outcome.text())
     return 0 if outcome.ok else 1
 
@@ -444,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("match_id", help="the match's id (or a unique start of it)")
     replay.add_argument("--until", type=int, help="stop after this tick")
+    replay.add_argument(
+        "--local-limits",
+        action="store_true",
+        help="run under this machine's ASOBI_LUA_* limits, not the ones recorded with the match",
+    )
     replay.add_argument("--data-dir", type=Path, help="data (ASOBI_DATA_DIR, default ./data)")
     replay.set_defaults(func=cmd_replay)
 

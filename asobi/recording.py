@@ -3,7 +3,9 @@
 A recorded match keeps, in the store's database:
 
 - its first snapshot, taken when it started (tick 0: the state `init` and the first `join`s
-  left, the seed and the random generator), with the scripts it runs (table `match_records`);
+  left, the seed and the random generator), with the scripts it runs and the Lua limits it runs
+  under (table `match_records`): a callback that ran out of memory or of its budget in production
+  must do so again on a machine whose `ASOBI_LUA_*` settings differ;
 - one row per tick (`match_record_ticks`): the joins and leaves since the tick before, the inputs
   `handle_input` was given, the reloads the tick resolved, and a digest of every player's
   `get_state` frame;
@@ -25,6 +27,7 @@ import contextlib
 import hashlib
 import time
 from collections.abc import Generator
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -207,6 +210,7 @@ class Recorder:
         meta = orjson.loads(snapshot.meta())
         meta["tick"] = snapshot.tick
         meta["modules"] = self._modules()
+        meta["limits"] = asdict(match.lua.limits)
         self._source(script)
         self._queue(
             _INSERT_START,

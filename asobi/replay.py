@@ -1,7 +1,9 @@
 """`asobi replay`: run a recorded match again, headless, and say where it stops matching its record.
 
 The match is rebuilt from its first snapshot (`asobi.recording`) on the very script versions it
-ran (their sources are in the record, by content hash), with its seed and random generator.  Each
+ran (their sources are in the record, by content hash), with its seed and random generator, under
+the Lua limits it ran under (memory cap, callback budgets: a failure that came from a limit then
+comes again, whatever this machine's `ASOBI_LUA_*` say).  Each
 recorded tick is then fed as it happened: the joins and leaves before it, the inputs its
 `handle_input` was given, the reload it resolved.  After each tick, the digest of every player's
 `get_state` frame is compared with the record.
@@ -14,7 +16,7 @@ sees it refused here, which is a divergence of its own.
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import orjson
@@ -47,6 +49,8 @@ class Record:
     sources: dict[str, tuple[str, bytes]]
     ended_tick: int | None = None
     result: Any = None
+    # The limits the match ran under; None in a record made before they were kept.
+    limits: Limits | None = None
 
 
 def _read(match_id: str) -> Job:
@@ -84,7 +88,36 @@ async def load_record(backend: Backend, match_id: str) -> Record:
         sources={h: (name, bytes(source)) for h, name, source in sources},
         ended_tick=ended_tick,
         result=orjson.loads(result) if result else None,
+        limits=recorded_limits(meta.get("limits")),
     )
+
+
+def recorded_limits(data: Any) -> Limits | None:
+    """The limits a record names (a field it lacks keeps the default; None: no limits kept)."""
+    if not isinstance(data, dict):
+        return None
+    default = Limits()
+    values = {}
+    for f in fields(Limits):
+        if f.name in data:
+            try:
+                values[f.name] = type(getattr(default, f.name))(data[f.name])
+            except (TypeError, ValueError):
+                raise ReplayError(f"the recorded limit {f.name} is unreadable") from None
+    return replace(default, **values)
+
+
+def limits_for(record: Record, local: Limits, *, use_local: bool = False) -> tuple[Limits, str]:
+    """The limits to replay `record` under, and a line saying so when they are not the
+    recorded ones (empty when they are)."""
+    if use_local:
+        return local, "replaying under this machine's Lua limits (ASOBI_LUA_*), not the recorded"
+    if record.limits is None:
+        return local, (
+            "the record keeps no Lua limits (made before they were recorded): replaying under this "
+            "machine's (ASOBI_LUA_*)"
+        )
+    return record.limits, ""
 
 
 class _NullOutbox:
@@ -245,8 +278,11 @@ def start(record: Record, services: ReplayServices) -> _ReplayedMatch:
 
 
 def replay(record: Record, *, until: int | None = None, limits: Limits | None = None) -> Outcome:
-    """Run the record's ticks (up to `until`) and compare; see `Outcome`."""
-    services = ReplayServices(record, limits or Limits())
+    """Run the record's ticks (up to `until`) and compare; see `Outcome`.  `limits`: the Lua
+    limits to run under (default: the recorded ones, see `limits_for`)."""
+    if limits is None:
+        limits = record.limits or Limits()
+    services = ReplayServices(record, limits)
     match = start(record, services)
     frames = _Frames()
     recording = _KeepingRecording(match.id, frames)

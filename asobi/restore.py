@@ -1,5 +1,9 @@
 """Matches back from the journal when a server starts: a crash or a restart costs a short pause.
 
+(On a node of a cluster the journal's `all` is empty: the node takes its matches back by claiming
+them once its heartbeat names the new process, `Failover.take_back`, and restores each through
+`restore_match` as an adopter does.)
+
 Each snapshot in the journal (`asobi.journal`) is a match that was running when the process
 stopped.  It is started again on the script in force: on the very version it ran when the content
 hash matches, else on the current version with the script's `migrate(state, info)` run on the

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from asobi.engine import Engine
+from asobi.lua.runtime import Limits
 from asobi.recording import Recorder
 from asobi.scripts import ScriptRegistry
 from asobi.store import Store, open_backend
@@ -68,6 +69,33 @@ WITH_MODULE = GAME.replace(
     "local util = require('util')\nfunction tick(state)\n  state.bonus = util.bonus(state.total)\n",
 )
 
+# Keeps 1 MiB more every tick from its third (outside the state table, which stays small to
+# print): a tight memory cap is reached a few ticks in, at the same tick wherever the match runs
+# under that cap.
+HUNGRY = """\
+match_size = 2
+max_players = 4
+tick_rate = 20
+local hoard = {}
+
+function init(state)
+  state.n = 0
+  return state
+end
+function join(state, player_id) return state end
+function tick(state)
+  state.n = state.n + 1
+  if state.n >= 3 then
+    hoard[#hoard + 1] = string.rep(string.char(65 + state.n % 26), 1024 * 1024)
+  end
+  return state
+end
+function get_state(state, player_id)
+  return { n = state.n, held = #hoard }
+end
+"""
+TIGHT = 6 * 1024 * 1024
+
 Job = Generator[tuple[str, tuple[Any, ...]], list[tuple[Any, ...]], Any]
 
 
@@ -95,8 +123,10 @@ async def _state_where(client: Client, wanted: Any, timeout: float = 5.0) -> dic
             return state
 
 
-async def _replay(tmp_path: Path, database_url: str, *args: str) -> tuple[int, str]:
-    env = {**os.environ, "ASOBI_DATABASE_URL": database_url}
+async def _replay(
+    tmp_path: Path, database_url: str, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, str]:
+    env = {**os.environ, "ASOBI_DATABASE_URL": database_url, **(env or {})}
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -129,6 +159,17 @@ def _ticks(match_id: str) -> Job:
         (match_id,),
     )
     return [(tick, orjson.loads(body)) for tick, body in rows]
+
+
+def _without_limits(match_id: str) -> Job:
+    """The record as a server from before limits were recorded wrote it."""
+    rows = yield ("SELECT meta FROM match_records WHERE match_id = ?", (match_id,))
+    meta = orjson.loads(rows[0][0])
+    del meta["limits"]
+    yield (
+        "UPDATE match_records SET meta = ? WHERE match_id = ?",
+        (orjson.dumps(meta).decode(), match_id),
+    )
 
 
 def _set_body(match_id: str, tick: int, body: dict[str, Any]) -> Job:
@@ -227,6 +268,52 @@ async def test_a_failing_callback_is_pinpointed_with_the_state_before_it(
     # Up to the tick before, the match replays cleanly.
     code, out = await _replay(tmp_path, database_url, match_id, "--until", str(failed["tick"] - 1))
     assert code == 0 and f"replayed {failed['tick'] - 1} ticks, identical" in out, out
+
+
+async def test_a_match_that_hit_its_memory_cap_fails_at_the_same_tick_under_other_settings(
+    start_server, logs: Logs, tmp_path: Path, database_url: str
+) -> None:
+    """Production ran with a tight memory cap; the laptop's settings allow 64 MiB.  The replay
+    runs under the recorded cap and fails at the tick production did; `--local-limits` and a
+    record made before limits were kept run under the laptop's, and say so."""
+    server = await start_server(
+        {"match.lua": HUNGRY}, record=True, snapshot_ticks=-1, limits=Limits(max_memory=TIGHT)
+    )
+    a, _, match_id = await _pair(server)
+    failed = await logs.wait_for("callback_failed")
+    assert failed["callback"] == "tick" and "not enough memory" in failed["error"]
+    await a.states(3)
+    await server.server.stop()
+    server.clients.clear()
+    laptop = {"ASOBI_LUA_MAX_MEMORY": str(64 * 1024 * 1024)}
+
+    code, out = await _replay(tmp_path, database_url, match_id, env=laptop)
+    assert code == 1, out
+    lines = out.splitlines()
+    assert lines[0].startswith(f"tick {failed['tick']}: tick failed: "), out
+    assert "not enough memory" in lines[0]
+    assert "the failure is reproduced" in out
+    code, out = await _replay(
+        tmp_path, database_url, match_id, "--until", str(failed["tick"] - 1), env=laptop
+    )
+    assert (code, out.strip()) == (0, f"replayed {failed['tick'] - 1} ticks, identical"), out
+
+    # Under the laptop's own cap the tick runs through: the record says otherwise.
+    code, out = await _replay(tmp_path, database_url, match_id, "--local-limits", env=laptop)
+    assert code == 1, out
+    lines = out.splitlines()
+    assert lines[0] == ("replaying under this machine's Lua limits (ASOBI_LUA_*), not the recorded")
+    assert lines[1].startswith(f"divergence at tick {failed['tick']}, player "), out
+
+    await _db(tmp_path, database_url, _without_limits(match_id))
+    code, out = await _replay(tmp_path, database_url, match_id, env=laptop)
+    assert code == 1, out
+    lines = out.splitlines()
+    assert lines[0] == (
+        "the record keeps no Lua limits (made before they were recorded): replaying under this "
+        "machine's (ASOBI_LUA_*)"
+    )
+    assert lines[1].startswith(f"divergence at tick {failed['tick']}, player "), out
 
 
 async def test_a_tampered_record_is_reported_at_the_tick_it_differs(

@@ -6,8 +6,15 @@ the dead node's matches from the journal (`asobi.cluster.journal`) and plans who
 the live nodes ordered by load (`NodeInfo.load`, as placement's `least_loaded`), the matches dealt
 round robin, so the least loaded node takes the first and a big loss is spread.  Each node adopts
 its share at once; after `sweep_s` every node adopts whatever is still the dead node's (a node
-that saw another plan, or died as well).  Adopting is `RedisJournal.claim`, atomic in Redis: two
-nodes never run the same match.
+that saw another plan, or died as well).  Adopting is `RedisJournal.claim` with `only_dead`,
+atomic in Redis: two processes never both win a match, and none takes one from a live process.
+
+A node killed and restarted at once under the same id is a new process (a new incarnation, see
+`asobi.cluster.nodes`): once its first heartbeat names it, it takes its old matches back by the
+same claim (`take_back`), racing any node that saw the old process go; each match goes to
+whichever claims first.  A process that finds a match it runs claimed by another (its journal
+write is fenced: it lost its heartbeat for longer than the TTL, and the others adopted its
+matches) stops its copy and sends its players to the claimer with `match.moved` (`lost`).
 
 The match then restarts through the single node's restore (`asobi.restore.restore_match`): the
 same tick, random generator and seats, `lost_ticks` from the marks in the shared database, and
@@ -30,6 +37,7 @@ from asobi.cluster.link import Unavailable
 from asobi.cluster.seats import ClusterSeats
 from asobi.journal import Snapshot
 from asobi.match import Match
+from asobi.protocol import encode
 from asobi.restore import RestoreRefused, restore_match
 
 if TYPE_CHECKING:
@@ -68,14 +76,49 @@ class Failover:
         self._tasks: set[asyncio.Task[Any]] = set()
         cluster.nodes.on_gone(self._gone)
         cluster.link.on(FOLLOW, self._on_follow)
+        journal.on_lost = self.lost
 
     async def start(self) -> None:
-        """Adopt the matches of nodes that left no trace in the heartbeat index: a node that
-        stopped cleanly while it ran alone removed its record, its snapshots stayed (a node
-        restarted under another id, e.g. the default hostname-pid, would never see them)."""
-        task = asyncio.get_running_loop().create_task(self._sweep_orphans())
+        """Take back this node id's matches left by an earlier process (before serving, as a
+        single node restores its own), then adopt the matches of nodes that left no trace in
+        the heartbeat index: a node that stopped cleanly while it ran alone removed its record,
+        its snapshots stayed (a node restarted under another id, e.g. the default hostname-pid,
+        would never see them)."""
+        if not await self._take_back_once():
+            self._spawn(self._take_back_until_done())
+        self._spawn(self._sweep_orphans())
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def take_back(self) -> int:
+        """Claim the matches an earlier process of this node id ran (it was killed, or stopped
+        with no node to drain to).  Called once this process's heartbeat record is written: a
+        node that saw the old process go claims by the same script and fails on any match
+        claimed here, and any claimed there first is not ours any more."""
+        ids = await self.journal.match_ids(self.node_id)
+        adopted = await self.adopt_all(self.node_id, ids)
+        if ids:
+            log.info("matches_taken_back", node=self.node_id, matches=len(ids), adopted=adopted)
+        return adopted
+
+    async def _take_back_once(self) -> bool:
+        try:
+            await self.take_back()
+        except Unavailable as exc:
+            log.warning("take_back_unavailable", node=self.node_id, error=str(exc))
+            return False
+        return True
+
+    async def _take_back_until_done(self) -> None:
+        """Redis away at the start: nobody else will adopt this id's old matches (the id is
+        alive again), so keep trying."""
+        while True:
+            await asyncio.sleep(self.cluster.settings.heartbeat_s)
+            if await self._take_back_once():
+                return
 
     async def _sweep_orphans(self) -> None:
         prefix = node_key("")
@@ -94,9 +137,7 @@ class Failover:
             task.cancel()
 
     def _gone(self, node_id: str) -> None:
-        task = asyncio.get_running_loop().create_task(self.take_over(node_id))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self.take_over(node_id))
 
     def order(self) -> list[str]:
         """The live nodes, least loaded first, as of the last heartbeat: every node reads the
@@ -122,6 +163,8 @@ class Failover:
             adopted += await self.adopt_all(dead, await self.journal.match_ids(dead))
         except Unavailable as exc:
             log.warning("failover_unavailable", node=dead, error=str(exc))
+            return adopted
+        log.info("failover_done", node=dead, adopted=adopted)
         return adopted
 
     async def adopt_all(self, from_node: str, match_ids: list[str]) -> int:
@@ -129,7 +172,11 @@ class Failover:
         if not match_ids:
             return 0
         marks = await self.app.store.match_marks() if self.app.store is not None else {}
-        claimed = await self.journal.claim_many(match_ids, from_node)  # the others: taken
+        # The others: taken by another process, or their owner is alive (restarted meanwhile).
+        claimed = await self.journal.claim_many(match_ids, from_node, only_dead=True)
+        elsewhere = [m for m in match_ids if m not in claimed]
+        if elsewhere:
+            log.info("matches_claimed_elsewhere", from_node=from_node, matches=elsewhere)
         adopted = []
         for match_id, snapshot in claimed.items():
             match = self.restore(snapshot, marks.get(match_id), from_node)
@@ -184,6 +231,35 @@ class Failover:
             await self.cluster.link.broadcast(FOLLOW, {"node": self.node_id, "tokens": tokens})
         except Unavailable as exc:
             log.warning("seats_follow_unsent", matches=len(snapshots), error=str(exc))
+
+    def lost(self, match_id: str, node: str) -> None:
+        """Another process claimed `match_id` while this one ran it: stop it here, and send its
+        connected players to `node` as a drain does (their resume tokens follow the claimer)."""
+        engine = self.app.engine
+        match = engine.matches.get(match_id)
+        if match is None or match.finished:
+            return
+        connected = [p for p in match.players if self.app.hub.peer(p) is not None]
+        engine.release(match)
+        url = self.cluster.nodes.url_of(node)
+        for pid in match.players:
+            self.seats.forget(pid)
+        for pid in connected if url is not None else []:
+            token = self.cluster.seat_tokens.issue(pid, match_id, node)
+            frame = encode(
+                "match.moved",
+                {"match_id": match_id, "node_id": node, "node_url": url, "seat_token": token},
+            )
+            self.app.hub.send(pid, frame)
+        log.error(
+            "match_lost",
+            match_id=match_id,
+            node=self.node_id,
+            to_node=node,
+            tick=match.tick_no,
+            players=list(match.players),
+        )
+        match.close()
 
     def _on_follow(self, message: dict[str, Any]) -> None:
         node, tokens = message.get("node"), message.get("tokens")

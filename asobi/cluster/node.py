@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 
 from asobi.cluster.link import RedisLink, Unavailable, key
-from asobi.cluster.nodes import LoadProbe, NodeDirectory, default_node_id
+from asobi.cluster.nodes import LoadProbe, NodeDirectory, default_node_id, new_incarnation
 from asobi.cluster.seat_tokens import SeatTokens
 from asobi.config import Settings
 
@@ -39,6 +39,8 @@ class Cluster:
     def __init__(self, settings: Settings, secret: str, load: LoadProbe) -> None:
         self.settings = settings
         self.node_id = settings.node_id or default_node_id()
+        # This process, told apart from any earlier one that ran under the same node id.
+        self.incarnation = new_incarnation()
         self.public_url = settings.public_url
         self.link = RedisLink(settings.redis_url, self.node_id)
         self.nodes = NodeDirectory(
@@ -47,6 +49,7 @@ class Cluster:
             load,
             heartbeat_s=settings.heartbeat_s,
             ttl_s=settings.node_ttl_s,
+            incarnation=self.incarnation,
         )
         self.seat_tokens = SeatTokens(secret)
         self._secret_digest = hmac.new(
@@ -74,7 +77,12 @@ class Cluster:
         await self.nodes.start()
         for start in self._starts:
             await start()
-        log.info("node_joined", node_id=self.node_id, public_url=self.public_url)
+        log.info(
+            "node_joined",
+            node_id=self.node_id,
+            incarnation=self.incarnation,
+            public_url=self.public_url,
+        )
 
     async def stop(self) -> None:
         for stop in reversed(self._stops):

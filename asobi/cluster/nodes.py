@@ -6,6 +6,11 @@ sorted set indexes the records so a listing is two commands, not a key scan.  Th
 every live record into `nodes`, the copy placement and redirects consult synchronously: it is at
 most one heartbeat old, which is what a load figure is anyway.
 
+A record also names the process behind the node id, its `incarnation` (random, new at every
+start): a node killed and restarted at once under the same id writes the same key, and only the
+incarnation tells the new process from the dead one.  The journal marks every match with the
+incarnation running it, so a claim can tell a live owner from a dead one (`asobi.cluster.journal`).
+
 Listeners registered with `on_gone` hear about a node that disappeared (once per node), so the
 parts that hold its tickets or route to its matches can react.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -44,6 +50,7 @@ class NodeInfo:
     lateness_p99_ms: float = 0.0
     cpu: float = 0.0  # share of one core this process used since the previous heartbeat
     version: str = ""
+    incarnation: str = ""  # this process among all that ran under `node_id` (see the module doc)
 
     def load(self) -> tuple[float, int, int]:
         """Sort key for placement: the least loaded node first."""
@@ -55,6 +62,11 @@ class NodeInfo:
 
 def default_node_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def new_incarnation() -> str:
+    """A fresh id for this process: unique among the processes that ever ran as one node."""
+    return secrets.token_hex(8)
 
 
 LoadProbe = Callable[[], dict[str, float]]
@@ -72,8 +84,10 @@ class NodeDirectory:
         heartbeat_s: float = 1.0,
         ttl_s: float = 5.0,
         version: str = "",
+        incarnation: str = "",
     ) -> None:
         self.link = link
+        self.incarnation = incarnation
         self.node_id = link.node_id
         self.public_url = public_url
         self.load = load
@@ -122,6 +136,7 @@ class NodeDirectory:
             lateness_p99_ms=round(float(load.get("lateness_p99_ms", 0.0)), 3),
             cpu=round(cpu, 3),
             version=self.version,
+            incarnation=self.incarnation,
         )
 
     async def beat(self) -> None:
