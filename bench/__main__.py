@@ -247,7 +247,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if "drain" in parts:
             from bench import drain_bench  # needs redis-server and PostgreSQL
 
-            out["drain"] = await drain_bench.run((10,) if args.smoke else (100,))
+            out["drain"] = await drain_bench.run(((10, 20),) if args.smoke else drain_bench.SIZES)
     return out
 
 
