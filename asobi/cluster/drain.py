@@ -57,6 +57,9 @@ REQUEST_S = 10.0
 FLUSH_S = 5.0
 BATCH = 10  # matches per `drain.take` request
 WAVE_S = 0.04  # between two batches' `match.moving` frames
+# How often a taking node looks whether the players sent ahead have arrived: this wait comes
+# before the cut, so it lengthens the drain, not the pause the players see.
+ARRIVAL_POLL_S = 0.02
 
 
 @dataclass
@@ -314,7 +317,7 @@ class Drainer:
         hub = self.app.hub
         deadline = time.monotonic() + self.arrival_s
         while any(hub.peer(p) is None for p in expected) and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(ARRIVAL_POLL_S)
         arrived = [p for p in expected if hub.peer(p) is not None]
         await self.cluster.link.reply(message, {"arrived": arrived})
 
