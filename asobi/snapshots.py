@@ -110,9 +110,9 @@ class Snapshotter:
             script_version=script.version,
             tick=match.tick_no,
             seed=match.seed,
-            random=lua.random_state(),
+            random=packed.values[1],
             seats=tuple((pid, self.resume_token(pid)) for pid in match.players),
-            state=bytes(packed.value),
+            state=packed.values[0],
             saved_at_ms=int(time.time() * 1000),
         )
 
