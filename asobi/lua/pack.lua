@@ -102,33 +102,39 @@ function P.pack(root, KEY, deadline, budget_error)
     local head_f, head_a, count_at, count = nf, na, nil, 0
     fmt[nf] = "I4"
     for k, v in next_, src do
-      if type_(k) == "string" then
-        fmt[nf + 1], args[na + 1], args[na + 2] = "Bs4", 1, k
-        nf, na = nf + 1, na + 2
+      -- A string key's piece is written with its value's: one piece per pair in the common case.
+      local sk = type_(k) == "string"
+      if sk then
+        args[na + 1], args[na + 2] = 1, k
+        na = na + 2
       else
         nf, na, nq = put(k, nf, na, ids, queue, nq, root, src, KEY)
       end
       local mt = mtype(v) -- "integer", "float", or nil for any other type
       if mt == "integer" then
-        fmt[nf + 1], args[na + 1], args[na + 2] = "Bj", 2, v
+        fmt[nf + 1], args[na + 1], args[na + 2] = sk and "Bs4Bj" or "Bj", 2, v
         nf, na = nf + 1, na + 2
       elseif mt then
-        fmt[nf + 1], args[na + 1], args[na + 2] = "Bn", 3, v
+        fmt[nf + 1], args[na + 1], args[na + 2] = sk and "Bs4Bn" or "Bn", 3, v
         nf, na = nf + 1, na + 2
       else
         local tv = type_(v)
         if tv == "string" then
-          fmt[nf + 1], args[na + 1], args[na + 2] = "Bs4", 1, v
+          fmt[nf + 1], args[na + 1], args[na + 2] = sk and "Bs4Bs4" or "Bs4", 1, v
           nf, na = nf + 1, na + 2
         elseif tv == "table" and ids[v] then
-          fmt[nf + 1], args[na + 1], args[na + 2] = "BI4", 6, ids[v]
+          fmt[nf + 1], args[na + 1], args[na + 2] = sk and "Bs4BI4" or "BI4", 6, ids[v]
           nf, na = nf + 1, na + 2
         elseif tv == "table" and getmetatable_(v) == nil then
           nq = nq + 1
           ids[v], queue[nq] = nq, v
-          fmt[nf + 1], args[na + 1], args[na + 2] = "BI4", 6, nq
+          fmt[nf + 1], args[na + 1], args[na + 2] = sk and "Bs4BI4" or "BI4", 6, nq
           nf, na = nf + 1, na + 2
         else
+          if sk then
+            fmt[nf + 1] = "Bs4"
+            nf = nf + 1
+          end
           nf, na, nq = put(v, nf, na, ids, queue, nq, root, src, k)
         end
       end
