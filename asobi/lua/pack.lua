@@ -69,8 +69,10 @@ local function put(x, nf, na, ids, queue, nq, root, src, key)
   return nf + 1, na + 2, nq
 end
 
--- pack(root, KEY, deadline, budget_error): the state as a string.  `KEY` is the copy's marker
--- for a table reached as a key; past `deadline` (host clock) it raises `budget_error`.
+-- pack(root, KEY, deadline, budget_error): the state as pieces of a string, `out[1..n]`, for
+-- the host to join (a string made here would be one more copy of the state in the collector's
+-- care).  `KEY` is the copy's marker for a table reached as a key; past `deadline` (host clock)
+-- it raises `budget_error`.
 --
 -- The pairs of consecutive tables share a `string.pack` call (small tables are the common case:
 -- a hundred entities of six fields are a hundred tables), each table's count an argument of the
@@ -173,7 +175,7 @@ function P.pack(root, KEY, deadline, budget_error)
     n = n + 1
     out[n] = spack(tconcat(fmt, "", 1, nf), tunpack(args, 1, na))
   end
-  return tconcat(out, "", 1, n)
+  return out, n
 end
 
 -- The state `pack` wrote, rebuilt as new tables of this Lua state.

@@ -341,7 +341,8 @@ class MatchLua:
                 _in_flight = outer
         if out[0] is not True:
             return CallResult(False, error=error_text(out[1]))
-        _, packed, a, b, c, d = out
+        a, b, c, d = out[1:5]
+        packed = b"".join(out[5:])
         return CallResult(True, (packed, (a & _U64, b & _U64, c & _U64, d & _U64)))
 
     def unpack_state(self, data: bytes) -> CallResult:

@@ -391,18 +391,23 @@ end
 -- refuses through `refuse` above, so the snapshot and the reload agree on what is data.
 ---------------------------------------------------------------------------------------------------
 local packer = load_(host.pack_chunk, "=asobi", "b")(refuse, host.now)
-local pack, random_state = packer.pack, rng.state
+local pack, random_state, tunpack = packer.pack, rng.state, table.unpack
 
--- The state as a string and the random generator's state at the same moment, in one crossing:
--- true, packed, four words; or false, why it cannot be copied.  Past `deadline` (host clock)
--- the walk stops with `budget_error`.  It runs no script code, hence no budget hook (pack.lua).
-function api.snapshot(budget_error, deadline, root)
-  local ok, packed = pcall_(pack, root, KEY, deadline, budget_error)
+local function snapshot_of(ok, out, n)
   if not ok then
-    if type_(packed) ~= "string" then packed = "error object of type " .. type_(packed) end
-    return false, packed
+    if type_(out) ~= "string" then out = "error object of type " .. type_(out) end
+    return false, out
   end
-  return true, packed, random_state()
+  local a, b, c, d = random_state()
+  return true, a, b, c, d, tunpack(out, 1, n)
+end
+
+-- The state and the random generator's state at the same moment, in one crossing: true, the
+-- generator's four words, then the pieces of the packed state (the host joins them); or false,
+-- why it cannot be copied.  Past `deadline` (host clock) the walk stops with `budget_error`.  It
+-- runs no script code, hence no budget hook (pack.lua).
+function api.snapshot(budget_error, deadline, root)
+  return snapshot_of(pcall_(pack, root, KEY, deadline, budget_error))
 end
 
 api.unpack = packer.unpack
