@@ -251,6 +251,7 @@ class MatchLua:
         self._activate = self.api[b"activate"]
         self._copy = self.api[b"copy"]
         self._snapshot = self.api[b"snapshot"]
+        self._snapshot_budget_error = b"".join(budget_message("snapshot", limits.copy))
         self._unpack = self.api[b"unpack"]
         self._loaded = LoadedScript(None, {})
         self._budgets: dict[str, float] = {}
@@ -328,8 +329,7 @@ class MatchLua:
         if watched:
             outer, _in_flight = _in_flight, (started, started + budget, "snapshot", self)
         try:
-            prefix, suffix = budget_message("snapshot", budget)
-            out = self._snapshot(prefix + suffix, started + budget, state)
+            out = self._snapshot(self._snapshot_budget_error, started + budget, state)
         except LuaMemoryError:
             return CallResult(
                 False, error=f"snapshot ran out of memory (cap {self.limits.max_memory} bytes)"
