@@ -12,11 +12,11 @@
 --
 -- Why it is written this way: the snapshot runs on the tick path, once a second for every match,
 -- and its cost is the state's size.  One `string.pack` call per value made a string per value
--- (each one interned, then garbage for the collector); here each table's pairs go to one
--- `string.pack` call, a format of cached pieces and the values as its arguments.  It runs without
--- the count hook that budgets script code (with a hook set, Lua checks it at every instruction):
--- no script code runs during the walk, so it checks the clock itself, every CHECK_EVERY pairs
--- and tables.
+-- (each one interned, then garbage for the collector); here the pairs of a run of tables go to
+-- one `string.pack` call, a format of constant pieces and the values as its arguments.  It runs
+-- without the count hook that budgets script code (with a hook set, Lua checks it at every
+-- instruction): no script code runs during the walk, so it checks the clock itself, every
+-- CHECK_EVERY pairs and tables.
 local refuse, now = ...
 
 local type_, next_, getmetatable_, error_, tostring_ = type, next, getmetatable, error, tostring
