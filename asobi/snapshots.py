@@ -9,9 +9,9 @@ a tick boundary; writing it is the journal's writer task (`asobi.journal`), off 
 Each match keeps to a phase of its own within the interval (from its id): matches that tick
 in step (made by one matchmaking round, restored by one restart) would otherwise all be
 snapshotted at the same tick number, so within the same tick period, and the loop would carry
-a second's worth of snapshots in that one period every second.  Only the first interval of a
-match is shortened to reach its phase: no two of its snapshots are further apart than the
-interval.
+a second's worth of snapshots in that one period every second.  After a snapshot off its phase
+(the first, a reload's, a new seat's) the next one comes sooner, at the phase: no two snapshots
+of a match are further apart than the interval.
 
 A state the copy refuses (it holds a function, a coroutine, a table with a metatable) makes the
 match *not restorable*: `snapshot_refused` is logged once with the path, the older snapshot is
