@@ -33,7 +33,9 @@ class Taken:
         pass
 
 
-def _run(tmp_path: Path, every_ticks: int) -> tuple[list[Snapshot], int]:
+def _run(tmp_path: Path, every_ticks: int, off_phase_at: int = 0) -> tuple[list[Snapshot], int]:
+    """Run MATCHES matches in step for TICKS ticks; at tick `off_phase_at`, every match's next
+    tick takes a snapshot (as when a player joins it)."""
     (tmp_path / "match.lua").write_bytes(SCRIPT % b"v1")
     registry = ScriptRegistry(tmp_path)
     assert registry.load_all() == []
@@ -50,6 +52,9 @@ def _run(tmp_path: Path, every_ticks: int) -> tuple[list[Snapshot], int]:
         clock.now += matches[0].period
         engine.run_due(clock.now)
         assert {m.tick_no for m in matches} == {tick}  # in step: the case to spread
+        if tick == off_phase_at:
+            for match in matches:
+                snapshots.clear_due(match.id)
     return taken.saved, snapshots.interval(matches[0])
 
 
@@ -81,3 +86,16 @@ def test_a_configured_interval_is_spread_alike(tmp_path: Path) -> None:
     saved, interval = _run(tmp_path, every_ticks=7)
     assert interval == 7
     _check(saved, interval)
+
+
+def test_a_snapshot_off_its_phase_brings_the_next_one_forward(tmp_path: Path) -> None:
+    saved, interval = _run(tmp_path, every_ticks=0, off_phase_at=17)
+    ticks: dict[str, list[int]] = {}
+    for snapshot in saved:
+        ticks.setdefault(snapshot.match_id, []).append(snapshot.tick)
+    for taken in ticks.values():
+        assert 18 in taken  # the tick after the seat changed
+        assert max(b - a for a, b in pairwise(taken)) <= interval
+        before = {t % interval for t in taken if 1 < t < 18}
+        after = {t % interval for t in taken if t > 18}
+        assert len(before) == 1 and after == before  # back on its own phase
