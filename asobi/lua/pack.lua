@@ -36,6 +36,14 @@ local CHECK_EVERY = 1024
 -- Only the range a call fills is ever read, and entries only ever hold numbers and strings.
 local fmt, args = { "<" }, {}
 
+-- The format piece of a pair by its value's type, indexed by its key's kind: 1 a string key,
+-- 2 an integer key (both written with the value), 0 a key `put` wrote already.
+local INT = { [0] = "Bj", "Bs4Bj", "BjBj" }
+local FLOAT = { [0] = "Bn", "Bs4Bn", "BjBn" }
+local STRING = { [0] = "Bs4", "Bs4Bs4", "BjBs4" }
+local TABLE = { [0] = "BI4", "Bs4BI4", "BjBI4" }
+local KEY_ONLY = { "Bs4", "Bj" }
+
 -- Appends x (a key or a value of table `src`, `key` says which for an error) to the format and
 -- arguments at nf and na; returns the new nf, na and the number of tables numbered so far.  The
 -- common cases (string keys, number and string values) are inlined in `pack`.
@@ -104,37 +112,40 @@ function P.pack(root, KEY, deadline, budget_error)
     local head_f, head_a, count_at, count = nf, na, nil, 0
     fmt[nf] = "I4"
     for k, v in next_, src do
-      -- A string key's piece is written with its value's: one piece per pair in the common case.
-      local sk = type_(k) == "string"
-      if sk then
-        args[na + 1], args[na + 2] = 1, k
+      -- A string or integer key's piece is written with its value's: one piece per pair.
+      local kk = 0
+      if type_(k) == "string" then
+        kk, args[na + 1], args[na + 2] = 1, 1, k
+        na = na + 2
+      elseif mtype(k) == "integer" then
+        kk, args[na + 1], args[na + 2] = 2, 2, k
         na = na + 2
       else
         nf, na, nq = put(k, nf, na, ids, queue, nq, root, src, KEY)
       end
       local mt = mtype(v) -- "integer", "float", or nil for any other type
       if mt == "integer" then
-        fmt[nf + 1], args[na + 1], args[na + 2] = sk and "Bs4Bj" or "Bj", 2, v
+        fmt[nf + 1], args[na + 1], args[na + 2] = INT[kk], 2, v
         nf, na = nf + 1, na + 2
       elseif mt then
-        fmt[nf + 1], args[na + 1], args[na + 2] = sk and "Bs4Bn" or "Bn", 3, v
+        fmt[nf + 1], args[na + 1], args[na + 2] = FLOAT[kk], 3, v
         nf, na = nf + 1, na + 2
       else
         local tv = type_(v)
         if tv == "string" then
-          fmt[nf + 1], args[na + 1], args[na + 2] = sk and "Bs4Bs4" or "Bs4", 1, v
+          fmt[nf + 1], args[na + 1], args[na + 2] = STRING[kk], 1, v
           nf, na = nf + 1, na + 2
         elseif tv == "table" and ids[v] then
-          fmt[nf + 1], args[na + 1], args[na + 2] = sk and "Bs4BI4" or "BI4", 6, ids[v]
+          fmt[nf + 1], args[na + 1], args[na + 2] = TABLE[kk], 6, ids[v]
           nf, na = nf + 1, na + 2
         elseif tv == "table" and getmetatable_(v) == nil then
           nq = nq + 1
           ids[v], queue[nq] = nq, v
-          fmt[nf + 1], args[na + 1], args[na + 2] = sk and "Bs4BI4" or "BI4", 6, nq
+          fmt[nf + 1], args[na + 1], args[na + 2] = TABLE[kk], 6, nq
           nf, na = nf + 1, na + 2
         else
-          if sk then
-            fmt[nf + 1] = "Bs4"
+          if kk ~= 0 then
+            fmt[nf + 1] = KEY_ONLY[kk]
             nf = nf + 1
           end
           nf, na, nq = put(v, nf, na, ids, queue, nq, root, src, k)
