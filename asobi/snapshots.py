@@ -6,6 +6,13 @@ tick rate), at the first tick of a match, and at the tick a reload switched it. 
 Lua work (the state written as data, `MatchLua.pack_state`) and so happens here, on the loop, at
 a tick boundary; writing it is the journal's writer task (`asobi.journal`), off the tick path.
 
+Each match keeps to a phase of its own within the interval (from its id): matches that tick
+in step (made by one matchmaking round, restored by one restart) would otherwise all be
+snapshotted at the same tick number, so within the same tick period, and the loop would carry
+a second's worth of snapshots in that one period every second.  After a snapshot off its phase
+(the first, a reload's, a new seat's) the next one comes sooner, at the phase: no two snapshots
+of a match are further apart than the interval.
+
 A state the copy refuses (it holds a function, a coroutine, a table with a metatable) makes the
 match *not restorable*: `snapshot_refused` is logged once with the path, the older snapshot is
 dropped (it would restore a state far behind), and the match plays on.  Once its state can be
@@ -58,6 +65,13 @@ class Snapshotter:
             return self.every_ticks
         return max(1, round(match.script.meta.tick_rate))
 
+    def next_due(self, match: Match) -> int:
+        """The first tick after this one in the match's phase (see the module's docstring)."""
+        interval = self.interval(match)
+        tick = match.tick_no
+        phase = hash(match.id) % interval  # a str caches its hash: free after the first time
+        return tick + interval - (tick + phase) % interval
+
     def clear_due(self, match_id: str) -> None:
         """Forget when the match is next due: its next tick here, if any, takes a snapshot (its
         seats changed, or it was handed to another node)."""
@@ -67,7 +81,7 @@ class Snapshotter:
         """Snapshot `match` now (a tick boundary) and queue it; None when its state cannot be
         copied.  Never raises into the engine."""
         started = time.perf_counter()
-        self.due[match.id] = match.tick_no + self.interval(match)
+        self.due[match.id] = self.next_due(match)
         try:
             snapshot = self._snapshot(match)
         except Exception:
@@ -102,6 +116,7 @@ class Snapshotter:
             self.refused.discard(match.id)
             log.info("snapshot_restorable", match_id=match.id, tick=match.tick_no)
         script = match.script
+        token = self.resume_token
         return Snapshot(
             match_id=match.id,
             mode=match.mode,
@@ -110,9 +125,9 @@ class Snapshotter:
             script_version=script.version,
             tick=match.tick_no,
             seed=match.seed,
-            random=lua.random_state(),
-            seats=tuple((pid, self.resume_token(pid)) for pid in match.players),
-            state=bytes(packed.value),
+            random=packed.values[1],
+            seats=tuple([(pid, token(pid)) for pid in match.players]),
+            state=packed.values[0],
             saved_at_ms=int(time.time() * 1000),
         )
 

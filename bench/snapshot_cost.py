@@ -3,9 +3,13 @@
 Measured in-process on the engine alone (no sockets, frames go nowhere), like
 `bench.switch_cost`: the CPU of a normal tick pass against a pass where every match is also
 snapshotted (`Snapshotter.take`: the state written as data, the random state, the seats), both per
-match.  At the default interval a match is snapshotted once a second, so the cost per match-tick
-is the snapshot's CPU divided by the tick rate.  Then the writer, off the tick path: the wall time
-of one journal transaction writing every match's snapshot into SQLite (fsync included).
+match, paired in each round so that a change of the machine's load between rounds cancels out.
+The difference counts what a snapshot leaves behind too (garbage the next ticks collect); a third
+pass times the snapshot calls alone, a steadier figure on a busy machine.  At the default
+interval a match is snapshotted once a second, so the cost per match-tick is the snapshot's CPU
+divided by the tick rate, and its share is that over the tick's CPU.  Then the writer, off the
+tick path: the wall time of one journal transaction writing every match's snapshot into SQLite
+(fsync included).
 
 Three states: the bench game's (20 fields), and one with 10 and 100 entities of 6 fields each
 (a shooter's players or a board's pieces), since the snapshot's cost follows the state's size.
@@ -66,7 +70,10 @@ class SnapshotCost:
     matches: int
     tick_rate: float
     tick_us: float
+    # CPU a pass with snapshots took beyond a pass without (the garbage it leaves included),
+    # paired per round; and the snapshot calls timed alone in a third pass (steadier).
     snapshot_us: float
+    alone_us: float
     snapshot_bytes: int
     write_ms: float
 
@@ -97,7 +104,7 @@ def _script(entities: int) -> str:
     )
 
 
-def measure(entities: int = 0, matches: int = 300, rounds: int = 7) -> SnapshotCost:
+def measure(entities: int = 0, matches: int = 300, rounds: int = 11) -> SnapshotCost:
     """Medians over `rounds`, per match, in us of CPU (process time)."""
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     with tempfile.TemporaryDirectory(prefix="asobi-snapshot-") as tmp:
@@ -126,21 +133,33 @@ def measure(entities: int = 0, matches: int = 300, rounds: int = 7) -> SnapshotC
                     snapshots.take(match)
             return (time.process_time() - started) / matches * 1e6
 
-        normal, with_snapshot = [], []
+        def take_timed() -> float:
+            """A pass timing each snapshot alone (its clock reads kept out of the paired passes)."""
+            spent = 0.0
+            for match in running:
+                match.run_tick()
+                started = time.process_time()
+                snapshots.take(match)
+                spent += time.process_time() - started
+            return spent / matches * 1e6
+
+        normal, extra, alone = [], [], []
         for _ in range(rounds):
-            normal.append(tick_all(False))
-            with_snapshot.append(tick_all(True))
+            tick_us = tick_all(False)
+            normal.append(tick_us)
+            extra.append(tick_all(True) - tick_us)
+            alone.append(take_timed())
         sizes = [s.size for s in collected.latest.values()]
         write_ms = asyncio.run(_write(Path(tmp) / "data", list(collected.latest.values())))
         for match in running:
             engine.finish(match, None, notify=False)
-    tick_us = statistics.median(normal)
     return SnapshotCost(
         state=f"{entities} entities" if entities else "bench game (20 fields)",
         matches=matches,
         tick_rate=script.meta.tick_rate,
-        tick_us=tick_us,
-        snapshot_us=statistics.median(with_snapshot) - tick_us,
+        tick_us=statistics.median(normal),
+        snapshot_us=statistics.median(extra),
+        alone_us=statistics.median(alone),
         snapshot_bytes=int(statistics.median(sizes)),
         write_ms=write_ms,
     )
@@ -169,15 +188,16 @@ def run(matches: int = 300) -> list[SnapshotCost]:
 
 def table(costs: list[dict[str, Any]]) -> list[str]:
     lines = [
-        "| state | matches | tick us | snapshot us | per match-tick us (1/s) | share of tick CPU "
-        "| bytes per match per s | journal write ms (all matches, SQLite) |",
-        "|:---|---:|---:|---:|---:|---:|---:|---:|",
+        "| state | matches | tick us | snapshot us | timed alone us | per match-tick us (1/s) "
+        "| share of tick CPU | bytes per match per s | journal write ms (all matches, SQLite) |",
+        "|:---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in costs:
+        alone = c.get("alone_us")
         lines.append(
             f"| {c['state']} | {c['matches']} | {c['tick_us']:.1f} | {c['snapshot_us']:.1f} "
-            f"| {c['per_tick_us']:.2f} | {c['share'] * 100:.1f}% | {c['snapshot_bytes']} "
-            f"| {c['write_ms']:.1f} |"
+            f"| {'-' if alone is None else f'{alone:.1f}'} | {c['per_tick_us']:.2f} "
+            f"| {c['share'] * 100:.1f}% | {c['snapshot_bytes']} | {c['write_ms']:.1f} |"
         )
     return lines
 

@@ -32,6 +32,7 @@ _PATTERNS_SOURCE = resources.files("asobi.lua").joinpath("patterns.lua").read_by
 _CALLS_SOURCE = resources.files("asobi.lua").joinpath("calls.lua").read_bytes()
 _CLIB_SOURCE = resources.files("asobi.lua").joinpath("clib.lua").read_bytes()
 _RANDOM_SOURCE = resources.files("asobi.lua").joinpath("random.lua").read_bytes()
+_PACK_SOURCE = resources.files("asobi.lua").joinpath("pack.lua").read_bytes()
 _U64 = (1 << 64) - 1
 
 
@@ -234,6 +235,7 @@ class MatchLua:
                 b"calls_chunk": _host_bytecode(_CALLS_SOURCE, b"=asobi"),
                 b"clib_chunk": _host_bytecode(_CLIB_SOURCE, b"=asobi"),
                 b"random_chunk": _host_bytecode(_RANDOM_SOURCE, b"=asobi"),
+                b"pack_chunk": _host_bytecode(_PACK_SOURCE, b"=asobi"),
             }
         )
         real_load = self.runtime.globals()[b"load"]
@@ -248,7 +250,8 @@ class MatchLua:
         self._install = self.api[b"install"]
         self._activate = self.api[b"activate"]
         self._copy = self.api[b"copy"]
-        self._pack = self.api[b"pack"]
+        self._snapshot = self.api[b"snapshot"]
+        self._snapshot_budget_error = b"".join(budget_message("snapshot", limits.copy))
         self._unpack = self.api[b"unpack"]
         self._loaded = LoadedScript(None, {})
         self._budgets: dict[str, float] = {}
@@ -313,9 +316,34 @@ class MatchLua:
         return self.call_function("reload copy", self._copy, state, budget=self.limits.copy)
 
     def pack_state(self, state: Any) -> CallResult:
-        """The same data-only copy written to bytes, for a snapshot (`api.pack`); the value is
-        the bytes, or the error names the path of what cannot be copied."""
-        return self.call_function("snapshot", self._pack, state, budget=self.limits.copy)
+        """The same data-only copy written to bytes, for a snapshot (`api.snapshot`).  On
+        success `values` is (the bytes, the random generator's state at the same moment, as
+        `random_state` gives it); on failure the error names the path of what cannot be copied.
+
+        Budgeted like the reload's copy (ASOBI_LUA_COPY), but the walk runs no script code and
+        checks the clock itself: one crossing, no budget hook (see pack.lua)."""
+        global _in_flight
+        budget = self.limits.copy
+        started = _now()
+        watched = self.watched
+        if watched:
+            outer, _in_flight = _in_flight, (started, started + budget, "snapshot", self)
+        try:
+            out = self._snapshot(self._snapshot_budget_error, started + budget, state)
+        except LuaMemoryError:
+            return CallResult(
+                False, error=f"snapshot ran out of memory (cap {self.limits.max_memory} bytes)"
+            )
+        except LuaError as exc:
+            return CallResult(False, error=error_text(exc))
+        finally:
+            if watched:
+                _in_flight = outer
+        if out[0] is not True:
+            return CallResult(False, error=error_text(out[1]))
+        a, b, c, d = out[1:5]
+        packed = b"".join(out[5:])
+        return CallResult(True, (packed, (a & _U64, b & _U64, c & _U64, d & _U64)))
 
     def unpack_state(self, data: bytes) -> CallResult:
         """A state `pack_state` wrote, rebuilt as tables of this Lua state."""

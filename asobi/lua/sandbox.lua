@@ -387,114 +387,29 @@ function api.copy(root)
 end
 
 ---------------------------------------------------------------------------------------------------
--- The same copy written to a string: a match's snapshot (docs/durability.md).  It walks the state
--- exactly as `api.copy` does (breadth first, tables numbered in the order they are met, so shared
--- references and cycles keep their shape) and refuses exactly what the copy refuses, through the
--- same `refuse`: a state that survives a reload survives a restart, and the other way round.
--- Integers and floats keep their Lua type, strings are binary-safe, keys may be any data.
--- Layout: "ASN1", then per table in walk order a pair count and its pairs; a value is a tag
--- byte and its bytes (1 string, 2 integer, 3 float, 4 true, 5 false, 6 table number).
+-- The same copy written to a string: a match's snapshot (pack.lua, docs/durability.md).  It
+-- refuses through `refuse` above, so the snapshot and the reload agree on what is data.
 ---------------------------------------------------------------------------------------------------
-local spack, sunpack, ssub, mtype = string.pack, string.unpack, string.sub, math.type
-local PACK_MAGIC = "ASN1"
+local packer = load_(host.pack_chunk, "=asobi", "b")(refuse, host.now)
+local pack, random_state, tunpack = packer.pack, rng.state, table.unpack
 
-local function packed(x, ids, queue, root, src, key)
-  local t = type_(x)
-  if t == "string" then return spack("<Bs4", 1, x) end
-  if t == "number" then
-    if mtype(x) == "integer" then return spack("<Bj", 2, x) end
-    return spack("<Bn", 3, x)
+local function snapshot_of(ok, out, n)
+  if not ok then
+    if type_(out) ~= "string" then out = "error object of type " .. type_(out) end
+    return false, out
   end
-  if t == "boolean" then return x and "\4" or "\5" end
-  if t ~= "table" then refuse(root, src, key, x) end
-  local id = ids[x]
-  if id == nil then
-    if getmetatable_(x) ~= nil then refuse(root, src, key, x) end
-    id = #queue + 1
-    ids[x] = id
-    queue[id] = x
-  end
-  return spack("<BI4", 6, id)
+  local a, b, c, d = random_state()
+  return true, a, b, c, d, tunpack(out, 1, n)
 end
 
-function api.pack(root)
-  if type_(root) ~= "table" then error_("state is a " .. type_(root) .. ", not a table", 0) end
-  if getmetatable_(root) ~= nil then
-    error_("state has a metatable; only plain data survives a reload", 0)
-  end
-  local out, n = { PACK_MAGIC }, 1
-  local ids, queue, i = { [root] = 1 }, { root }, 1
-  while queue[i] do
-    local src = queue[i]
-    n = n + 1
-    local count_at, count = n, 0
-    for k, v in next_, src do
-      -- The common cases inline (a call per value would cost more than the rest of the walk).
-      local tk, tv = type_(k), type_(v)
-      if tk == "string" then
-        out[n + 1] = spack("<Bs4", 1, k)
-      else
-        out[n + 1] = packed(k, ids, queue, root, src, KEY)
-      end
-      if tv == "number" then
-        out[n + 2] = mtype(v) == "integer" and spack("<Bj", 2, v) or spack("<Bn", 3, v)
-      elseif tv == "string" then
-        out[n + 2] = spack("<Bs4", 1, v)
-      else
-        out[n + 2] = packed(v, ids, queue, root, src, k)
-      end
-      n, count = n + 2, count + 1
-    end
-    out[count_at] = spack("<I4", count)
-    i = i + 1
-  end
-  return tconcat(out)
+-- The state and the random generator's state at the same moment, in one crossing: true, the
+-- generator's four words, then the pieces of the packed state (the host joins them); or false,
+-- why it cannot be copied.  Past `deadline` (host clock) the walk stops with `budget_error`.  It
+-- runs no script code, hence no budget hook (pack.lua).
+function api.snapshot(budget_error, deadline, root)
+  return snapshot_of(pcall_(pack, root, KEY, deadline, budget_error))
 end
 
--- The state `api.pack` wrote, rebuilt as new tables of this Lua state.
-function api.unpack(data)
-  if type_(data) ~= "string" or ssub(data, 1, 4) ~= PACK_MAGIC then
-    error_("not a packed state", 0)
-  end
-  local tables, pos, i = { {} }, 5, 1
-  local function value()
-    local tag
-    tag, pos = sunpack("<B", data, pos)
-    if tag == 1 then
-      local s
-      s, pos = sunpack("<s4", data, pos)
-      return s
-    elseif tag == 2 or tag == 3 then
-      local num
-      num, pos = sunpack(tag == 2 and "<j" or "<n", data, pos)
-      return num
-    elseif tag == 4 or tag == 5 then
-      return tag == 4
-    elseif tag == 6 then
-      local id
-      id, pos = sunpack("<I4", data, pos)
-      local t = tables[id]
-      if t == nil then
-        if id ~= #tables + 1 then error_("packed state refers to table " .. id .. " out of order", 0) end
-        t = {}
-        tables[id] = t
-      end
-      return t
-    end
-    error_("packed state has an unknown tag " .. tostring_(tag), 0)
-  end
-  while i <= #tables do
-    local dst, count = tables[i], nil
-    count, pos = sunpack("<I4", data, pos)
-    for _ = 1, count do
-      local k = value()
-      if k == nil or k ~= k then error_("packed state has a nil or NaN key", 0) end
-      dst[k] = value()
-    end
-    i = i + 1
-  end
-  if pos ~= #data + 1 then error_("packed state has trailing bytes", 0) end
-  return tables[1]
-end
+api.unpack = packer.unpack
 
 return api
