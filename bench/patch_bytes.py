@@ -152,20 +152,24 @@ class DiffTimer:
 
 
 class PatchRecorder:
-    """Keeps the arguments of every `compact_state.encode_patch` call made while installed, so
-    both encodings can be timed afterwards on the very same patches."""
+    """Keeps the arguments of the first `limit` `compact_state.encode_patch` calls made while
+    installed, so both encodings can be timed afterwards on the very same patches.  (Keeping
+    them all would keep every state alive, and the garbage collector's walks over them would
+    show up as CPU per frame.)"""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 5000) -> None:
         self.calls: list[tuple[int, int, Any, compact_state.KeyTable]] = []
+        self.limit = limit
         self._encode = compact_state.encode_patch
 
     def __enter__(self) -> PatchRecorder:
-        original, calls = self._encode, self.calls
+        original, calls, limit = self._encode, self.calls, self.limit
 
         def recorded(
             seq: int, base: int, patch: Any, keys: compact_state.KeyTable
         ) -> tuple[bytes, compact_state.KeyTable]:
-            calls.append((seq, base, patch, keys))
+            if len(calls) < limit:
+                calls.append((seq, base, patch, keys))
             return original(seq, base, patch, keys)
 
         compact_state.encode_patch = recorded  # type: ignore[assignment]
@@ -174,9 +178,9 @@ class PatchRecorder:
     def __exit__(self, *exc: object) -> None:
         compact_state.encode_patch = self._encode  # type: ignore[assignment]
 
-    def timings(self, limit: int = 5000, repeat: int = 3) -> tuple[float, float]:
+    def timings(self, repeat: int = 3) -> tuple[float, float]:
         """us per patch frame encoded: JSON (as `asobi.state_frames` writes it), compact."""
-        calls = self.calls[:limit]
+        calls = self.calls
         if not calls:
             return 0.0, 0.0
         encode, dumps = compact_state.encode_patch, orjson.dumps
