@@ -94,3 +94,20 @@ async def test_js_client_rebuilds_states_from_compact_frames(
     common = sorted(set(page) & set(seen))
     assert len(common) >= 20
     assert all(page[t] == seen[t] for t in common)
+    # The socket drops: the client resumes, asks for compact frames again, and the new
+    # connection's first state frame starts a new key table.
+    await browser.js(
+        "Object.assign(window.t, {states: {}, text: [], binary: 0}); window.t.c.drop();"
+    )
+    await browser.wait(
+        "return window.t.c.connected && Object.keys(window.t.states).length >= 10",
+        what="10 states after the resume",
+    )
+    seen = {s["tick"]: s for s in await full.states(40)}
+    page = {int(k): v for k, v in (await browser.js("return window.t.states")).items()}
+    common = sorted(set(page) & set(seen))
+    assert len(common) >= 10
+    assert all(page[t] == seen[t] for t in common)
+    text = await browser.js("return window.t.text")
+    assert "session.connected" in text and "match.state" not in text
+    assert await browser.js("return window.t.binary") >= 10
