@@ -12,7 +12,7 @@ interned object keys instead of JSON (docs/protocol.md, "Compact state frames").
 
 The integer of a key is its index in the client's key table, which the frames build: a FULL frame
 starts a new, empty table, then every frame appends its new keys in order, before its body is
-read.  So a key's name crosses the wire once per chain and is one or two bytes after that, and a
+read.  So a key's name crosses the wire once per chain and is a small integer after that, and a
 full frame is self-contained: it defines every key it uses, whatever the client held before.
 A patch only applies on top of the frame it names as base (a client whose last seq is another
 asks for `match.resync`, without reading the patch); since the server starts a chain again with a
