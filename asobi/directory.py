@@ -12,7 +12,10 @@ player ids, frames as bytes), never a Lua object or a socket.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from asobi.state_frames import SyncChoice
 
 
 class Peer(Protocol):
@@ -169,9 +172,9 @@ class MatchRouter(Protocol):
         """Whether the player gets `match.reloaded` frames."""
         ...
 
-    def state_sync(self, player_id: str, patch: bool | None) -> None:
-        """The player's connection asks for `match.patch` frames (True), full frames only
-        (False), or whatever their match's script chose (None)."""
+    def state_sync(self, player_id: str, choice: SyncChoice | None) -> None:
+        """The state frames the player's connection asked for: `match.patch` frames or full ones
+        only, JSON or compact (None: whatever their match's script chose, in JSON)."""
         ...
 
     def resync(self, player_id: str) -> bool:

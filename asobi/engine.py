@@ -29,6 +29,7 @@ from asobi.protocol import encode
 from asobi.recording import Recorder
 from asobi.scripts import ScriptRegistry, ScriptVersion
 from asobi.snapshots import Snapshotter
+from asobi.state_frames import SyncChoice
 from asobi.store import Store
 
 log = structlog.get_logger("asobi.engine")
@@ -97,9 +98,9 @@ class Engine:
         self.on_schedule_change: Callable[[float], None] | None = None
         # Players who asked for `match.reloaded` frames (session.connect {notify_reload: true}).
         self.reload_subscribers: set[str] = set()
-        # Players whose connection chose their state frames (True: `match.patch`, False: full
-        # `match.state` only); the others get what their match's script says.
-        self.state_sync: dict[str, bool] = {}
+        # Players whose connection chose their state frames (`match.patch` or full `match.state`
+        # only, JSON or compact); the others get what their match's script says, in JSON.
+        self.state_sync: dict[str, SyncChoice | bool] = {}
         # match id -> inputs received so far (the console's inputs/s).
         self.inputs_received: dict[str, int] = {}
         # Persistence for game.economy / leaderboard / storage (set by the app; None: refused).

@@ -13,6 +13,7 @@ from asobi.directory import MatchInfo, PlacementFailed, SeatReservation
 from asobi.engine import Engine
 from asobi.match import Match, MatchStartError
 from asobi.scripts import ScriptRegistry
+from asobi.state_frames import SyncChoice
 
 NODE = "local"
 
@@ -47,11 +48,11 @@ class LocalRouter:
         else:
             self.engine.reload_subscribers.discard(player_id)
 
-    def state_sync(self, player_id: str, patch: bool | None) -> None:
-        if patch is None:
+    def state_sync(self, player_id: str, choice: SyncChoice | None) -> None:
+        if choice is None:
             self.engine.state_sync.pop(player_id, None)
         else:
-            self.engine.state_sync[player_id] = patch
+            self.engine.state_sync[player_id] = choice
 
     def resync(self, player_id: str) -> bool:
         return self.engine.resync(player_id)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
+from collections.abc import Set
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -327,28 +328,42 @@ class Match:
         """The player's next state frame is a full `match.state` (`match.resync`, a resume)."""
         self.state_frames.resync(player_id)
 
-    def _patching(self, meta: ScriptMeta) -> frozenset[str] | set[str]:
-        """The players who get `match.patch` frames: the script's choice unless their
-        connection made its own (`Engine.state_sync`)."""
+    def _state_choices(self, meta: ScriptMeta) -> tuple[Set[str], Set[str]]:
+        """The players who get `match.patch` frames (the script's choice unless their connection
+        made its own, `Engine.state_sync`) and those whose connection chose compact frames."""
         default = meta.state_sync == "patch"
         prefs = self.services.state_sync
         if not prefs:
-            return set(self.players) if default else NOBODY
-        return {pid for pid in self.players if prefs.get(pid, default)}
+            return (set(self.players) if default else NOBODY), NOBODY
+        patching: set[str] = set()
+        compact: set[str] = set()
+        for pid in self.players:
+            choice = prefs.get(pid)
+            if choice is None or type(choice) is bool:
+                patch = default if choice is None else choice
+            else:
+                patch = default if choice.patch is None else choice.patch
+                if choice.compact:
+                    compact.add(pid)
+            if patch:
+                patching.add(pid)
+        return patching, compact
 
     def _render_states(
         self, lua: MatchLua, state: Any, meta: ScriptMeta, *, strict: bool = False
     ) -> list[tuple[str, bytes]]:
         """One `match.state` frame per player (one for all with `shared_state`), or for players
-        in patch mode a `match.patch` (see `asobi.state_frames`).
+        in patch mode a `match.patch`, in the compact encoding if their connection chose it (see
+        `asobi.state_frames`).
 
         Outside a reload a failing get_state costs that player this tick's frame; inside the
         reload transaction (`strict`) it fails the whole transaction.
         """
         frames: list[tuple[str, bytes]] = []
         recorder = self.recorder
-        patching = self._patching(meta)
-        if patching:
+        patching, compact = self._state_choices(meta)
+        chained = patching or compact
+        if chained:
             self.state_frames.begin()
         ids: list[str | None] = [None] if meta.shared_state else list(self.players)
         outcomes: list[tuple[Any, str | None]] = []
@@ -365,7 +380,7 @@ class Match:
             last = index == done - 1
             if error is None:
                 try:
-                    body = b"" if patching else orjson.dumps(data)
+                    body = b"" if chained else orjson.dumps(data)
                 except TypeError as exc:
                     error = str(exc)
             if error is not None:
@@ -381,11 +396,11 @@ class Match:
                 self._commit_effects()
             if recorder is not None:
                 recorder.state(pid, data)
-            if patching:
+            if chained:
                 targets = self.players if pid is None else (pid,)
                 frames.extend(
                     self.state_frames.frames(
-                        targets, data, patching, self.tick_no, meta.full_state_every
+                        targets, data, patching, self.tick_no, meta.full_state_every, compact
                     )
                 )
                 continue

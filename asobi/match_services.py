@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from asobi.directory import Outbox
 from asobi.lua.runtime import Limits
 from asobi.scripts import ScriptVersion
+from asobi.state_frames import SyncChoice
 from asobi.store import Store
 
 if TYPE_CHECKING:
@@ -60,8 +61,9 @@ class MatchServices(Protocol):
         ...
 
     @property
-    def state_sync(self) -> Mapping[str, bool]:
-        """Players whose connection chose patch (True) or full (False) state frames."""
+    def state_sync(self) -> Mapping[str, SyncChoice | bool]:
+        """Players whose connection chose their state frames (a bare bool: patch (True) or full
+        (False) frames, in JSON)."""
         ...
 
     def module_source(self, name: bytes) -> tuple[bytes | None, bytes]:

@@ -35,6 +35,7 @@ from websockets.protocol import State
 from asobi import benchstats, handoff, web
 from asobi.app import App
 from asobi.cluster.link import Unavailable
+from asobi.compact_state import is_binary
 from asobi.limits import KeyedBuckets
 from asobi.metrics import Metrics
 from asobi.reload import poll_changes, watch_changes
@@ -57,7 +58,8 @@ _last_wire: bytes = b""
 
 
 def _wire(frame: bytes) -> bytes:
-    """`frame` as an unmasked WebSocket text frame, serialized by websockets.
+    """`frame` as an unmasked WebSocket frame, serialized by websockets: a text frame, or a
+    binary one for a compact state frame (`asobi.compact_state.is_binary`).
 
     A shared `match.state` frame goes to every player of a match one after the other: the
     one-entry cache (by identity) frames it once for all of them.  Writing the serialized frame
@@ -66,7 +68,8 @@ def _wire(frame: bytes) -> bytes:
     """
     global _last_frame, _last_wire
     if frame is not _last_frame:
-        _last_wire = Frame(Opcode.TEXT, frame).serialize(mask=False, extensions=())
+        opcode = Opcode.BINARY if is_binary(frame) else Opcode.TEXT
+        _last_wire = Frame(opcode, frame).serialize(mask=False, extensions=())
         _last_frame = frame
     return _last_wire
 
@@ -127,7 +130,8 @@ class WebSocketPeer:
             self.stuck_since = 0.0
         self.metrics.frames_sent += 1
         if ws.protocol.extensions:
-            broadcast((ws,), frame, text=True)  # per-connection compression: let websockets frame
+            # Per-connection compression: let websockets frame it.
+            broadcast((ws,), frame, text=not is_binary(frame))
         else:
             transport.write(_wire(frame))
         return True

@@ -45,6 +45,7 @@ from asobi.protocol import (
     require_mode,
     require_str,
 )
+from asobi.state_frames import SyncChoice
 
 log = structlog.get_logger("asobi.session")
 
@@ -560,19 +561,26 @@ class Session:
         )
 
 
-def state_sync_choice(frame: Frame) -> bool | None:
-    """A connection's `state_sync` choice: "patch" (True), "full" (False), absent (None: the
-    match script decides)."""
-    value: object = frame.payload.get("state_sync")
-    if value is None:
-        return None
-    if value != "patch" and value != "full":
+def state_sync_choice(frame: Frame) -> SyncChoice | None:
+    """A connection's `state_sync` ("patch", "full", absent: the match script decides) and
+    `state_encoding` ("json", the default, or "compact") choices; None when it made neither."""
+    sync: object = frame.payload.get("state_sync")
+    encoding: object = frame.payload.get("state_encoding")
+    if sync is not None and sync != "patch" and sync != "full":
         raise ProtocolError(
             ErrorCode.INVALID_MESSAGE,
             f'{frame.type}: payload.state_sync must be "patch" or "full"',
             frame.cid,
         )
-    return value == "patch"
+    if encoding is not None and encoding != "json" and encoding != "compact":
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            f'{frame.type}: payload.state_encoding must be "json" or "compact"',
+            frame.cid,
+        )
+    if sync is None and encoding is None:
+        return None
+    return SyncChoice(None if sync is None else sync == "patch", encoding == "compact")
 
 
 def expire_seats(app: App, now: float) -> list[str]:

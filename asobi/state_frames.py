@@ -14,27 +14,43 @@ frame (dropped for a slow reader, not connected: the outbox says so), when they 
 Rendering only *stages* what each player would have been sent; `settle` makes it theirs once the
 outbox took the frame, so a reload transaction that is rolled back, or a frame that was dropped,
 never leaves a record the client does not share.  Players not in patch mode cost one set lookup.
+
+A connection may also choose the compact encoding (`asobi.compact_state`): the same frames, binary,
+with interned keys.  A compact chain's record also holds its key table, which the same rules keep
+equal to the client's: every full frame starts a new one, and a patch only ever extends the table
+of the frame it is based on.  A chain whose patches added too many keys starts again with a full
+frame (`KeyTable.overgrown`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Set
 from typing import Any, NamedTuple
 
 import orjson
 
-from asobi import merge_patch
+from asobi import compact_state, merge_patch
+from asobi.compact_state import KeyTable
 from asobi.protocol import encode_raw_payload
 
 NOBODY: frozenset[str] = frozenset()
 
 
+class SyncChoice(NamedTuple):
+    """What a connection asked for in `state_sync` and `state_encoding`."""
+
+    patch: bool | None = None  # `match.patch` frames (True), full ones (False), as the script says
+    compact: bool = False  # binary frames of `asobi.compact_state` instead of JSON
+
+
 class Sent(NamedTuple):
-    """What one player holds: the data of frame `seq`, and the tick of their last full frame."""
+    """What one player holds: the data of frame `seq`, the tick of their last full frame, and in
+    the compact encoding the key table as of that frame."""
 
     seq: int
     data: Any
     full_tick: int
+    keys: KeyTable | None = None
 
 
 class StateFrames:
@@ -56,45 +72,77 @@ class StateFrames:
         self,
         targets: Iterable[str],
         data: Any,
-        patching: frozenset[str] | set[str],
+        patching: Set[str],
         tick: int,
         full_every: int,
+        compact: Set[str] = NOBODY,
     ) -> list[tuple[str, bytes]]:
         """One frame per target for the state `data` (shared by all of them).
 
-        The full frame and each distinct patch are encoded once: with `shared_state`, every
-        player who got the previous frame holds the same data, so one patch serves them all.
+        The full frame and each distinct patch are encoded once per encoding: with
+        `shared_state`, every player who got the previous frame holds the same data (and, in the
+        compact encoding, players who got the same frames hold the same key table), so one patch
+        serves them all.
         """
         out: list[tuple[str, bytes]] = []
         body: bytes | None = None
         plain: bytes | None = None
         full: bytes | None = None
+        packed: tuple[bytes, KeyTable] | None = None
+        diffs: dict[int, Any] = {}
         patches: dict[int, bytes] = {}
+        compact_patches: dict[tuple[int, int], tuple[KeyTable, bytes, KeyTable]] = {}
         seq, sent, staged = self.seq, self.sent, self.staged
         for pid in targets:
+            binary = pid in compact
             if pid not in patching:
+                if sent:
+                    sent.pop(pid, None)
+                if binary:
+                    packed = packed or compact_state.encode_full(seq, data)
+                    out.append((pid, packed[0]))
+                    continue
                 if plain is None:
                     body = body or orjson.dumps(data)
                     plain = encode_raw_payload("match.state", body)
-                if sent:
-                    sent.pop(pid, None)
                 out.append((pid, plain))
                 continue
             last = sent.get(pid)
-            if last is None or tick - last.full_tick >= full_every:
+            keys = last.keys if last is not None else None
+            if (
+                last is None
+                or tick - last.full_tick >= full_every
+                or binary is (keys is None)  # the encoding changed: its chain starts again
+                or (keys is not None and keys.overgrown())
+            ):
+                if binary:
+                    packed = packed or compact_state.encode_full(seq, data)
+                    staged[pid] = Sent(seq, data, tick, packed[1])
+                    out.append((pid, packed[0]))
+                    continue
                 if full is None:
                     body = body or orjson.dumps(data)
                     full = b'{"type":"match.state","seq":%d,"payload":%b}' % (seq, body)
                 staged[pid] = Sent(seq, data, tick)
                 out.append((pid, full))
                 continue
+            patch = diffs.get(last.seq, diffs)
+            if patch is diffs:
+                patch = diffs[last.seq] = merge_patch.diff(last.data, data)
+            if keys is not None:
+                made = compact_patches.get((last.seq, id(keys)))
+                if made is None or made[0] is not keys:
+                    packed_patch, grown = compact_state.encode_patch(seq, last.seq, patch, keys)
+                    made = compact_patches[last.seq, id(keys)] = (keys, packed_patch, grown)
+                staged[pid] = Sent(seq, data, last.full_tick, made[2])
+                out.append((pid, made[1]))
+                continue
             frame = patches.get(last.seq)
             if frame is None:
-                patch = orjson.dumps(merge_patch.diff(last.data, data))
                 frame = b'{"type":"match.patch","seq":%d,"base":%d,"payload":%b}' % (
                     seq,
                     last.seq,
-                    patch,
+                    orjson.dumps(patch),
                 )
                 patches[last.seq] = frame
             staged[pid] = Sent(seq, data, last.full_tick)

@@ -25,6 +25,7 @@ CSP = (
 PAGES = {"/": "playground.html", "/console": "console.html"}
 ASSETS = {
     "/static/asobi.js": "asobi.js",
+    "/static/msgpack.js": "msgpack.js",
     "/static/playground.js": "playground.js",
     "/static/console.js": "console.js",
     "/static/ui.js": "ui.js",

@@ -221,8 +221,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             await run_reload(plan, work, cores, out)
         if "patch" in parts:
             out["patch_bytes"] = [
-                {"full": asdict(full), "patch": asdict(patch)}
-                for full, patch in patch_bytes.run(*plan.patch_run)
+                {"full": asdict(full), "patch": asdict(patch), "compact": asdict(compact)}
+                for full, patch, compact in patch_bytes.run(*plan.patch_run)
             ]
             out["colyseus_bytes"] = patch_bytes.colyseus_bytes(
                 plan.patch_run[1] * plan.patch_run[2]

@@ -1,5 +1,6 @@
 """`python -m bench.patch_bytes`: bytes per player per second and CPU per frame, full frames vs
-`match.patch` frames, in-process on the engine (no sockets: what goes on the wire is counted at
+`match.patch` frames in JSON vs the compact encoding (binary patch chains with interned keys,
+`asobi.compact_state`), in-process on the engine (no sockets: what goes on the wire is counted at
 the outbox, plus the WebSocket frame header).
 
 Workloads:
@@ -14,6 +15,8 @@ CPU is process time per delivered state frame, median of rounds, for the whole m
 (Lua callbacks, conversion, diff, encoding, outbox); `patch cost` is the difference, which on a
 busy machine is noisy.  `diff us` is the time of `merge_patch.diff` alone per patch computed (with
 `shared_state`, one patch serves every player of a match), measured around the function.
+`encode us` compares the two encodings of the same patches: every patch frame of the compact run
+is encoded again, as JSON (`orjson` and the `match.patch` envelope) and compact, in a tight loop.
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import structlog
 
-from asobi import merge_patch
+from asobi import compact_state, merge_patch
 from asobi.engine import Engine
 from asobi.match import Match
 from asobi.scripts import ScriptRegistry
+from asobi.state_frames import SyncChoice
 from bench import field_game, game
 
 GAME_DIR = Path(__file__).resolve().parent.parent / "game"
@@ -76,13 +81,22 @@ class Counter:
         self.bytes = 0
         self.frames = 0
         self.patches = 0
+        self.full_bytes = 0  # of the frames that are not patches
 
     def send(self, player_id: str, frame: bytes, *, droppable: bool = False) -> bool:
-        if frame.startswith((b'{"type":"match.state"', b'{"type":"match.patch"')):
-            n = len(frame)
-            self.bytes += n + (2 if n < 126 else 4 if n < 65536 else 10)
-            self.frames += 1
-            self.patches += frame.startswith(b'{"type":"match.patch"')
+        if compact_state.is_binary(frame):
+            patch = frame[0] & compact_state.PATCH == compact_state.PATCH
+        elif frame.startswith((b'{"type":"match.state"', b'{"type":"match.patch"')):
+            patch = frame.startswith(b'{"type":"match.patch"')
+        else:
+            return True
+        n = len(frame)
+        n += 2 if n < 126 else 4 if n < 65536 else 10
+        self.bytes += n
+        self.frames += 1
+        self.patches += patch
+        if not patch:
+            self.full_bytes += n
         return True
 
 
@@ -105,6 +119,10 @@ class Row:
     patch_share: float
     cpu_us_per_frame: float
     diff_us: float = 0.0
+    full_frame_bytes: float = 0.0  # mean of the full frames (join, every full_state_every)
+    # Compact rows: us to encode one patch frame, JSON / compact, on the same patches.
+    json_encode_us: float = 0.0
+    compact_encode_us: float = 0.0
 
 
 class DiffTimer:
@@ -131,6 +149,63 @@ class DiffTimer:
 
     def __exit__(self, *exc: object) -> None:
         merge_patch.diff = self._diff
+
+
+class PatchRecorder:
+    """Keeps the arguments of the first `limit` `compact_state.encode_patch` calls made while
+    installed, so both encodings can be timed afterwards on the very same patches.  (Keeping
+    them all would keep every state alive, and the garbage collector's walks over them would
+    show up as CPU per frame.)"""
+
+    def __init__(self, limit: int = 5000) -> None:
+        self.calls: list[tuple[int, int, Any, compact_state.KeyTable]] = []
+        self.limit = limit
+        self._encode = compact_state.encode_patch
+
+    def __enter__(self) -> PatchRecorder:
+        original, calls, limit = self._encode, self.calls, self.limit
+
+        def recorded(
+            seq: int, base: int, patch: Any, keys: compact_state.KeyTable
+        ) -> tuple[bytes, compact_state.KeyTable]:
+            if len(calls) < limit:
+                calls.append((seq, base, patch, keys))
+            return original(seq, base, patch, keys)
+
+        compact_state.encode_patch = recorded  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        compact_state.encode_patch = self._encode  # type: ignore[assignment]
+
+    def timings(self, repeat: int = 3) -> tuple[float, float]:
+        """us per patch frame encoded: JSON (as `asobi.state_frames` writes it), compact."""
+        calls = self.calls
+        if not calls:
+            return 0.0, 0.0
+        encode, dumps = compact_state.encode_patch, orjson.dumps
+
+        def json_frames() -> None:
+            for seq, base, patch, _ in calls:
+                b'{"type":"match.patch","seq":%d,"base":%d,"payload":%b}' % (
+                    seq,
+                    base,
+                    dumps(patch),
+                )
+
+        def compact_frames() -> None:
+            for seq, base, patch, keys in calls:
+                encode(seq, base, patch, keys)
+
+        best = []
+        for run in (json_frames, compact_frames):
+            times = []
+            for _ in range(repeat):
+                started = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - started)
+            best.append(min(times) / len(calls) * 1e6)
+        return best[0], best[1]
 
 
 def _bench_files(shared: bool) -> Callable[[Path], None]:
@@ -187,10 +262,16 @@ def _with_sync(game_dir: Path, sync: str) -> None:
 
 
 def measure(workload: Workload, sync: str, matches: int, ticks: int, rounds: int) -> Row:
-    with tempfile.TemporaryDirectory(prefix="asobi-patch-") as tmp, DiffTimer() as timer:
+    """One run of `workload` with `sync`: "full", "patch" (JSON) or "compact" (patch chains in
+    the compact encoding, which every connection of the run chose)."""
+    with (
+        tempfile.TemporaryDirectory(prefix="asobi-patch-") as tmp,
+        DiffTimer() as timer,
+        PatchRecorder() as recorder,
+    ):
         game_dir = Path(tmp)
         workload.files(game_dir)
-        _with_sync(game_dir, sync)
+        _with_sync(game_dir, "full" if sync == "full" else "patch")
         registry = ScriptRegistry(game_dir)
         errors = registry.load_all()
         assert not errors, errors
@@ -207,6 +288,9 @@ def measure(workload: Workload, sync: str, matches: int, ticks: int, rounds: int
         ]
         for match in running:
             match.release_held()
+            if sync == "compact":
+                for pid in match.players:
+                    engine.state_sync[pid] = SyncChoice(compact=True)
         per_frame: list[float] = []
         for _ in range(rounds):
             frames_before = counter.frames
@@ -231,20 +315,27 @@ def measure(workload: Workload, sync: str, matches: int, ticks: int, rounds: int
             counter.patches / counter.frames,
             statistics.median(per_frame),
             timer.seconds / timer.calls * 1e6 if timer.calls else 0.0,
+            counter.full_bytes / max(counter.frames - counter.patches, 1),
         )
         for match in running:
             engine.finish(match, None, notify=False)
+    if sync == "compact":
+        row.json_encode_us, row.compact_encode_us = recorder.timings()
     return row
 
 
-def run(matches: int = 50, ticks: int = 100, rounds: int = 5) -> list[tuple[Row, Row]]:
+Result = tuple[Row, Row, Row]  # full, JSON patch, compact
+
+
+def run(matches: int = 50, ticks: int = 100, rounds: int = 5) -> list[Result]:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    pairs = []
+    results = []
     for workload in WORKLOADS:
         full = measure(workload, "full", matches, ticks, rounds)
         patch = measure(workload, "patch", matches, ticks, rounds)
-        pairs.append((full, patch))
-    return pairs
+        compact = measure(workload, "compact", matches, ticks, rounds)
+        results.append((full, patch, compact))
+    return results
 
 
 COLYSEUS_DIR = Path(__file__).resolve().parent / "peers" / "colyseus"
@@ -274,43 +365,52 @@ def colyseus_bytes(ticks: int) -> dict[str, Any]:
     return out
 
 
-def colyseus_table(pairs: list[tuple[Row, Row]], colyseus: dict[str, Any]) -> str:
-    """Bytes per player per second: asobi's full and patch frames beside Colyseus' deltas."""
+def colyseus_table(results: list[Result], colyseus: dict[str, Any]) -> str:
+    """Bytes per player per second: asobi's full, JSON patch and compact frames beside Colyseus'
+    deltas."""
     lines = [
-        "| workload | asobi full B/player/s | asobi patch B/player/s | Colyseus B/player/s "
-        "| asobi patch / Colyseus | mean patch frame B (asobi / Colyseus) "
-        "| full state B (asobi / Colyseus) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| workload | asobi full B/player/s | asobi JSON patch B/player/s "
+        "| asobi compact B/player/s | Colyseus B/player/s | JSON patch / Colyseus "
+        "| compact / Colyseus | mean patch frame B (JSON / compact / Colyseus) "
+        "| full state B (JSON / compact / Colyseus) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for full, patch in pairs:
+    for full, patch, compact in results:
         theirs = colyseus.get(full.workload)
         if not theirs or "error" in theirs:
             continue
+        per_s = theirs["patch_bytes_per_player_s"]
         lines.append(
             f"| {full.workload} | {full.bytes_per_player_s:,.0f} | "
-            f"{patch.bytes_per_player_s:,.0f} | {theirs['patch_bytes_per_player_s']:,.0f} | "
-            f"{patch.bytes_per_player_s / theirs['patch_bytes_per_player_s']:.2f} | "
-            f"{patch.frame_bytes:.0f} / {theirs['patch_frame_bytes']:.0f} | "
-            f"{full.frame_bytes:.0f} / {theirs['full_frame_bytes']:.0f} |"
+            f"{patch.bytes_per_player_s:,.0f} | {compact.bytes_per_player_s:,.0f} | "
+            f"{per_s:,.0f} | {patch.bytes_per_player_s / per_s:.2f} | "
+            f"{compact.bytes_per_player_s / per_s:.2f} | "
+            f"{patch.frame_bytes:.0f} / {compact.frame_bytes:.0f} / "
+            f"{theirs['patch_frame_bytes']:.0f} | "
+            f"{full.frame_bytes:.0f} / {compact.full_frame_bytes:.0f} / "
+            f"{theirs['full_frame_bytes']:.0f} |"
         )
     return "\n".join(lines)
 
 
-def table(pairs: list[tuple[Row, Row]]) -> str:
+def table(results: list[Result]) -> str:
     lines = [
-        "| workload | full B/player/s | patch B/player/s | patch / full | mean frame B "
-        "(full / patch) | CPU us/frame full | CPU us/frame patch | patch cost us/frame "
-        "| diff us/patch |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | full B/player/s | JSON patch B/player/s | compact B/player/s "
+        "| JSON patch / full | compact / full | mean frame B (full / JSON patch / compact) "
+        "| CPU us/frame full | CPU us/frame JSON patch | CPU us/frame compact "
+        "| diff us/patch | encode us/patch (JSON / compact) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for full, patch in pairs:
+    for full, patch, compact in results:
         lines.append(
             f"| {full.workload} | {full.bytes_per_player_s:,.0f} | "
-            f"{patch.bytes_per_player_s:,.0f} | "
+            f"{patch.bytes_per_player_s:,.0f} | {compact.bytes_per_player_s:,.0f} | "
             f"{patch.bytes_per_player_s / full.bytes_per_player_s:.0%} | "
-            f"{full.frame_bytes:.0f} / {patch.frame_bytes:.0f} | "
+            f"{compact.bytes_per_player_s / full.bytes_per_player_s:.0%} | "
+            f"{full.frame_bytes:.0f} / {patch.frame_bytes:.0f} / {compact.frame_bytes:.0f} | "
             f"{full.cpu_us_per_frame:.1f} | {patch.cpu_us_per_frame:.1f} | "
-            f"{patch.cpu_us_per_frame - full.cpu_us_per_frame:+.1f} | {patch.diff_us:.1f} |"
+            f"{compact.cpu_us_per_frame:.1f} | {patch.diff_us:.1f} | "
+            f"{compact.json_encode_us:.1f} / {compact.compact_encode_us:.1f} |"
         )
     return "\n".join(lines)
 
@@ -321,12 +421,12 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=100, help="ticks per round")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    pairs = run(args.matches, args.ticks, args.rounds)
-    print(table(pairs))
+    results = run(args.matches, args.ticks, args.rounds)
+    print(table(results))
     colyseus = colyseus_bytes(args.ticks * args.rounds)
     if colyseus:
         print()
-        print(colyseus_table(pairs, colyseus))
+        print(colyseus_table(results, colyseus))
 
 
 if __name__ == "__main__":

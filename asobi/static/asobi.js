@@ -1,6 +1,8 @@
 // asobi JavaScript client: one dependency-free ES module for browsers and Node 22+.
 // Protocol: docs/protocol.md.  Types: clients/js/asobi.d.ts.  The server serves this very file
 // at /static/asobi.js (clients/js/asobi.js is the same file, kept identical by a test).
+// With `stateEncoding: "compact"` it also imports msgpack.js from beside itself (a vendored
+// MessagePack decoder), on first use only.
 
 /** An `error` frame answering a request, or a request the connection could not carry. */
 export class AsobiError extends Error {
@@ -37,6 +39,27 @@ export function applyMergePatch(target, patch) {
   return result;
 }
 
+// Compact state frames (docs/protocol.md, "Compact state frames"): the first byte's kind bits.
+const COMPACT_FULL = 0x01;
+const COMPACT_PATCH = 0x02;
+const COMPACT_NEW_KEYS = 0x04;
+let msgpackModule = null;
+
+/** A compact frame's body with its integer map keys named from the key table `keys`. */
+function namedKeys(value, keys) {
+  if (Array.isArray(value)) return value.map((item) => namedKeys(item, keys));
+  if (typeof value !== "object" || value === null) return value;
+  const out = {};
+  for (const [index, item] of Object.entries(value)) {
+    const key = keys[index];
+    if (key === undefined) throw new Error(`map key ${index} is not in the key table`);
+    if (key === "__proto__") {
+      Object.defineProperty(out, key, { value: namedKeys(item, keys), writable: true, enumerable: true, configurable: true });
+    } else out[key] = namedKeys(item, keys);
+  }
+  return out;
+}
+
 // Close codes after which reconnecting would be wrong: replaced by a newer connection of the
 // same player, kicked, or refused by policy.
 const FINAL_CLOSES = new Set([4000, 4001, 1008]);
@@ -60,6 +83,7 @@ export class Asobi {
       maxBackoffMs: 5000,
       notifyReload: false,
       stateSync: null,
+      stateEncoding: null,
       WebSocket: globalThis.WebSocket,
       ...options,
     };
@@ -78,8 +102,10 @@ export class Asobi {
     this._seatToken = null;
     this._hops = 0;
     this._ahead = null; // the socket opened ahead on `match.moving`, until the match comes
-    // The last state frame of a `match.patch` chain: {seq, state} (null: none to patch).
+    // The last state frame of a `match.patch` chain: {seq, state} (null: none to patch); in the
+    // compact encoding also the chain's key table: {seq, state, keys}.
     this._sync = null;
+    this._decoder = null; // MessagePack, once `stateEncoding: "compact"` is asked for
     this._resyncAt = 0;
   }
 
@@ -117,6 +143,7 @@ export class Asobi {
   _open() {
     return new Promise((resolve, reject) => {
       const ws = new this.options.WebSocket(this.url);
+      ws.binaryType = "arraybuffer"; // compact state frames
       this._ws = ws;
       let opened = false;
       ws.onopen = () => {
@@ -158,13 +185,12 @@ export class Asobi {
   _goAhead(url, seatToken) {
     if (!this.options.followRedirects || this._ahead || !this.token) return;
     const ws = new this.options.WebSocket(url);
+    ws.binaryType = "arraybuffer"; // compact state frames
     const ahead = { ws, url, connected: null };
     ahead.timer = setTimeout(() => this._dropAhead(ahead), AHEAD_TIMEOUT_MS);
     this._ahead = ahead;
     ws.onopen = () => {
-      const payload = { token: this.token, seat_token: seatToken };
-      if (this.options.notifyReload) payload.notify_reload = true;
-      if (this.options.stateSync) payload.state_sync = this.options.stateSync;
+      const payload = this._sessionChoices({ token: this.token, seat_token: seatToken });
       ws.send(JSON.stringify({ type: "session.connect", payload }));
     };
     ws.onmessage = (event) => this._aheadFrame(ahead, event.data);
@@ -215,13 +241,13 @@ export class Asobi {
   }
 
   async _resume() {
+    await this._loadDecoder();
     const seatToken = this._seatToken;
     this._seatToken = null;
     const payload = { token: this.token };
     if (this.resumeToken) payload.resume_token = this.resumeToken;
     if (seatToken) payload.seat_token = seatToken;
-    if (this.options.notifyReload) payload.notify_reload = true;
-    if (this.options.stateSync) payload.state_sync = this.options.stateSync;
+    this._sessionChoices(payload);
     let reply;
     try {
       reply = await this._request("session.connect", payload, ["session.connected", "session.redirect"], true);
@@ -239,6 +265,14 @@ export class Asobi {
     this._hops = 0;
     this._flush();
     this.connected = true;
+  }
+
+  // What a `session.connect` asks for besides the session itself.
+  _sessionChoices(payload) {
+    if (this.options.notifyReload) payload.notify_reload = true;
+    if (this.options.stateSync) payload.state_sync = this.options.stateSync;
+    if (this.options.stateEncoding) payload.state_encoding = this.options.stateEncoding;
+    return payload;
   }
 
   _scheduleReconnect() {
@@ -265,6 +299,10 @@ export class Asobi {
 
   // -- frames ----------------------------------------------------------------------------------
   _receive(data) {
+    if (typeof data !== "string") {
+      this._compact(new Uint8Array(data));
+      return;
+    }
     let frame;
     try {
       frame = JSON.parse(data);
@@ -325,6 +363,45 @@ export class Asobi {
     const state = applyMergePatch(sync.state, frame.payload);
     this._sync = { seq: frame.seq, state };
     this._emit("match.state", state, { type: "match.state", seq: frame.seq, payload: state });
+  }
+
+  // A compact state frame (binary) becomes the `match.state` event a JSON frame would have been.
+  // A patch is only read when it follows the last frame (its key table is that frame's); one that
+  // does not, or a frame that cannot be read, asks for a full frame, which starts a new table.
+  _compact(bytes) {
+    const kind = bytes[0] & (COMPACT_FULL | COMPACT_PATCH);
+    if (this._decoder === null || (kind !== COMPACT_FULL && kind !== COMPACT_PATCH)) return;
+    const sync = this._sync;
+    let state, seq, keys;
+    try {
+      const values = this._decoder.decodeMulti(bytes.subarray(1));
+      seq = values.next().value;
+      if (kind === COMPACT_PATCH) {
+        const base = seq - values.next().value;
+        if (sync === null || !sync.keys || base !== sync.seq) {
+          this.resync();
+          return;
+        }
+      }
+      keys = kind === COMPACT_FULL ? [] : sync.keys;
+      if (bytes[0] & COMPACT_NEW_KEYS) keys.push(...values.next().value);
+      const body = namedKeys(values.next().value, keys);
+      state = kind === COMPACT_FULL ? body : applyMergePatch(sync.state, body);
+    } catch (err) {
+      console.error("asobi: unreadable compact state frame:", err);
+      this._sync = null;
+      this.resync();
+      return;
+    }
+    this._sync = { seq, state, keys };
+    this._emit("match.state", state, { type: "match.state", seq, payload: state });
+  }
+
+  async _loadDecoder() {
+    if (this.options.stateEncoding !== "compact" || this._decoder !== null) return;
+    msgpackModule ??= import("./msgpack.js");
+    const { Decoder } = await msgpackModule;
+    this._decoder = new Decoder();
   }
 
   /** Ask for a full `match.state` (sent on its own when a `match.patch` cannot be applied; at
@@ -441,8 +518,9 @@ export class Asobi {
   }
 
   // -- authentication --------------------------------------------------------------------------
-  _authReady() {
-    return this._ws && this._ws.readyState === 1 ? Promise.resolve() : this.connect();
+  async _authReady() {
+    await this._loadDecoder(); // before the server can send a compact frame
+    return this._ws && this._ws.readyState === 1 ? undefined : this.connect();
   }
 
   /** A new guest: the session opens on this connection.  Resolves with {player_id, token}. */
@@ -475,6 +553,7 @@ export class Asobi {
     const extras = {};
     if (this.options.notifyReload) extras.notify_reload = true;
     if (this.options.stateSync) extras.state_sync = this.options.stateSync;
+    if (this.options.stateEncoding) extras.state_encoding = this.options.stateEncoding;
     return extras;
   }
 

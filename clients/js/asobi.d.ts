@@ -37,6 +37,10 @@ export interface AsobiOptions {
    * match script decides (`state_sync`).  Patches are applied either way: `match.state`
    * handlers always get the whole state. */
   stateSync?: "patch" | "full" | null;
+  /** "compact": state frames as binary MessagePack with interned keys (fewer bytes; needs
+   * msgpack.js beside asobi.js, imported on first use); "json" or unset: JSON text frames.
+   * Handlers get the same `match.state` events either way. */
+  stateEncoding?: "json" | "compact" | null;
   /** A WebSocket implementation (default: the global one). */
   WebSocket?: typeof WebSocket;
 }

@@ -1,0 +1,1 @@
+../../asobi/static/msgpack.js
