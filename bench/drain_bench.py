@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -139,49 +140,84 @@ async def drain(url: str) -> tuple[float, dict[str, Any]]:
                 raise RuntimeError(f"drain: {frame['payload']}")
 
 
+# The players live in several processes, as players live on their own devices: one process
+# reconnecting hundreds of players at once would stall its own reading and count that as a gap.
+CLIENT_PROCESSES = 4
+
+Seen = list[tuple[list[tuple[float, int]], float | None]]  # per player: frames, moved at
+
+
+def clients(a_url: str, pairs: int, ready: Any, stop: Any, out: Any) -> None:
+    """One client process: `pairs` matched pairs of players reading their frames until `stop`."""
+    out.put(asyncio.run(play(a_url, pairs, ready, stop)))
+
+
+async def play(a_url: str, pairs: int, ready: Any, stop: Any) -> Seen:
+    players: list[Player] = []
+    gate = asyncio.Semaphore(8)
+
+    async def pair() -> list[Player]:
+        async with gate:
+            two = [await guest(a_url), await guest(a_url)]
+            await asyncio.gather(*(matched(p) for p in two))
+            return two
+
+    for two in await asyncio.gather(*(pair() for _ in range(pairs))):
+        players.extend(two)
+    halt = asyncio.Event()
+    for p in players:
+        p.readers.append(asyncio.create_task(read(p, p.ws, halt)))
+    ready.set()
+    await asyncio.to_thread(stop.wait)
+    halt.set()
+    for p in players:
+        while p.readers:
+            with contextlib.suppress(Exception):
+                await p.readers.pop()
+        with contextlib.suppress(Exception):
+            await p.ws.close()
+    return [(p.frames, p.moved_at) for p in players]
+
+
 async def measure(matches: int, hz: int, db: str) -> Row:
     os.environ["ASOBI_ADMIN_TOKEN"] = ADMIN
+    spawn = multiprocessing.get_context("spawn")
+    seen: Seen = []
     with tempfile.TemporaryDirectory(prefix="asobi-drain-bench-") as tmp:
         work = Path(tmp)
         redis, redis_url = start_redis(work)
         procs: list[Any] = []
-        players: list[Player] = []
+        players: list[Any] = []
         try:
-            a, a_url = await start_node(
-                work, redis_url, db, "drain-a", game=GAME.replace("{hz}", str(hz))
-            )
+            game = GAME.replace("{hz}", str(hz))
+            a, a_url = await start_node(work, redis_url, db, "drain-a", game=game)
             procs.append(a)
-            b, _ = await start_node(
-                work, redis_url, db, "drain-b", game=GAME.replace("{hz}", str(hz))
-            )
+            b, _ = await start_node(work, redis_url, db, "drain-b", game=game)
             procs.append(b)
             await asyncio.sleep(1.5)  # each node has seen the other's heartbeat
-            gate = asyncio.Semaphore(16)
-
-            async def pair() -> list[Player]:
-                async with gate:
-                    two = [await guest(a_url), await guest(a_url)]
-                    await asyncio.gather(*(matched(p) for p in two))
-                    return two
-
-            for two in await asyncio.gather(*(pair() for _ in range(matches))):
-                players.extend(two)
-            stop = asyncio.Event()
-            for p in players:
-                p.readers.append(asyncio.create_task(read(p, p.ws, stop)))
+            stop, out = spawn.Event(), spawn.Queue()
+            shares = [matches // CLIENT_PROCESSES] * CLIENT_PROCESSES
+            shares[0] += matches % CLIENT_PROCESSES
+            for share in shares:
+                ready = spawn.Event()
+                player = spawn.Process(target=clients, args=(a_url, share, ready, stop, out))
+                player.start()
+                players.append((player, ready))
+            for _, ready in players:
+                if not await asyncio.to_thread(ready.wait, 300):
+                    raise RuntimeError("the players did not get into their matches")
             await asyncio.sleep(1.5)
             drain_started = time.perf_counter()
             drain_client_ms, answer = await drain(a_url)
             await asyncio.sleep(2.0)
             stop.set()
-            for p in players:
-                while p.readers:
-                    with contextlib.suppress(Exception):
-                        await p.readers.pop()
+            for _ in players:
+                seen.extend(await asyncio.to_thread(out.get, True, 120))
         finally:
-            for p in players:
-                with contextlib.suppress(Exception):
-                    await p.ws.close()
+            for player, _ in players:
+                player.join(10)
+                if player.is_alive():
+                    player.kill()
             for proc in procs:
                 proc.terminate()
             for proc in procs:
@@ -191,15 +227,15 @@ async def measure(matches: int, hz: int, db: str) -> Row:
             redis.wait()
     period_ms = 1000.0 / hz
     gaps, skipped, repeated = [], 0, 0
-    for p in players:
-        if p.moved_at is None or not p.frames:
+    for frames, moved_at in seen:
+        if moved_at is None or not frames:
             continue
         # The longest pause between two frames the player saw while the node drained.
-        times = sorted(t for t, _ in p.frames if t >= drain_started)
+        times = sorted(t for t, _ in frames if t >= drain_started)
         if len(times) > 1:
             gaps.append(max(y - x for x, y in itertools.pairwise(times)) * 1000)
         # Every tick once: the counters seen, whatever connection brought them.
-        counters = sorted(n for _, n in p.frames)
+        counters = sorted(n for _, n in frames)
         for x, y in itertools.pairwise(counters):
             skipped += max(0, y - x - 1)
             repeated += 1 if y == x else 0

@@ -3,14 +3,16 @@ and no pause longer than the hand-over itself.
 
 `asobi drain` (the admin frame `admin.drain`) and SIGTERM on a node of a cluster run `drain`.
 The matches are dealt to the other live nodes, least loaded first (as the failover deals a dead
-node's), in batches; each batch moves *make before break*:
+node's), in batches; they move *make before break*:
 
 1. **Sent ahead.** While its matches play on here, each connected player gets
    `match.moving {match_id, node_id, node_url, seat_token}` and opens a second connection to the
    taking node with that seat token, keeping this one; the taking node answers `drain.arrive`
    once they are all connected there (or after `arrival_s`).  Reconnecting is what takes time (a
-   WebSocket handshake per player), so it happens before the match stops, not during the pause.
-2. **Cut.** Between two ticks the batch's matches are snapshotted (`Snapshotter.take`) and stop
+   WebSocket handshake per player), so it happens before the match stops, not during the pause;
+   a batch every `WAVE_S`, and every batch's before the first cut, so the reconnections neither
+   land on the taking node at once nor compete with a hand-over for its time.
+2. **Cut.** Batch by batch, between two ticks the batch's matches are snapshotted (`Snapshotter.take`) and stop
    ticking here; their snapshots and the store's queued writes are written out (the journal,
    then the database, so the marks of their last units are in before another node commits any).
 3. **Taken.** The taking node (`drain.take`) claims each match in the journal
@@ -56,7 +58,7 @@ ARRIVE = "drain.arrive"
 REQUEST_S = 10.0
 FLUSH_S = 5.0
 BATCH = 10  # matches per `drain.take` request
-WAVE_S = 0.04  # between two batches' `match.moving` frames
+WAVE_S = 0.025  # between two batches' `match.moving` frames
 # How often a taking node looks whether the players sent ahead have arrived: this wait comes
 # before the cut, so it lengthens the drain, not the pause the players see.
 ARRIVAL_POLL_S = 0.02
@@ -152,40 +154,51 @@ class Drainer:
         shares: dict[str, list[str]] = {}
         for match_id, node in deal(running, targets).items():
             shares.setdefault(node, []).append(match_id)
-        per_node = [
-            [(node, ids[i : i + BATCH]) for i in range(0, len(ids), BATCH)]
+        batches = {
+            node: [ids[i : i + BATCH] for i in range(0, len(ids), BATCH)]
             for node, ids in shares.items()
-        ]
-        # The nodes' batches interleaved: wave k goes to one node, wave k + 1 to the next.
-        waves = [b for group in itertools.zip_longest(*per_node) for b in group if b]
-        cutting = {node: asyncio.Lock() for node in shares}
-        await asyncio.gather(
-            *(
-                self._move(k * WAVE_S, node, ids, cutting[node], result)
-                for k, (node, ids) in enumerate(waves)
+        }
+        # The players first, in waves: wave k goes to one node, wave k + 1 to the next.
+        waves = [
+            wave
+            for group in itertools.zip_longest(
+                *([(node, ids) for ids in share] for node, share in batches.items())
             )
+            for wave in group
+            if wave is not None
+        ]
+        arrived: set[str] = set()
+        for found in await asyncio.gather(
+            *(self._ahead(k * WAVE_S, node, ids) for k, (node, ids) in enumerate(waves))
+        ):
+            arrived |= found
+        # Then the matches, batch by batch on each node, the nodes side by side.
+        await asyncio.gather(
+            *(self._cut_and_hand(node, share, arrived, result) for node, share in batches.items())
         )
 
-    async def _move(
-        self, delay_s: float, node: str, ids: list[str], cutting: asyncio.Lock, r: DrainResult
-    ) -> None:
-        """One batch: its players sent ahead (a wave every `WAVE_S`, so the reconnections do
-        not all land on the taking node, nor on anyone's network, at once), then, once they
-        are there, the cut and the hand-over (one batch at a time per node, so a cut is never
-        queued behind another's)."""
+    async def _ahead(self, delay_s: float, node: str, ids: list[str]) -> set[str]:
+        """Send one batch's players ahead (a wave every `WAVE_S`, so the reconnections do not
+        all land on the taking node, nor on anyone's network, at once); those who arrived."""
         await asyncio.sleep(delay_s)
         told = self._send_ahead(node, ids)
-        arrived = await self._arrivals(node, told) if told else set()
-        async with cutting:
+        return await self._arrivals(node, told) if told else set()
+
+    async def _cut_and_hand(
+        self, node: str, batches: list[list[str]], arrived: set[str], result: DrainResult
+    ) -> None:
+        """Once every player sent ahead is there (so no reconnection competes with a
+        hand-over for the taking node's time), cut and hand the batches over one by one."""
+        for ids in batches:
             moving = self._cut(ids, arrived)
             if not moving:
-                return
+                continue
             await self._write_out()
-            await self._hand(node, moving, r)
-        for match_id, entry in moving.items():
-            if match_id not in r.moved and await self._keep(entry):
-                r.kept.append(match_id)
-            entry.match.close()
+            await self._hand(node, moving, result)
+            for match_id, entry in moving.items():
+                if match_id not in result.moved and await self._keep(entry):
+                    result.kept.append(match_id)
+                entry.match.close()
 
     def _send_ahead(self, node: str, match_ids: list[str]) -> list[str]:
         """`match.moving` to the connected players of these matches; the players told."""
