@@ -12,9 +12,10 @@ node's), in batches; they move *make before break*:
    WebSocket handshake per player), so it happens before the match stops, not during the pause;
    a batch every `WAVE_S`, and every batch's before the first cut, so the reconnections neither
    land on the taking node at once nor compete with a hand-over for its time.
-2. **Cut.** Batch by batch, between two ticks the batch's matches are snapshotted (`Snapshotter.take`) and stop
-   ticking here; their snapshots and the store's queued writes are written out (the journal,
-   then the database, so the marks of their last units are in before another node commits any).
+2. **Cut.** Batch by batch, between two ticks the batch's matches are snapshotted
+   (`Snapshotter.take`) and stop ticking here; their snapshots and the store's queued writes
+   are written out (the journal, then the database, so the marks of their last units are in
+   before another node commits any).
 3. **Taken.** The taking node (`drain.take`) claims each match in the journal
    (`RedisJournal.claim`, atomic), restores it through the single node's restore, seats the
    players already connected there, and starts its clock when its next tick was due here: the
