@@ -1,14 +1,14 @@
 """Draining a node: how long moving its matches takes, and the longest gap a player sees.
 
 `python -m bench --only drain` (or `python -m bench.drain_bench`).  A private `redis-server`,
-two node processes on the PostgreSQL of ASOBI_DATABASE_URL or ASOBI_TEST_DATABASE_URL, and this
-process as the players: N two-player matches at 20 Hz on node A, every player reading its
-frames.  Then `admin.drain` on A: as the JavaScript client does, each player opens a second
-connection to node B when `match.moving` names it, keeps reading A until B's first state frame,
-then closes A's (and follows a `match.moved` the old way).  Reported: the drain as A measured it
-(players ahead, cut, write out, hand over) and as the operator saw it (request to answer); per
-player, the longest time between two state frames it saw from the drain's start to the end,
-and the ticks skipped or repeated in what they saw.
+two node processes on the PostgreSQL of ASOBI_DATABASE_URL or ASOBI_TEST_DATABASE_URL, and four
+client processes as the players: N two-player matches on node A (100 at 20 Hz, 1,000 at 5 Hz),
+every player reading its frames.  Then `admin.drain` on A: as the JavaScript client does, each
+player opens a second connection to node B when `match.moving` names it, keeps reading A until
+B's first state frame, then closes A's (and follows a `match.moved` the old way).  Reported: the
+drain as A measured it (players ahead, cut, write out, hand over) and as the operator saw it
+(request to answer); per player, the longest time between two state frames it saw from the
+drain's start to the end, and the ticks skipped or repeated in what they saw.
 """
 
 from __future__ import annotations

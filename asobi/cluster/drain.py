@@ -59,7 +59,8 @@ ARRIVE = "drain.arrive"
 REQUEST_S = 10.0
 FLUSH_S = 5.0
 BATCH = 10  # matches per `drain.take` request
-WAVE_S = 0.025  # between two batches' `match.moving` frames
+WAVE_S = 0.025  # between two batches' `match.moving` frames, at least
+AHEAD_WINDOW = 4  # batches whose players are on their way at once, at most
 # How often a taking node looks whether the players sent ahead have arrived: this wait comes
 # before the cut, so it lengthens the drain, not the pause the players see.
 ARRIVAL_POLL_S = 0.02
@@ -169,8 +170,9 @@ class Drainer:
             if wave is not None
         ]
         arrived: set[str] = set()
+        window = asyncio.Semaphore(AHEAD_WINDOW)
         for found in await asyncio.gather(
-            *(self._ahead(k * WAVE_S, node, ids) for k, (node, ids) in enumerate(waves))
+            *(self._ahead(k * WAVE_S, window, node, ids) for k, (node, ids) in enumerate(waves))
         ):
             arrived |= found
         # Then the matches, batch by batch on each node, the nodes side by side.
@@ -178,12 +180,16 @@ class Drainer:
             *(self._cut_and_hand(node, share, arrived, result) for node, share in batches.items())
         )
 
-    async def _ahead(self, delay_s: float, node: str, ids: list[str]) -> set[str]:
-        """Send one batch's players ahead (a wave every `WAVE_S`, so the reconnections do not
-        all land on the taking node, nor on anyone's network, at once); those who arrived."""
+    async def _ahead(
+        self, delay_s: float, window: asyncio.Semaphore, node: str, ids: list[str]
+    ) -> set[str]:
+        """Send one batch's players ahead; those who arrived.  A wave every `WAVE_S` at most,
+        and at most `AHEAD_WINDOW` batches on their way at once, so the reconnections never
+        land on the taking node (nor on anyone's network) faster than it seats them."""
         await asyncio.sleep(delay_s)
-        told = self._send_ahead(node, ids)
-        return await self._arrivals(node, told) if told else set()
+        async with window:
+            told = self._send_ahead(node, ids)
+            return await self._arrivals(node, told) if told else set()
 
     async def _cut_and_hand(
         self, node: str, batches: list[list[str]], arrived: set[str], result: DrainResult
