@@ -3,9 +3,9 @@
 Parts: asobi, shared, reload, patch, snapshot, colyseus, field (the default run), cluster,
 cluster-cost and drain (only when `--only` names them: matchmaking latency on 1 and 3 nodes over
 Redis; CPU per frame with and without Redis, `--workers 2` against one process, Redis's cost per
-operation; 100 and 1,000 matches moved off a node; all need `redis-server` and PostgreSQL).  The server
-under test runs pinned to one core and this process (the load generator) to the other.  Prints
-a markdown report and writes the figures as JSON under bench/results/.
+operation; 100 and 1,000 matches moved off a node; all need `redis-server` and PostgreSQL).  The
+server under test runs pinned to one core and this process (the load generator) to the other.
+Prints a markdown report and writes the figures as JSON under bench/results/.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import pytest
 
 from asobi.store.errors import StoreError
 from asobi.store.model import Barrier, Load, StoreModel
-from asobi.store.ops import BatchResult, LedgerOp
+from asobi.store.ops import BatchResult, LedgerOp, MatchMark
 
 
 def test_a_load_sees_earlier_writes_in_the_database_and_later_ones_replayed() -> None:
@@ -150,3 +150,23 @@ def test_a_full_refresh_drops_keys_the_database_no_longer_has() -> None:
     model.install([], [("a", "1", "1"), ("a", "2", "2")])
     assert model.global_refreshed([("a", "2", "20"), ("a", "3", "3")], None) == 3
     assert model.global_storage == {("a", "2"): 20, ("a", "3"): 3}
+
+
+def test_a_match_unit_is_written_behind_its_mark_and_never_split_from_it() -> None:
+    """The mark of a tick's unit goes first and guards the unit's writes in their transaction,
+    so a batch that reaches `batch_max` inside a unit takes the rest of the unit with it."""
+    model = StoreModel(batch_max=3)
+    unit = model.unit("m1", (7, 0))
+    for n in range(4):
+        unit.grant("p1", "gold", 1, f"t7-{n}")
+    unit.commit()
+    after = model.unit("m1", (8, 0))
+    after.grant("p1", "gold", 1, "t8")
+    after.commit()
+    mark = model.queue[0]
+    assert isinstance(mark, MatchMark)
+    assert (mark.match_id, mark.tick, mark.seq, mark.count) == ("m1", 7, 0, 4)
+    batch = model.next_batch()
+    assert batch.ops == [mark, *unit.ops]  # five ops, past batch_max, the unit whole
+    model.batch_written(batch, BatchResult())
+    assert model.next_batch().ops == [model.queue[0], *after.ops]

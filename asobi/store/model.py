@@ -174,16 +174,17 @@ class StoreModel:
                     return
                 if key[0] > done[0]:
                     del self.committed_before[match_id]
+        count = len(work.ops)
+        if key is not None and match_id is not None:
+            # The mark goes first: it guards the unit's writes in their transaction (`MatchMark`).
+            self.queue.append(MatchMark(match_id, key[0], key[1], count))
+            count += 1
         for op in work.ops:
             self._apply_memory(op)
             self.queue.append(op)
             if isinstance(op, StorageOp) and op.owner == GLOBAL_OWNER:
                 name = (op.collection, op.key)
                 self.pending_global[name] = self.pending_global.get(name, 0) + 1
-        count = len(work.ops)
-        if key is not None and match_id is not None:
-            self.queue.append(MatchMark(match_id, key[0], key[1]))
-            count += 1
         self.pending_ops += count
         self._queued()
 
@@ -306,9 +307,12 @@ class StoreModel:
         return self.queue[0] if self.queue else None
 
     def _leading_ops(self) -> Iterator[Op]:
+        """Up to `batch_max` ops, never splitting a match's unit from its guarding mark."""
+        unit_left = 0
         for count, entry in enumerate(self.queue):
-            if count >= self.batch_max or isinstance(entry, Load | Barrier):
+            if isinstance(entry, Load | Barrier) or (count >= self.batch_max and not unit_left):
                 return
+            unit_left = entry.count if isinstance(entry, MatchMark) else max(unit_left - 1, 0)
             yield entry
 
     def next_batch(self) -> Batch:
@@ -337,6 +341,14 @@ class StoreModel:
         self.batch = None
         self.durable_ops += len(batch.ops)
         self.batches += 1
+        for mark in result.fenced:
+            log.warning(
+                "unit_fenced",
+                match_id=mark.match_id,
+                tick=mark.tick,
+                seq=mark.seq,
+                ops=mark.count,
+            )
         for op in result.over_max:
             log.error(
                 "ledger_over_max",

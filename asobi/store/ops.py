@@ -51,12 +51,17 @@ class StorageOp:
 
 @dataclass(slots=True)
 class MatchMark:
-    """The last unit of work a match committed, `(tick, seq)`: written in the same transaction
-    as its writes, so after a crash it says exactly which re-run units were already applied."""
+    """A unit of work of a match's tick, `(tick, seq)`, and the `count` writes of it that follow.
+
+    It guards them in their transaction: the match's mark moves to this key only if it is past
+    the mark, and the writes are applied only then.  So after a crash the mark says exactly
+    which re-run units were already applied, and two processes running the same match for a
+    while (one frozen past its heartbeat, then back) never both apply a tick's writes."""
 
     match_id: str
     tick: int
     seq: int
+    count: int = 0
 
 
 Op = LedgerOp | ScoreOp | StorageOp | MatchMark
@@ -68,6 +73,7 @@ class BatchResult:
     ledger: int = 0
     conflicts: list[LedgerOp] = field(default_factory=list)
     over_max: list[LedgerOp] = field(default_factory=list)
+    fenced: list[MatchMark] = field(default_factory=list)  # units applied by another run
 
 
 def now_ms() -> int:
@@ -130,7 +136,10 @@ _STORE = (
 _UNSTORE = "DELETE FROM storage WHERE owner = ? AND collection = ? AND key = ?"
 _MARK = (
     "INSERT INTO match_marks (match_id, tick, seq) VALUES (?, ?, ?) "
-    "ON CONFLICT (match_id) DO UPDATE SET tick = excluded.tick, seq = excluded.seq"
+    "ON CONFLICT (match_id) DO UPDATE SET tick = excluded.tick, seq = excluded.seq "
+    "WHERE match_marks.tick < excluded.tick "
+    "OR (match_marks.tick = excluded.tick AND match_marks.seq < excluded.seq) "
+    "RETURNING match_id"
 )
 
 
@@ -151,7 +160,16 @@ def apply_batch(
     if not seen:
         result.duplicate = True
         return result
+    skip = 0
     for op in ops:
+        if skip:
+            skip -= 1  # a write of a unit whose tick another run of the match applied
+            continue
+        if isinstance(op, MatchMark):
+            if not (yield (_MARK, (op.match_id, op.tick, op.seq))):
+                result.fenced.append(op)
+                skip = op.count
+            continue
         if isinstance(op, LedgerOp):
             if op.delta >= 0:
                 rows = yield (_GRANT, (op.player_id, op.currency, op.delta))
@@ -171,8 +189,6 @@ def apply_batch(
             result.ledger += 1
         elif isinstance(op, ScoreOp):
             yield (_SCORE, (op.board, op.player_id, op.score, ts))
-        elif isinstance(op, MatchMark):
-            yield (_MARK, (op.match_id, op.tick, op.seq))
         elif op.value is None:
             yield (_UNSTORE, (op.owner, op.collection, op.key))
         else:

@@ -40,7 +40,7 @@ from asobi.store import ops
 from asobi.store.board import Board
 from asobi.store.errors import BackendUnavailable, StoreError
 from asobi.store.model import Barrier, Batch, Load, StoreModel, UnitOfWork
-from asobi.store.ops import Job
+from asobi.store.ops import Job, Op
 from asobi.store.sync import NoSync, StoreSync, changes_of
 
 __all__ = ["Backend", "Store", "UnitOfWork", "open_backend"]
@@ -299,19 +299,20 @@ class Store:
                 model.recovered()
 
     async def _split_batch(self) -> None:
-        """Write the failed batch one op at a time, so one bad op cannot block the stream."""
+        """Write the failed batch one op (or one match unit with its mark) at a time, so one bad
+        op cannot block the stream."""
         batch = self.model.take_batch()
         if batch is None:
             return
-        for op in batch.ops:
-            single = Batch(uuid.uuid4().hex, [op])
+        for unit in units_of(batch.ops):
+            single = Batch(uuid.uuid4().hex, unit)
             try:
                 result = await self.backend.transact(self._apply(single))
             except BackendUnavailable:
                 # Keep the rest queued (in order) for the normal retry path.
                 return
             except Exception as exc:
-                log.error("store_op_dropped", op=repr(op)[:500], error=str(exc))
+                log.error("store_op_dropped", op=repr(unit)[:500], error=str(exc))
                 result = ops.BatchResult()
             self.model.batch_written(single, result)
 
@@ -380,3 +381,18 @@ class Store:
             self.model.last_error = str(exc)
             return
         self.model.recovered()
+
+
+def units_of(batch_ops: list[Op]) -> list[list[Op]]:
+    """The ops one at a time, except a match's unit, which stays with its guarding mark."""
+    out: list[list[Op]] = []
+    left = 0
+    for op in batch_ops:
+        if left:
+            out[-1].append(op)
+            left -= 1
+            continue
+        out.append([op])
+        if isinstance(op, ops.MatchMark):
+            left = op.count
+    return out

@@ -202,3 +202,15 @@ async def test_a_node_frozen_past_its_expiry_stops_its_copies_and_sends_players_
     # A runs it no more: its snapshots stopped, B's continue.
     assert len(a.events("journal_write_fenced")) == 1
     assert not b.events("journal_write_fenced")
+    # The ticks A ran after it was back, before its snapshot write was refused, B ran too:
+    # whichever committed a tick second had its units refused by the database (`unit_fenced`,
+    # on A or on B), so every tick granted once.
+    fenced = a.events("unit_fenced") + b.events("unit_fenced")
+    assert fenced and {e["match_id"] for e in fenced} == {match_id}
+    await asyncio.sleep(0.3)
+    ticks = []
+    for seat in seats:
+        ticks += _granted_ticks(
+            await _ledger_reasons(cluster.root, cluster.database_url, seat.player_id)
+        )
+    assert ticks and len(ticks) == len(set(ticks))
