@@ -26,12 +26,12 @@ from typing import Any
 import orjson
 import structlog
 
-from asobi import admin_feed, merge_patch
+from asobi import admin_feed
 from asobi.app import App
 from asobi.cluster.bundles import BadBundle, Bundle, BundleUpload
 from asobi.cluster.drain import Drainer
 from asobi.cluster.link import Unavailable
-from asobi.engine import Engine
+from asobi.frame_tap import FrameTap, tap_of
 from asobi.hub import Peer
 from asobi.lua.convert import ConversionError, to_python
 from asobi.match import Match
@@ -56,59 +56,8 @@ PAGE_DEFAULT = 50
 RELOADS_SHOWN = 50
 DIFF_MAX_LINES = 400
 LATENESS_SAMPLES = 10_000
-STATE_PREFIX = b'{"type":"match.state",'
-PATCH_PREFIX = b'{"type":"match.patch",'
 # Room for the frame's JSON around one `admin.push_data` chunk's base64.
 PUSH_FRAME_OVERHEAD = 512
-
-
-class FrameTap:
-    """Installed as `hub.tap` while any console watches a match: counts the bytes sent to each
-    watched match's players and keeps what each player was last shown: their last `match.state`
-    frame (parsed only when inspected), with the `match.patch` frames since applied to it."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.watchers: dict[str, int] = {}
-        self.bytes_sent: dict[str, int] = {}
-        # match id -> player id -> a frame (bytes) or the view patches made of it.
-        self.last_state: dict[str, dict[str, Any]] = {}
-
-    def __call__(self, player_id: str, frame: bytes) -> None:
-        match_id = self.engine.player_match.get(player_id)
-        if match_id is None or match_id not in self.watchers:
-            return
-        self.bytes_sent[match_id] = self.bytes_sent.get(match_id, 0) + len(frame)
-        if frame.startswith(STATE_PREFIX):
-            self.last_state.setdefault(match_id, {})[player_id] = frame
-        elif frame.startswith(PATCH_PREFIX):
-            views = self.last_state.get(match_id)
-            held = views.get(player_id) if views is not None else None
-            if views is None or held is None:
-                return  # no full frame seen yet: the next one starts the view
-            if isinstance(held, bytes):
-                held = orjson.loads(held)["payload"]
-            views[player_id] = merge_patch.apply(held, orjson.loads(frame)["payload"])
-
-    def watch(self, match_id: str) -> None:
-        self.watchers[match_id] = self.watchers.get(match_id, 0) + 1
-
-    def unwatch(self, match_id: str) -> None:
-        left = self.watchers.get(match_id, 0) - 1
-        if left > 0:
-            self.watchers[match_id] = left
-            return
-        self.watchers.pop(match_id, None)
-        self.bytes_sent.pop(match_id, None)
-        self.last_state.pop(match_id, None)
-
-
-def _tap_of(app: App) -> FrameTap:
-    tap = app.hub.tap
-    if not isinstance(tap, FrameTap):
-        tap = FrameTap(app.engine)
-        app.hub.tap = tap
-    return tap
 
 
 def memory_bytes() -> int:
@@ -358,7 +307,7 @@ class AdminChannel:
         match = self._find_match(frame)
         self._stop_watch()
         self._watched = match.id
-        _tap_of(self.app).watch(match.id)
+        tap_of(self.app).watch(match.id)
         # Players in patch mode get a full frame next: the tap builds its views on one.
         for pid in match.players:
             match.resync(pid)
@@ -386,7 +335,7 @@ class AdminChannel:
 
     async def _push_watched(self, match: Match) -> None:
         engine = self.app.engine
-        tap = _tap_of(self.app)
+        tap = tap_of(self.app)
         last_t = time.monotonic()
         last_inputs = engine.inputs_received.get(match.id, 0)
         last_bytes = tap.bytes_sent.get(match.id, 0)

@@ -137,3 +137,26 @@ def _exact(value: Any) -> bytes:
 
 def _encoded(state: Any) -> bytes:
     return compact_state.encode_full(1, state)[0]
+
+
+async def test_the_console_shows_a_compact_player_what_they_were_sent(start_server) -> None:
+    """The console's view of a player rebuilds the state from their compact frames as it does
+    from JSON patches: both players of the match are shown the same state."""
+    run = await start_server({"match.lua": game(8)}, admin_token="console-compact-token-0123")
+    compact, _full, _, _ = await compact_pair(run)
+    reader = CompactReader(compact)
+    await reader.take(3)
+    match_id = run.app.engine.player_match[compact.player_id or ""]
+    admin = await run.client()
+    await admin.request("admin.auth", {"token": "console-compact-token-0123"}, "admin.authed")
+    await admin.request("admin.watch", {"match_id": match_id}, "admin.watching")
+    reading = asyncio.create_task(reader.take(40))
+    for _ in range(10):
+        views = (await admin.expect("admin.match", timeout=3))["payload"]["views"]
+        shown = [views.get(pid) for pid in run.app.engine.matches[match_id].players]
+        if all(isinstance(view, dict) for view in shown):
+            break
+    else:
+        raise AssertionError(f"no view of both players: {views}")
+    assert len(shown) == 2 and set(shown[0]) == set(shown[1]) and "tick" in shown[0]
+    reading.cancel()
