@@ -270,9 +270,7 @@ class Drainer:
         """Ask `node` to take these matches; tell the players of those it took."""
         payload = {
             "from": self.node_id,
-            "matches": [
-                [m, e.connected, e.arrived, round(e.due_in_s * 1000, 1)] for m, e in moving.items()
-            ],
+            "matches": [[m, e.connected, round(e.due_in_s * 1000, 1)] for m, e in moving.items()],
         }
         try:
             reply = await self.cluster.link.request(node, TAKE, payload, timeout_s=REQUEST_S)
@@ -344,20 +342,19 @@ class Drainer:
     async def _on_take(self, message: dict[str, Any]) -> None:
         giver = str(message.get("from"))
         entries = message.get("matches")
-        handed: dict[str, tuple[list[str], list[str], float]] = {}
+        handed: dict[str, tuple[list[str], float]] = {}
         for entry in entries if isinstance(entries, list) else []:
             with contextlib.suppress(IndexError, TypeError, ValueError):
                 connected = [str(p) for p in entry[1]]
-                ahead = [str(p) for p in entry[2]]
-                handed[str(entry[0])] = (connected, ahead, float(entry[3]) / 1000)
+                handed[str(entry[0])] = (connected, float(entry[2]) / 1000)
         claimed = await self.journal.claim_many(list(handed), giver)
         engine, hub, presence = self.app.engine, self.app.hub, self.app.presence
         taken: list[Snapshot] = []
         waiting: list[tuple[Match, list[str]]] = []
         for match_id, snapshot in claimed.items():
-            connected, _, due_in_s = handed[match_id]
+            connected, due_in_s = handed[match_id]
             # Players who came ahead keep the session (and resume token) they opened here;
-            # also those the giver did not see arrive before it cut (`ahead` is its count).
+            # also those the giver did not see arrive before it cut.
             present = {p: presence.token_of(p) for p in connected if hub.peer(p) is not None}
             match = self.failover.restore(
                 snapshot, None, giver, schedule=False, notify=False, present=present
