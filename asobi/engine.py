@@ -35,6 +35,9 @@ from asobi.store import Store
 log = structlog.get_logger("asobi.engine")
 
 _PHASE_STEP = 0.6180339887498949  # golden ratio: spreads match phases evenly over a period
+# Skipped ticks are logged as one `tick_overrun` line per this many seconds, not one per late
+# match: an overloaded loop would otherwise spend its scarce time writing warnings.
+OVERRUN_LOG_INTERVAL_S = 1.0
 
 
 class EngineListener(Protocol):
@@ -89,6 +92,9 @@ class Engine:
         self._phase = 0.0
         self.ticks = 0
         self.inputs_dropped = 0
+        # Ticks not run because their match fell more than a period behind (counted, not queued).
+        self.ticks_skipped = 0
+        self._overruns = _OverrunLog()
         # Match ticks that ran on the old code because the pass had run its reload switches.
         self.reload_switches_deferred = 0
         # Matches whose Lua call ran far past its budget (added by the watchdog's thread); each
@@ -343,6 +349,7 @@ class Engine:
                 else:
                     self.reload_switches_deferred += 1
             self._tick_one(match, may_switch)
+        self._overruns.flush_due(now)
         return self.next_deadline()
 
     def _tick_one(self, match: Match, may_switch: bool = True) -> None:
@@ -372,10 +379,51 @@ class Engine:
         if match.deadline < now - match.period:
             skipped = int((now - match.deadline) / match.period)
             match.deadline += skipped * match.period
-            log.warning("tick_overrun", match_id=match.id, skipped=skipped)
+            match.ticks_skipped += skipped
+            self.ticks_skipped += skipped
+            self._overruns.add(match.id, skipped, now)
         heapq.heappush(self._heap, (match.deadline, next(self._seq), match))
 
     def drain_lateness(self) -> list[float]:
         values = list(self.lateness)
         self.lateness.clear()
         return values
+
+
+class _OverrunLog:
+    """Skipped ticks, gathered into at most one `tick_overrun` line per OVERRUN_LOG_INTERVAL_S.
+
+    The first overrun after a quiet interval is logged at once (a lone runaway match shows with
+    its id straight away); the ones after it wait for the interval and go out as one line: the
+    match that skipped most and how many, how many matches skipped and how many ticks in all,
+    and the longest single skip (one long stall, or many short ones).
+    """
+
+    __slots__ = ("_logged_at", "_longest", "_skipped")
+
+    def __init__(self) -> None:
+        self._logged_at = -OVERRUN_LOG_INTERVAL_S
+        self._skipped: dict[str, int] = {}
+        self._longest = 0
+
+    def add(self, match_id: str, skipped: int, now: float) -> None:
+        self._skipped[match_id] = self._skipped.get(match_id, 0) + skipped
+        self._longest = max(self._longest, skipped)
+        self.flush_due(now)
+
+    def flush_due(self, now: float) -> None:
+        if not self._skipped or now - self._logged_at < OVERRUN_LOG_INTERVAL_S:
+            return
+        self._logged_at = now
+        skipped = self._skipped
+        worst = max(skipped, key=skipped.__getitem__)
+        log.warning(
+            "tick_overrun",
+            match_id=worst,
+            skipped=skipped[worst],
+            matches=len(skipped),
+            skipped_total=sum(skipped.values()),
+            longest_skip=self._longest,
+        )
+        skipped.clear()
+        self._longest = 0

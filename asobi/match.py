@@ -65,6 +65,8 @@ class Match:
         self.seed = random.getrandbits(48) if seed is None else seed
         self.period = 1.0 / script.meta.tick_rate
         self.tick_no = 0
+        # Ticks the engine skipped because this match fell more than a period behind.
+        self.ticks_skipped = 0
         self.deadline = 0.0
         self.failures = 0
         self.finished = False

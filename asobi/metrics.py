@@ -145,6 +145,7 @@ class _LiveCollector(Collector):
 
     COUNTERS = {
         "ticks": "Match ticks run.",
+        "ticks_skipped": "Match ticks skipped because the match fell over a period behind.",
         "inputs_dropped": "Match inputs dropped because the player's input queue was full.",
     }
     GAUGES = {

@@ -189,6 +189,7 @@ class AsobiServer:
             players=lambda: len(self.app.hub),
             matches=lambda: len(self.app.engine.matches),
             ticks=lambda: self.app.engine.ticks,
+            ticks_skipped=lambda: self.app.engine.ticks_skipped,
             inputs_dropped=lambda: self.app.engine.inputs_dropped,
             seats_held=lambda: len(self.app.presence),
             tickets=lambda: len(self.app.matchmaker),
