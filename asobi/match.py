@@ -186,16 +186,22 @@ class Match:
         if self._withheld_frames is not None:
             self.release_held()
         self.tick_no += 1
-        self.lua.set_tick(self.tick_no)
+        switching = self.pending is not None and may_switch
+        if self.inputs or switching:
+            # game.tick() in handle_input and in the new code's first tick; otherwise the tick
+            # call sets it.
+            self.lua.set_tick(self.tick_no)
         if self.inputs:
             self._run_inputs()
-        if self.pending is not None and may_switch:
+        if switching:
             version, self.pending = self.pending, None
+            assert version is not None
             frames = self._reload_transaction(version)
             if frames is not None:
                 self._after_tick(frames)
                 return
-        result = self._call("tick", self.state)
+        self.effects.discard()
+        result, finished = self.lua.call_tick(self.state, self.tick_no)
         if self._apply("tick", result):
             self.failures = 0
         else:
@@ -206,7 +212,7 @@ class Match:
                     self, {"error": f"tick failed {self.failures} times in a row: {reason}"}
                 )
                 return
-        self._after_tick(None)
+        self._after_tick(None, finished)
 
     def queue_input(self, player_id: str, payload: Any) -> bool:
         """Queue an input for the next tick; False when the player's queue is full (dropped).
@@ -297,7 +303,11 @@ class Match:
             self.input_cost = cost if cost >= peak else peak - (peak - cost) * 0.1
             self._apply("handle_input", result)
 
-    def _after_tick(self, frames: list[tuple[str, bytes]] | None) -> None:
+    def _after_tick(
+        self, frames: list[tuple[str, bytes]] | None, finished: bool | None = None
+    ) -> None:
+        """Send the tick's state frames (rendered here unless given), then end the match if its
+        state says so: `finished` when the tick call told (None: read it from the state)."""
         if frames is None:
             frames = self._render_states(self.lua, self.state, self.script.meta)
         send = self.services.outbox.send
@@ -310,7 +320,9 @@ class Match:
         else:
             for pid, frame in frames:
                 send(pid, frame, droppable=True)
-        if self._finished_flag():
+        if finished is None:
+            finished = self._finished_flag()
+        if finished:
             # Players have seen the final state; now the result.
             try:
                 result = to_python(self.lua.field(self.state, "_result"), what="state._result")

@@ -135,6 +135,13 @@ class CallResult(NamedTuple):
         return self.values[0] if self.values else None
 
 
+def _call_result(out: tuple[Any, ...]) -> CallResult:
+    """What B.call returned (true, results... or false, message) as a CallResult."""
+    if out[0] is True:
+        return CallResult(True, out[1:])
+    return CallResult(False, error=error_text(out[1] if len(out) > 1 else b"unknown error"))
+
+
 class ScriptLoadError(Exception):
     """A script failed to compile or its top-level code failed to run."""
 
@@ -244,6 +251,7 @@ class MatchLua:
         )
         self._call = self.api[b"call"]
         self._call_each = self.api[b"call_each"]
+        self._tick = self.api[b"tick"]
         self._ctx = self.api[b"ctx"]
         self._global = self.api[b"global"]
         self._field = self.api[b"field"]
@@ -360,12 +368,45 @@ class MatchLua:
             budget = self._budgets[callback] = self.limits.budget(callback)
         return self.call_function(callback, fn, *args, budget=budget)
 
+    def call_tick(self, state: Any, tick_no: int) -> tuple[CallResult, bool | None]:
+        """The script's `tick(state)` as tick `tick_no` (what game.tick() says from now on), and
+        whether the state it leaves has `_finished` set (None: unknown, the call did not return):
+        one crossing into Lua (`api.tick`) where a tick took three."""
+        fn = self.function("tick")
+        if fn is None:
+            self._ctx[b"tick"] = tick_no
+            return CallResult(False, error="tick is not defined"), None
+        budget = self._budgets.get("tick")
+        if budget is None:
+            budget = self._budgets["tick"] = self.limits.budget("tick")
+        out = self._enter("tick", budget, None, self._tick, (tick_no,), fn, (state,))
+        if type(out) is CallResult:
+            return out, None
+        return _call_result(out[1:]), out[0] is True
+
     def call_function(
         self, label: str, fn: Any, *args: Any, budget: float, named: float | None = None
     ) -> CallResult:
         """Call fn(*args) with `budget` seconds to run.  `named` is the budget an error names when
         the call gets only what is left of a shared one (inputs of one tick): the configured
         budget is what a developer can raise, and the messages stay few enough to cache."""
+        out = self._enter(label, budget, named, self._call, (), fn, args)
+        if type(out) is CallResult:
+            return out
+        return _call_result(out if type(out) is tuple else (out,))
+
+    def _enter(
+        self,
+        label: str,
+        budget: float,
+        named: float | None,
+        entry: Any,
+        lead: tuple[Any, ...],
+        fn: Any,
+        args: tuple[Any, ...],
+    ) -> Any:
+        """entry(prefix, suffix, deadline, *lead, fn, *args), watched: what it returned, or a
+        failed CallResult when Lua raised (out of memory, an error past the call machinery)."""
         global _in_flight
         started = _now()
         watched = self.watched
@@ -373,7 +414,7 @@ class MatchLua:
             outer, _in_flight = _in_flight, (started, started + budget, label, self)
         try:
             prefix, suffix = budget_message(label, budget if named is None else named)
-            out = self._call(prefix, suffix, started + budget, fn, *args)
+            return entry(prefix, suffix, started + budget, *lead, fn, *args)
         except LuaMemoryError:
             return CallResult(
                 False, error=f"{label} ran out of memory (cap {self.limits.max_memory} bytes)"
@@ -383,11 +424,6 @@ class MatchLua:
         finally:
             if watched:
                 _in_flight = outer
-        if not isinstance(out, tuple):
-            out = (out,)
-        if out[0] is True:
-            return CallResult(True, out[1:])
-        return CallResult(False, error=error_text(out[1] if len(out) > 1 else b"unknown error"))
 
     def call_each(
         self, callback: str, state: Any, ids: Sequence[str | None], *, what: str

@@ -91,6 +91,27 @@ local lib_coroutine = {
 local ctx = { match_id = "", tick = 0, players = {} }
 api.ctx = ctx
 
+-- The match's tick in one crossing, where it took three: the tick number game.tick() reads, the
+-- script's tick under its budget (B.call), and whether the state the tick leaves asks to end the
+-- match.  That state is what the host adopts: the table tick returned, or the one it was given
+-- when it returned nothing or failed.  `_finished` is read without metamethods (no script code
+-- runs outside a budget).  Returns finished, then B.call's results.
+local call = B.call
+
+local function finished_after(state, ok, ...)
+  if ok then
+    local returned = ...
+    if type_(returned) == "table" then state = returned end
+  end
+  local flag = type_(state) == "table" and rawget_(state, "_finished")
+  return flag ~= nil and flag ~= false, ok, ...
+end
+
+function api.tick(prefix, suffix, until_time, tick_no, fn, state)
+  ctx.tick = tick_no
+  return finished_after(state, call(prefix, suffix, until_time, fn, state))
+end
+
 local function log_value(v)
   if type_(v) == "string" then return v end
   return tostring_(v)
