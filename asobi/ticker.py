@@ -2,7 +2,10 @@
 
 Facts that shaped this: one asyncio task per match costs several times more per tick than one
 timer that runs every due match in a batch, and absolute deadlines (kept by the engine) keep the
-tick rate exact however late a single wake-up is.
+tick rate exact however late a single wake-up is.  With hundreds of matches their phases are
+spread over the period (`Engine.adopt`), so a wake-up per match-tick would cost a timer and an
+`epoll_wait` each; instead a wake-up also runs the matches due within the next COALESCE_S, up to
+that much early (Node's timers, under Colyseus, coalesce per millisecond the same way).
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ import structlog
 from asobi.engine import Engine
 
 log = structlog.get_logger("asobi.ticker")
+
+# How early a match may tick to share a wake-up with one due now: 1% of a 10 Hz period, 6% at
+# 60 Hz.  It bounds the wake-ups to 1,000 a second however many matches run.
+COALESCE_S = 0.001
 
 
 class Ticker:
@@ -50,7 +57,8 @@ class Ticker:
         self._handle = None
         self._when = float("inf")
         try:
-            nxt = self.engine.run_due()
+            engine = self.engine
+            nxt = engine.run_due(engine.clock() + COALESCE_S)
         except Exception:
             log.exception("ticker_failed")
             nxt = self.engine.next_deadline()
