@@ -68,3 +68,11 @@ def test_a_tick_cut_at_its_budget_keeps_the_given_state_and_its_flag() -> None:
     result, flag = lua.call_tick(state(lua, "spin", finished=True), 3)
     assert not result.ok and "exceeded its 20 ms budget" in result.error
     assert flag is True
+
+
+def test_match_states_collect_garbage_generationally() -> None:
+    """Young garbage of every tick is collected in minor cycles (see `MatchLua.__init__`):
+    switching to generational mode answers with the mode in force, already generational."""
+    lua = lua_with()
+    collect = lua.runtime.globals()[b"collectgarbage"]
+    assert collect(b"generational") == b"generational"

@@ -263,6 +263,15 @@ class MatchLua:
         self._unpack = self.api[b"unpack"]
         self._loaded = LoadedScript(None, {})
         self._budgets: dict[str, float] = {}
+        # Building the sandbox leaves a quarter of the new heap as garbage: freed now, its memory
+        # goes to the next match's state.  Then generational collection: a match makes young
+        # garbage every tick (get_state's tables), which the incremental collector lets pile up
+        # to twice the live heap before a cycle; with hundreds of small Lua heaps interleaved in
+        # one malloc arena those peaks add up.  Measured on the bench game after 60 ticks, 400
+        # matches: 306 -> 215 KiB of RSS per match, the same CPU per tick.
+        collect = self.runtime.globals()[b"collectgarbage"]
+        collect(b"collect")
+        collect(b"generational")
         # Plain labels the watchdog reads from its thread (it must not touch the Lua state).
         self.match_id = ""
         self.script_name = ""
