@@ -25,6 +25,7 @@ import orjson
 
 from bench import (
     capacity,
+    match_memory,
     patch_bytes,
     procs,
     profile,
@@ -59,6 +60,8 @@ class Plan:
     snapshot_matches: int
     # capacity steps of the field game (16 players per match), asobi and Colyseus
     field_steps: tuple[int, ...]
+    # matches, ticks of the in-process steady-state memory measure (`bench/match_memory.py`)
+    memory_run: tuple[int, int]
 
 
 FULL = Plan(
@@ -76,6 +79,7 @@ FULL = Plan(
     patch_run=(50, 100, 7),
     snapshot_matches=300,
     field_steps=(5, 10, 15, 20, 25, 30, 40, 50, 60, 80, 100),
+    memory_run=(400, 60),
 )
 SMOKE = Plan(
     steps=(10,),
@@ -89,6 +93,7 @@ SMOKE = Plan(
     patch_run=(2, 10, 1),
     snapshot_matches=20,
     field_steps=(1,),
+    memory_run=(20, 5),
 )
 
 
@@ -215,6 +220,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         work.mkdir(parents=True, exist_ok=True)
         if "asobi" in parts:
             await run_asobi(plan, work, cores, out)
+            out["match_memory"] = await asyncio.to_thread(match_memory.run, *plan.memory_run)
         if "shared" in parts and not (args.smoke and not args.only):
             await run_asobi(plan, work, cores, out, shared=True)
         if "reload" in parts:

@@ -107,12 +107,24 @@ def markdown(out: dict[str, Any]) -> str:
             )
             summary.append(
                 (
-                    "RSS per running match",
+                    "RSS per running match (capacity run, just after start)",
                     f"<= {TARGET_KIB_PER_MATCH:.0f} KiB",
                     f"{per_match:.1f} KiB",
                     _met(per_match <= TARGET_KIB_PER_MATCH),
                 )
             )
+    memory = out.get("match_memory")
+    if memory and "rss_per_match_kib" in memory:
+        kib = memory["rss_per_match_kib"]
+        summary.append(
+            (
+                f"RSS per running match, steady state ({memory['matches']} matches, "
+                f"{memory['ticks']} ticks, in-process)",
+                f"<= {TARGET_KIB_PER_MATCH:.0f} KiB",
+                f"{kib:.1f} KiB (Lua heap {memory['lua_heap_kib']:.1f})",
+                _met(kib <= TARGET_KIB_PER_MATCH),
+            )
+        )
     shared = out.get("asobi-shared")
     if shared:
         title = (
