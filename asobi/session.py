@@ -45,7 +45,7 @@ from asobi.protocol import (
     require_mode,
     require_str,
 )
-from asobi.state_frames import SyncChoice
+from asobi.state_frames import state_sync_choice
 
 log = structlog.get_logger("asobi.session")
 
@@ -559,28 +559,6 @@ class Session:
             "match.joined",
             {"match_id": match.match_id, "mode": match.mode, "players": list(match.players)},
         )
-
-
-def state_sync_choice(frame: Frame) -> SyncChoice | None:
-    """A connection's `state_sync` ("patch", "full", absent: the match script decides) and
-    `state_encoding` ("json", the default, or "compact") choices; None when it made neither."""
-    sync: object = frame.payload.get("state_sync")
-    encoding: object = frame.payload.get("state_encoding")
-    if sync is not None and sync != "patch" and sync != "full":
-        raise ProtocolError(
-            ErrorCode.INVALID_MESSAGE,
-            f'{frame.type}: payload.state_sync must be "patch" or "full"',
-            frame.cid,
-        )
-    if encoding is not None and encoding != "json" and encoding != "compact":
-        raise ProtocolError(
-            ErrorCode.INVALID_MESSAGE,
-            f'{frame.type}: payload.state_encoding must be "json" or "compact"',
-            frame.cid,
-        )
-    if sync is None and encoding is None:
-        return None
-    return SyncChoice(None if sync is None else sync == "patch", encoding == "compact")
 
 
 def expire_seats(app: App, now: float) -> list[str]:

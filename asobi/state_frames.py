@@ -20,6 +20,9 @@ with interned keys.  A compact chain's record also holds its key table, which th
 equal to the client's: every full frame starts a new one, and a patch only ever extends the table
 of the frame it is based on.  A chain whose patches added too many keys starts again with a full
 frame (`KeyTable.overgrown`).
+
+What a connection chose arrives in its `session.connect` or `match.join` frame; reading and
+checking that choice (`state_sync_choice`) lives here, beside what it selects.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import orjson
 
 from asobi import compact_state, merge_patch
 from asobi.compact_state import KeyTable
-from asobi.protocol import encode_raw_payload
+from asobi.protocol import ErrorCode, Frame, ProtocolError, encode_raw_payload
 
 NOBODY: frozenset[str] = frozenset()
 
@@ -41,6 +44,28 @@ class SyncChoice(NamedTuple):
 
     patch: bool | None = None  # `match.patch` frames (True), full ones (False), as the script says
     compact: bool = False  # binary frames of `asobi.compact_state` instead of JSON
+
+
+def state_sync_choice(frame: Frame) -> SyncChoice | None:
+    """A connection's `state_sync` ("patch", "full", absent: the match script decides) and
+    `state_encoding` ("json", the default, or "compact") choices; None when it made neither."""
+    sync: object = frame.payload.get("state_sync")
+    encoding: object = frame.payload.get("state_encoding")
+    if sync is not None and sync != "patch" and sync != "full":
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            f'{frame.type}: payload.state_sync must be "patch" or "full"',
+            frame.cid,
+        )
+    if encoding is not None and encoding != "json" and encoding != "compact":
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            f'{frame.type}: payload.state_encoding must be "json" or "compact"',
+            frame.cid,
+        )
+    if sync is None and encoding is None:
+        return None
+    return SyncChoice(None if sync is None else sync == "patch", encoding == "compact")
 
 
 class Sent(NamedTuple):
