@@ -27,6 +27,7 @@ import structlog
 from asobi.lua.convert import ConversionError, to_python
 from asobi.lua.runtime import CallResult, MatchLua, ScriptLoadError
 from asobi.match_host import Effects, MatchHost, first_line, lua_kind, short_error
+from asobi.match_inputs import run_inputs
 from asobi.match_services import MatchServices
 from asobi.protocol import encode, encode_raw_payload
 from asobi.scripts import ScriptMeta, ScriptVersion
@@ -159,7 +160,7 @@ class Match:
         if result.ok and not result.value and len(result.values) > 1:
             raw = result.values[1]
             reason = raw.decode(errors="replace")[:200] if isinstance(raw, bytes) else "refused"
-        elif not self._apply("join", result):
+        elif not self.apply_outcome("join", result):
             reason = "join failed"
         if reason is not None:
             self.effects.discard()
@@ -174,7 +175,7 @@ class Match:
         if self.recorder is not None:
             self.recorder.left(player_id)
         if self.lua.function("leave") is not None:
-            self._apply("leave", self._call("leave", self.state, player_id.encode()))
+            self.apply_outcome("leave", self._call("leave", self.state, player_id.encode()))
         self.players.remove(player_id)
         self.state_frames.resync(player_id)
         self.lua.set_players(self.players)
@@ -192,7 +193,7 @@ class Match:
             # call sets it.
             self.lua.set_tick(self.tick_no)
         if self.inputs:
-            self._run_inputs()
+            run_inputs(self)
         if switching:
             version, self.pending = self.pending, None
             assert version is not None
@@ -202,7 +203,7 @@ class Match:
                 return
         self.effects.discard()
         result, finished = self.lua.call_tick(self.state, self.tick_no)
-        if self._apply("tick", result):
+        if self.apply_outcome("tick", result):
             self.failures = 0
         else:
             self.failures += 1
@@ -248,61 +249,6 @@ class Match:
             )
         unlogged.clear()
 
-    def _run_inputs(self) -> None:
-        """Feed queued inputs to `handle_input`, oldest first, until one budget is spent.
-
-        All the inputs of one tick share one `handle_input` budget: each call gets what is left
-        of it, and what does not fit waits for the next tick.  So a burst of inputs costs every
-        other match at most one budget per tick, however many inputs it holds.
-        """
-        inputs, queued, recorder = self.inputs, self.queued, self.recorder
-        fn = self.lua.function("handle_input")
-        if fn is None:
-            inputs.clear()
-            queued.clear()
-            return
-        now = time.perf_counter
-        deadline = now() + self.services.config.limits.handle_input
-        first = True
-        while inputs:
-            left = deadline - now()
-            # After the first input, one starts only if twice the recent peak cost of a call still
-            # fits (the same handler takes longer on a busy machine): an honest input then does
-            # not run out of the shared budget halfway and get lost.
-            if left <= 0 or (not first and left < 2 * self.input_cost):
-                return
-            first = False
-            pid, payload = inputs.popleft()
-            count = queued.pop(pid, 1) - 1
-            if count > 0:
-                queued[pid] = count
-            if pid not in self.players:
-                continue
-            if recorder is not None:
-                recorder.input(pid, payload)
-            try:
-                lua_input = self.lua.to_lua(payload)
-            except ConversionError as exc:
-                self._log_failure("handle_input", f"input refused: {exc}")
-                continue
-            self.effects.discard()
-            started = now()
-            result = self.lua.call_function(
-                "handle_input",
-                fn,
-                self.state,
-                pid.encode(),
-                lua_input,
-                budget=left,
-                named=self.lua.limits.handle_input,
-            )
-            # A peak that rises at once and decays by a tenth per call: one call delayed by a
-            # busy machine must not hold the match to one input per tick for good.
-            cost = now() - started
-            peak = self.input_cost
-            self.input_cost = cost if cost >= peak else peak - (peak - cost) * 0.1
-            self._apply("handle_input", result)
-
     def _after_tick(
         self, frames: list[tuple[str, bytes]] | None, finished: bool | None = None
     ) -> None:
@@ -327,7 +273,7 @@ class Match:
             try:
                 result = to_python(self.lua.field(self.state, "_result"), what="state._result")
             except (ConversionError, TypeError) as exc:
-                self._log_failure("tick", f"state._result cannot be sent: {exc}")
+                self.log_failure("tick", f"state._result cannot be sent: {exc}")
                 result = None
             self.services.finish(self, result)
 
@@ -402,7 +348,7 @@ class Match:
                     raise _CallFailed(f"get_state failed on the new code: {short_error(error)}")
                 if recorder is not None:
                     recorder.state_failed(pid)
-                self._log_failure("get_state", error)
+                self.log_failure("get_state", error)
                 if last:
                     self.effects.discard()
                 continue
@@ -510,11 +456,11 @@ class Match:
         if error is None:
             self._commit_effects()
             return given if value is None else value
-        self._log_failure(callback, error)
+        self.log_failure(callback, error)
         self.effects.discard()
         return None
 
-    def _apply(self, callback: str, result: CallResult) -> bool:
+    def apply_outcome(self, callback: str, result: CallResult) -> bool:
         """Adopt a callback's outcome as the match state; False when it failed."""
         state = self._outcome(callback, result, self.state)
         if state is None:
@@ -540,7 +486,7 @@ class Match:
                 outbox.send(pid, frame)
         frames.clear()
 
-    def _log_failure(self, callback: str, error: str) -> None:
+    def log_failure(self, callback: str, error: str) -> None:
         """Log a failed callback, at most FAILURE_LINES_PER_TICK lines per tick: a get_state
         that fails for every player of a big match would otherwise write a line per player per
         tick.  The next line logged says how many were left out."""

@@ -199,9 +199,9 @@ class _ReplayedMatch(Match):
 
     failures_seen: list[tuple[str, str]]
 
-    def _log_failure(self, callback: str, error: str) -> None:
+    def log_failure(self, callback: str, error: str) -> None:
         self.failures_seen.append((callback, error))
-        super()._log_failure(callback, error)
+        super().log_failure(callback, error)
 
 
 class _Frames:

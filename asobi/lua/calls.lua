@@ -54,12 +54,14 @@ end
 
 -- B.call, B.call_each and finish: once xpcall has returned the call is over, and nothing is cut
 -- there.
-local call_fn, finish_fn, each_fn
+local call_fn, finish_fn, each_fn, inputs_fn
 
 hook = function()
   if now() > deadline then
     local running = getinfo(2, "f").func
-    if running ~= call_fn and running ~= finish_fn and running ~= each_fn then cut() end
+    if running ~= call_fn and running ~= finish_fn and running ~= each_fn and running ~= inputs_fn then
+      cut()
+    end
   end
 end
 B.hook = hook
@@ -232,6 +234,48 @@ function B.call_each(prefix, suffix, budget, fn, state, ...)
   return unpack_(out, 1, n)
 end
 each_fn = B.call_each
+
+---------------------------------------------------------------------------------------------------
+-- One crossing for a tick's inputs: `B.call_inputs` calls fn(state, player, input) for each
+-- (player, input) pair in turn, passing each call the state the one before left.  They share one
+-- deadline (`until_time`): each call gets what is left of it.  A call after the first of the
+-- tick (`first`) starts only if twice `peak`, the expected cost of a call, still fits (the same
+-- handler runs slower on a busy machine, and an honest input must not be cut halfway); `peak`
+-- rises to a slower call at once and decays by a tenth per call, so one call delayed by a busy
+-- machine does not hold the match to one input per tick for good.
+--
+-- The batch ends after a call that failed, that returned something other than a table or
+-- nothing (the host refuses it), or that made host calls (its effects are then its own).
+-- Returns: calls made, the new peak, the state after the last call that succeeded, and the last
+-- call's outcome (true, its value; or false, the message).
+---------------------------------------------------------------------------------------------------
+function B.call_inputs(prefix, suffix, until_time, peak, first, fn, state, ...)
+  local n = select_("#", ...)
+  local made, last_ok, last_value = 0, true, nil
+  local started = now()
+  for i = 1, n - 1, 2 do
+    local left = until_time - started
+    if left <= 0 or ((made > 0 or not first) and left < 2 * peak) then break end
+    local player, input = select_(i, ...)
+    local calls_before = host_calls
+    exceeded = nil
+    budget_prefix, budget_suffix = prefix, suffix
+    deadline = until_time
+    sethook(hook, "", HOOK_COUNT)
+    local ok, value = finish(xpcall_(fn, message_handler, state, player, input))
+    local ended = now() -- one clock reading per call: the end of this one starts the next
+    local cost = ended - started
+    started = ended
+    if cost >= peak then peak = cost else peak = peak - (peak - cost) * 0.1 end
+    made = made + 1
+    last_ok, last_value = ok, value
+    if not ok or (value ~= nil and type_(value) ~= "table") then break end
+    if value ~= nil then state = value end
+    if host_calls ~= calls_before then break end
+  end
+  return made, peak, state, last_ok, last_value
+end
+inputs_fn = B.call_inputs
 
 ---------------------------------------------------------------------------------------------------
 -- pcall, xpcall and coroutines as scripts see them.

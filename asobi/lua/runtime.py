@@ -135,6 +135,17 @@ class CallResult(NamedTuple):
         return self.values[0] if self.values else None
 
 
+class InputsResult(NamedTuple):
+    """What `MatchLua.call_inputs` did: `made` calls (0: no budget left for one), the expected
+    cost of the next call, the state after the last call that succeeded, the last call's
+    outcome."""
+
+    made: int
+    peak: float
+    state: Any
+    last: CallResult
+
+
 def _call_result(out: tuple[Any, ...]) -> CallResult:
     """What B.call returned (true, results... or false, message) as a CallResult."""
     if out[0] is True:
@@ -252,6 +263,7 @@ class MatchLua:
         self._call = self.api[b"call"]
         self._call_each = self.api[b"call_each"]
         self._tick = self.api[b"tick"]
+        self._call_inputs = self.api[b"call_inputs"]
         self._ctx = self.api[b"ctx"]
         self._global = self.api[b"global"]
         self._field = self.api[b"field"]
@@ -433,6 +445,30 @@ class MatchLua:
         finally:
             if watched:
                 _in_flight = outer
+
+    def call_inputs(
+        self, fn: Any, state: Any, pairs: list[Any], until_time: float, peak: float, first: bool
+    ) -> InputsResult:
+        """`handle_input` for a run of (player id as bytes, Lua input) pairs, flattened in
+        `pairs`, in one crossing (`B.call_inputs`): all under one deadline, each call on the
+        state the one before left.  A call after the tick's `first` starts only if twice `peak`
+        still fits; the batch ends after a call that failed, returned a non-table, or made host
+        calls.  Raised Lua errors (out of memory outside any call) count as the first call's."""
+        out = self._enter(
+            "handle_input",
+            until_time - _now(),
+            self.limits.handle_input,
+            self._call_inputs,
+            (peak, first),
+            fn,
+            (state, *pairs),
+        )
+        if type(out) is CallResult:
+            return InputsResult(1, peak, state, out)
+        made, peak, state, ok, value = out
+        if ok is True:
+            return InputsResult(made, peak, state, CallResult(True, (value,)))
+        return InputsResult(made, peak, state, CallResult(False, error=error_text(value)))
 
     def call_each(
         self, callback: str, state: Any, ids: Sequence[str | None], *, what: str

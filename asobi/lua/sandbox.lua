@@ -24,6 +24,7 @@ local reraise_if_exceeded, host_call, check = B.reraise_if_exceeded, B.host_call
 local api = {}
 api.call = B.call
 api.call_each = B.call_each
+api.call_inputs = B.call_inputs
 
 -- Method calls on strings (`s:find(...)`) go through the string metatable: point it at a safe
 -- table and lock it, so `getmetatable("").__index` cannot hand out the real string library.
