@@ -12,6 +12,7 @@ from pathlib import Path
 import orjson
 
 from asobi.engine import Engine
+from asobi.match import Match
 from asobi.scripts import ScriptRegistry
 from tests.conftest import Logs
 from tests.test_engine_reload import Clock, ListOutbox
@@ -38,6 +39,17 @@ function get_state(state, player) return { log = state.log, tick = game.tick() }
 """
 
 
+def _tick_until_handled(engine: Engine, match: Match, clock: Clock) -> None:
+    """Tick until the match's queue is empty.  One tick's budget holds them all, unless a call
+    was descheduled on a busy machine (the run then stops early and the rest waits): a few
+    ticks at most."""
+    for _ in range(10):
+        clock.now += match.period
+        engine.run_due(clock.now)
+        if not match.inputs:
+            return
+
+
 def test_a_run_of_inputs_keeps_each_inputs_own_outcome(tmp_path: Path, logs: Logs) -> None:
     (tmp_path / "match.lua").write_bytes(SCRIPT)
     registry = ScriptRegistry(tmp_path)
@@ -61,13 +73,7 @@ def test_a_run_of_inputs_keeps_each_inputs_own_outcome(tmp_path: Path, logs: Log
     for pid, payload in inputs:
         assert engine.submit_input(pid, payload)
     outbox.frames.clear()
-    # One tick's budget holds them all, unless a call was descheduled on a busy machine (the
-    # run then stops early and the rest waits): a few ticks at most.
-    for _ in range(10):
-        clock.now += match.period
-        engine.run_due(clock.now)
-        if not match.inputs:
-            break
+    _tick_until_handled(engine, match, clock)
     assert not match.inputs and not match.queued
     states = [orjson.loads(f) for pid, f in outbox.frames if pid == "a" and b"match.state" in f]
     assert states[-1]["payload"]["log"] == [1, 2, 4, 5, 8, 9]
@@ -85,10 +91,6 @@ def test_a_run_of_inputs_keeps_each_inputs_own_outcome(tmp_path: Path, logs: Log
     assert engine.submit_input("a", {"i": 11})
     engine.remove_player("b")
     outbox.frames.clear()
-    for _ in range(10):
-        clock.now += match.period
-        engine.run_due(clock.now)
-        if not match.inputs:
-            break
+    _tick_until_handled(engine, match, clock)
     states = [orjson.loads(f) for pid, f in outbox.frames if pid == "a" and b"match.state" in f]
     assert states[-1]["payload"]["log"] == [1, 2, 4, 5, 8, 9, 11]

@@ -54,14 +54,12 @@ end
 
 -- B.call, B.call_each and finish: once xpcall has returned the call is over, and nothing is cut
 -- there.
-local call_fn, finish_fn, each_fn, inputs_fn
+local call_fn, finish_fn, each_fn
 
 hook = function()
   if now() > deadline then
     local running = getinfo(2, "f").func
-    if running ~= call_fn and running ~= finish_fn and running ~= each_fn and running ~= inputs_fn then
-      cut()
-    end
+    if running ~= call_fn and running ~= finish_fn and running ~= each_fn then cut() end
   end
 end
 B.hook = hook
@@ -258,11 +256,7 @@ function B.call_inputs(prefix, suffix, until_time, peak, first, fn, state, ...)
     if left <= 0 or ((made > 0 or not first) and left < 2 * peak) then break end
     local player, input = select_(i, ...)
     local calls_before = host_calls
-    exceeded = nil
-    budget_prefix, budget_suffix = prefix, suffix
-    deadline = until_time
-    sethook(hook, "", HOOK_COUNT)
-    local ok, value = finish(xpcall_(fn, message_handler, state, player, input))
+    local ok, value = B.call(prefix, suffix, until_time, fn, state, player, input)
     local ended = now() -- one clock reading per call: the end of this one starts the next
     local cost = ended - started
     started = ended
@@ -275,7 +269,6 @@ function B.call_inputs(prefix, suffix, until_time, peak, first, fn, state, ...)
   end
   return made, peak, state, last_ok, last_value
 end
-inputs_fn = B.call_inputs
 
 ---------------------------------------------------------------------------------------------------
 -- pcall, xpcall and coroutines as scripts see them.

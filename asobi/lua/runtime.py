@@ -384,10 +384,15 @@ class MatchLua:
         fn = self.function(callback)
         if fn is None:
             return CallResult(False, error=f"{callback} is not defined")
+        budget = self._budget(callback)
+        return self.call_function(callback, fn, *args, budget=budget)
+
+    def _budget(self, callback: str) -> float:
+        """The configured budget of `callback`, looked up once per state."""
         budget = self._budgets.get(callback)
         if budget is None:
             budget = self._budgets[callback] = self.limits.budget(callback)
-        return self.call_function(callback, fn, *args, budget=budget)
+        return budget
 
     def call_tick(self, state: Any, tick_no: int) -> tuple[CallResult, bool | None]:
         """The script's `tick(state)` as tick `tick_no` (what game.tick() says from now on), and
@@ -397,9 +402,7 @@ class MatchLua:
         if fn is None:
             self._ctx[b"tick"] = tick_no
             return CallResult(False, error="tick is not defined"), None
-        budget = self._budgets.get("tick")
-        if budget is None:
-            budget = self._budgets["tick"] = self.limits.budget("tick")
+        budget = self._budget("tick")
         out = self._enter("tick", budget, None, self._tick, (tick_no,), fn, (state,))
         if type(out) is CallResult:
             return out, None
@@ -486,9 +489,7 @@ class MatchLua:
         fn = self.function(callback)
         if fn is None:
             return [(None, f"{callback} is not defined")]
-        budget = self._budgets.get(callback)
-        if budget is None:
-            budget = self._budgets[callback] = self.limits.budget(callback)
+        budget = self._budget(callback)
         started = _now()
         watched = self.watched
         if watched:
