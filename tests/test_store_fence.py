@@ -12,7 +12,7 @@ import pytest
 
 from asobi.store import ops
 from asobi.store.ops import LedgerOp, MatchMark
-from asobi.store.store import open_backend, units_of
+from asobi.store.store import Store, open_backend, units_of
 from tests.conftest import TEST_DATABASE_URL
 
 
@@ -63,3 +63,27 @@ def test_a_failed_batch_is_retried_unit_by_unit() -> None:
     loose = LedgerOp("p", "gold", 1, "shop", None)
     unit = _unit("m", 3, "p")
     assert units_of([loose, *unit, loose]) == [[loose], unit, [loose]]
+
+
+async def test_a_store_whose_unit_was_fenced_shows_what_the_database_holds(
+    tmp_path: Path,
+) -> None:
+    """The other run's tick 8 granted 3 and this store's tick 8 granted 5: the database kept
+    the first, and the store, which had shown 5 since the commit, reads the wallet again."""
+    player, match = f"fence-{uuid.uuid4().hex[:12]}", f"fm-{uuid.uuid4().hex[:12]}"
+    store = Store(open_backend(TEST_DATABASE_URL or None, tmp_path))
+    await store.start()
+    try:
+        await store.acquire(player)
+        other = [MatchMark(match, 8, 0, 1), LedgerOp(player, "gold", 3, "t8", match)]
+        await store.backend.transact(ops.apply_batch(uuid.uuid4().hex, other))
+        unit = store.unit(match, (8, 0))
+        unit.grant(player, "gold", 5, "t8")
+        store.commit(unit)
+        assert store.wallet(player) == {"gold": 5}
+        await store.flush()  # the unit, fenced
+        await store.flush()  # the read queued behind it
+        assert store.wallet(player) == {"gold": 3}
+        assert await _reasons(store.backend, player) == ["t8"]
+    finally:
+        await store.stop()

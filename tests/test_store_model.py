@@ -170,3 +170,39 @@ def test_a_match_unit_is_written_behind_its_mark_and_never_split_from_it() -> No
     assert batch.ops == [mark, *unit.ops]  # five ops, past batch_max, the unit whole
     model.batch_written(batch, BatchResult())
     assert model.next_batch().ops == [model.queue[0], *after.ops]
+
+
+def test_writes_the_database_turned_away_are_read_again_with_later_ones_replayed() -> None:
+    """A fenced unit (another run of the match applied its tick) was applied to memory when it
+    was committed: the player's data is read again behind the queue, and what they were
+    granted meanwhile is replayed on the rows, so memory ends where the database will."""
+    model = StoreModel()
+    model.acquire("p1")
+    model.load_answered(model.queue[0], [("gold", 10)], [])
+    fenced = model.unit("m1", (8, 0))
+    fenced.grant("p1", "gold", 5, "t8")
+    fenced.commit()
+    batch = model.next_batch()
+    assert model.wallet("p1") == {"gold": 15}
+    model.batch_written(batch, BatchResult(fenced=[batch.ops[0]]))
+    reread = model.head()
+    assert isinstance(reread, Load) and reread.reread
+    later = model.unit()
+    later.grant("p1", "gold", 1, "shop")
+    later.commit()
+    assert model.wallet("p1") == {"gold": 16}  # memory serves and takes writes meanwhile
+    # The database has the other run's tick 8 (+3) instead of this one's.
+    model.load_answered(reread, [("gold", 13)], [])
+    assert model.wallet("p1") == {"gold": 14}
+    assert model.resident("p1") and not model.loading
+
+
+def test_a_failed_reread_leaves_the_player_resident() -> None:
+    model = StoreModel()
+    model.acquire("p1")
+    model.load_answered(model.queue[0], [("gold", 10)], [])
+    model.reread("p1")
+    model.reread("p1")  # one read is enough
+    assert len(model.queue) == 1
+    model.load_failed(model.queue[0], ValueError("unreadable row"))
+    assert model.wallet("p1") == {"gold": 10} and not model.load_errors

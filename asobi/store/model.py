@@ -43,11 +43,14 @@ _DELETED = object()
 
 @dataclass(eq=False)
 class Load:
-    """A player's data being read; ops for them committed meanwhile wait in `replay`."""
+    """A player's data being read; ops for them committed meanwhile wait in `replay`.  A
+    `reread` load is of a resident player whose memory the database contradicts (`reread`):
+    memory keeps serving and taking writes until the rows arrive."""
 
     player_id: str
     replay: list[Op] = field(default_factory=list)
     cancelled: bool = False
+    reread: bool = False
 
 
 @dataclass(eq=False)
@@ -139,6 +142,17 @@ class StoreModel:
     def resident(self, player_id: str) -> bool:
         return player_id in self.wallets
 
+    def reread(self, player_id: str) -> None:
+        """Read a resident player's data again, behind everything queued so far: memory took
+        writes the database then refused (`unit_fenced`), so it no longer shows what the
+        database holds.  Writes committed meanwhile are replayed on the rows read."""
+        if player_id not in self.wallets or player_id in self.loading:
+            return  # not resident (nothing to correct), or a read is already behind the writes
+        load = Load(player_id, reread=True)
+        self.loading[player_id] = load
+        self.queue.append(load)
+        self._queued()
+
     # -- transactions -----------------------------------------------------------------------------
     def unit(self, match_id: str | None = None, key: tuple[int, int] | None = None) -> UnitOfWork:
         """A unit of work; `key` is its `(tick, seq)` in its match (exactly-once across a
@@ -200,8 +214,7 @@ class StoreModel:
             return
         load = self.loading.get(owner)
         if load is not None:
-            load.replay.append(op)
-            return
+            load.replay.append(op)  # and, if resident (a reread), applied to memory meanwhile
         if owner not in self.wallets:
             return  # not resident: the database alone has it, a later load will see it
         if isinstance(op, LedgerOp):
@@ -349,6 +362,8 @@ class StoreModel:
                 seq=mark.seq,
                 ops=mark.count,
             )
+        if result.fenced:
+            self._turned_away(batch.ops, result.fenced)
         for op in result.over_max:
             log.error(
                 "ledger_over_max",
@@ -365,6 +380,7 @@ class StoreModel:
                 delta=op.delta,
                 hint="another server changed this wallet; the debit was not written",
             )
+            self.reread(op.player_id)  # memory took the debit: read what the database has
         log.debug(
             "store_flushed",
             ops=len(batch.ops),
@@ -372,6 +388,21 @@ class StoreModel:
             duplicate=result.duplicate,
             durable_ops=self.durable_ops,
         )
+
+    def _turned_away(self, batch_ops: list[Op], fenced: list[MatchMark]) -> None:
+        """Memory applied these units when they were committed; the database did not (another
+        run of the match had applied their tick).  What they touched is read again."""
+        marks = {id(mark) for mark in fenced}
+        for i, op in enumerate(batch_ops):
+            if not (isinstance(op, MatchMark) and id(op) in marks):
+                continue
+            for write in batch_ops[i + 1 : i + 1 + op.count]:
+                if isinstance(write, LedgerOp):
+                    self.reread(write.player_id)
+                elif isinstance(write, StorageOp) and write.owner == GLOBAL_OWNER:
+                    self.stale_global.add((write.collection, write.key))
+                elif isinstance(write, StorageOp):
+                    self.reread(write.owner)
 
     def load_answered(self, load: Load, wallet_rows: Any, storage_rows: Any) -> None:
         """The head load's rows arrived (None for both when it was cancelled before asking)."""
@@ -396,10 +427,11 @@ class StoreModel:
         writes still go out; their data stays not resident.  Returns the reason."""
         self.queue.popleft()
         error = f"{type(exc).__name__}: {exc}"[:500]
-        log.error("player_load_failed", player_id=load.player_id, error=error)
+        log.error("player_load_failed", player_id=load.player_id, error=error, reread=load.reread)
         if self.loading.get(load.player_id) is load:
             del self.loading[load.player_id]
-            self.load_errors[load.player_id] = error
+            if not load.reread:  # a failed reread leaves the player resident, as they were
+                self.load_errors[load.player_id] = error
         return error
 
     def unavailable(self, error: str) -> None:
