@@ -39,6 +39,7 @@ from asobi.compact_state import is_binary
 from asobi.limits import KeyedBuckets
 from asobi.metrics import Metrics
 from asobi.reload import poll_changes, watch_changes
+from asobi.server_connection import InlineConnection
 from asobi.session import expire_seats
 from asobi.session_driver import SessionDriver
 from asobi.ticker import Ticker
@@ -211,6 +212,7 @@ class AsobiServer:
             ping_timeout=s.ping_timeout_s or None,
             close_timeout=s.close_timeout_s,
             start_serving=False,
+            create_connection=InlineConnection,
         )
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
@@ -471,6 +473,7 @@ class AsobiServer:
 
     # -- WebSocket --------------------------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
+        assert isinstance(ws, InlineConnection)  # `serve(create_connection=...)`
         s = self.settings
         peer = WebSocketPeer(
             ws, self.metrics, s.outbound_soft_bytes, s.outbound_hard_bytes, s.slow_reader_timeout_s
@@ -486,11 +489,19 @@ class AsobiServer:
         # to authenticate, the protocol; the driver gives it the loop's time and does its I/O.
         driver = SessionDriver(self.app, peer, remote)
         self.peers.add(peer)
+
+        def receive(message: str | bytes) -> None:
+            driver.receive(message)
+            if driver.session.authenticated:
+                peer.player_id = driver.session.player_id
+
+        # Messages reach `receive` as they are parsed (`InlineConnection`); the loop takes the
+        # few that websockets queued instead (fragmented, early, or not UTF-8: it closes then).
+        ws.on_message = receive
         try:
             async for message in ws:
-                driver.receive(message)
-                if driver.session.authenticated:
-                    peer.player_id = driver.session.player_id
+                ws.taken()
+                receive(message)
         except ConnectionClosed:
             pass
         finally:

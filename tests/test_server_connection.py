@@ -1,0 +1,46 @@
+"""Messages reach the session as they are parsed (`asobi.server_connection`), and in the order
+the client sent them, whichever path each took: whole frames go straight to the session, a
+fragmented message through websockets' queue, and the whole ones after it wait their turn."""
+
+from __future__ import annotations
+
+import orjson
+
+from tests.conftest import Client
+
+
+def _heartbeat(cid: str) -> str:
+    return orjson.dumps({"type": "session.heartbeat", "cid": cid}).decode()
+
+
+async def _replies(client: Client, count: int) -> list[str]:
+    out = []
+    while len(out) < count:
+        frame = await client.recv()
+        assert frame["type"] == "session.heartbeat", frame
+        out.append(frame["cid"])
+    return out
+
+
+async def test_whole_and_fragmented_messages_reach_the_session_in_the_order_sent(
+    start_server,
+) -> None:
+    server = await start_server()
+    client = await server.player()
+    sent = []
+    for round_ in range(10):  # 40 messages: under the rate limit's burst
+        whole = [f"{round_}-a", f"{round_}-c", f"{round_}-d"]
+        await client.ws.send(_heartbeat(whole[0]))
+        text = _heartbeat(f"{round_}-b")
+        await client.ws.send([text[:5], text[5:12], text[12:]])  # three frames, one message
+        await client.ws.send(_heartbeat(whole[1]))
+        await client.ws.send(_heartbeat(whole[2]))
+        sent += [whole[0], f"{round_}-b", whole[1], whole[2]]
+    assert await _replies(client, len(sent)) == sent
+    # Back to whole frames only: they go straight to the session again, still in order.
+    for n in range(10):
+        await client.ws.send(_heartbeat(f"after-{n}"))
+    assert await _replies(client, 10) == [f"after-{n}" for n in range(10)]
+    # The handler took every message websockets queued: whole frames are not held back for good.
+    (peer,) = server.server.peers
+    assert peer.ws.queued == 0
