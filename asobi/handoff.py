@@ -27,6 +27,7 @@ from websockets.extensions.permessage_deflate import enable_server_permessage_de
 from websockets.server import ServerProtocol
 
 from asobi.config import Settings
+from asobi.server_connection import InlineConnection
 
 log = structlog.get_logger("asobi.handoff")
 
@@ -76,8 +77,9 @@ def connection_factory(server: Server, settings: Settings) -> Callable[[], Serve
     """Connections for `server` configured as `AsobiServer.start` configures its listener.
 
     websockets builds the same pair (a Sans-I/O `ServerProtocol` inside an asyncio
-    `ServerConnection`) for each connection its listener accepts; a `ServerConnection` starts
-    the server's handler (handshake, `process_request`, the session) when its socket is attached.
+    `ServerConnection`, here our `InlineConnection`) for each connection its listener accepts; a
+    `ServerConnection` starts the server's handler (handshake, `process_request`, the session)
+    when its socket is attached.
     """
     extensions = (
         enable_server_permessage_deflate(None) if settings.compression == "deflate" else None
@@ -85,7 +87,7 @@ def connection_factory(server: Server, settings: Settings) -> Callable[[], Serve
 
     def factory() -> ServerConnection:
         protocol = ServerProtocol(extensions=extensions, max_size=settings.max_message_bytes)
-        return ServerConnection(
+        return InlineConnection(
             protocol,
             server,
             ping_interval=settings.ping_interval_s or None,
