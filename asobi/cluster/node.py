@@ -51,6 +51,7 @@ class Cluster:
             ttl_s=settings.node_ttl_s,
             incarnation=self.incarnation,
         )
+        self.nodes.on_gone(self.link.abandon)
         self.seat_tokens = SeatTokens(secret)
         self._secret_digest = hmac.new(
             secret.encode(), b"asobi-cluster", hashlib.sha256

@@ -1,4 +1,4 @@
-"""The node's Redis link under a burst: more calls at once than it has connections."""
+"""The node's Redis link: a burst of calls larger than its pool, requests to a node that is gone."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from asobi.cluster.link import POOL_CONNECTIONS, RedisLink
+from asobi.cluster.link import POOL_CONNECTIONS, RedisLink, Unavailable
 from tests.cluster_support import REDIS_BIN, RedisServer
 
 pytestmark = pytest.mark.skipif(REDIS_BIN is None, reason="needs redis-server")
@@ -31,6 +31,29 @@ async def test_a_burst_larger_than_the_pool_waits_instead_of_marking_redis_down(
         )
         assert replies == [None] * calls
         assert link.up
+    finally:
+        await link.stop()
+        redis.stop()
+
+
+async def test_a_request_to_a_node_that_is_gone_fails_at_once(tmp_path: Path) -> None:
+    """A node seen gone fails the requests waiting on it; requests to others keep waiting."""
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    link = RedisLink(redis.url, "asking-node")
+    await link.start()
+    try:
+        loop = asyncio.get_running_loop()
+        to_gone = asyncio.create_task(link.request("gone-node", "drain.take", {}, timeout_s=30))
+        to_other = asyncio.create_task(link.request("other-node", "drain.take", {}, timeout_s=1))
+        await asyncio.sleep(0.2)
+        started = loop.time()
+        link.abandon("gone-node")
+        with pytest.raises(Unavailable, match="gone-node is gone"):
+            await to_gone
+        assert loop.time() - started < 1
+        with pytest.raises(Unavailable, match="other-node did not answer"):
+            await to_other
     finally:
         await link.stop()
         redis.stop()
