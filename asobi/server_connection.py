@@ -61,6 +61,7 @@ class InlineConnection(ServerConnection):
             # The session never raises on input; if it did, this connection ends as a failed
             # handler's would (1011), and no other connection is touched.
             log.exception("session_receive_failed")
+            self.on_message = None  # what else was parsed is websockets' to discard
             self.protocol.fail(CloseCode.INTERNAL_ERROR)
             self.send_data()
 

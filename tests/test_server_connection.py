@@ -4,8 +4,15 @@ fragmented message through websockets' queue, and the whole ones after it wait t
 
 from __future__ import annotations
 
-import orjson
+import asyncio
 
+import orjson
+import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosedError
+
+from asobi.server_connection import InlineConnection
 from tests.conftest import Client
 
 
@@ -44,3 +51,34 @@ async def test_whole_and_fragmented_messages_reach_the_session_in_the_order_sent
     # The handler took every message websockets queued: whole frames are not held back for good.
     (peer,) = server.server.peers
     assert peer.ws.queued == 0
+
+
+async def test_a_receiver_that_raises_ends_its_own_connection_only() -> None:
+    """Should the session ever raise on a message, that connection closes with 1011 and the
+    server goes on serving the others."""
+    got: list[str | bytes] = []
+
+    def receive(message: str | bytes) -> None:
+        if message == "boom":
+            raise RuntimeError("a bug")
+        got.append(message)
+
+    async def handler(ws: ServerConnection) -> None:
+        assert isinstance(ws, InlineConnection)
+        ws.on_message = receive
+        async for message in ws:
+            ws.taken()
+            receive(message)
+
+    async with serve(handler, "127.0.0.1", 0, create_connection=InlineConnection) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        url = f"ws://127.0.0.1:{port}"
+        async with connect(url) as failing, connect(url) as other:
+            await failing.send("before")
+            await failing.send("boom")
+            with pytest.raises(ConnectionClosedError) as closed:
+                await asyncio.wait_for(failing.recv(), 5)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+            await other.send("still served")
+            await (await other.ping())  # answered after the message before it was handled
+    assert got == ["before", "still served"]
