@@ -18,6 +18,12 @@ from outside the loop:
   shutdown on it; when the loop has not turned for `stop_stuck_s` after the signal (or a second
   signal arrives), the process logs `shutdown_forced` and exits with EXIT_FORCED_STOP.
 
+A process stopped and continued (SIGSTOP and SIGCONT, a paused container, a debugger) is not a
+wedged loop: when this thread itself did not get to look for PAUSE_S, the pause is charged to
+neither the loop nor the call in flight (`process_resumed`).  faulthandler's timer (below) runs
+on through a stop, so one longer than `wedge_exit_s` + FAULTHANDLER_MARGIN_S can still end the
+process (status 1), for its supervisor to restart.
+
 Lupa releases the GIL while Lua runs, and Python code holding it is switched out every few
 milliseconds, so this thread gets to run in both cases.  A C extension call that holds the GIL for
 good would silence it: for that, `faulthandler` (a C thread that needs no GIL) is armed a few
@@ -49,6 +55,9 @@ HEARTBEAT_S = 0.1
 POLL_S = 0.05
 FAULTHANDLER_MARGIN_S = 5.0
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+# This thread did not get to look for this long: the whole process was stopped (SIGSTOP, a paused
+# container, a debugger) or starved, not the loop alone.
+PAUSE_S = 1.0
 LAST_LINE_WAIT_S = 1.0
 
 
@@ -87,6 +96,8 @@ class Watchdog:
         self._stop_signal: int | None = None
         self._heartbeat: asyncio.TimerHandle | None = None
         self._armed_at = 0.0
+        self._checked_at = time.monotonic()
+        self._resumed_perf = 0.0
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="asobi-watchdog", daemon=True)
 
@@ -122,14 +133,23 @@ class Watchdog:
     # -- on the watchdog thread -------------------------------------------------------------------
     def _run(self) -> None:
         while not self._closed.is_set():
-            if self.takes_signals:
-                info = signal.sigtimedwait(STOP_SIGNALS, POLL_S)
-                if info is not None:
-                    self._signalled(info.si_signo)
-            else:
+            try:
+                if self.takes_signals:
+                    info = signal.sigtimedwait(STOP_SIGNALS, POLL_S)
+                    # A wait cut short by a stop and continue (SIGSTOP, SIGCONT) after its timeout
+                    # had passed comes back from CPython with an unfilled siginfo: only the
+                    # signals waited for count.
+                    if info is not None and info.si_signo in STOP_SIGNALS:
+                        self._signalled(info.si_signo)
+                else:
+                    self._closed.wait(POLL_S)
+                if not self._closed.is_set():
+                    self.check(time.monotonic())
+            except Exception:
+                # This thread is the last line of defence: a bug of ours in one look must not
+                # end the watching (nor the signal handling) for the rest of the process's life.
+                log.exception("watchdog_check_failed")
                 self._closed.wait(POLL_S)
-            if not self._closed.is_set():
-                self.check(time.monotonic())
 
     def _signalled(self, signo: int) -> None:
         name = signal.Signals(signo).name
@@ -142,10 +162,18 @@ class Watchdog:
     def check(self, now: float) -> None:
         """One look at the loop and the call in flight."""
         settings = self.settings
+        if now - self._checked_at > PAUSE_S:
+            # Nothing ran, this thread included: the loop is not to blame for the time the
+            # process was stopped.  The loop's beat and any call in flight are timed from now.
+            log.warning("process_resumed", paused_s=round(now - self._checked_at, 3))
+            self.beat = max(self.beat, now)
+            self._resumed_perf = time.perf_counter()
+            self._armed_at = 0.0  # the fallback's timer ran during the pause: re-armed below
+        self._checked_at = now
         stalled = now - self.beat
         call = runtime.in_flight()
         if call is not None and call is not self._reported:
-            overdue = time.perf_counter() - call[1]
+            overdue = time.perf_counter() - max(call[1], self._resumed_perf)
             if overdue > settings.wedge_after_s:
                 self._reported = call
                 self._wedged(call)

@@ -240,3 +240,27 @@ async def test_sigterm_on_a_turning_loop_is_the_graceful_shutdown(
     assert server.events("store_closed")
     assert server.events("server_stopped")
     assert not server.events("shutdown_forced")
+
+
+async def test_a_server_stopped_and_continued_plays_on_and_still_stops_gracefully(
+    tmp_path: Path, processes: list[ServerProcess]
+) -> None:
+    """SIGSTOP, then SIGCONT 1.5 s later (a paused container, a debugger): the watchdog takes
+    the pause for neither a wedged loop nor a wedged call, the match plays on, and SIGTERM still
+    reaches the watchdog thread and stops the server the graceful way."""
+    server = await ServerProcess.start(tmp_path, VICTIM)
+    processes.append(server)
+    player, _ = await server.player("victim")
+    await player.states(2)
+    server.proc.send_signal(signal.SIGSTOP)
+    await asyncio.sleep(1.5)
+    server.proc.send_signal(signal.SIGCONT)
+    resumed = await server.wait_for("process_resumed")
+    assert resumed["paused_s"] >= 1.0
+    before = (await player.states(1))[0]["counter"]
+    assert [s["counter"] for s in await player.states(3)] == [before + 1, before + 2, before + 3]
+    server.proc.send_signal(signal.SIGTERM)
+    assert await server.exit_status(15) == 0
+    assert server.events("server_stopped")
+    for trouble in ("server_wedged", "match_wedged", "watchdog_check_failed", "shutdown_forced"):
+        assert not server.events(trouble), trouble
