@@ -209,6 +209,9 @@ async def test_a_node_frozen_past_its_expiry_stops_its_copies_and_sends_players_
     assert fenced["owner_node"] == b.node_id
     lost = await a.wait_event("match_lost", match_id=match_id)
     assert lost["to_node"] == b.node_id
+    # Its watchdog took the freeze for a pause of the process, not a wedged loop.
+    (resumed,) = a.events("process_resumed")
+    assert resumed["paused_s"] > 1 and not a.events("server_wedged")
 
     for seat in seats:
         frame = await seat.client.expect("match.moved", timeout=10, skip=("match.state",))
