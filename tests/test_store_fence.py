@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from asobi.store import ops
-from asobi.store.ops import LedgerOp, MatchMark
-from asobi.store.store import Store, open_backend, units_of
+from asobi.store.ops import LedgerOp, MatchMark, units_of
+from asobi.store.store import Store, open_backend
 from tests.conftest import TEST_DATABASE_URL
 
 

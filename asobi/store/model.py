@@ -44,8 +44,8 @@ _DELETED = object()
 @dataclass(eq=False)
 class Load:
     """A player's data being read; ops for them committed meanwhile wait in `replay`.  A
-    `reread` load is of a resident player whose memory the database contradicts (`reread`):
-    memory keeps serving and taking writes until the rows arrive."""
+    `reread` load is of a resident player whose memory the database contradicts
+    (`StoreModel.reread`): memory keeps serving and taking writes until the rows arrive."""
 
     player_id: str
     replay: list[Op] = field(default_factory=list)
@@ -393,10 +393,10 @@ class StoreModel:
         """Memory applied these units when they were committed; the database did not (another
         run of the match had applied their tick).  What they touched is read again."""
         marks = {id(mark) for mark in fenced}
-        for i, op in enumerate(batch_ops):
-            if not (isinstance(op, MatchMark) and id(op) in marks):
+        for mark, *writes in ops.units_of(batch_ops):
+            if id(mark) not in marks:
                 continue
-            for write in batch_ops[i + 1 : i + 1 + op.count]:
+            for write in writes:
                 if isinstance(write, LedgerOp):
                     self.reread(write.player_id)
                 elif isinstance(write, StorageOp) and write.owner == GLOBAL_OWNER:

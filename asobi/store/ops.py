@@ -67,6 +67,21 @@ class MatchMark:
 Op = LedgerOp | ScoreOp | StorageOp | MatchMark
 
 
+def units_of(batch_ops: list[Op]) -> list[list[Op]]:
+    """The ops one at a time, except a match's unit, which stays with its guarding mark."""
+    out: list[list[Op]] = []
+    left = 0
+    for op in batch_ops:
+        if left:
+            out[-1].append(op)
+            left -= 1
+            continue
+        out.append([op])
+        if isinstance(op, MatchMark):
+            left = op.count
+    return out
+
+
 @dataclass(slots=True)
 class BatchResult:
     duplicate: bool = False

@@ -40,7 +40,7 @@ from asobi.store import ops
 from asobi.store.board import Board
 from asobi.store.errors import BackendUnavailable, StoreError
 from asobi.store.model import Barrier, Batch, Load, StoreModel, UnitOfWork
-from asobi.store.ops import Job, Op
+from asobi.store.ops import Job, units_of
 from asobi.store.sync import NoSync, StoreSync, changes_of
 
 __all__ = ["Backend", "Store", "UnitOfWork", "open_backend"]
@@ -381,18 +381,3 @@ class Store:
             self.model.last_error = str(exc)
             return
         self.model.recovered()
-
-
-def units_of(batch_ops: list[Op]) -> list[list[Op]]:
-    """The ops one at a time, except a match's unit, which stays with its guarding mark."""
-    out: list[list[Op]] = []
-    left = 0
-    for op in batch_ops:
-        if left:
-            out[-1].append(op)
-            left -= 1
-            continue
-        out.append([op])
-        if isinstance(op, ops.MatchMark):
-            left = op.count
-    return out
