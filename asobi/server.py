@@ -500,7 +500,6 @@ class AsobiServer:
         ws.on_message = receive
         try:
             async for message in ws:
-                ws.taken()
                 receive(message)
         except ConnectionClosed:
             pass

@@ -16,19 +16,21 @@ taken them all (`queued`), so messages always reach the session in the order the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import structlog
 from websockets.asyncio.server import ServerConnection
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import Event
+from websockets.typing import Data
 
 log = structlog.get_logger("asobi.server")
 
 
 class InlineConnection(ServerConnection):
     """`serve(create_connection=InlineConnection)`; the handler sets `on_message` and still
-    iterates the connection for what went through the queue (see the module docstring)."""
+    iterates the connection (`async for`) for what went through the queue (see the module
+    docstring)."""
 
     on_message: Callable[[str | bytes], None] | None = None
     # Messages handed to websockets' queue and not yet taken by the handler: while there are
@@ -50,9 +52,10 @@ class InlineConnection(ServerConnection):
             self.queued += 1  # counted at its first frame; continuations follow it
         super().process_event(event)
 
-    def taken(self) -> None:
-        """The handler took a message from the queue."""
-        self.queued -= 1
+    async def __aiter__(self) -> AsyncIterator[Data]:
+        async for message in super().__aiter__():
+            self.queued -= 1  # the handler took it: whole messages go inline again once none wait
+            yield message
 
     def _deliver(self, handler: Callable[[str | bytes], None], message: str | bytes) -> None:
         try:

@@ -67,7 +67,6 @@ async def test_a_receiver_that_raises_ends_its_own_connection_only() -> None:
         assert isinstance(ws, InlineConnection)
         ws.on_message = receive
         async for message in ws:
-            ws.taken()
             receive(message)
 
     async with serve(handler, "127.0.0.1", 0, create_connection=InlineConnection) as server:
