@@ -134,22 +134,25 @@ class Watchdog:
     def _run(self) -> None:
         while not self._closed.is_set():
             try:
-                if self.takes_signals:
-                    info = signal.sigtimedwait(STOP_SIGNALS, POLL_S)
-                    # A wait cut short by a stop and continue (SIGSTOP, SIGCONT) after its timeout
-                    # had passed comes back from CPython with an unfilled siginfo: only the
-                    # signals waited for count.
-                    if info is not None and info.si_signo in STOP_SIGNALS:
-                        self._signalled(info.si_signo)
-                else:
-                    self._closed.wait(POLL_S)
-                if not self._closed.is_set():
-                    self.check(time.monotonic())
+                self._wait_and_look()
             except Exception:
                 # This thread is the last line of defence: a bug of ours in one look must not
                 # end the watching (nor the signal handling) for the rest of the process's life.
                 log.exception("watchdog_check_failed")
                 self._closed.wait(POLL_S)
+
+    def _wait_and_look(self) -> None:
+        if self.takes_signals:
+            info = signal.sigtimedwait(STOP_SIGNALS, POLL_S)
+            # A wait cut short by a stop and continue (SIGSTOP, SIGCONT) after its timeout had
+            # passed comes back from CPython with an unfilled siginfo: only the signals waited
+            # for count.
+            if info is not None and info.si_signo in STOP_SIGNALS:
+                self._signalled(info.si_signo)
+        else:
+            self._closed.wait(POLL_S)
+        if not self._closed.is_set():
+            self.check(time.monotonic())
 
     def _signalled(self, signo: int) -> None:
         name = signal.Signals(signo).name

@@ -69,8 +69,8 @@ class RedisLink:
         self.redis: Any = Redis.from_pool(pool)
         self.up = False
         self._handlers: dict[str, Handler] = {}
-        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._asked: dict[str, str] = {}  # request id -> the node it waits on
+        # request id -> (the node asked, the future its reply resolves)
+        self._pending: dict[str, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -134,8 +134,7 @@ class RedisLink:
         """Send to one node and wait for its `reply` (raises `Unavailable` on timeout)."""
         request_id = uuid.uuid4().hex
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
-        self._asked[request_id] = node_id
+        self._pending[request_id] = (node_id, future)
         try:
             await self.send(node_id, kind, dict(payload, request_id=request_id))
             return await asyncio.wait_for(future, timeout_s or self.timeout_s)
@@ -143,15 +142,13 @@ class RedisLink:
             raise Unavailable(f"node {node_id} did not answer {kind} in time") from None
         finally:
             self._pending.pop(request_id, None)
-            self._asked.pop(request_id, None)
 
     def abandon(self, node_id: str) -> None:
         """`node_id` is gone (`NodeDirectory.on_gone`): requests waiting on its reply fail now
         with `Unavailable` instead of at their timeout.  A drain that picked a node which then
         stopped too would otherwise wait out the whole request timeout for it."""
-        for request_id, asked in list(self._asked.items()):
-            future = self._pending.get(request_id)
-            if asked == node_id and future is not None and not future.done():
+        for asked, future in list(self._pending.values()):
+            if asked == node_id and not future.done():
                 future.set_exception(Unavailable(f"node {node_id} is gone"))
 
     async def reply(self, request: dict[str, Any], payload: dict[str, Any]) -> None:
@@ -206,9 +203,9 @@ class RedisLink:
             return
         kind = message.get("kind")
         if kind == "reply":
-            future = self._pending.get(str(message.get("request_id")))
-            if future is not None and not future.done():
-                future.set_result(message)
+            pending = self._pending.get(str(message.get("request_id")))
+            if pending is not None and not pending[1].done():
+                pending[1].set_result(message)
             return
         handler = self._handlers.get(str(kind))
         if handler is None:
