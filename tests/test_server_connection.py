@@ -12,7 +12,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosedError
 
-from asobi.server_connection import InlineConnection
+from asobi.server_connection import READ_SIZE, InlineConnection
 from tests.conftest import Client
 
 
@@ -81,3 +81,28 @@ async def test_a_receiver_that_raises_ends_its_own_connection_only() -> None:
             await other.send("still served")
             await (await other.ping())  # answered after the message before it was handled
     assert got == ["before", "still served"]
+
+
+async def test_the_socket_is_read_in_small_pieces_and_large_messages_still_arrive_whole() -> None:
+    """Reads are READ_SIZE bytes (not asyncio's 256 KiB, which glibc serves with an mmap per
+    read); a message four times that size arrives whole, in order with the small ones."""
+    got: list[str | bytes] = []
+    read_sizes: list[int] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        assert isinstance(ws, InlineConnection)
+        read_sizes.append(ws.transport.max_size)  # type: ignore[attr-defined]
+        ws.on_message = got.append
+        async for message in ws:
+            got.append(message)
+
+    large = "x" * (4 * READ_SIZE + 123)
+    async with serve(handler, "127.0.0.1", 0, create_connection=InlineConnection) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        async with connect(f"ws://127.0.0.1:{port}", max_size=None) as client:
+            await client.send("small")
+            await client.send(large)
+            await client.send(b"binary")
+            await (await client.ping())  # answered once everything before it was parsed
+    assert read_sizes == [READ_SIZE]
+    assert got == ["small", large, b"binary"]
