@@ -40,6 +40,7 @@ from asobi.limits import KeyedBuckets
 from asobi.metrics import Metrics
 from asobi.reload import poll_changes, watch_changes
 from asobi.server_connection import InlineConnection
+from asobi.server_writes import PassWrites
 from asobi.session import expire_seats
 from asobi.session_driver import SessionDriver
 from asobi.ticker import Ticker
@@ -94,13 +95,21 @@ class WebSocketPeer:
         "soft",
         "stuck_s",
         "stuck_since",
+        "writes",
         "ws",
     )
 
     def __init__(
-        self, ws: ServerConnection, metrics: Metrics, soft: int, hard: int, stuck_s: float
+        self,
+        ws: ServerConnection,
+        metrics: Metrics,
+        soft: int,
+        hard: int,
+        stuck_s: float,
+        writes: PassWrites,
     ) -> None:
         self.ws = ws
+        self.writes = writes
         self.metrics = metrics
         self.soft = soft
         self.hard = hard
@@ -134,7 +143,7 @@ class WebSocketPeer:
             # Per-connection compression: let websockets frame it.
             broadcast((ws,), frame, text=not is_binary(frame))
         else:
-            transport.write(_wire(frame))
+            self.writes.write(transport, _wire(frame))
         return True
 
     def _slow_reader(self, buffered: int, now: float) -> None:
@@ -180,6 +189,8 @@ class AsobiServer:
         self.watchdog: Watchdog | None = None
         self._handoff: handoff.HandoffReceiver | None = None
         self.peers: set[WebSocketPeer] = set()
+        # Frames written during a ticker pass leave together when it ends (`asobi.server_writes`).
+        self.writes = PassWrites()
         self._ip_buckets = KeyedBuckets(
             self.settings.connect_rate_per_ip, self.settings.connect_burst_per_ip
         )
@@ -217,7 +228,9 @@ class AsobiServer:
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
         await self.app.open(self.port)
-        self._ticker = Ticker(self.app.engine)
+        self._ticker = Ticker(
+            self.app.engine, on_pass_start=self.writes.begin, on_pass_end=self.writes.end
+        )
         self.app.engine.clock = self._ticker.loop.time
         self._ticker.start()
         await self._server.start_serving()
@@ -476,7 +489,12 @@ class AsobiServer:
         assert isinstance(ws, InlineConnection)  # `serve(create_connection=...)`
         s = self.settings
         peer = WebSocketPeer(
-            ws, self.metrics, s.outbound_soft_bytes, s.outbound_hard_bytes, s.slow_reader_timeout_s
+            ws,
+            self.metrics,
+            s.outbound_soft_bytes,
+            s.outbound_hard_bytes,
+            s.slow_reader_timeout_s,
+            self.writes,
         )
         if s.socket_sndbuf_bytes > 0:
             # Bytes the kernel queues for a client are invisible to the slow-reader check; a

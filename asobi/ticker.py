@@ -11,6 +11,7 @@ that much early (Node's timers, under Colyseus, coalesce per millisecond the sam
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import structlog
 
@@ -24,8 +25,19 @@ COALESCE_S = 0.001
 
 
 class Ticker:
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        on_pass_start: Callable[[], None] | None = None,
+        on_pass_end: Callable[[], None] | None = None,
+    ) -> None:
+        """`on_pass_start` and `on_pass_end` bracket each pass over the due matches (the server
+        holds the frames a pass writes until it ends, `asobi.server_writes`)."""
         self.engine = engine
+        self.on_pass_start = on_pass_start
+        self.on_pass_end = on_pass_end
         self.loop = loop or asyncio.get_running_loop()
         self._handle: asyncio.TimerHandle | None = None
         self._when = float("inf")
@@ -56,11 +68,16 @@ class Ticker:
     def _run(self) -> None:
         self._handle = None
         self._when = float("inf")
+        if self.on_pass_start is not None:
+            self.on_pass_start()
         try:
             engine = self.engine
             nxt = engine.run_due(engine.clock() + COALESCE_S)
         except Exception:
             log.exception("ticker_failed")
             nxt = self.engine.next_deadline()
+        finally:
+            if self.on_pass_end is not None:
+                self.on_pass_end()
         if nxt is not None:
             self._wake_by(nxt)
