@@ -2,12 +2,11 @@
 
 A pass (`asobi.ticker`) runs every match due within a millisecond: their `tick`, `get_state`,
 the table walk, the encoding, and a `send` to each player.  Written one by one, each match's
-sends sit between two matches' Lua and Python work, and the kernel's network path (which on
-loopback also runs the receiver's TCP and wakes it) evicts what the next match needs from the
-caches, and back.  Held until the pass ends and written back to back, both halves run with warm
-caches, and a client process woken by the first frames is often still awake for the next.
-Measured side by side under the same load, two servers on one core: 5% less server CPU per
-delivered frame with `shared_state`, 8% with per-player `get_state`.
+sends sit between two matches' Lua and Python work; held until the pass ends, the sends run back
+to back and so does the matches' work.  Measured side by side under the same load, two servers
+on one core: 5-7% less server CPU per delivered frame with `shared_state`, 5-8% with per-player
+`get_state`.  (The likely reason is the caches: the kernel's network path, which on loopback also
+runs the receiver's TCP and wakes it, evicts what the next match's work needs, and back.)
 
 What this costs is latency: a frame leaves when its pass ends, not when its match was done, which
 is at most the pass's length (a millisecond or two when the server keeps up).  A pass that holds
