@@ -138,9 +138,14 @@ def spawn_asobi(
     core: set[int] | None,
     log_path: Path,
     env: dict[str, str] | None = None,
+    source: Path | None = None,
 ) -> ServerProcess:
-    """`asobi serve` for the bench; `env` adds settings (a cluster node's, for instance)."""
+    """`asobi serve` for the bench; `env` adds settings (a cluster node's, for instance).
+    `source`: run the `asobi` package of that checkout instead of the installed one (another
+    commit, for a side-by-side run)."""
     stats = data_dir / "bench-stats.json"
+    if source is not None:
+        env = {**(env or {}), "PYTHONPATH": str(source)}
     server = spawn(
         [
             sys.executable,
@@ -171,6 +176,7 @@ def spawn_asobi(
         },
         core=core,
         port_of=_asobi_port,
+        cwd=source,
     )
     server.stats_path = stats
     return server

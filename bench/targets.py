@@ -87,10 +87,12 @@ class AsobiTarget(Target):
         shared: bool = False,
         players: int = game.MATCH_SIZE,
         field: bool = False,
+        source: Path | None = None,
     ) -> None:
         """`field`: the realistic game (`bench/field_game.py`, patch frames, inputs) instead of
-        the bench game."""
+        the bench game.  `source`: the checkout whose `asobi` to run (default: the installed)."""
         super().__init__(work, core, tally)
+        self.source = source
         self.reload = reload
         self.shared = shared
         self.field = field
@@ -118,6 +120,7 @@ class AsobiTarget(Target):
             reload=self.reload,
             core=self.core,
             log_path=self.work / "asobi.log",
+            source=self.source,
         )
 
     @property

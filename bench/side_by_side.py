@@ -1,0 +1,118 @@
+"""`python -m bench.side_by_side REV [--game per|shared|field] [--matches M] [--windows N]`:
+one change measured against the commit before it, on the same machine at the same time.
+
+This machine's speed moves by 10-15% within an hour, more than most single changes save, so two
+runs one after the other cannot tell a change from the weather.  Here two servers run at once,
+both pinned to the server core under the same load from this one load generator: `REV` (checked
+out into a temporary git worktree) and this checkout.  Each window measures both servers' CPU per
+delivered frame over the same seconds; a change is real when its server is lower in (nearly)
+every window.  Swap the two (`--swap`) to see that the slots themselves are even.
+
+Both servers share one core, so keep M well under half of what one core holds (the defaults do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import procs
+from bench.loadgen import Tally
+from bench.targets import AsobiTarget
+
+HERE = Path(__file__).resolve().parent.parent
+DEFAULT_MATCHES = {"per": 150, "shared": 150, "field": 8}
+
+
+async def measure(
+    sources: list[tuple[str, Path]], game: str, matches: int, windows: int, seconds: float
+) -> dict[str, list[float]]:
+    server_core, load_core = procs.cores()
+    if load_core:
+        os.sched_setaffinity(0, load_core)
+    work = Path(tempfile.mkdtemp(prefix="asobi-side-by-side-"))
+    targets = []
+    try:
+        for name, source in sources:
+            target = AsobiTarget(
+                work / name,
+                server_core,
+                Tally(),
+                shared=game == "shared",
+                field=game == "field",
+                source=source,
+            )
+            targets.append(target)
+            target.start()
+        for target in targets:
+            await target.add_matches(matches)
+        await asyncio.sleep(3)  # past the matches' first ticks
+        per_frame: dict[str, list[float]] = {name: [] for name, _ in sources}
+        for window in range(windows):
+            before = [(t.server.cpu(), t.tally.counters()[0]) for t in targets if t.server]
+            await asyncio.sleep(seconds)
+            after = [(t.server.cpu(), t.tally.counters()[0]) for t in targets if t.server]
+            row = []
+            for (name, _), (c0, f0), (c1, f1) in zip(sources, before, after, strict=True):
+                us = (c1 - c0) / max(1, f1 - f0) * 1e6
+                per_frame[name].append(us)
+                row.append(f"{name} {us:6.1f}")
+            print(f"  window {window + 1}: " + "  ".join(row) + " us per frame", flush=True)
+        return per_frame
+    finally:
+        for target in targets:
+            target.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("rev", help="the commit to compare this checkout with (e.g. HEAD~1)")
+    parser.add_argument("--game", choices=("per", "shared", "field"), default="per")
+    parser.add_argument("--matches", type=int, help="matches per server")
+    parser.add_argument("--windows", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of a window")
+    parser.add_argument("--swap", action="store_true", help="this checkout in the first slot")
+    args = parser.parse_args()
+    matches = args.matches or DEFAULT_MATCHES[args.game]
+    worktree = Path(tempfile.mkdtemp(prefix="asobi-rev-"))
+    subprocess.run(
+        ["git", "-C", str(HERE), "worktree", "add", "--detach", "-f", str(worktree), args.rev],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        sources = [(args.rev, worktree), ("this", HERE)]
+        if args.swap:
+            sources.reverse()
+        print(f"{args.game}, {matches} matches per server, {args.windows} x {args.seconds:g} s")
+        per_frame = asyncio.run(measure(sources, args.game, matches, args.windows, args.seconds))
+    finally:
+        subprocess.run(
+            ["git", "-C", str(HERE), "worktree", "remove", "--force", str(worktree)],
+            capture_output=True,
+        )
+    base, this = per_frame[args.rev], per_frame["this"]
+    lower = sum(t < b for b, t in zip(base, this, strict=True))
+    print()
+    print("| server | min | median | max | us of server CPU per delivered frame |")
+    print("|---|---:|---:|---:|---|")
+    for name, values in ((args.rev, base), ("this checkout", this)):
+        print(
+            f"| {name} | {min(values):.1f} | {statistics.median(values):.1f} "
+            f"| {max(values):.1f} | |"
+        )
+    change = statistics.median(this) / statistics.median(base) - 1
+    print(f"\nmedian change {change * 100:+.1f}%; this checkout lower in {lower} of {len(base)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
