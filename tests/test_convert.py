@@ -1,6 +1,6 @@
-"""Lua data to Python (`asobi.lua.convert.to_python`): object keys are decoded once and kept
-(`_KEYS`), which must change nothing a walk returns, keep a bound however many keys a script
-invents, and never keep a key that is not UTF-8."""
+"""Lua data to Python (`asobi.lua.convert.to_python`): object keys and short string values are
+decoded once and kept (`_KEYS`, `_TEXTS`), which must change nothing a walk returns, keep a bound
+however many a script invents, and never keep one that is not UTF-8."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from lupa import lua54
 
 from asobi.lua import convert
-from asobi.lua.convert import KEYS_CACHED, ConversionError, to_python
+from asobi.lua.convert import CACHED, CACHED_TEXT_BYTES, ConversionError, to_python
 
 
 def _runtime() -> lua54.LuaRuntime:
@@ -32,10 +32,10 @@ def test_the_key_cache_stays_bounded_and_results_stay_whole() -> None:
         b"function(from, n) local t = {} for i = from, from + n - 1 do t['k' .. i] = i end "
         b"return t end"
     )
-    for start in (0, KEYS_CACHED):  # twice the bound of distinct keys
-        result = to_python(many(start, KEYS_CACHED))
-        assert result == {f"k{i}": i for i in range(start, start + KEYS_CACHED)}
-    assert len(convert._KEYS) <= KEYS_CACHED
+    for start in (0, CACHED):  # twice the bound of distinct keys
+        result = to_python(many(start, CACHED))
+        assert result == {f"k{i}": i for i in range(start, start + CACHED)}
+    assert len(convert._KEYS) <= CACHED
 
 
 def test_a_key_that_is_not_utf8_is_refused_every_time_and_never_kept() -> None:
@@ -45,3 +45,22 @@ def test_a_key_that_is_not_utf8_is_refused_every_time_and_never_kept() -> None:
         with pytest.raises(ConversionError, match="key that is not valid UTF-8"):
             to_python(bad(), what="get_state result")
     assert b"\xff\xfe" not in convert._KEYS
+
+
+def test_values_are_kept_when_short_and_bounded_however_many() -> None:
+    lua = _runtime()
+    make = lua.eval(
+        b"function(from, n, long) local t = {} for i = from, from + n - 1 do "
+        b"t[#t + 1] = 'v' .. i; t[#t + 1] = long .. i end return { list = t, kind = 'orc' } end"
+    )
+    long = "x" * CACHED_TEXT_BYTES
+    for start in (0, CACHED):
+        result = to_python(make(start, CACHED, long.encode()))
+        expected = [s for i in range(start, start + CACHED) for s in (f"v{i}", f"{long}{i}")]
+        assert result == {"list": expected, "kind": "orc"}
+    assert len(convert._TEXTS) <= CACHED
+    assert not any(len(text) > CACHED_TEXT_BYTES for text in convert._TEXTS)
+    bad = lua.eval(b'function() return { "\\xff" } end')
+    with pytest.raises(ConversionError, match=r"\[1\] is not valid UTF-8"):
+        to_python(bad())
+    assert b"\xff" not in convert._TEXTS
