@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from bench import cluster_cost, cluster_matchmaking, drain_bench, patch_bytes, snapshot_cost
@@ -54,12 +55,19 @@ def _best_step(result: dict[str, Any]) -> dict[str, Any] | None:
     return steps[0] if steps else None
 
 
+def _held_by_both(
+    a: dict[str, Any], b: dict[str, Any]
+) -> tuple[dict[int, dict], dict[int, dict], list[int]]:
+    """Each run's steps that held, by M, and the Ms both held, ascending."""
+    held_a = {s["matches"]: s for s in a["steps"] if s["ok"]}
+    held_b = {s["matches"]: s for s in b["steps"] if s["ok"]}
+    return held_a, held_b, sorted(set(held_a) & set(held_b))
+
+
 def _common_step(a: dict[str, Any], b: dict[str, Any]) -> tuple[dict, dict]:
     """The steps to compare per-frame cost on: the largest M both held (same load), else each
     one's best."""
-    held_a = {s["matches"]: s for s in a["steps"] if s["ok"]}
-    held_b = {s["matches"]: s for s in b["steps"] if s["ok"]}
-    common = sorted(set(held_a) & set(held_b))
+    held_a, held_b, common = _held_by_both(a, b)
     if common:
         return held_a[common[-1]], held_b[common[-1]]
     sa, sb = _best_step(a), _best_step(b)
@@ -72,16 +80,12 @@ def _median_ratio(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, int, int
     largest such M (where per-frame work, not the fixed costs of a nearly idle server, is what
     is measured): one window disturbed by a neighbour moves it far less than the single ratio
     at the largest common M.  (ratio, first M, last M), or None with no common step."""
-    held_a = {s["matches"]: s for s in a["steps"] if s["ok"]}
-    held_b = {s["matches"]: s for s in b["steps"] if s["ok"]}
-    common = sorted(set(held_a) & set(held_b))
+    held_a, held_b, common = _held_by_both(a, b)
     if not common:
         return None
     loaded = [m for m in common if m * 2 >= common[-1]]
-    ratios = sorted(held_a[m]["cpu_us_per_frame"] / held_b[m]["cpu_us_per_frame"] for m in loaded)
-    mid = len(ratios) // 2
-    median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
-    return median, loaded[0], loaded[-1]
+    ratios = [held_a[m]["cpu_us_per_frame"] / held_b[m]["cpu_us_per_frame"] for m in loaded]
+    return statistics.median(ratios), loaded[0], loaded[-1]
 
 
 def _rss(result: dict[str, Any]) -> tuple[float | None, float | None]:
