@@ -25,7 +25,7 @@ import orjson
 import structlog
 
 from asobi.lua.convert import ConversionError, to_python
-from asobi.lua.runtime import CallResult, MatchLua, ScriptLoadError
+from asobi.lua.runtime import CallResult, EachResult, MatchLua, ScriptLoadError
 from asobi.match_host import Effects, MatchHost, first_line, lua_kind, short_error
 from asobi.match_inputs import run_inputs
 from asobi.match_services import MatchServices
@@ -326,7 +326,7 @@ class Match:
         if chained:
             self.state_frames.begin()
         ids: list[str | None] = [None] if meta.shared_state else list(self.players)
-        outcomes: list[tuple[Any, str | None]] = []
+        outcomes: list[EachResult] = []
         done = 0
         for index, pid in enumerate(ids):
             if index == done:
@@ -336,9 +336,14 @@ class Match:
                     self.effects.discard()
                 outcomes = lua.call_each("get_state", state, ids[done:], what="get_state result")
                 done += len(outcomes)
-            data, error = outcomes[index - done + len(outcomes)]
+            data, text, error = outcomes[index - done + len(outcomes)]
             last = index == done - 1
-            if error is None:
+            if text is not None:
+                # Written as JSON inside Lua; data only where something needs it as objects.
+                body = text
+                if chained or recorder is not None:
+                    data = orjson.loads(text)
+            elif error is None:
                 try:
                     body = b"" if chained else orjson.dumps(data)
                 except TypeError as exc:
@@ -360,7 +365,13 @@ class Match:
                 targets = self.players if pid is None else (pid,)
                 frames.extend(
                     self.state_frames.frames(
-                        targets, data, patching, self.tick_no, meta.full_state_every, compact
+                        targets,
+                        data,
+                        patching,
+                        self.tick_no,
+                        meta.full_state_every,
+                        compact,
+                        text,
                     )
                 )
                 continue

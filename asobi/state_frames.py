@@ -101,8 +101,10 @@ class StateFrames:
         tick: int,
         full_every: int,
         compact: Set[str] = NOBODY,
+        text: bytes | None = None,
     ) -> list[tuple[str, bytes]]:
-        """One frame per target for the state `data` (shared by all of them).
+        """One frame per target for the state `data` (shared by all of them); `text`, when
+        given, is `data` as JSON already (written by the Lua-side encoder).
 
         The full frame and each distinct patch are encoded once per encoding: with
         `shared_state`, every player who got the previous frame holds the same data (and, in the
@@ -110,7 +112,7 @@ class StateFrames:
         serves them all.
         """
         out: list[tuple[str, bytes]] = []
-        body: bytes | None = None
+        body = text
         plain: bytes | None = None
         full: bytes | None = None
         packed: tuple[bytes, KeyTable] | None = None

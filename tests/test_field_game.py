@@ -15,7 +15,7 @@ import pytest
 
 from asobi.engine import Engine, EngineConfig
 from asobi.lua.convert import to_python
-from asobi.lua.runtime import Limits
+from asobi.lua.runtime import Limits, each_data
 from asobi.scripts import ScriptRegistry
 from bench import field_game
 from bench.patch_bytes import COLYSEUS_DIR, Counter
@@ -81,7 +81,7 @@ def test_views_are_partial(tmp_path: Path) -> None:
     match.release_held()
     match.run_tick()
     seen = [
-        len(data["npcs"])
-        for data, _ in match.lua.call_each("get_state", match.state, players, what="state")
+        len(each_data(result)["npcs"])
+        for result in match.lua.call_each("get_state", match.state, players, what="state")
     ]
     assert all(0 < n < field_game.NPCS for n in seen), seen

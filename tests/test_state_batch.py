@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from asobi.engine import Engine
 from asobi.lua.convert import ConversionError, to_python
-from asobi.lua.runtime import Limits, MatchLua, compile_script
+from asobi.lua.runtime import Limits, MatchLua, compile_script, each_data
 from asobi.scripts import ScriptRegistry
 from tests.test_patterns import _QuietHost
 
@@ -74,9 +74,11 @@ def one_by_one(lua: MatchLua, state: Any, ids: list[str | None]) -> list[tuple[A
 
 
 def batched(lua: MatchLua, state: Any, ids: list[str | None]) -> list[tuple[Any, Any]]:
+    """(data, error) per id, whether a result crossed as data or as JSON text."""
     out: list[tuple[Any, Any]] = []
     while len(out) < len(ids):
-        out += lua.call_each("get_state", state, ids[len(out) :], what="get_state result")
+        got = lua.call_each("get_state", state, ids[len(out) :], what="get_state result")
+        out += [(each_data(result), result[2]) for result in got]
     return out
 
 

@@ -211,9 +211,17 @@ local unpack_, select_ = table.unpack, select
 -- More ids than this in one batch and it ends early (results are returned on Lua's stack).
 local MAX_IDS = 1000
 
--- Per id, in order: true, value; or false, message (the call failed).  The batch ends early
--- after a call that made host calls (so its effects are that id's alone); the host calls again
--- for the rest.
+-- The JSON encoder (`_tojson.c`, nil when it is not built): a result it can write crosses as its
+-- JSON text, marked ENCODED; one it refuses crosses as the value, for the host's walk to convert
+-- or to name what is wrong with it.  It runs after the call, outside the deadline: it is host
+-- code, bounded by MAX_NODES values.  pcall: a heap at its memory cap refuses the text's string,
+-- and the host's walk then does the work.
+local tojson, MAX_NODES = host.tojson, host.max_nodes
+local ENCODED = 1
+
+-- Per id, in order: true, value; ENCODED, JSON text; or false, message (the call failed).  The
+-- batch ends early after a call that made host calls (so its effects are that id's alone); the
+-- host calls again for the rest.
 function B.call_each(prefix, suffix, budget, fn, state, ...)
   local out, n = {}, 0
   local ids = select_("#", ...)
@@ -225,7 +233,12 @@ function B.call_each(prefix, suffix, budget, fn, state, ...)
     budget_prefix, budget_suffix = prefix, suffix
     deadline = now() + budget
     sethook(hook, "", HOOK_COUNT)
-    out[n + 1], out[n + 2] = finish(xpcall_(fn, message_handler, state, id))
+    local ok, value = finish(xpcall_(fn, message_handler, state, id))
+    if ok and tojson then
+      local written, text = pcall_(tojson, value, MAX_NODES)
+      if written and text then ok, value = ENCODED, text end
+    end
+    out[n + 1], out[n + 2] = ok, value
     n = n + 2
     if host_calls ~= calls_before then break end
   end

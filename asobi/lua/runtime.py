@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, NamedTuple, NewType, NoReturn, Protocol
 
+import orjson
 from lupa import lua54
 
-from asobi.lua.convert import ConversionError, to_lua, to_python
+from asobi.lua import tojson
+from asobi.lua.convert import MAX_NODES, ConversionError, to_lua, to_python
 
 LuaError = lua54.LuaError
 LuaSyntaxError = lua54.LuaSyntaxError
@@ -50,6 +52,16 @@ def _host_bytecode(source: bytes, name: bytes) -> bytes:
 
 
 _MAX_ERROR_CHARS = 2000
+
+# `MatchLua.call_each` per id: (data, None, None), (None, JSON text, None) or (None, None, error).
+EachResult = tuple[Any, bytes | None, str | None]
+
+
+def each_data(result: EachResult) -> Any:
+    """A `call_each` result as plain data whichever way it crossed (None for a failed call)."""
+    data, text, _ = result
+    return orjson.loads(text) if text is not None else data
+
 
 # Bytecode made by `compile_script` from a script's text.  Only this may be loaded as bytecode into
 # a match: crafted bytecode can break Lua's memory safety, compiler output cannot.
@@ -235,6 +247,7 @@ class MatchLua:
         )
         # Persistence results are Lua tables, built in the runtime that made the call.
         persist = getattr(host, "persist", None)
+        encoder = tojson.library()
         host_table = self.runtime.table_from(
             {
                 b"now": time.perf_counter,
@@ -254,6 +267,8 @@ class MatchLua:
                 b"clib_chunk": _host_bytecode(_CLIB_SOURCE, b"=asobi"),
                 b"random_chunk": _host_bytecode(_RANDOM_SOURCE, b"=asobi"),
                 b"pack_chunk": _host_bytecode(_PACK_SOURCE, b"=asobi"),
+                b"tojson": tojson.load_into(self.runtime, encoder) if encoder else None,
+                b"max_nodes": MAX_NODES,
             }
         )
         real_load = self.runtime.globals()[b"load"]
@@ -475,10 +490,11 @@ class MatchLua:
 
     def call_each(
         self, callback: str, state: Any, ids: Sequence[str | None], *, what: str
-    ) -> list[tuple[Any, str | None]]:
+    ) -> list[EachResult]:
         """Call the script's `callback(state, id)` for the first ids in one crossing, each call
-        under the callback's own budget; per id called, (its result as plain data, None) or
-        (None, why it failed: the call or the conversion).
+        under the callback's own budget; per id called, (its result as plain data, None, None),
+        (None, its result as JSON text, None) when the Lua-side encoder wrote it
+        (`asobi.lua.tojson`), or (None, None, why it failed: the call or the conversion).
 
         It answers for `ids[:k]`, k >= 1: it stops after a call that used host functions, so
         that effects held meanwhile are the last id's alone, and the caller calls again for the
@@ -488,7 +504,7 @@ class MatchLua:
         global _in_flight
         fn = self.function(callback)
         if fn is None:
-            return [(None, f"{callback} is not defined")]
+            return [(None, None, f"{callback} is not defined")]
         budget = self._budget(callback)
         started = _now()
         watched = self.watched
@@ -500,21 +516,26 @@ class MatchLua:
                 prefix, suffix, budget, fn, state, *[i.encode() if i else None for i in ids]
             )
         except LuaMemoryError:
-            return [(None, f"{callback} ran out of memory (cap {self.limits.max_memory} bytes)")]
+            return [
+                (None, None, f"{callback} ran out of memory (cap {self.limits.max_memory} bytes)")
+            ]
         except LuaError as exc:
-            return [(None, error_text(exc))]
+            return [(None, None, error_text(exc))]
         finally:
             if watched:
                 _in_flight = outer
-        results: list[tuple[Any, str | None]] = []
+        results: list[EachResult] = []
         for pos in range(0, len(out), 2):
-            if out[pos] is not True:
-                results.append((None, error_text(out[pos + 1])))
-                continue
-            try:
-                results.append((to_python(out[pos + 1], what=what), None))
-            except (ConversionError, TypeError) as exc:
-                results.append((None, str(exc)))
+            outcome = out[pos]
+            if outcome is True:
+                try:
+                    results.append((to_python(out[pos + 1], what=what), None, None))
+                except (ConversionError, TypeError) as exc:
+                    results.append((None, None, str(exc)))
+            elif outcome is False:
+                results.append((None, None, error_text(out[pos + 1])))
+            else:  # ENCODED: the result's JSON text
+                results.append((None, out[pos + 1], None))
         return results
 
     # -- random generator ------------------------------------------------------------------------
