@@ -32,7 +32,6 @@ typedef double lua_Number;     /* LUA_FLOAT_DOUBLE */
 typedef int (*lua_CFunction)(lua_State *L);
 
 static struct {
-    int (*gettop)(lua_State *L);
     void (*settop)(lua_State *L, int idx);
     int (*checkstack)(lua_State *L, int n);
     int (*type)(lua_State *L, int idx);
@@ -56,7 +55,7 @@ int asobi_tojson_bind(const char *path) {
     if (library == NULL) return 0;
 #define BIND(name)                                                                             \
     if ((*(void **)&lua.name = dlsym(library, "lua_" #name)) == NULL) return 0;
-    BIND(gettop) BIND(settop) BIND(checkstack) BIND(type) BIND(isinteger) BIND(tointegerx)
+    BIND(settop) BIND(checkstack) BIND(type) BIND(isinteger) BIND(tointegerx)
     BIND(tonumberx) BIND(toboolean) BIND(tolstring) BIND(next) BIND(pushnil) BIND(pushlstring)
     BIND(pushcclosure)
 #undef BIND
@@ -64,7 +63,6 @@ int asobi_tojson_bind(const char *path) {
     return 1;
 }
 
-#define lua_gettop lua.gettop
 #define lua_settop lua.settop
 #define lua_checkstack lua.checkstack
 #define lua_type lua.type
@@ -100,8 +98,7 @@ typedef struct {
 static __thread char *kept;
 static __thread size_t kept_cap;
 
-static int reserve(Out *o, size_t more) {
-    if (o->n + more <= o->cap) return 1;
+static int grow(Out *o, size_t more) {
     size_t cap = o->cap ? o->cap : 4096;
     while (cap < o->n + more) cap *= 2;
     char *grown = realloc(o->b, cap);
@@ -111,7 +108,11 @@ static int reserve(Out *o, size_t more) {
     return 1;
 }
 
-static int put(Out *o, const char *s, size_t n) {
+static inline int reserve(Out *o, size_t more) {
+    return o->n + more <= o->cap || grow(o, more);
+}
+
+static inline int put(Out *o, const char *s, size_t n) {
     if (!reserve(o, n)) return 0;
     memcpy(o->b + o->n, s, n);
     o->n += n;
@@ -270,26 +271,28 @@ static int put_number(Out *o, lua_State *L, int idx) {
 
 static int put_value(Out *o, lua_State *L, int idx, int depth);
 
-/* A table at absolute index `t`: a JSON array when its keys are 1..n in order, an object when
- * they are all strings, the empty object when it has none; otherwise 0 (the host decides). */
+/* The table at the top of the stack, `t`: a JSON array when its keys are 1..n in order, an
+ * object when they are all strings, the empty object when it has none; otherwise 0 (the host
+ * decides).  While walking it, its key is at t + 1 and its value at t + 2, the new top. */
 static int put_table(Out *o, lua_State *L, int t, int depth) {
     if (depth >= MAX_DEPTH || !lua_checkstack(L, 3)) return 0;
     if (--o->budget < 0) return 0;
     lua_pushnil(L);
     if (!lua_next(L, t)) return put(o, "{}", 2);
     int ok = 1;
-    if (lua_type(L, -2) == LUA_TNUMBER && lua_isinteger(L, -2) &&
-        lua_tointegerx(L, -2, NULL) == 1) {
+    const int key = t + 1, value = t + 2;
+    if (lua_type(L, key) == LUA_TNUMBER && lua_isinteger(L, key) &&
+        lua_tointegerx(L, key, NULL) == 1) {
         ok = put(o, "[", 1);
         lua_Integer expected = 1;
         do {
-            if (lua_type(L, -2) != LUA_TNUMBER || !lua_isinteger(L, -2) ||
-                lua_tointegerx(L, -2, NULL) != expected || --o->budget < 0) {
+            if (lua_type(L, key) != LUA_TNUMBER || !lua_isinteger(L, key) ||
+                lua_tointegerx(L, key, NULL) != expected || --o->budget < 0) {
                 ok = 0;
                 break;
             }
-            ok = (expected == 1 || put(o, ",", 1)) && put_value(o, L, lua_gettop(L), depth + 1);
-            lua_settop(L, -2);
+            ok = (expected == 1 || put(o, ",", 1)) && put_value(o, L, value, depth + 1);
+            lua_settop(L, key);
             expected++;
         } while (ok && lua_next(L, t));
         ok = ok && put(o, "]", 1);
@@ -298,15 +301,15 @@ static int put_table(Out *o, lua_State *L, int t, int depth) {
         int first = 1;
         do {
             size_t len;
-            if (lua_type(L, -2) != LUA_TSTRING || --o->budget < 0) {
+            if (lua_type(L, key) != LUA_TSTRING || --o->budget < 0) {
                 ok = 0;
                 break;
             }
-            const char *key = lua_tolstring(L, -2, &len);
-            ok = (first || put(o, ",", 1)) && put_text(o, key, len) && put(o, ":", 1) &&
-                 put_value(o, L, lua_gettop(L), depth + 1);
+            const char *text = lua_tolstring(L, key, &len);
+            ok = (first || put(o, ",", 1)) && put_text(o, text, len) && put(o, ":", 1) &&
+                 put_value(o, L, value, depth + 1);
             first = 0;
-            lua_settop(L, -2);
+            lua_settop(L, key);
         } while (ok && lua_next(L, t));
         ok = ok && put(o, "}", 1);
     }
