@@ -19,12 +19,13 @@ ARG ASOBI_EXTRAS=""
 COPY pyproject.toml README.md /src/
 COPY asobi /src/asobi
 WORKDIR /app
-# A C compiler only while installing: it builds the Lua-side JSON encoder of state frames
-# (asobi/lua/_tojson.c; without it the server walks every state in Python, a fifth slower).
+# A C compiler only while installing: it builds asobi's Lua C functions (asobi/lua/_native.c:
+# the state frames' JSON encoder and the snapshot packer; without them the server does that work
+# in Python and Lua, with more CPU).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && pip install "/src${ASOBI_EXTRAS:+[$ASOBI_EXTRAS]}" \
- && python -I -c "from asobi.lua import tojson; assert tojson.library(), 'encoder not built'" \
+ && python -I -c "from asobi.lua import native; assert native.library(), 'asobi/lua/_native.c not built'" \
  && apt-get purge -y --auto-remove gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/* /src \
  && useradd --create-home --uid 10001 asobi \

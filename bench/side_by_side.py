@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 from bench import procs
@@ -72,6 +73,23 @@ async def measure(
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _build_extensions(checkout: Path) -> None:
+    """Put `checkout`'s compiled extensions (asobi/lua/_native.c, if it has any) beside its
+    sources, as an editable install does for this checkout: a fresh worktree has none, and its
+    server would silently run without them.  Built as pip builds them, from a wheel."""
+    with tempfile.TemporaryDirectory(prefix="asobi-wheel-") as out:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", out, str(checkout)],
+            check=True,
+            capture_output=True,
+        )
+        for wheel in Path(out).glob("*.whl"):
+            with zipfile.ZipFile(wheel) as archive:
+                for name in archive.namelist():
+                    if name.startswith("asobi/") and name.endswith((".so", ".pyd")):
+                        archive.extract(name, checkout)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("rev", help="the commit to compare this checkout with (e.g. HEAD~1)")
@@ -89,6 +107,7 @@ def main() -> int:
         capture_output=True,
     )
     try:
+        _build_extensions(worktree)
         sources = [(args.rev, worktree), ("this", HERE)]
         if args.swap:
             sources.reverse()

@@ -1,4 +1,4 @@
-"""The Lua-side JSON encoder of state frames (`asobi/lua/_tojson.c`, `asobi.lua.tojson`).
+"""The Lua-side JSON encoder of state frames (`asobi/lua/_tojson.c`, `asobi.lua.native`).
 
 It is a fast path beside the host's walk (`to_python` + `orjson.dumps`): whatever it writes must
 read back as exactly the walk's data (types included: 1 is not 1.0, [] is not {}), it must
@@ -17,23 +17,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asobi.engine import Engine
-from asobi.lua import tojson
+from asobi.lua import native
 from asobi.lua.convert import MAX_NODES, to_python
 from asobi.lua.runtime import Limits, MatchLua
 from asobi.scripts import ScriptRegistry
 from tests.test_patterns import _QuietHost
 
 pytestmark = pytest.mark.skipif(
-    tojson.library() is None,
-    reason="the Lua-side encoder is not built here (no C compiler at install)",
+    native.library() is None,
+    reason="asobi's Lua C functions are not built here (no C compiler at install)",
 )
 
 
 def encoder() -> tuple[MatchLua, Any]:
     lua = MatchLua(_QuietHost(), Limits(), seed=1)
-    library = tojson.library()
+    library = native.library()
     assert library is not None
-    return lua, tojson.load_into(lua.runtime, library)
+    return lua, native.load_into(lua.runtime, library, "tojson")
 
 
 def test_common_values_are_written_as_orjson_writes_them() -> None:
@@ -177,18 +177,18 @@ def test_frames_are_the_same_with_the_encoder_off(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with_encoder = _frames(tmp_path / "on")
-    monkeypatch.setattr(tojson, "library", lambda: None)
+    monkeypatch.setattr(native, "library", lambda: None)
     without = _frames(tmp_path / "off")
     assert with_encoder == without
     assert len(with_encoder) == 8  # 4 ticks x 2 players, one state frame each
 
 
 def test_turned_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ASOBI_NATIVE_ENCODER", "0")
-    tojson.library.cache_clear()
+    monkeypatch.setenv("ASOBI_NATIVE", "0")
+    native.library.cache_clear()
     try:
-        assert tojson.library() is None
+        assert native.library() is None
     finally:
-        monkeypatch.delenv("ASOBI_NATIVE_ENCODER")
-        tojson.library.cache_clear()
-    assert tojson.library() is not None
+        monkeypatch.delenv("ASOBI_NATIVE")
+        native.library.cache_clear()
+    assert native.library() is not None

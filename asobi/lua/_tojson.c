@@ -12,112 +12,23 @@
  * then walks the table itself and gives the exact error, or handles the rare shape.  Tables are
  * read raw (`lua_next`), as the host's walk reads them: no metamethod runs.
  *
- * The module is loaded into each Lua state with `package.loadlib` by the host (never by a
- * script).  It calls the Lua 5.4 API of the Lua that lupa's `lua54` extension carries, through
- * pointers that `asobi_tojson_bind` looks up in that extension once per process (see
- * `asobi/lua/tojson.py`): nothing is made global, so no other library's symbols can bind to
- * that Lua by accident, and no Lua headers are needed to build this.  Only the functions used
- * below are declared, with Lua 5.4's types.
+ * Opened by `_native.c`; the Lua API through `_luaapi.h`.
  */
-#include <dlfcn.h>
 #include <math.h>
-#include <stddef.h>
 #include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 
-typedef struct lua_State lua_State;
-typedef long long lua_Integer; /* LUA_INT_LONGLONG, Lua 5.4's default */
-typedef double lua_Number;     /* LUA_FLOAT_DOUBLE */
-typedef int (*lua_CFunction)(lua_State *L);
-
-static struct {
-    void (*settop)(lua_State *L, int idx);
-    int (*checkstack)(lua_State *L, int n);
-    int (*type)(lua_State *L, int idx);
-    int (*isinteger)(lua_State *L, int idx);
-    lua_Integer (*tointegerx)(lua_State *L, int idx, int *isnum);
-    lua_Number (*tonumberx)(lua_State *L, int idx, int *isnum);
-    int (*toboolean)(lua_State *L, int idx);
-    const char *(*tolstring)(lua_State *L, int idx, size_t *len);
-    int (*next)(lua_State *L, int idx);
-    void (*pushnil)(lua_State *L);
-    const char *(*pushlstring)(lua_State *L, const char *s, size_t len);
-    void (*pushcclosure)(lua_State *L, lua_CFunction fn, int n);
-} lua;
-
-static int bound;
-
-/* Look the Lua API up in the already loaded library at `path` (lupa's lua54 extension); 1 when
- * every function was found.  Called by the host before any Lua state loads this module. */
-int asobi_tojson_bind(const char *path) {
-    void *library = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
-    if (library == NULL) return 0;
-#define BIND(name)                                                                             \
-    if ((*(void **)&lua.name = dlsym(library, "lua_" #name)) == NULL) return 0;
-    BIND(settop) BIND(checkstack) BIND(type) BIND(isinteger) BIND(tointegerx)
-    BIND(tonumberx) BIND(toboolean) BIND(tolstring) BIND(next) BIND(pushnil) BIND(pushlstring)
-    BIND(pushcclosure)
-#undef BIND
-    bound = 1;
-    return 1;
-}
-
-#define lua_settop lua.settop
-#define lua_checkstack lua.checkstack
-#define lua_type lua.type
-#define lua_isinteger lua.isinteger
-#define lua_tointegerx lua.tointegerx
-#define lua_tonumberx lua.tonumberx
-#define lua_toboolean lua.toboolean
-#define lua_tolstring lua.tolstring
-#define lua_next lua.next
-#define lua_pushnil lua.pushnil
-#define lua_pushlstring lua.pushlstring
-#define lua_pushcclosure lua.pushcclosure
-
-#define LUA_TNIL 0
-#define LUA_TBOOLEAN 1
-#define LUA_TNUMBER 3
-#define LUA_TSTRING 4
-#define LUA_TTABLE 5
+#include "_luaapi.h"
 
 /* The same bound as convert.MAX_DEPTH: deeper is refused (a cycle, most likely). */
 #define MAX_DEPTH 32
-/* A buffer grown past this by one large state is given back afterwards. */
-#define KEEP_BYTES (1 << 20)
-
 typedef struct {
-    char *b;
-    size_t n, cap;
+    Bytes bytes;
     lua_Integer budget; /* values still allowed, as convert.to_python counts them */
 } Out;
 
 /* One output buffer per thread, reused: a frame's text is copied into a Lua string at the end,
  * so the buffer never holds anything between calls. */
-static __thread char *kept;
-static __thread size_t kept_cap;
-
-static int grow(Out *o, size_t more) {
-    size_t cap = o->cap ? o->cap : 4096;
-    while (cap < o->n + more) cap *= 2;
-    char *grown = realloc(o->b, cap);
-    if (grown == NULL) return 0;
-    o->b = grown;
-    o->cap = cap;
-    return 1;
-}
-
-static inline int reserve(Out *o, size_t more) {
-    return o->n + more <= o->cap || grow(o, more);
-}
-
-static inline int put(Out *o, const char *s, size_t n) {
-    if (!reserve(o, n)) return 0;
-    memcpy(o->b + o->n, s, n);
-    o->n += n;
-    return 1;
-}
+static __thread Bytes kept;
 
 /* Strict UTF-8, as Python's decoder: no overlong forms, no surrogates, nothing past U+10FFFF. */
 static int valid_utf8(const unsigned char *s, size_t n) {
@@ -152,7 +63,7 @@ static int valid_utf8(const unsigned char *s, size_t n) {
 static const char HEX[] = "0123456789abcdef";
 
 /* A JSON string, escaped as orjson escapes: quote, backslash and control characters only. */
-static int put_text(Out *o, const char *s, size_t n) {
+static int put_text(Bytes *o, const char *s, size_t n) {
     if (!valid_utf8((const unsigned char *)s, n)) return 0;
     if (!reserve(o, 1)) return 0;
     o->b[o->n++] = '"';
@@ -206,7 +117,7 @@ static const double POW10[] = {1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8};
 /* Integers in decimal; floats as the shortest text that reads back as the same double.  Most
  * game values (1.5, -0.25, 12.375, 0.1) have at most 8 decimals and take the fast path, which
  * writes what Python's repr and orjson write; the rest go through printf at 15 to 17 digits. */
-static int put_number(Out *o, lua_State *L, int idx) {
+static int put_number(Bytes *o, lua_State *L, int idx) {
     if (!reserve(o, 40)) return 0;
     char *w = o->b + o->n;
     if (lua_isinteger(L, idx)) {
@@ -278,12 +189,12 @@ static int put_table(Out *o, lua_State *L, int t, int depth) {
     if (depth >= MAX_DEPTH || !lua_checkstack(L, 3)) return 0;
     if (--o->budget < 0) return 0;
     lua_pushnil(L);
-    if (!lua_next(L, t)) return put(o, "{}", 2);
+    if (!lua_next(L, t)) return put(&o->bytes, "{}", 2);
     int ok = 1;
     const int key = t + 1, value = t + 2;
     if (lua_type(L, key) == LUA_TNUMBER && lua_isinteger(L, key) &&
         lua_tointegerx(L, key, NULL) == 1) {
-        ok = put(o, "[", 1);
+        ok = put(&o->bytes, "[", 1);
         lua_Integer expected = 1;
         do {
             if (lua_type(L, key) != LUA_TNUMBER || !lua_isinteger(L, key) ||
@@ -291,13 +202,13 @@ static int put_table(Out *o, lua_State *L, int t, int depth) {
                 ok = 0;
                 break;
             }
-            ok = (expected == 1 || put(o, ",", 1)) && put_value(o, L, value, depth + 1);
+            ok = (expected == 1 || put(&o->bytes, ",", 1)) && put_value(o, L, value, depth + 1);
             lua_settop(L, key);
             expected++;
         } while (ok && lua_next(L, t));
-        ok = ok && put(o, "]", 1);
+        ok = ok && put(&o->bytes, "]", 1);
     } else {
-        ok = put(o, "{", 1);
+        ok = put(&o->bytes, "{", 1);
         int first = 1;
         do {
             size_t len;
@@ -306,12 +217,12 @@ static int put_table(Out *o, lua_State *L, int t, int depth) {
                 break;
             }
             const char *text = lua_tolstring(L, key, &len);
-            ok = (first || put(o, ",", 1)) && put_text(o, text, len) && put(o, ":", 1) &&
+            ok = (first || put(&o->bytes, ",", 1)) && put_text(&o->bytes, text, len) && put(&o->bytes, ":", 1) &&
                  put_value(o, L, value, depth + 1);
             first = 0;
             lua_settop(L, key);
         } while (ok && lua_next(L, t));
-        ok = ok && put(o, "}", 1);
+        ok = ok && put(&o->bytes, "}", 1);
     }
     lua_settop(L, t);
     return ok;
@@ -320,50 +231,42 @@ static int put_table(Out *o, lua_State *L, int t, int depth) {
 static int put_value(Out *o, lua_State *L, int idx, int depth) {
     switch (lua_type(L, idx)) {
     case LUA_TBOOLEAN:
-        return lua_toboolean(L, idx) ? put(o, "true", 4) : put(o, "false", 5);
+        return lua_toboolean(L, idx) ? put(&o->bytes, "true", 4) : put(&o->bytes, "false", 5);
     case LUA_TNUMBER:
-        return put_number(o, L, idx);
+        return put_number(&o->bytes, L, idx);
     case LUA_TSTRING: {
         size_t len;
         const char *s = lua_tolstring(L, idx, &len);
-        return put_text(o, s, len);
+        return put_text(&o->bytes, s, len);
     }
     case LUA_TTABLE:
         return put_table(o, L, idx, depth);
     case LUA_TNIL:
-        return depth == 0 && put(o, "null", 4);
+        return depth == 0 && put(&o->bytes, "null", 4);
     default:
         return 0; /* functions, userdata, threads: not data */
     }
 }
 
 /* tojson(value, max_nodes) -> the JSON text, or nil when the host must convert it itself. */
-static int tojson(lua_State *L) {
-    Out o = {kept, 0, kept_cap, lua_tointegerx(L, 2, NULL)};
+int asobi_tojson(lua_State *L) {
+    Out o = {kept, lua_tointegerx(L, 2, NULL)};
+    o.bytes.n = 0;
     lua_settop(L, 1);
     int ok = put_value(&o, L, 1, 0);
     /* Kept before anything that may raise (lua_pushlstring on a full heap): `kept` must never
      * point at memory that realloc moved. */
-    kept = o.b;
-    kept_cap = o.cap;
+    kept = o.bytes;
     lua_settop(L, 1);
     if (!ok) {
         lua_pushnil(L);
         return 1;
     }
-    lua_pushlstring(L, o.b, o.n);
-    if (kept_cap > KEEP_BYTES) {
-        free(kept);
-        kept = NULL;
-        kept_cap = 0;
+    lua_pushlstring(L, kept.b, kept.n);
+    if (kept.cap > KEEP_BYTES) {
+        free(kept.b);
+        kept.b = NULL;
+        kept.cap = 0;
     }
-    return 1;
-}
-
-/* The module's loader: the encoder function, or nothing at all when the API was never bound
- * (the host then walks every result itself). */
-int luaopen_asobi_tojson(lua_State *L) {
-    if (!bound) return 0;
-    lua_pushcclosure(L, tojson, 0);
     return 1;
 }

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, NewType, NoReturn, Protocol
 import orjson
 from lupa import lua54
 
-from asobi.lua import tojson
+from asobi.lua import native
 from asobi.lua.convert import MAX_NODES, ConversionError, to_lua, to_python
 
 LuaError = lua54.LuaError
@@ -247,7 +247,7 @@ class MatchLua:
         )
         # Persistence results are Lua tables, built in the runtime that made the call.
         persist = getattr(host, "persist", None)
-        encoder = tojson.library()
+        library = native.library()
         host_table = self.runtime.table_from(
             {
                 b"now": time.perf_counter,
@@ -267,7 +267,8 @@ class MatchLua:
                 b"clib_chunk": _host_bytecode(_CLIB_SOURCE, b"=asobi"),
                 b"random_chunk": _host_bytecode(_RANDOM_SOURCE, b"=asobi"),
                 b"pack_chunk": _host_bytecode(_PACK_SOURCE, b"=asobi"),
-                b"tojson": tojson.load_into(self.runtime, encoder) if encoder else None,
+                b"tojson": native.load_into(self.runtime, library, "tojson") if library else None,
+                b"pack": native.load_into(self.runtime, library, "pack") if library else None,
                 b"max_nodes": MAX_NODES,
             }
         )
@@ -494,7 +495,7 @@ class MatchLua:
         """Call the script's `callback(state, id)` for the first ids in one crossing, each call
         under the callback's own budget; per id called, (its result as plain data, None, None),
         (None, its result as JSON text, None) when the Lua-side encoder wrote it
-        (`asobi.lua.tojson`), or (None, None, why it failed: the call or the conversion).
+        (`asobi.lua.native`), or (None, None, why it failed: the call or the conversion).
 
         It answers for `ids[:k]`, k >= 1: it stops after a call that used host functions, so
         that effects held meanwhile are the last id's alone, and the caller calls again for the

@@ -413,7 +413,19 @@ end
 -- refuses through `refuse` above, so the snapshot and the reload agree on what is data.
 ---------------------------------------------------------------------------------------------------
 local packer = load_(host.pack_chunk, "=asobi", "b")(refuse, host.now)
-local pack, random_state, tunpack = packer.pack, rng.state, table.unpack
+local random_state, tunpack = rng.state, table.unpack
+
+-- The same bytes written in C when it is built (`_pack.c`, asobi/lua/native.py): it declines
+-- (nil) what pack.lua refuses, and pack.lua then raises the error that names the path.
+local native_pack, host_now = host.pack, host.now
+local function pack(root, KEY, deadline, budget_error)
+  if native_pack then
+    local packed = native_pack(root, deadline, host_now)
+    if packed then return { packed }, 1 end
+    if packed == false then error_(budget_error, 0) end
+  end
+  return packer.pack(root, KEY, deadline, budget_error)
+end
 
 local function snapshot_of(ok, out, n)
   if not ok then

@@ -1,0 +1,54 @@
+/*
+ * asobi's Lua C functions, loaded into each match's Lua state by the host with `package.loadlib`
+ * (never by a script): the JSON encoder of state frames (`_tojson.c`) and the snapshot packer
+ * (`_pack.c`).  This file binds them to the Lua API (`_luaapi.h`) and opens them.
+ */
+#include <dlfcn.h>
+
+#include "_luaapi.h"
+
+struct asobi_lua_api asobi_lua;
+int asobi_lua_bound;
+
+int asobi_bytes_grow(Bytes *o, size_t more) {
+    size_t cap = o->cap ? o->cap : 4096;
+    while (cap < o->n + more) cap *= 2;
+    char *grown = realloc(o->b, cap);
+    if (grown == NULL) return 0;
+    o->b = grown;
+    o->cap = cap;
+    return 1;
+}
+
+/* Look the Lua API up in the already loaded library at `path` (lupa's lua54 extension); 1 when
+ * every function was found.  Called by the host before any Lua state opens these functions. */
+int asobi_native_bind(const char *path) {
+    void *library = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    if (library == NULL) return 0;
+#define BIND(name)                                                                             \
+    if ((*(void **)&asobi_lua.name = dlsym(library, "lua_" #name)) == NULL) return 0;
+    BIND(settop) BIND(checkstack) BIND(type) BIND(isinteger) BIND(tointegerx) BIND(tonumberx)
+    BIND(toboolean) BIND(tolstring) BIND(next) BIND(getmetatable) BIND(pushnil)
+    BIND(pushboolean) BIND(pushinteger) BIND(pushvalue) BIND(pushlstring) BIND(pushcclosure)
+    BIND(createtable) BIND(rawget) BIND(rawset) BIND(rawgeti) BIND(rawseti) BIND(callk)
+#undef BIND
+    asobi_lua_bound = 1;
+    return 1;
+}
+
+int asobi_tojson(lua_State *L);
+int asobi_pack(lua_State *L);
+
+/* The loaders: each function, or nothing at all when the API was never bound (the host then
+ * does that work itself). */
+int luaopen_asobi_tojson(lua_State *L) {
+    if (!asobi_lua_bound) return 0;
+    lua_pushcclosure(L, asobi_tojson, 0);
+    return 1;
+}
+
+int luaopen_asobi_pack(lua_State *L) {
+    if (!asobi_lua_bound) return 0;
+    lua_pushcclosure(L, asobi_pack, 0);
+    return 1;
+}

@@ -1,0 +1,100 @@
+"""asobi's Lua C functions (`_native.c`): where they are, and whether this process uses them.
+
+Two jobs on the tick path are done in C inside each match's Lua state, because crossing into
+Python value by value or assembling bytes in Lua cost more than the work itself:
+
+- `tojson` (`_tojson.c`) writes a `get_state` result as JSON text; only the text crosses
+  (`calls.lua`, `B.call_each`).  Converting results value by value into Python objects, then
+  encoding those, was a third of the server's CPU per state frame.  It writes only what the
+  host's walk (`asobi.lua.convert.to_python`) accepts and declines anything else, so errors still
+  come from the walk, worded as before.
+- `pack` (`_pack.c`) writes a snapshot in pack.lua's format, the same bytes; it declines what
+  pack.lua refuses, whose error then names the path (`sandbox.lua`, `api.snapshot`).
+
+They are optional.  They are built at install time when a C compiler is there (`pyproject.toml`,
+`ext-modules`, optional); without them, or with `ASOBI_NATIVE=0` in the environment, the host's
+walk and pack.lua do that work, as they always did, with the same results.  They are Lua C
+functions, not Python ones: each Lua state loads them with `package.loadlib` (never reachable
+from a script).  They call the Lua API of lupa's `lua54` extension through pointers looked up
+there once per process (`asobi_native_bind`): Python loads extensions privately, and making
+lupa's symbols global instead (lupa's `allow_lua_module_loading`) would let them bind into any
+other Lua loaded later.  Before they are trusted, each must write a probe table as expected.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import time
+from importlib import machinery
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+from lupa import lua54
+
+from asobi.lua.convert import MAX_NODES, to_python
+
+__all__ = ["MAX_NODES", "library", "load_into"]
+
+log = structlog.get_logger("asobi.lua")
+
+_OPEN = {"tojson": b"luaopen_asobi_tojson", "pack": b"luaopen_asobi_pack"}
+
+# Every kind of value and table shape the encoder writes itself, with text to escape, floats on
+# both of its paths, the integer extremes and empty and nested tables.
+_PROBE = (
+    b"return { s = 'caf\\195\\169 \"q\" \\\\ \\n\\t\\1', i = 9223372036854775807,"
+    b" j = -9223372036854775807 - 1, f = 0.1, g = -12.375, h = 1e300, k = 5e-324, z = -0.0,"
+    b" w = 100.0, t = true, u = false, e = {}, list = {1, 2.5, 'x', {a = {}}},"
+    b" nested = { deeper = { [1] = 'one', [2] = 'two' } } }"
+)
+# pack.lua's bytes for { a = 1 }: magic, one table of one pair, "a" (tag 1) -> 1 (tag 2).
+_PACKED_PROBE = b"ASN1\x01\x00\x00\x00\x01\x01\x00\x00\x00a\x02" + (1).to_bytes(8, "little")
+
+
+def _built() -> Path | None:
+    here = Path(__file__).resolve().parent
+    for suffix in machinery.EXTENSION_SUFFIXES:
+        path = here / f"_native{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def load_into(runtime: Any, path: bytes, name: str) -> Any:
+    """The C function `name` ("tojson", "pack") as a function of `runtime`'s Lua state."""
+    loader = runtime.globals()[b"package"][b"loadlib"](path, _OPEN[name])
+    if not callable(loader):
+        raise OSError(f"package.loadlib could not load {name} from {path!r}")
+    return loader()
+
+
+@functools.cache
+def library() -> bytes | None:
+    """The built library's path for `package.loadlib`, or None when the host's walk and pack.lua
+    do the work: not built, turned off (`ASOBI_NATIVE=0`), or it failed its check (logged)."""
+    if os.environ.get("ASOBI_NATIVE", "1") in ("0", "off", "false"):
+        return None
+    path = _built()
+    if path is None:
+        return None
+    try:
+        if not ctypes.CDLL(str(path)).asobi_native_bind(os.fsencode(lua54.__file__)):
+            raise OSError(f"the Lua API was not found in {lua54.__file__}")
+        runtime = lua54.LuaRuntime(register_eval=False, register_builtins=False, encoding=None)
+        probe = runtime.execute(_PROBE)
+        written = load_into(runtime, bytes(path), "tojson")(probe, MAX_NODES)
+        if not isinstance(written, bytes) or orjson.loads(written) != to_python(probe):
+            raise ValueError(f"the probe table came out as {written!r}")
+        packed = load_into(runtime, bytes(path), "pack")(
+            runtime.execute(b"return { a = 1 }"), float("inf"), time.perf_counter
+        )
+        if packed != _PACKED_PROBE:
+            raise ValueError(f"the probe state was packed as {packed!r}")
+    except Exception as exc:  # any failure means: the host's walk and pack.lua instead
+        log.warning("lua_native_unavailable", path=str(path), error=str(exc))
+        return None
+    return bytes(path)
