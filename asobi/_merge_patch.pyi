@@ -1,0 +1,3 @@
+from typing import Any
+
+def diff(old: Any, new: Any) -> Any: ...
