@@ -24,6 +24,10 @@ import websockets
 from asobi import log as logsetup
 from asobi.app import App
 from asobi.config import Settings
+from asobi.directory import Outbox
+from asobi.engine import Engine
+from asobi.match import Match
+from asobi.scripts import ScriptRegistry
 from asobi.server import AsobiServer
 from tests.browser_support import browser, chromium  # noqa: F401  (browser test fixtures)
 
@@ -303,3 +307,16 @@ async def start_server(tmp_path: Path, database_url: str) -> AsyncIterator[Calla
     for run in running:
         await asyncio.gather(*(client.close() for client in run.clients))
         await run.server.stop()
+
+
+def engine_match(game_dir: Path, source: str, outbox: Outbox, players: list[str]) -> Match:
+    """A match of `source` (written as `game_dir`/match.lua) on an engine alone, frames to
+    `outbox`, started and ready to tick."""
+    (game_dir / "match.lua").write_text(source)
+    registry = ScriptRegistry(game_dir)
+    assert not registry.load_all()
+    script = registry.get("match.lua")
+    assert script is not None
+    match = Engine(registry, outbox).start_match("m", script, players)
+    match.release_held()
+    return match

@@ -14,10 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asobi.engine import Engine
 from asobi.lua.convert import ConversionError, to_python
 from asobi.lua.runtime import Limits, MatchLua, compile_script, each_data
-from asobi.scripts import ScriptRegistry
+from tests.conftest import engine_match
 from tests.test_patterns import _QuietHost
 
 # get_state answers with whatever the state holds for the player (set from Python below).
@@ -196,15 +195,8 @@ class ListOutbox:
 
 
 def test_effects_of_get_state_stay_with_their_player(tmp_path: Path) -> None:
-    (tmp_path / "match.lua").write_text(EFFECTS)
-    registry = ScriptRegistry(tmp_path)
-    assert not registry.load_all()
-    script = registry.get("match.lua")
-    assert script is not None
     outbox = ListOutbox()
-    engine = Engine(registry, outbox)
-    match = engine.start_match("effects", script, ["p1", "p2", "p3"])
-    match.release_held()
+    match = engine_match(tmp_path, EFFECTS, outbox, ["p1", "p2", "p3"])
     match.run_tick()
     messages = [
         (pid, f["payload"]["payload"]["note"])

@@ -16,11 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asobi.engine import Engine
 from asobi.lua import native
 from asobi.lua.convert import MAX_NODES, to_python
 from asobi.lua.runtime import Limits, MatchLua
-from asobi.scripts import ScriptRegistry
+from tests.conftest import engine_match
 from tests.test_patterns import _QuietHost
 
 pytestmark = pytest.mark.skipif(
@@ -155,15 +154,8 @@ class RawOutbox:
 def _frames(game_dir: Path) -> list[tuple[str, bytes]]:
     """Every frame four ticks of GAME send, as bytes."""
     game_dir.mkdir()
-    (game_dir / "match.lua").write_text(GAME)
-    registry = ScriptRegistry(game_dir)
-    assert not registry.load_all()
-    script = registry.get("match.lua")
-    assert script is not None
     outbox = RawOutbox()
-    engine = Engine(registry, outbox)
-    match = engine.start_match("m", script, ["p1", "p2"])
-    match.release_held()
+    match = engine_match(game_dir, GAME, outbox, ["p1", "p2"])
     for _ in range(4):
         match.run_tick()
     # Key order follows each Lua state's string hashing, which is seeded per state.
