@@ -52,11 +52,6 @@ static int same_json(PyObject *a, PyObject *b) {
     return PyObject_RichCompareBool(a, b, Py_EQ);
 }
 
-/* patch[key] = value (a new reference is taken); 0 on success. */
-static int set(PyObject *patch, PyObject *key, PyObject *value) {
-    return PyDict_SetItem(patch, key, value);
-}
-
 static PyObject *diff_dicts(PyObject *old, PyObject *new) {
     PyObject *patch = PyDict_New();
     if (patch == NULL) return NULL;
@@ -75,7 +70,7 @@ static PyObject *diff_dicts(PyObject *old, PyObject *new) {
                 PyObject *sub = diff_dicts(before, value);
                 Py_LeaveRecursiveCall();
                 if (sub == NULL) goto fail;
-                int failed = PyDict_GET_SIZE(sub) && set(patch, key, sub);
+                int failed = PyDict_GET_SIZE(sub) && PyDict_SetItem(patch, key, sub);
                 Py_DECREF(sub);
                 if (failed) goto fail;
                 continue;
@@ -88,14 +83,14 @@ static PyObject *diff_dicts(PyObject *old, PyObject *new) {
         } else if (before != NULL) {
             kept++;
         }
-        if (set(patch, key, value)) goto fail;
+        if (PyDict_SetItem(patch, key, value)) goto fail;
     }
     if (kept < PyDict_GET_SIZE(old)) {
         pos = 0;
         while (PyDict_Next(old, &pos, &key, &value)) {
             int present = PyDict_Contains(new, key);
             if (present < 0) goto fail;
-            if (!present && set(patch, key, Py_None)) goto fail;
+            if (!present && PyDict_SetItem(patch, key, Py_None)) goto fail;
         }
     }
     return patch;

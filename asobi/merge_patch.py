@@ -20,11 +20,12 @@ What RFC 7396 can and cannot say, and what that means here:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
 import orjson
+
+from asobi import c_parts
 
 _ABSENT: Any = object()
 
@@ -72,7 +73,7 @@ def python_diff(old: Any, new: Any) -> Any:
 # the Python walk was a sixth of the server's CPU on the field game.  `ASOBI_NATIVE=0` keeps the
 # Python one.
 def _diff_in_c() -> Callable[[Any, Any], Any] | None:
-    if os.environ.get("ASOBI_NATIVE", "1") in ("0", "off", "false"):
+    if not c_parts.wanted():
         return None
     try:
         from asobi import _merge_patch

@@ -26,6 +26,7 @@ from asobi.app import App
 from asobi.config import Settings
 from asobi.directory import Outbox
 from asobi.engine import Engine
+from asobi.lua.runtime import EachResult
 from asobi.match import Match
 from asobi.scripts import ScriptRegistry
 from asobi.server import AsobiServer
@@ -320,3 +321,10 @@ def engine_match(game_dir: Path, source: str, outbox: Outbox, players: list[str]
     match = Engine(registry, outbox).start_match("m", script, players)
     match.release_held()
     return match
+
+
+def each_data(result: EachResult) -> Any:
+    """A `MatchLua.call_each` result as plain data whichever way it crossed (None for a failed
+    call)."""
+    data, text, _ = result
+    return orjson.loads(text) if text is not None else data

@@ -15,10 +15,11 @@ import pytest
 
 from asobi.engine import Engine, EngineConfig
 from asobi.lua.convert import to_python
-from asobi.lua.runtime import Limits, each_data
+from asobi.lua.runtime import Limits
 from asobi.scripts import ScriptRegistry
 from bench import field_game
 from bench.patch_bytes import COLYSEUS_DIR, Counter
+from tests.conftest import each_data
 
 TICKS = 80
 # Inputs a tick cannot fit in its handle_input budget wait for the next tick: on a busy machine

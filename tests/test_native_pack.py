@@ -39,7 +39,7 @@ def packers(lua_runtime: Any) -> tuple[Callable[[Any], bytes], Callable[..., Any
     )
     library = native.library()
     assert library is not None
-    c_pack = native.load_into(lua_runtime, library, "pack")
+    c_pack = native.load_into(lua_runtime, library).pack
 
     def in_c(root: Any, deadline: float = float("inf")) -> Any:
         return c_pack(root, deadline, time.perf_counter)

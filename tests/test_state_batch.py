@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asobi.lua.convert import ConversionError, to_python
-from asobi.lua.runtime import Limits, MatchLua, compile_script, each_data
-from tests.conftest import engine_match
+from asobi.lua.runtime import Limits, MatchLua, compile_script
+from tests.conftest import each_data, engine_match
 from tests.test_patterns import _QuietHost
 
 # get_state answers with whatever the state holds for the player (set from Python below).

@@ -32,7 +32,7 @@ def encoder() -> tuple[MatchLua, Any]:
     lua = MatchLua(_QuietHost(), Limits(), seed=1)
     library = native.library()
     assert library is not None
-    return lua, native.load_into(lua.runtime, library, "tojson")
+    return lua, native.load_into(lua.runtime, library).tojson
 
 
 def test_common_values_are_written_as_orjson_writes_them() -> None:

@@ -77,13 +77,21 @@ extern int asobi_lua_bound;
 #define LUA_TSTRING 4
 #define LUA_TTABLE 5
 
-/* An output buffer: the caller's thread keeps it between calls (see `kept` in each module). */
+/* An output buffer.  Each thread has one (`asobi_buffer`), reused by every call: a result is
+ * written there, then copied into a Lua string (`asobi_push_buffer`), so it holds nothing between
+ * calls.  It is written in place, never through a copy of this struct: a Lua call that raises
+ * mid-way (out of memory) must leave it pointing at memory realloc did not move. */
 typedef struct {
     char *b;
     size_t n, cap;
 } Bytes;
 
 int asobi_bytes_grow(Bytes *o, size_t more);
+/* The calling thread's buffer, emptied. */
+Bytes *asobi_buffer(void);
+/* Pushes the buffer's bytes as a Lua string; a buffer grown past 1 MiB by one large result is
+ * given back afterwards. */
+void asobi_push_buffer(lua_State *L, Bytes *o);
 
 static inline int reserve(Bytes *o, size_t more) {
     return o->n + more <= o->cap || asobi_bytes_grow(o, more);
@@ -95,8 +103,5 @@ static inline int put(Bytes *o, const char *s, size_t n) {
     o->n += n;
     return 1;
 }
-
-/* A buffer grown past this by one large value is given back afterwards. */
-#define KEEP_BYTES (1 << 20)
 
 #endif

@@ -10,6 +10,25 @@
 struct asobi_lua_api asobi_lua;
 int asobi_lua_bound;
 
+/* A buffer grown past this by one large result is given back once it is pushed. */
+#define KEEP_BYTES (1 << 20)
+
+static __thread Bytes buffer;
+
+Bytes *asobi_buffer(void) {
+    buffer.n = 0;
+    return &buffer;
+}
+
+void asobi_push_buffer(lua_State *L, Bytes *o) {
+    lua_pushlstring(L, o->b, o->n);
+    if (o->cap > KEEP_BYTES) {
+        free(o->b);
+        o->b = NULL;
+        o->cap = 0;
+    }
+}
+
 int asobi_bytes_grow(Bytes *o, size_t more) {
     size_t cap = o->cap ? o->cap : 4096;
     while (cap < o->n + more) cap *= 2;
@@ -39,16 +58,16 @@ int asobi_native_bind(const char *path) {
 int asobi_tojson(lua_State *L);
 int asobi_pack(lua_State *L);
 
-/* The loaders: each function, or nothing at all when the API was never bound (the host then
- * does that work itself). */
-int luaopen_asobi_tojson(lua_State *L) {
+/* The loader: a table of both functions ("tojson", "pack"), or nothing at all when the API was
+ * never bound (the host then does that work itself). */
+int luaopen_asobi_native(lua_State *L) {
     if (!asobi_lua_bound) return 0;
+    lua_createtable(L, 0, 2);
+    lua_pushlstring(L, "tojson", 6);
     lua_pushcclosure(L, asobi_tojson, 0);
-    return 1;
-}
-
-int luaopen_asobi_pack(lua_State *L) {
-    if (!asobi_lua_bound) return 0;
+    lua_rawset(L, -3);
+    lua_pushlstring(L, "pack", 4);
     lua_pushcclosure(L, asobi_pack, 0);
+    lua_rawset(L, -3);
     return 1;
 }

@@ -23,10 +23,6 @@
 /* Stack slots of `asobi_pack`. */
 enum { ROOT = 1, DEADLINE, NOW, IDS, QUEUE, SRC, KEY, VALUE };
 
-/* One output buffer per thread.  The walk uses it in place (never a copy): a Lua call that
- * raises (out of memory) leaves it consistent for the next snapshot. */
-static __thread Bytes kept;
-
 static inline int put_byte(Bytes *o, unsigned v) {
     if (!reserve(o, 1)) return 0;
     o->b[o->n++] = (char)v;
@@ -128,8 +124,7 @@ int asobi_pack(lua_State *L) {
     lua_pushvalue(L, ROOT);
     lua_rawseti(L, QUEUE, 1);
 
-    Bytes *o = &kept;
-    o->n = 0;
+    Bytes *o = asobi_buffer();
     Walk w = {o, 1};
     int result = put(o, "ASN1", 4) ? 1 : 0; /* 1 written, 0 for pack.lua, -1 past the deadline */
     int work = 0;
@@ -161,16 +156,11 @@ int asobi_pack(lua_State *L) {
     }
     lua_settop(L, QUEUE);
     if (result == 1) {
-        lua_pushlstring(L, o->b, o->n);
+        asobi_push_buffer(L, o);
     } else if (result == -1) {
         lua_pushboolean(L, 0);
     } else {
         lua_pushnil(L);
-    }
-    if (o->cap > KEEP_BYTES) {
-        free(o->b);
-        o->b = NULL;
-        o->cap = 0;
     }
     return 1;
 }

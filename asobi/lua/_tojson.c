@@ -22,13 +22,9 @@
 /* The same bound as convert.MAX_DEPTH: deeper is refused (a cycle, most likely). */
 #define MAX_DEPTH 32
 typedef struct {
-    Bytes bytes;
+    Bytes *bytes;
     lua_Integer budget; /* values still allowed, as convert.to_python counts them */
 } Out;
-
-/* One output buffer per thread, reused: a frame's text is copied into a Lua string at the end,
- * so the buffer never holds anything between calls. */
-static __thread Bytes kept;
 
 /* Strict UTF-8, as Python's decoder: no overlong forms, no surrogates, nothing past U+10FFFF. */
 static int valid_utf8(const unsigned char *s, size_t n) {
@@ -189,12 +185,12 @@ static int put_table(Out *o, lua_State *L, int t, int depth) {
     if (depth >= MAX_DEPTH || !lua_checkstack(L, 3)) return 0;
     if (--o->budget < 0) return 0;
     lua_pushnil(L);
-    if (!lua_next(L, t)) return put(&o->bytes, "{}", 2);
+    if (!lua_next(L, t)) return put(o->bytes, "{}", 2);
     int ok = 1;
     const int key = t + 1, value = t + 2;
     if (lua_type(L, key) == LUA_TNUMBER && lua_isinteger(L, key) &&
         lua_tointegerx(L, key, NULL) == 1) {
-        ok = put(&o->bytes, "[", 1);
+        ok = put(o->bytes, "[", 1);
         lua_Integer expected = 1;
         do {
             if (lua_type(L, key) != LUA_TNUMBER || !lua_isinteger(L, key) ||
@@ -202,13 +198,13 @@ static int put_table(Out *o, lua_State *L, int t, int depth) {
                 ok = 0;
                 break;
             }
-            ok = (expected == 1 || put(&o->bytes, ",", 1)) && put_value(o, L, value, depth + 1);
+            ok = (expected == 1 || put(o->bytes, ",", 1)) && put_value(o, L, value, depth + 1);
             lua_settop(L, key);
             expected++;
         } while (ok && lua_next(L, t));
-        ok = ok && put(&o->bytes, "]", 1);
+        ok = ok && put(o->bytes, "]", 1);
     } else {
-        ok = put(&o->bytes, "{", 1);
+        ok = put(o->bytes, "{", 1);
         int first = 1;
         do {
             size_t len;
@@ -217,12 +213,12 @@ static int put_table(Out *o, lua_State *L, int t, int depth) {
                 break;
             }
             const char *text = lua_tolstring(L, key, &len);
-            ok = (first || put(&o->bytes, ",", 1)) && put_text(&o->bytes, text, len) && put(&o->bytes, ":", 1) &&
-                 put_value(o, L, value, depth + 1);
+            ok = (first || put(o->bytes, ",", 1)) && put_text(o->bytes, text, len) &&
+                 put(o->bytes, ":", 1) && put_value(o, L, value, depth + 1);
             first = 0;
             lua_settop(L, key);
         } while (ok && lua_next(L, t));
-        ok = ok && put(&o->bytes, "}", 1);
+        ok = ok && put(o->bytes, "}", 1);
     }
     lua_settop(L, t);
     return ok;
@@ -231,18 +227,18 @@ static int put_table(Out *o, lua_State *L, int t, int depth) {
 static int put_value(Out *o, lua_State *L, int idx, int depth) {
     switch (lua_type(L, idx)) {
     case LUA_TBOOLEAN:
-        return lua_toboolean(L, idx) ? put(&o->bytes, "true", 4) : put(&o->bytes, "false", 5);
+        return lua_toboolean(L, idx) ? put(o->bytes, "true", 4) : put(o->bytes, "false", 5);
     case LUA_TNUMBER:
-        return put_number(&o->bytes, L, idx);
+        return put_number(o->bytes, L, idx);
     case LUA_TSTRING: {
         size_t len;
         const char *s = lua_tolstring(L, idx, &len);
-        return put_text(&o->bytes, s, len);
+        return put_text(o->bytes, s, len);
     }
     case LUA_TTABLE:
         return put_table(o, L, idx, depth);
     case LUA_TNIL:
-        return depth == 0 && put(&o->bytes, "null", 4);
+        return depth == 0 && put(o->bytes, "null", 4);
     default:
         return 0; /* functions, userdata, threads: not data */
     }
@@ -250,23 +246,12 @@ static int put_value(Out *o, lua_State *L, int idx, int depth) {
 
 /* tojson(value, max_nodes) -> the JSON text, or nil when the host must convert it itself. */
 int asobi_tojson(lua_State *L) {
-    Out o = {kept, lua_tointegerx(L, 2, NULL)};
-    o.bytes.n = 0;
+    Out o = {asobi_buffer(), lua_tointegerx(L, 2, NULL)};
     lua_settop(L, 1);
-    int ok = put_value(&o, L, 1, 0);
-    /* Kept before anything that may raise (lua_pushlstring on a full heap): `kept` must never
-     * point at memory that realloc moved. */
-    kept = o.bytes;
-    lua_settop(L, 1);
-    if (!ok) {
+    if (!put_value(&o, L, 1, 0)) {
         lua_pushnil(L);
         return 1;
     }
-    lua_pushlstring(L, kept.b, kept.n);
-    if (kept.cap > KEEP_BYTES) {
-        free(kept.b);
-        kept.b = NULL;
-        kept.cap = 0;
-    }
+    asobi_push_buffer(L, o.bytes);
     return 1;
 }

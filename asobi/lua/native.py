@@ -29,19 +29,20 @@ import os
 import time
 from importlib import machinery
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import structlog
 from lupa import lua54
 
+from asobi import c_parts
 from asobi.lua.convert import MAX_NODES, to_python
 
-__all__ = ["MAX_NODES", "library", "load_into"]
+__all__ = ["MAX_NODES", "Functions", "library", "load_into"]
 
 log = structlog.get_logger("asobi.lua")
 
-_OPEN = {"tojson": b"luaopen_asobi_tojson", "pack": b"luaopen_asobi_pack"}
+_OPEN = b"luaopen_asobi_native"
 
 # Every kind of value and table shape the encoder writes itself, with text to escape, floats on
 # both of its paths, the integer extremes and empty and nested tables.
@@ -64,19 +65,27 @@ def _built() -> Path | None:
     return None
 
 
-def load_into(runtime: Any, path: bytes, name: str) -> Any:
-    """The C function `name` ("tojson", "pack") as a function of `runtime`'s Lua state."""
-    loader = runtime.globals()[b"package"][b"loadlib"](path, _OPEN[name])
-    if not callable(loader):
-        raise OSError(f"package.loadlib could not load {name} from {path!r}")
-    return loader()
+class Functions(NamedTuple):
+    """The C functions as functions of one Lua state."""
+
+    tojson: Any
+    pack: Any
+
+
+def load_into(runtime: Any, path: bytes) -> Functions:
+    """The C functions in `runtime`'s Lua state (one `package.loadlib`)."""
+    loader = runtime.globals()[b"package"][b"loadlib"](path, _OPEN)
+    functions = loader() if callable(loader) else None
+    if functions is None:
+        raise OSError(f"package.loadlib could not open {path!r} (or it was never bound)")
+    return Functions(functions[b"tojson"], functions[b"pack"])
 
 
 @functools.cache
 def library() -> bytes | None:
     """The built library's path for `package.loadlib`, or None when the host's walk and pack.lua
     do the work: not built, turned off (`ASOBI_NATIVE=0`), or it failed its check (logged)."""
-    if os.environ.get("ASOBI_NATIVE", "1") in ("0", "off", "false"):
+    if not c_parts.wanted():
         return None
     path = _built()
     if path is None:
@@ -85,11 +94,12 @@ def library() -> bytes | None:
         if not ctypes.CDLL(str(path)).asobi_native_bind(os.fsencode(lua54.__file__)):
             raise OSError(f"the Lua API was not found in {lua54.__file__}")
         runtime = lua54.LuaRuntime(register_eval=False, register_builtins=False, encoding=None)
+        functions = load_into(runtime, bytes(path))
         probe = runtime.execute(_PROBE)
-        written = load_into(runtime, bytes(path), "tojson")(probe, MAX_NODES)
+        written = functions.tojson(probe, MAX_NODES)
         if not isinstance(written, bytes) or orjson.loads(written) != to_python(probe):
             raise ValueError(f"the probe table came out as {written!r}")
-        packed = load_into(runtime, bytes(path), "pack")(
+        packed = functions.pack(
             runtime.execute(b"return { a = 1 }"), float("inf"), time.perf_counter
         )
         if packed != _PACKED_PROBE:

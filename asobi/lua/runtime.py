@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, NamedTuple, NewType, NoReturn, Protocol
 
-import orjson
 from lupa import lua54
 
 from asobi.lua import native
@@ -55,12 +54,6 @@ _MAX_ERROR_CHARS = 2000
 
 # `MatchLua.call_each` per id: (data, None, None), (None, JSON text, None) or (None, None, error).
 EachResult = tuple[Any, bytes | None, str | None]
-
-
-def each_data(result: EachResult) -> Any:
-    """A `call_each` result as plain data whichever way it crossed (None for a failed call)."""
-    data, text, _ = result
-    return orjson.loads(text) if text is not None else data
 
 
 # Bytecode made by `compile_script` from a script's text.  Only this may be loaded as bytecode into
@@ -248,6 +241,7 @@ class MatchLua:
         # Persistence results are Lua tables, built in the runtime that made the call.
         persist = getattr(host, "persist", None)
         library = native.library()
+        functions = native.load_into(self.runtime, library) if library else None
         host_table = self.runtime.table_from(
             {
                 b"now": time.perf_counter,
@@ -267,8 +261,8 @@ class MatchLua:
                 b"clib_chunk": _host_bytecode(_CLIB_SOURCE, b"=asobi"),
                 b"random_chunk": _host_bytecode(_RANDOM_SOURCE, b"=asobi"),
                 b"pack_chunk": _host_bytecode(_PACK_SOURCE, b"=asobi"),
-                b"tojson": native.load_into(self.runtime, library, "tojson") if library else None,
-                b"pack": native.load_into(self.runtime, library, "pack") if library else None,
+                b"tojson": functions.tojson if functions else None,
+                b"pack": functions.pack if functions else None,
                 b"max_nodes": MAX_NODES,
             }
         )
