@@ -28,7 +28,6 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
@@ -40,7 +39,7 @@ from asobi.limits import KeyedBuckets
 from asobi.metrics import Metrics
 from asobi.reload import poll_changes, watch_changes
 from asobi.server_connection import InlineConnection
-from asobi.server_writes import PassWrites
+from asobi.server_writes import PassWrites, frame_header
 from asobi.session import expire_seats
 from asobi.session_driver import SessionDriver
 from asobi.ticker import Ticker
@@ -60,18 +59,17 @@ _last_wire: bytes = b""
 
 
 def _wire(frame: bytes) -> bytes:
-    """`frame` as an unmasked WebSocket frame, serialized by websockets: a text frame, or a
-    binary one for a compact state frame (`asobi.compact_state.is_binary`).
+    """`frame` as an unmasked WebSocket frame: a text frame, or a binary one for a compact
+    state frame (`asobi.compact_state.is_binary`).
 
     A shared `match.state` frame goes to every player of a match one after the other: the
-    one-entry cache (by identity) frames it once for all of them.  Writing the serialized frame
-    to the transport is what `websockets.broadcast` does after framing; it is only used on
+    one-entry cache (by identity) frames it once for all of them.  Writing the framed bytes to
+    the transport is what `websockets.broadcast` does after framing; it is only used on
     connections without extensions (no per-connection compression state).
     """
     global _last_frame, _last_wire
     if frame is not _last_frame:
-        opcode = Opcode.BINARY if is_binary(frame) else Opcode.TEXT
-        _last_wire = Frame(opcode, frame).serialize(mask=False, extensions=())
+        _last_wire = frame_header(len(frame), is_binary(frame)) + frame
         _last_frame = frame
     return _last_wire
 

@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from websockets.frames import Frame, Opcode
 
 from asobi.engine import Engine
 from asobi.scripts import ScriptRegistry
-from asobi.server_writes import MAX_HELD, PassWrites
+from asobi.server_writes import MAX_HELD, PassWrites, frame_header
 from asobi.ticker import Ticker
 from tests.test_engine_reload import SCRIPT, ListOutbox
 
@@ -114,3 +115,13 @@ async def test_the_ticker_ends_a_pass_even_when_the_engine_raised(tmp_path: Path
     ticker.stop()
     assert passes and passes[0] == "start"
     assert passes == ["start", "end"] * (len(passes) // 2)
+
+
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+@pytest.mark.parametrize("opcode", [Opcode.TEXT, Opcode.BINARY])
+def test_frame_header_is_what_websockets_serializes(length: int, opcode: Opcode) -> None:
+    """The server frames state frames itself; the bytes must be websockets' own, at each edge of
+    the three length encodings."""
+    payload = bytes(length)
+    expected = Frame(opcode, payload).serialize(mask=False, extensions=())
+    assert frame_header(length, opcode is Opcode.BINARY) + payload == expected
