@@ -39,7 +39,7 @@ from asobi.limits import KeyedBuckets
 from asobi.metrics import Metrics
 from asobi.reload import poll_changes, watch_changes
 from asobi.server_connection import InlineConnection
-from asobi.server_writes import PassWrites, frame_header
+from asobi.server_writes import PassWrites, direct_fd, frame_header
 from asobi.session import expire_seats
 from asobi.session_driver import SessionDriver
 from asobi.ticker import Ticker
@@ -87,6 +87,7 @@ class WebSocketPeer:
     __slots__ = (
         "_closing",
         "dropped",
+        "fd",
         "hard",
         "metrics",
         "player_id",
@@ -116,6 +117,8 @@ class WebSocketPeer:
         self.dropped = 0
         self.player_id: str | None = None
         self._closing: asyncio.Task[None] | None = None
+        # The socket held frames may be sent on directly at the end of a pass, or -1.
+        self.fd = direct_fd(ws.transport) if ws.transport is not None else -1
 
     def send_frame(self, frame: bytes, *, droppable: bool = False) -> bool:
         ws = self.ws
@@ -141,7 +144,9 @@ class WebSocketPeer:
             # Per-connection compression: let websockets frame it.
             broadcast((ws,), frame, text=not is_binary(frame))
         else:
-            self.writes.write(transport, _wire(frame))
+            # Sent directly only while nothing waits in the transport's buffer (see PassWrites).
+            direct = buffered == 0 and not transport.is_closing()
+            self.writes.write(transport, _wire(frame), self.fd if direct else -1)
         return True
 
     def _slow_reader(self, buffered: int, now: float) -> None:
