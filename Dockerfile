@@ -20,12 +20,13 @@ COPY pyproject.toml README.md /src/
 COPY asobi /src/asobi
 WORKDIR /app
 # A C compiler only while installing: it builds asobi's C parts (asobi/lua/_native.c: the state
-# frames' JSON encoder and the snapshot packer; asobi/_merge_patch.c: the patch diff; without
-# them the server does that work in Python and Lua, with more CPU).
+# frames' JSON encoder and the snapshot packer; asobi/_merge_patch.c: the patch diff;
+# asobi/_send.c: the sends at the end of a tick pass; without them the server does that work in
+# Python and Lua, with more CPU).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && pip install "/src${ASOBI_EXTRAS:+[$ASOBI_EXTRAS]}" \
- && python -I -c "from asobi.lua import native; assert native.library(), 'asobi/lua/_native.c not built'; import asobi._merge_patch" \
+ && python -I -c "from asobi.lua import native; assert native.library(), 'asobi/lua/_native.c not built'; import asobi._merge_patch, asobi._send" \
  && apt-get purge -y --auto-remove gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/* /src \
  && useradd --create-home --uid 10001 asobi \
