@@ -31,7 +31,7 @@ from asobi.match_inputs import run_inputs
 from asobi.match_services import MatchServices
 from asobi.protocol import encode, encode_raw_payload
 from asobi.scripts import ScriptMeta, ScriptVersion
-from asobi.state_frames import NOBODY, StateFrames
+from asobi.state_frames import NOBODY, UNPARSED, StateFrames
 
 if TYPE_CHECKING:
     from asobi.recording import MatchRecording
@@ -339,10 +339,13 @@ class Match:
             data, text, error = outcomes[index - done + len(outcomes)]
             last = index == done - 1
             if text is not None:
-                # Written as JSON inside Lua; data only where something needs it as objects.
+                # Written as JSON inside Lua; data only where something needs it as objects
+                # (state frames parse it themselves if they must, see `StateFrames.frames`).
                 body = text
-                if chained or recorder is not None:
+                if recorder is not None:
                     data = orjson.loads(text)
+                elif chained:
+                    data = UNPARSED
             elif error is None:
                 try:
                     body = b"" if chained else orjson.dumps(data)

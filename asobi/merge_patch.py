@@ -85,6 +85,23 @@ def _diff_in_c() -> Callable[[Any, Any], Any] | None:
 diff: Callable[[Any, Any], Any] = _diff_in_c() or python_diff
 
 
+def _diff_text_in_c() -> Callable[[bytes, bytes], bytes | None] | None:
+    if not c_parts.wanted():
+        return None
+    try:
+        from asobi import _merge_patch
+    except ImportError:
+        return None
+    return _merge_patch.diff_text
+
+
+# `diff` of two JSON object texts as JSON text, without parsing them into Python objects
+# (asobi/_merge_patch.c, `diff_text`), or None where not built.  It returns None for a text it
+# does not expect; the caller then parses both and runs `diff`.  Meant for frame bodies asobi's
+# encoders wrote: one spelling per value, so equal text means the same JSON.
+diff_text = _diff_text_in_c()
+
+
 def same_json(a: Any, b: Any) -> bool:
     """Whether two values Python calls equal also have the same JSON (`[1]` is not `[true]`).
 

@@ -69,13 +69,23 @@ def state_sync_choice(frame: Frame) -> SyncChoice | None:
 
 
 class Sent(NamedTuple):
-    """What one player holds: the data of frame `seq`, the tick of their last full frame, and in
-    the compact encoding the key table as of that frame."""
+    """What one player holds: the data of frame `seq` (`UNPARSED` when only its JSON `text` was
+    needed), the tick of their last full frame, in the compact encoding the key table as of that
+    frame, and the data as JSON text when the Lua-side encoder wrote it."""
 
     seq: int
     data: Any
     full_tick: int
     keys: KeyTable | None = None
+    text: bytes | None = None
+
+
+# `data` not parsed from its text (yet): JSON patches are diffed text to text (`diff_text`).
+UNPARSED: Any = object()
+
+
+def _data(sent: Sent) -> Any:
+    return orjson.loads(sent.text) if sent.data is UNPARSED else sent.data  # type: ignore[arg-type]
 
 
 class StateFrames:
@@ -104,7 +114,9 @@ class StateFrames:
         text: bytes | None = None,
     ) -> list[tuple[str, bytes]]:
         """One frame per target for the state `data` (shared by all of them); `text`, when
-        given, is `data` as JSON already (written by the Lua-side encoder).
+        given, is `data` as JSON already (written by the Lua-side encoder), and `data` may then be
+        `UNPARSED`: it is parsed only if a frame needs objects (compact frames, a patch the text
+        diff declined).
 
         The full frame and each distinct patch are encoded once per encoding: with
         `shared_state`, every player who got the previous frame holds the same data (and, in the
@@ -120,6 +132,8 @@ class StateFrames:
         patches: dict[int, bytes] = {}
         compact_patches: dict[tuple[int, int], tuple[KeyTable, bytes, KeyTable]] = {}
         seq, sent, staged = self.seq, self.sent, self.staged
+        if data is UNPARSED and (compact or text is None):
+            data = orjson.loads(text)  # type: ignore[arg-type]
         for pid in targets:
             binary = pid in compact
             if pid not in patching:
@@ -150,13 +164,13 @@ class StateFrames:
                 if full is None:
                     body = body or orjson.dumps(data)
                     full = b'{"type":"match.state","seq":%d,"payload":%b}' % (seq, body)
-                staged[pid] = Sent(seq, data, tick)
+                staged[pid] = Sent(seq, data, tick, None, text)
                 out.append((pid, full))
                 continue
-            patch = diffs.get(last.seq, diffs)
-            if patch is diffs:
-                patch = diffs[last.seq] = merge_patch.diff(last.data, data)
             if keys is not None:
+                patch = diffs.get(last.seq, diffs)
+                if patch is diffs:
+                    patch = diffs[last.seq] = merge_patch.diff(_data(last), data)
                 made = compact_patches.get((last.seq, id(keys)))
                 if made is None or made[0] is not keys:
                     packed_patch, grown = compact_state.encode_patch(seq, last.seq, patch, keys)
@@ -166,13 +180,20 @@ class StateFrames:
                 continue
             frame = patches.get(last.seq)
             if frame is None:
+                payload = None
+                if text is not None and last.text is not None and merge_patch.diff_text:
+                    payload = merge_patch.diff_text(last.text, text)
+                if payload is None:
+                    if data is UNPARSED:
+                        data = orjson.loads(text)  # type: ignore[arg-type]
+                    payload = orjson.dumps(merge_patch.diff(_data(last), data))
                 frame = b'{"type":"match.patch","seq":%d,"base":%d,"payload":%b}' % (
                     seq,
                     last.seq,
-                    orjson.dumps(patch),
+                    payload,
                 )
                 patches[last.seq] = frame
-            staged[pid] = Sent(seq, data, last.full_tick)
+            staged[pid] = Sent(seq, data, last.full_tick, None, text)
             out.append((pid, frame))
         return out
 

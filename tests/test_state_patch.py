@@ -14,7 +14,8 @@ import pytest
 from asobi import merge_patch
 from asobi.engine import Engine
 from asobi.scripts import ScriptRegistry, vet_script
-from tests.conftest import Client, Running
+from asobi.state_frames import UNPARSED
+from tests.conftest import Client, Running, engine_match
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -334,3 +335,39 @@ def test_patch_chains_hold_across_a_rolled_back_and_a_successful_reload(tmp_path
         assert rebuilt == truth[-len(rebuilt) :]
         assert rebuilt[-1] == {"tick": rebuilt[-1]["tick"], "shape": "new"}
         assert [f["type"] for f in wire.frames[pid]].count("match.state") == 1
+
+
+class _Kept:
+    """An outbox that keeps each player's frames as sent."""
+
+    def __init__(self) -> None:
+        self.frames: dict[str, list[bytes]] = {}
+
+    def send(self, player_id: str, frame: bytes, *, droppable: bool = False) -> bool:
+        self.frames.setdefault(player_id, []).append(frame)
+        return True
+
+
+@pytest.mark.skipif(merge_patch.diff_text is None, reason="asobi/_merge_patch.c not built")
+def test_patches_are_diffed_as_text_without_parsing(tmp_path, monkeypatch) -> None:
+    """Patch frames come from the JSON texts (`merge_patch.diff_text`), each the patch the object
+    diff makes of the same two texts, and nothing kept for the chain was parsed."""
+    text_diff = merge_patch.diff_text
+    assert text_diff is not None
+    calls: list[bytes] = []
+
+    def checked(old: bytes, new: bytes) -> bytes | None:
+        patch = text_diff(old, new)
+        assert patch == orjson.dumps(merge_patch.diff(orjson.loads(old), orjson.loads(new)))
+        calls.append(patch)
+        return patch
+
+    monkeypatch.setattr(merge_patch, "diff_text", checked)
+    outbox = _Kept()
+    match = engine_match(tmp_path, game(100_000), outbox, ["a", "b"])
+    for _ in range(12):
+        match.run_tick()
+    assert len(calls) == 22  # per player, every tick after the first
+    assert all(sent.data is UNPARSED for sent in match.state_frames.sent.values())
+    for frames in outbox.frames.values():
+        assert [b'"match.patch"' in frame for frame in frames] == [False] + [True] * 11
