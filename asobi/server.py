@@ -86,14 +86,17 @@ class WebSocketPeer:
 
     __slots__ = (
         "_closing",
+        "compressed",
         "dropped",
         "fd",
         "hard",
         "metrics",
         "player_id",
+        "protocol",
         "soft",
         "stuck_s",
         "stuck_since",
+        "transport",
         "writes",
         "ws",
     )
@@ -117,36 +120,47 @@ class WebSocketPeer:
         self.dropped = 0
         self.player_id: str | None = None
         self._closing: asyncio.Task[None] | None = None
+        # What every frame reads, looked up once: a connection's transport, its protocol and the
+        # extensions negotiated in its handshake are fixed for its life.
+        self.protocol = ws.protocol
+        self.transport = ws.transport
+        self.compressed = bool(ws.protocol.extensions)
         # The socket held frames may be sent on directly at the end of a pass, or -1.
         self.fd = direct_fd(ws.transport) if ws.transport is not None else -1
 
     def send_frame(self, frame: bytes, *, droppable: bool = False) -> bool:
-        ws = self.ws
-        if self._closing is not None or ws.protocol.state is not State.OPEN:
+        if self._closing is not None or self.protocol.state is not State.OPEN:
             return False
-        transport = ws.transport
-        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        transport = self.transport
+        buffered = transport.get_write_buffer_size()
         if buffered > self.soft:
-            now = time.monotonic()
-            if not self.stuck_since:
-                self.stuck_since = now
-            if buffered > self.hard or now - self.stuck_since > self.stuck_s:
-                self._slow_reader(buffered, now)
-                return False
-            if droppable:
-                self.dropped += 1
-                self.metrics.frames_dropped += 1
+            if not self._sends_over_soft(buffered, droppable):
                 return False
         elif self.stuck_since:
             self.stuck_since = 0.0
         self.metrics.frames_sent += 1
-        if ws.protocol.extensions:
+        if self.compressed:
             # Per-connection compression: let websockets frame it.
-            broadcast((ws,), frame, text=not is_binary(frame))
+            broadcast((self.ws,), frame, text=not is_binary(frame))
         else:
             # Sent directly only while nothing waits in the transport's buffer (see PassWrites).
             direct = buffered == 0 and not transport.is_closing()
             self.writes.write(transport, _wire(frame), self.fd if direct else -1)
+        return True
+
+    def _sends_over_soft(self, buffered: int, droppable: bool) -> bool:
+        """A frame for a client whose buffer holds more than `soft` bytes: False when it is
+        dropped (`droppable`) or the client is closed as a slow reader."""
+        now = time.monotonic()
+        if not self.stuck_since:
+            self.stuck_since = now
+        if buffered > self.hard or now - self.stuck_since > self.stuck_s:
+            self._slow_reader(buffered, now)
+            return False
+        if droppable:
+            self.dropped += 1
+            self.metrics.frames_dropped += 1
+            return False
         return True
 
     def _slow_reader(self, buffered: int, now: float) -> None:
