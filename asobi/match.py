@@ -25,7 +25,8 @@ import orjson
 import structlog
 
 from asobi.lua.convert import ConversionError, to_python
-from asobi.lua.runtime import CallResult, EachResult, MatchLua, ScriptLoadError
+from asobi.lua.outcomes import CallResult, EachResult
+from asobi.lua.runtime import MatchLua, ScriptLoadError
 from asobi.match_host import Effects, MatchHost, first_line, lua_kind, short_error
 from asobi.match_inputs import run_inputs
 from asobi.match_services import MatchServices
@@ -202,7 +203,18 @@ class Match:
                 self._after_tick(frames)
                 return
         self.effects.discard()
-        result, finished = self.lua.call_tick(self.state, self.tick_no)
+        meta = self.script.meta
+        ids: list[str | None] = [None] if meta.shared_state else list(self.players)
+        result, finished, states = self.lua.tick_states(self.state, self.tick_no, ids)
+        if states is not None:
+            # get_state ran in the same crossing, which it does only after a tick that succeeded
+            # with a table (or nothing) and made no host calls: the tick has no effects to
+            # commit, and those held now are the last get_state call's (`_render_states`).
+            if result.value is not None:
+                self.state = result.value
+            self.failures = 0
+            self._after_tick(None, finished, states)
+            return
         if self.apply_outcome("tick", result):
             self.failures = 0
         else:
@@ -250,12 +262,16 @@ class Match:
         unlogged.clear()
 
     def _after_tick(
-        self, frames: list[tuple[str, bytes]] | None, finished: bool | None = None
+        self,
+        frames: list[tuple[str, bytes]] | None,
+        finished: bool | None = None,
+        states: list[EachResult] | None = None,
     ) -> None:
-        """Send the tick's state frames (rendered here unless given), then end the match if its
-        state says so: `finished` when the tick call told (None: read it from the state)."""
+        """Send the tick's state frames (rendered here unless given, from `states` when
+        get_state already ran), then end the match if its state says so: `finished` when the
+        tick call told (None: read it from the state)."""
         if frames is None:
-            frames = self._render_states(self.lua, self.state, self.script.meta)
+            frames = self._render_states(self.lua, self.state, self.script.meta, states=states)
         send = self.services.outbox.send
         state_frames = self.state_frames
         if state_frames.staged:
@@ -310,14 +326,21 @@ class Match:
         return patching, compact
 
     def _render_states(
-        self, lua: MatchLua, state: Any, meta: ScriptMeta, *, strict: bool = False
+        self,
+        lua: MatchLua,
+        state: Any,
+        meta: ScriptMeta,
+        *,
+        strict: bool = False,
+        states: list[EachResult] | None = None,
     ) -> list[tuple[str, bytes]]:
         """One `match.state` frame per player (one for all with `shared_state`), or for players
         in patch mode a `match.patch`, in the compact encoding if their connection chose it (see
         `asobi.state_frames`).
 
         Outside a reload a failing get_state costs that player this tick's frame; inside the
-        reload transaction (`strict`) it fails the whole transaction.
+        reload transaction (`strict`) it fails the whole transaction.  `states`: the outcomes of
+        a first `call_each` already made (`MatchLua.tick_states`), for the same ids.
         """
         frames: list[tuple[str, bytes]] = []
         recorder = self.recorder
@@ -332,9 +355,14 @@ class Match:
             if index == done:
                 # One crossing into Lua answers for as many players as it can; effects held
                 # meanwhile belong to the last of them (see `MatchLua.call_each`).
-                if not strict:
-                    self.effects.discard()
-                outcomes = lua.call_each("get_state", state, ids[done:], what="get_state result")
+                if states is not None and not done:
+                    outcomes = states
+                else:
+                    if not strict:
+                        self.effects.discard()
+                    outcomes = lua.call_each(
+                        "get_state", state, ids[done:], what="get_state result"
+                    )
                 done += len(outcomes)
             data, text, error = outcomes[index - done + len(outcomes)]
             last = index == done - 1

@@ -209,6 +209,84 @@ def test_effects_of_get_state_stay_with_their_player(tmp_path: Path) -> None:
     assert states == {"p1": {"n": 1, "id": "p1"}, "p2": {"n": 1, "id": "p2"}}
 
 
+TICK_EFFECTS = """\
+match_size = 3
+tick_rate = 10
+function init(state) return state end
+function tick(state)
+  state.n = (state.n or 0) + 1
+  if state.n == 1 then game.broadcast("ticked", {n = state.n}) end
+  return state
+end
+function get_state(state, id)
+  if id == "p1" then
+    game.send(id, {note = "never delivered"})
+    error("p1 fails after sending")
+  end
+  return {n = state.n, id = id}
+end
+"""
+
+
+def _count_crossings(lua: MatchLua) -> list[str]:
+    """The names of the crossings into Lua for state frames made from now on, besides the one
+    `tick_states` makes: `call_each` (get_state for players the tick's crossing did not answer
+    for) and `call_tick` (a tick without get_state)."""
+    crossings: list[str] = []
+    for name in ("call_each", "call_tick"):
+        real = getattr(lua, name)
+
+        def counted(*args: Any, _real: Any = real, _name: str = name, **kw: Any) -> Any:
+            crossings.append(_name)
+            return _real(*args, **kw)
+
+        setattr(lua, name, counted)
+    return crossings
+
+
+def test_a_quiet_tick_and_every_state_frame_take_one_crossing(tmp_path: Path) -> None:
+    quiet = EFFECTS.replace('game.send(id, {note = "from get_state"})', "")
+    outbox = ListOutbox()
+    match = engine_match(tmp_path, quiet, outbox, ["p1", "p2", "p3"])
+    crossings = _count_crossings(match.lua)
+    match.run_tick()
+    states = {pid: f["payload"] for pid, f in outbox.frames if f["type"] == "match.state"}
+    assert states == {"p1": {"n": 1, "id": "p1"}, "p2": {"n": 1, "id": "p2"}}
+    # p3's call sent a message (then failed, so it is dropped): the batch could end only there.
+    assert crossings == []
+    assert [f["type"] for _, f in outbox.frames] == ["match.state", "match.state"]
+
+
+def test_tick_and_state_frames_share_a_crossing_and_keep_their_effects_apart(
+    tmp_path: Path,
+) -> None:
+    """A tick that made no host calls is followed by get_state in the same crossing
+    (`MatchLua.tick_states`); a tick that did is not (its effects are committed first).  Either
+    way the first player's failed get_state loses its message, and the tick's is delivered."""
+    outbox = ListOutbox()
+    match = engine_match(tmp_path, TICK_EFFECTS, outbox, ["p1", "p2", "p3"])
+    crossings = _count_crossings(match.lua)
+    for tick in (1, 2):
+        outbox.frames.clear()
+        crossings.clear()
+        match.run_tick()
+        kinds = [(pid, f["type"]) for pid, f in outbox.frames]
+        states = {pid: f["payload"] for pid, f in outbox.frames if f["type"] == "match.state"}
+        assert ("p1", "match.message") not in kinds
+        assert states == {"p2": {"n": tick, "id": "p2"}, "p3": {"n": tick, "id": "p3"}}
+        ticked = [(pid, "match.ticked") for pid in ("p1", "p2", "p3")]
+        if tick == 1:
+            # The tick broadcast: get_state could not share its crossing, and the event went
+            # out first.  A batch ends after a call that used a host function (p1's), so p2 and
+            # p3 took one more.
+            assert kinds[:3] == ticked
+            assert crossings == ["call_each", "call_each"]
+        else:
+            # get_state for p1 ran in the tick's crossing; p2 and p3 in one more.
+            assert not set(ticked) & set(kinds)
+            assert crossings == ["call_each"]
+
+
 @pytest.mark.parametrize("value", [math.inf, -math.inf])
 def test_infinite_root_value(value: float) -> None:
     lua = runtime()

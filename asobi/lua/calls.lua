@@ -201,6 +201,8 @@ function B.host_call(fn, ...)
   return host_result(pcall_(fn, ...))
 end
 
+function B.host_calls() return host_calls end
+
 ---------------------------------------------------------------------------------------------------
 -- One crossing for a whole round of state frames: `B.call_each` calls fn(state, id) for each id,
 -- each under a deadline of its own, and hands every result back at once.  (Flattening the results

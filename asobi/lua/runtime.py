@@ -17,12 +17,20 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, NamedTuple, NewType, NoReturn, Protocol
+from typing import Any, NewType, NoReturn, Protocol
 
 from lupa import lua54
 
 from asobi.lua import native
 from asobi.lua.convert import MAX_NODES, ConversionError, to_lua, to_python
+from asobi.lua.outcomes import (
+    CallResult,
+    EachResult,
+    InputsResult,
+    call_result,
+    each_results,
+    error_text,
+)
 
 LuaError = lua54.LuaError
 LuaSyntaxError = lua54.LuaSyntaxError
@@ -48,12 +56,6 @@ def _host_bytecode(source: bytes, name: bytes) -> bytes:
     compiler = lua54.LuaRuntime(register_eval=False, register_builtins=False, encoding=None)
     dump = compiler.execute(b"return function(src, n) return string.dump(load(src, n), true) end")
     return bytes(dump(source, name))
-
-
-_MAX_ERROR_CHARS = 2000
-
-# `MatchLua.call_each` per id: (data, None, None), (None, JSON text, None) or (None, None, error).
-EachResult = tuple[Any, bytes | None, str | None]
 
 
 # Bytecode made by `compile_script` from a script's text.  Only this may be loaded as bytecode into
@@ -125,58 +127,12 @@ class ScriptHost(Protocol):
     def module(self, name: bytes) -> tuple[bytes | None, bytes]: ...
 
 
-class CallResult(NamedTuple):
-    """Outcome of one budgeted call: `values` on success, `error` (a message) on failure.
-
-    A named tuple: one is made per Lua call (every tick and input), and it is built in less
-    than half the time of a frozen dataclass."""
-
-    ok: bool
-    values: tuple[Any, ...] = ()
-    error: str = ""
-
-    @property
-    def value(self) -> Any:
-        return self.values[0] if self.values else None
-
-
-class InputsResult(NamedTuple):
-    """What `MatchLua.call_inputs` did: `made` calls (0: no budget left for one), the expected
-    cost of the next call, the state after the last call that succeeded, the last call's
-    outcome."""
-
-    made: int
-    peak: float
-    state: Any
-    last: CallResult
-
-
-def _call_result(out: tuple[Any, ...]) -> CallResult:
-    """What B.call returned (true, results... or false, message) as a CallResult."""
-    if out[0] is True:
-        return CallResult(True, out[1:])
-    return CallResult(False, error=error_text(out[1] if len(out) > 1 else b"unknown error"))
-
-
 class ScriptLoadError(Exception):
     """A script failed to compile or its top-level code failed to run."""
 
 
 def _deny_attributes(obj: Any, name: Any, is_setting: bool) -> NoReturn:
     raise AttributeError("Python attributes are not accessible from match scripts")
-
-
-def error_text(raw: Any) -> str:
-    """Lua error messages arrive as bytes; keep them readable and bounded."""
-    if isinstance(raw, bytes):
-        text = raw.decode(errors="replace")
-    elif isinstance(raw, BaseException):
-        text = error_text(raw.args[0]) if raw.args else type(raw).__name__
-    else:
-        text = str(raw)
-    if len(text) > _MAX_ERROR_CHARS:
-        text = text[:_MAX_ERROR_CHARS] + "... (truncated)"
-    return text
 
 
 def compile_script(source: bytes, chunkname: str) -> Bytecode:
@@ -273,6 +229,7 @@ class MatchLua:
         self._call = self.api[b"call"]
         self._call_each = self.api[b"call_each"]
         self._tick = self.api[b"tick"]
+        self._tick_states = self.api[b"tick_states"]
         self._call_inputs = self.api[b"call_inputs"]
         self._ctx = self.api[b"ctx"]
         self._global = self.api[b"global"]
@@ -416,7 +373,37 @@ class MatchLua:
         out = self._enter("tick", budget, None, self._tick, (tick_no,), fn, (state,))
         if type(out) is CallResult:
             return out, None
-        return _call_result(out[1:]), out[0] is True
+        return call_result(out[1:]), out[0] is True
+
+    def tick_states(
+        self, state: Any, tick_no: int, ids: Sequence[str | None]
+    ) -> tuple[CallResult, bool | None, list[EachResult] | None]:
+        """`call_tick` and, when the tick succeeded, left a table (or nothing) and made no host
+        calls, `call_each("get_state", state it left, ids)` in the same crossing
+        (`api.tick_states`).  The third value is call_each's results, or None when get_state did
+        not run (the caller then calls `call_each` itself)."""
+        fn = self.function("tick")
+        state_fn = self.function("get_state")
+        if fn is None or state_fn is None:
+            return (*self.call_tick(state, tick_no), None)
+        budget = self._budget("tick")
+        state_budget = self._budget("get_state")
+        state_prefix, state_suffix = budget_message("get_state", state_budget)
+        args = (state, state_prefix, state_suffix, state_budget, state_fn)
+        out = self._enter(
+            "tick",
+            budget,
+            None,
+            self._tick_states,
+            (tick_no,),
+            fn,
+            (*args, *[i.encode() if i else None for i in ids]),
+            watch_s=budget + state_budget * len(ids),
+        )
+        if type(out) is CallResult:
+            return out, None, None
+        states = each_results(out, 3, "get_state result") if len(out) > 3 else None
+        return call_result(out[1:3]), out[0] is True, states
 
     def call_function(
         self, label: str, fn: Any, *args: Any, budget: float, named: float | None = None
@@ -427,7 +414,7 @@ class MatchLua:
         out = self._enter(label, budget, named, self._call, (), fn, args)
         if type(out) is CallResult:
             return out
-        return _call_result(out if type(out) is tuple else (out,))
+        return call_result(out if type(out) is tuple else (out,))
 
     def _enter(
         self,
@@ -438,14 +425,18 @@ class MatchLua:
         lead: tuple[Any, ...],
         fn: Any,
         args: tuple[Any, ...],
+        watch_s: float | None = None,
     ) -> Any:
         """entry(prefix, suffix, deadline, *lead, fn, *args), watched: what it returned, or a
-        failed CallResult when Lua raised (out of memory, an error past the call machinery)."""
+        failed CallResult when Lua raised (out of memory, an error past the call machinery).
+        `watch_s`: how long the whole crossing may take, for the watchdog, when it makes more
+        than this one call (`tick_states`)."""
         global _in_flight
         started = _now()
         watched = self.watched
         if watched:
-            outer, _in_flight = _in_flight, (started, started + budget, label, self)
+            limit = started + (budget if watch_s is None else watch_s)
+            outer, _in_flight = _in_flight, (started, limit, label, self)
         try:
             prefix, suffix = budget_message(label, budget if named is None else named)
             return entry(prefix, suffix, started + budget, *lead, fn, *args)
@@ -519,19 +510,7 @@ class MatchLua:
         finally:
             if watched:
                 _in_flight = outer
-        results: list[EachResult] = []
-        for pos in range(0, len(out), 2):
-            outcome = out[pos]
-            if outcome is True:
-                try:
-                    results.append((to_python(out[pos + 1], what=what), None, None))
-                except (ConversionError, TypeError) as exc:
-                    results.append((None, None, str(exc)))
-            elif outcome is False:
-                results.append((None, None, error_text(out[pos + 1])))
-            else:  # ENCODED: the result's JSON text
-                results.append((None, out[pos + 1], None))
-        return results
+        return each_results(out, 0, what)
 
     # -- random generator ------------------------------------------------------------------------
     def random_state(self) -> tuple[int, int, int, int]:
