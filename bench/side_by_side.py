@@ -24,7 +24,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from bench import procs
+from bench import field_game, procs
+from bench import game as bench_game
 from bench.loadgen import Tally
 from bench.targets import AsobiTarget
 
@@ -33,8 +34,15 @@ DEFAULT_MATCHES = {"per": 150, "shared": 150, "field": 8}
 
 
 async def measure(
-    sources: list[tuple[str, Path]], game: str, matches: int, windows: int, seconds: float
+    sources: list[tuple[str, Path]],
+    game: str,
+    matches: int,
+    windows: int,
+    seconds: float,
+    per_tick: bool = False,
 ) -> dict[str, list[float]]:
+    """Each server's CPU per delivered frame in each window, in us; `per_tick`: per match-tick
+    it should have run instead (for a variant that sends fewer frames, or none)."""
     server_core, load_core = procs.cores()
     if load_core:
         os.sched_setaffinity(0, load_core)
@@ -56,16 +64,19 @@ async def measure(
             await target.add_matches(matches)
         await asyncio.sleep(3)  # past the matches' first ticks
         per_frame: dict[str, list[float]] = {name: [] for name, _ in sources}
+        rate = field_game.TICK_RATE if game == "field" else bench_game.TICK_RATE
         for window in range(windows):
             before = [(t.server.cpu(), t.tally.counters()[0]) for t in targets if t.server]
             await asyncio.sleep(seconds)
             after = [(t.server.cpu(), t.tally.counters()[0]) for t in targets if t.server]
             row = []
             for (name, _), (c0, f0), (c1, f1) in zip(sources, before, after, strict=True):
-                us = (c1 - c0) / max(1, f1 - f0) * 1e6
+                units = matches * rate * seconds if per_tick else max(1, f1 - f0)
+                us = (c1 - c0) / units * 1e6
                 per_frame[name].append(us)
                 row.append(f"{name} {us:6.1f}")
-            print(f"  window {window + 1}: " + "  ".join(row) + " us per frame", flush=True)
+            unit = "match-tick" if per_tick else "frame"
+            print(f"  window {window + 1}: " + "  ".join(row) + f" us per {unit}", flush=True)
         return per_frame
     finally:
         for target in targets:
@@ -98,6 +109,11 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=8.0, help="length of a window")
     parser.add_argument("--swap", action="store_true", help="this checkout in the first slot")
+    parser.add_argument(
+        "--per-tick",
+        action="store_true",
+        help="CPU per match-tick instead of per delivered frame (a variant that sends fewer)",
+    )
     args = parser.parse_args()
     matches = args.matches or DEFAULT_MATCHES[args.game]
     worktree = Path(tempfile.mkdtemp(prefix="asobi-rev-"))
@@ -112,7 +128,9 @@ def main() -> int:
         if args.swap:
             sources.reverse()
         print(f"{args.game}, {matches} matches per server, {args.windows} x {args.seconds:g} s")
-        per_frame = asyncio.run(measure(sources, args.game, matches, args.windows, args.seconds))
+        per_frame = asyncio.run(
+            measure(sources, args.game, matches, args.windows, args.seconds, args.per_tick)
+        )
     finally:
         subprocess.run(
             ["git", "-C", str(HERE), "worktree", "remove", "--force", str(worktree)],
@@ -121,7 +139,8 @@ def main() -> int:
     base, this = per_frame[args.rev], per_frame["this"]
     lower = sum(t < b for b, t in zip(base, this, strict=True))
     print()
-    print("| server | min | median | max | us of server CPU per delivered frame |")
+    unit = "match-tick" if args.per_tick else "delivered frame"
+    print(f"| server | min | median | max | us of server CPU per {unit} |")
     print("|---|---:|---:|---:|---|")
     for name, values in ((args.rev, base), ("this checkout", this)):
         print(
