@@ -1,5 +1,6 @@
-"""The ticker on a real event loop: matches due within COALESCE_S share a wake-up, so the
-wake-ups per second are bounded however many matches run, and every match keeps its rate."""
+"""The ticker on a real event loop: matches due within EARLY_SHARE of their period share a
+wake-up, so the wake-ups per second are bounded however many matches run, and every match keeps
+its rate."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 
 from asobi.engine import Engine
 from asobi.scripts import ScriptRegistry
-from asobi.ticker import COALESCE_S, Ticker
-from tests.test_engine_reload import SCRIPT, ListOutbox
+from asobi.ticker import COALESCE_S, EARLY_SHARE, Ticker
+from tests.test_engine_reload import SCRIPT, ListOutbox, make_engine
 
 
 async def test_many_matches_share_wake_ups_and_keep_their_rate(tmp_path: Path) -> None:
@@ -24,10 +25,10 @@ async def test_many_matches_share_wake_ups_and_keep_their_rate(tmp_path: Path) -
     wake_ups = 0
     run_due = engine.run_due
 
-    def counted(now: float | None = None) -> float | None:
+    def counted(*args: float) -> float | None:
         nonlocal wake_ups
         wake_ups += 1
-        return run_due(now)
+        return run_due(*args)
 
     engine.run_due = counted  # type: ignore[method-assign]
     ticker = Ticker(engine)
@@ -40,10 +41,36 @@ async def test_many_matches_share_wake_ups_and_keep_their_rate(tmp_path: Path) -
     # 300 matches at 30 Hz with their phases spread over the period: ~9,000 match-ticks a second,
     # 0.11 ms apart, which without coalescing take thousands of wake-ups.
     assert ticks >= 300 * 30 * elapsed * 0.9 - 300, ticks
-    assert wake_ups <= elapsed / COALESCE_S + 50, (wake_ups, ticks)
+    window = max(COALESCE_S, EARLY_SHARE / 30)
+    assert wake_ups <= elapsed / window + 50, (wake_ups, ticks)
     assert wake_ups < ticks / 2, (wake_ups, ticks)
     # Each match keeps 30 Hz: none ran an extra tick by running early.  (Counted from before
     # the matches were made: the first ones were due while the rest were being made, and catch
     # up on the ticks due since.)
     since_created = engine.clock() - created
     assert max(m.tick_no for m in matches) <= 30 * since_created + 2
+
+
+def test_a_pass_runs_a_match_at_most_its_share_of_a_period_early(tmp_path: Path) -> None:
+    """`run_due(now, EARLY_SHARE, COALESCE_S)` at 10 Hz: 4 ms early runs the tick, 5 ms early
+    does not; the schedule does not move (the next deadline is one period after this one) and an
+    early tick is not late."""
+    registry, engine, clock = make_engine(tmp_path, cap=0)
+    script = registry.get("match.lua")
+    assert script is not None
+    match = engine.start_match("duel", script, ["p1"])
+    period = match.period
+    assert period == 0.1
+    deadline = match.deadline
+    clock.now = deadline - 0.005
+    engine.run_due(clock.now, EARLY_SHARE, COALESCE_S)
+    assert match.tick_no == 0
+    clock.now = deadline - 0.0035
+    engine.run_due(clock.now, EARLY_SHARE, COALESCE_S)
+    assert match.tick_no == 1
+    assert match.deadline == deadline + period
+    assert engine.drain_lateness() == [0.0]
+    # Without a share (as tests drive the engine), only what is due runs.
+    clock.now = match.deadline - 0.0005
+    engine.run_due(clock.now)
+    assert match.tick_no == 1
