@@ -8,11 +8,11 @@ spread over the period (`Engine.adopt`), so a wake-up per match-tick would cost 
 of their period early (4 ms at 10 Hz), and never less than COALESCE_S (Node's timers, under
 Colyseus, coalesce per millisecond).  A wake-up of the loop is far from free on a virtual
 machine: measured side by side, two servers of 150 matches on one core, a pass with no match to
-run cost about 35 us, and widening the window from 1 ms to 4 ms at 10 Hz took 15% off the server
-CPU per delivered frame with `shared_state` (passes 1,000 -> at most 250 a second).  A match run
-early is not late: its frames leave a few milliseconds before their time, which the client's
-interpolation absorbs like any network jitter; the schedule itself does not move (the next
-deadline is still one period after this one).
+run cost about 35 us, and widening the window from 1 ms to 4 ms at 10 Hz took 10% off the server
+CPU per delivered frame, per-player and with `shared_state` (passes 1,000 -> at most 250 a
+second).  A match run early is not late: its frames leave a few milliseconds before their time,
+which the client's interpolation absorbs like any network jitter; the schedule itself does not
+move (the next deadline is still one period after this one).
 """
 
 from __future__ import annotations
