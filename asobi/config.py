@@ -12,6 +12,8 @@ from asobi.lua.runtime import Limits
 RELOAD_MODES = ("watch", "poll", "off")
 COMPRESSION_MODES = ("none", "deflate")
 LOG_FORMATS = ("auto", "json", "console")
+# A match may tick at most a quarter of its period early (ASOBI_TICK_EARLY_SHARE).
+MAX_TICK_EARLY_SHARE = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,11 @@ class Settings:
     # Reload transactions (switches) one engine pass runs at most; the other matches a reload
     # concerns switch at their next ticks (0: no cap).  See docs/hot-reload.md.
     reload_switches_per_tick: int = 16
+    # ASOBI_TICK_EARLY_SHARE: how much of its period early a match may tick to share the loop's
+    # wake-up with matches due now (asobi/ticker.py; 0 to 0.25).  More batches more matches per
+    # wake-up, for less CPU per frame (docs/performance.md), and lets frames leave up to that
+    # much early; the schedule never moves.
+    tick_early_share: float = 0.04
     # ASOBI_MATCH_SEED: seed every match's random generator with this number (replays, tests).
     match_seed: int | None = None
     # ASOBI_SNAPSHOT_TICKS: ticks between a match's snapshots in the journal (docs/durability.md);
@@ -121,6 +128,10 @@ class Settings:
             raise ValueError(f"ASOBI_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}")
         if settings.compression not in COMPRESSION_MODES:
             raise ValueError(f"ASOBI_COMPRESSION must be one of {', '.join(COMPRESSION_MODES)}")
+        if not 0.0 <= settings.tick_early_share <= MAX_TICK_EARLY_SHARE:
+            raise ValueError(
+                f"ASOBI_TICK_EARLY_SHARE must be from 0 to {MAX_TICK_EARLY_SHARE} (of a period)"
+            )
         return settings
 
 

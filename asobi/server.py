@@ -246,7 +246,10 @@ class AsobiServer:
         self.port = sock.getsockname()[1]
         await self.app.open(self.port)
         self._ticker = Ticker(
-            self.app.engine, on_pass_start=self.writes.begin, on_pass_end=self.writes.end
+            self.app.engine,
+            on_pass_start=self.writes.begin,
+            on_pass_end=self.writes.end,
+            early_share=s.tick_early_share,
         )
         self.app.engine.clock = self._ticker.loop.time
         self._ticker.start()

@@ -26,9 +26,10 @@ from asobi.engine import Engine
 
 log = structlog.get_logger("asobi.ticker")
 
-# How early a match may tick to share a wake-up with one due now: this share of its period, and
-# never less than COALESCE_S (at 60 Hz, 6% of the period).  They bound the wake-ups to 250 a
-# second at 10 Hz, 1,000 at 60 Hz, however many matches run.
+# How early a match may tick to share a wake-up with one due now: this share of its period (the
+# default of ASOBI_TICK_EARLY_SHARE), and never less than COALESCE_S (at 60 Hz, 6% of the
+# period).  They bound the wake-ups to 250 a second at 10 Hz, 1,000 at 60 Hz, however many
+# matches run.
 EARLY_SHARE = 0.04
 COALESCE_S = 0.001
 
@@ -41,10 +42,13 @@ class Ticker:
         *,
         on_pass_start: Callable[[], None] | None = None,
         on_pass_end: Callable[[], None] | None = None,
+        early_share: float = EARLY_SHARE,
     ) -> None:
         """`on_pass_start` and `on_pass_end` bracket each pass over the due matches (the server
-        holds the frames a pass writes until it ends, `asobi.server_writes`)."""
+        holds the frames a pass writes until it ends, `asobi.server_writes`); `early_share` is
+        how much of its period early a match may run in a pass (ASOBI_TICK_EARLY_SHARE)."""
         self.engine = engine
+        self.early_share = early_share
         self.on_pass_start = on_pass_start
         self.on_pass_end = on_pass_end
         self.loop = loop or asyncio.get_running_loop()
@@ -81,7 +85,7 @@ class Ticker:
             self.on_pass_start()
         try:
             engine = self.engine
-            nxt = engine.run_due(engine.clock(), EARLY_SHARE, COALESCE_S)
+            nxt = engine.run_due(engine.clock(), self.early_share, COALESCE_S)
         except Exception:
             log.exception("ticker_failed")
             nxt = self.engine.next_deadline()

@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
+from asobi.config import Settings
 from asobi.engine import Engine
 from asobi.scripts import ScriptRegistry
 from asobi.ticker import COALESCE_S, EARLY_SHARE, Ticker
@@ -74,3 +77,22 @@ def test_a_pass_runs_a_match_at_most_its_share_of_a_period_early(tmp_path: Path)
     clock.now = match.deadline - 0.0005
     engine.run_due(clock.now)
     assert match.tick_no == 1
+
+
+def test_the_early_share_is_a_setting(tmp_path: Path) -> None:
+    """ASOBI_TICK_EARLY_SHARE reaches the ticker's passes; out of range it is refused."""
+    assert Settings.from_env({}).tick_early_share == EARLY_SHARE
+    assert Settings.from_env({"ASOBI_TICK_EARLY_SHARE": "0.08"}).tick_early_share == 0.08
+    for bad in ("-0.01", "0.3"):
+        with pytest.raises(ValueError, match="ASOBI_TICK_EARLY_SHARE"):
+            Settings.from_env({"ASOBI_TICK_EARLY_SHARE": bad})
+    _, engine, clock = make_engine(tmp_path, cap=0)
+    seen: list[tuple[float, ...]] = []
+    engine.run_due = lambda *args: seen.append(args)  # type: ignore[method-assign,assignment]
+    loop = asyncio.new_event_loop()
+    try:
+        ticker = Ticker(engine, loop, early_share=0.08)
+        ticker._run()
+    finally:
+        loop.close()
+    assert seen == [(clock.now, 0.08, COALESCE_S)]
