@@ -12,7 +12,9 @@ from asobi.lua.runtime import Limits
 RELOAD_MODES = ("watch", "poll", "off")
 COMPRESSION_MODES = ("none", "deflate")
 LOG_FORMATS = ("auto", "json", "console")
-# A match may tick at most a quarter of its period early (ASOBI_TICK_EARLY_SHARE).
+# How much of its period early a match may tick (ASOBI_TICK_EARLY_SHARE, see asobi/ticker.py): by
+# default, and at most.
+TICK_EARLY_SHARE = 0.04
 MAX_TICK_EARLY_SHARE = 0.25
 
 
@@ -67,7 +69,7 @@ class Settings:
     # wake-up with matches due now (asobi/ticker.py; 0 to 0.25).  More batches more matches per
     # wake-up, for less CPU per frame (docs/performance.md), and lets frames leave up to that
     # much early; the schedule never moves.
-    tick_early_share: float = 0.04
+    tick_early_share: float = TICK_EARLY_SHARE
     # ASOBI_MATCH_SEED: seed every match's random generator with this number (replays, tests).
     match_seed: int | None = None
     # ASOBI_SNAPSHOT_TICKS: ticks between a match's snapshots in the journal (docs/durability.md);

@@ -342,7 +342,7 @@ class Engine:
         due: list[Match] = []
         while heap:
             deadline, _, match = heap[0]
-            if deadline > now and deadline - now > max(early_floor, early_share * match.period):
+            if deadline - now > max(early_floor, early_share * match.period):
                 break
             heapq.heappop(heap)
             if not match.finished:

@@ -203,8 +203,7 @@ class Match:
                 self._after_tick(frames)
                 return
         self.effects.discard()
-        meta = self.script.meta
-        ids: list[str | None] = [None] if meta.shared_state else list(self.players)
+        ids = self._state_ids(self.script.meta)
         result, finished, states = self.lua.tick_states(self.state, self.tick_no, ids)
         if states is not None:
             # get_state ran in the same crossing, which it does only after a tick that succeeded
@@ -213,7 +212,7 @@ class Match:
             if result.value is not None:
                 self.state = result.value
             self.failures = 0
-            self._after_tick(None, finished, states)
+            self._after_tick(None, finished, (ids, states))
             return
         if self.apply_outcome("tick", result):
             self.failures = 0
@@ -265,13 +264,13 @@ class Match:
         self,
         frames: list[tuple[str, bytes]] | None,
         finished: bool | None = None,
-        states: list[EachResult] | None = None,
+        asked: tuple[list[str | None], list[EachResult]] | None = None,
     ) -> None:
-        """Send the tick's state frames (rendered here unless given, from `states` when
-        get_state already ran), then end the match if its state says so: `finished` when the
-        tick call told (None: read it from the state)."""
+        """Send the tick's state frames (rendered here unless given, from `asked` when get_state
+        already ran), then end the match if its state says so: `finished` when the tick call
+        told (None: read it from the state)."""
         if frames is None:
-            frames = self._render_states(self.lua, self.state, self.script.meta, states=states)
+            frames = self._render_states(self.lua, self.state, self.script.meta, asked=asked)
         send = self.services.outbox.send
         state_frames = self.state_frames
         if state_frames.staged:
@@ -325,6 +324,11 @@ class Match:
                 patching.add(pid)
         return patching, compact
 
+    def _state_ids(self, meta: ScriptMeta) -> list[str | None]:
+        """Whom a round of `get_state` calls is for: every player, or one call (None) for all
+        with `shared_state`."""
+        return [None] if meta.shared_state else list(self.players)
+
     def _render_states(
         self,
         lua: MatchLua,
@@ -332,15 +336,15 @@ class Match:
         meta: ScriptMeta,
         *,
         strict: bool = False,
-        states: list[EachResult] | None = None,
+        asked: tuple[list[str | None], list[EachResult]] | None = None,
     ) -> list[tuple[str, bytes]]:
         """One `match.state` frame per player (one for all with `shared_state`), or for players
         in patch mode a `match.patch`, in the compact encoding if their connection chose it (see
         `asobi.state_frames`).
 
         Outside a reload a failing get_state costs that player this tick's frame; inside the
-        reload transaction (`strict`) it fails the whole transaction.  `states`: the outcomes of
-        a first `call_each` already made (`MatchLua.tick_states`), for the same ids.
+        reload transaction (`strict`) it fails the whole transaction.  `asked`: the ids and the
+        outcomes of a first `call_each` already made for them (`MatchLua.tick_states`).
         """
         frames: list[tuple[str, bytes]] = []
         recorder = self.recorder
@@ -348,16 +352,13 @@ class Match:
         chained = patching or compact
         if chained:
             self.state_frames.begin()
-        ids: list[str | None] = [None] if meta.shared_state else list(self.players)
-        outcomes: list[EachResult] = []
+        ids, outcomes = asked if asked is not None else (self._state_ids(meta), [])
         done = 0
         for index, pid in enumerate(ids):
             if index == done:
                 # One crossing into Lua answers for as many players as it can; effects held
                 # meanwhile belong to the last of them (see `MatchLua.call_each`).
-                if states is not None and not done:
-                    outcomes = states
-                else:
+                if asked is None or done:
                     if not strict:
                         self.effects.discard()
                     outcomes = lua.call_each(

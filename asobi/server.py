@@ -126,7 +126,7 @@ class WebSocketPeer:
         self.transport = ws.transport
         self.compressed = bool(ws.protocol.extensions)
         # The socket held frames may be sent on directly at the end of a pass, or -1.
-        self.fd = direct_fd(ws.transport) if ws.transport is not None else -1
+        self.fd = direct_fd(self.transport)
 
     def send_frame(self, frame: bytes, *, droppable: bool = False) -> bool:
         if self._closing is not None or self.protocol.state is not State.OPEN:
@@ -174,9 +174,7 @@ class WebSocketPeer:
         self.metrics.closed.labels("slow_reader").inc()
         self.close(CLOSE_POLICY, "client is not reading its frames")
         # Closing waits for the peer's close frame; a stuck reader never sends it.
-        transport = self.ws.transport
-        if transport is not None:
-            asyncio.get_running_loop().call_later(1.0, transport.abort)
+        asyncio.get_running_loop().call_later(1.0, self.transport.abort)
 
     def close(self, code: int, reason: str) -> None:
         if self._closing is None:

@@ -22,15 +22,15 @@ from collections.abc import Callable
 
 import structlog
 
+from asobi.config import TICK_EARLY_SHARE as EARLY_SHARE
 from asobi.engine import Engine
 
 log = structlog.get_logger("asobi.ticker")
 
-# How early a match may tick to share a wake-up with one due now: this share of its period (the
+# How early a match may tick to share a wake-up with one due now: EARLY_SHARE of its period (the
 # default of ASOBI_TICK_EARLY_SHARE), and never less than COALESCE_S (at 60 Hz, 6% of the
 # period).  They bound the wake-ups to 250 a second at 10 Hz, 1,000 at 60 Hz, however many
 # matches run.
-EARLY_SHARE = 0.04
 COALESCE_S = 0.001
 
 

@@ -135,6 +135,11 @@ def _deny_attributes(obj: Any, name: Any, is_setting: bool) -> NoReturn:
     raise AttributeError("Python attributes are not accessible from match scripts")
 
 
+def _id_args(ids: Sequence[str | None]) -> list[bytes | None]:
+    """Player ids as `B.call_each` takes them: bytes, or nil for a shared state frame."""
+    return [i.encode() if i else None for i in ids]
+
+
 def compile_script(source: bytes, chunkname: str) -> Bytecode:
     """Compile a script's text once; every match then loads the returned bytecode.
 
@@ -397,7 +402,7 @@ class MatchLua:
             self._tick_states,
             (tick_no,),
             fn,
-            (*args, *[i.encode() if i else None for i in ids]),
+            (*args, *_id_args(ids)),
             watch_s=budget + state_budget * len(ids),
         )
         if type(out) is CallResult:
@@ -498,9 +503,7 @@ class MatchLua:
             outer, _in_flight = _in_flight, (started, started + budget * len(ids), callback, self)
         try:
             prefix, suffix = budget_message(callback, budget)
-            out = self._call_each(
-                prefix, suffix, budget, fn, state, *[i.encode() if i else None for i in ids]
-            )
+            out = self._call_each(prefix, suffix, budget, fn, state, *_id_args(ids))
         except LuaMemoryError:
             return [
                 (None, None, f"{callback} ran out of memory (cap {self.limits.max_memory} bytes)")
