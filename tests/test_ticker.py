@@ -5,6 +5,8 @@ its rate."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,30 @@ def test_the_early_share_is_a_setting(tmp_path: Path) -> None:
     finally:
         loop.close()
     assert seen == [(clock.now, 0.08, COALESCE_S)]
+
+
+def test_matches_started_at_any_times_tick_at_phases_spread_over_the_period(
+    tmp_path: Path,
+) -> None:
+    """Matches start when their players come, at any times; their ticks still fall at phases
+    spread over the period (the deadline modulo the period, on the clock's grid), so heavy
+    match-ticks do not queue behind each other while the core has time between them.  Every
+    first tick is at most a period away."""
+    registry, engine, clock = make_engine(tmp_path, cap=10)
+    script = registry.get("match.lua")
+    assert script is not None
+    starts = random.Random(7)
+    count = 30
+    phases = []
+    for i in range(count):
+        clock.now += starts.uniform(0.0, 0.2)
+        match = engine.start_match("duel", script, [f"p{i}"])
+        delay = match.deadline - clock.now
+        assert 0.0 < delay <= match.period, delay
+        phases.append(match.deadline % match.period / match.period)
+    phases.sort()
+    gaps = [b - a for a, b in itertools.pairwise(phases)]
+    gaps.append(1.0 - phases[-1] + phases[0])
+    # Evenly spaced would be 1/30 each; random starts give gaps near 0 and several times 1/30.
+    assert min(gaps) >= 0.4 / count, sorted(gaps)[:3]
+    assert max(gaps) <= 2.0 / count, sorted(gaps)[-3:]
