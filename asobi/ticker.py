@@ -32,6 +32,10 @@ log = structlog.get_logger("asobi.ticker")
 # period).  They bound the wake-ups to 250 a second at 10 Hz, 1,000 at 60 Hz, however many
 # matches run.
 COALESCE_S = 0.001
+# A pass overdue by this much runs from the read path (`Ticker.run_overdue`): the loop reads every
+# connection that is ready before it runs a timer that fell due meanwhile, so a burst of inputs
+# from hundreds of players would make every match due during it late by the whole burst.
+OVERDUE_S = 0.002
 
 
 class Ticker:
@@ -55,6 +59,7 @@ class Ticker:
         self._handle: asyncio.TimerHandle | None = None
         self._when = float("inf")
         self._stopped = False
+        self._in_pass = False
         engine.on_schedule_change = self._wake_by
 
     def start(self) -> None:
@@ -78,7 +83,17 @@ class Ticker:
         self._when = deadline
         self._handle = self.loop.call_at(deadline, self._run)
 
+    def run_overdue(self, now: float) -> None:
+        """Run the pass now if it has been due for OVERDUE_S (called between the messages the
+        loop reads; a pass never runs inside another)."""
+        if now - self._when < OVERDUE_S or self._in_pass:
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+        self._run()
+
     def _run(self) -> None:
+        self._in_pass = True
         self._handle = None
         self._when = float("inf")
         if self.on_pass_start is not None:
@@ -92,5 +107,6 @@ class Ticker:
         finally:
             if self.on_pass_end is not None:
                 self.on_pass_end()
+            self._in_pass = False
         if nxt is not None:
             self._wake_by(nxt)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from asobi.config import Settings
 from asobi.engine import Engine
 from asobi.scripts import ScriptRegistry
-from asobi.ticker import COALESCE_S, EARLY_SHARE, Ticker
+from asobi.ticker import COALESCE_S, EARLY_SHARE, OVERDUE_S, Ticker
 from tests.test_engine_reload import SCRIPT, ListOutbox, make_engine
 
 
@@ -125,3 +126,44 @@ def test_matches_started_at_any_times_tick_at_phases_spread_over_the_period(
     # Evenly spaced would be 1/30 each; random starts give gaps near 0 and several times 1/30.
     assert min(gaps) >= 0.4 / count, sorted(gaps)[:3]
     assert max(gaps) <= 2.0 / count, sorted(gaps)[-3:]
+
+
+async def test_a_pass_that_falls_due_during_a_burst_of_reads_runs_between_its_messages(
+    tmp_path: Path,
+) -> None:
+    """The loop runs every ready reader before a timer that fell due meanwhile, so a burst of
+    inputs from many connections would hold back every match due during it.  The server calls
+    `run_overdue` after each message: the pass runs once it is OVERDUE_S late, inside the burst;
+    before that it does not run early from there."""
+    (tmp_path / "match.lua").write_bytes(SCRIPT % b"v1")
+    registry = ScriptRegistry(tmp_path)
+    assert registry.load_all() == []
+    engine = Engine(registry, ListOutbox())
+    loop = asyncio.get_running_loop()
+    engine.clock = loop.time
+    script = registry.get("match.lua")
+    assert script is not None
+    match = engine.start_match("duel", script, ["p1"])
+    ticker = Ticker(engine)
+    ticker.start()
+    due = match.deadline
+    ran_at: float | None = None
+
+    def burst() -> None:
+        """One reader's callback, busy until 50 ms past the deadline, message after message."""
+        nonlocal ran_at
+        while loop.time() < due + 0.05:
+            time.sleep(0.0005)  # one message's work
+            now = loop.time()
+            ticker.run_overdue(now)
+            if now < due + OVERDUE_S:
+                assert match.tick_no == 0  # not run before it is overdue
+            elif match.tick_no and ran_at is None:
+                ran_at = loop.time()
+
+    loop.call_at(due - 0.01, burst)
+    await asyncio.sleep(max(0.0, due - loop.time()) + 0.1)
+    ticker.stop()
+    assert ran_at is not None, "the pass waited for the burst to end"
+    assert ran_at - due < OVERDUE_S + 0.005, ran_at - due
+    assert match.tick_no >= 1
