@@ -33,7 +33,7 @@ log = structlog.get_logger("asobi.journal")
 # the server's CPU whatever it carries (a thread woken, a transaction, an fsync, the loop woken
 # back; measured on a busy core), so gathering for 250 ms instead of 50 costs a crash at most
 # 200 ms more of replayed ticks and saves 3-4% of a shared_state match-tick's CPU
-# (docs/performance.md).
+# (docs/performance-history.md, "Latest changes").
 COALESCE_S = 0.25
 RETRY_MAX_S = 1.0
 

@@ -59,7 +59,6 @@ class Ticker:
         self._handle: asyncio.TimerHandle | None = None
         self._when = float("inf")
         self._stopped = False
-        self._in_pass = False
         engine.on_schedule_change = self._wake_by
 
     def start(self) -> None:
@@ -85,15 +84,14 @@ class Ticker:
 
     def run_overdue(self, now: float) -> None:
         """Run the pass now if it has been due for OVERDUE_S (called between the messages the
-        loop reads; a pass never runs inside another)."""
-        if now - self._when < OVERDUE_S or self._in_pass:
+        loop reads, which never happens inside a pass: passes read nothing)."""
+        if now - self._when < OVERDUE_S:
             return
         if self._handle is not None:
             self._handle.cancel()
         self._run()
 
     def _run(self) -> None:
-        self._in_pass = True
         self._handle = None
         self._when = float("inf")
         if self.on_pass_start is not None:
@@ -107,6 +105,5 @@ class Ticker:
         finally:
             if self.on_pass_end is not None:
                 self.on_pass_end()
-            self._in_pass = False
         if nxt is not None:
             self._wake_by(nxt)

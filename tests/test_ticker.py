@@ -14,18 +14,25 @@ import pytest
 
 from asobi.config import Settings
 from asobi.engine import Engine
-from asobi.scripts import ScriptRegistry
+from asobi.scripts import ScriptRegistry, ScriptVersion
 from asobi.ticker import COALESCE_S, EARLY_SHARE, OVERDUE_S, Ticker
 from tests.test_engine_reload import SCRIPT, ListOutbox, make_engine
 
 
-async def test_many_matches_share_wake_ups_and_keep_their_rate(tmp_path: Path) -> None:
-    (tmp_path / "match.lua").write_bytes((SCRIPT % b"v1").replace(b"= 10", b"= 30"))
+def _engine_on_loop_time(tmp_path: Path, source: bytes) -> tuple[Engine, ScriptVersion]:
+    """An engine on the running loop's clock (as the server sets it) and its one script."""
+    (tmp_path / "match.lua").write_bytes(source)
     registry = ScriptRegistry(tmp_path)
     assert registry.load_all() == []
     engine = Engine(registry, ListOutbox())
+    engine.clock = asyncio.get_running_loop().time
     script = registry.get("match.lua")
     assert script is not None
+    return engine, script
+
+
+async def test_many_matches_share_wake_ups_and_keep_their_rate(tmp_path: Path) -> None:
+    engine, script = _engine_on_loop_time(tmp_path, (SCRIPT % b"v1").replace(b"= 10", b"= 30"))
     created = engine.clock()  # every first deadline is after this
     matches = [engine.start_match("duel", script, [f"p{i}"]) for i in range(300)]
     wake_ups = 0
@@ -135,14 +142,8 @@ async def test_a_pass_that_falls_due_during_a_burst_of_reads_runs_between_its_me
     inputs from many connections would hold back every match due during it.  The server calls
     `run_overdue` after each message: the pass runs once it is OVERDUE_S late, inside the burst;
     before that it does not run early from there."""
-    (tmp_path / "match.lua").write_bytes(SCRIPT % b"v1")
-    registry = ScriptRegistry(tmp_path)
-    assert registry.load_all() == []
-    engine = Engine(registry, ListOutbox())
+    engine, script = _engine_on_loop_time(tmp_path, SCRIPT % b"v1")
     loop = asyncio.get_running_loop()
-    engine.clock = loop.time
-    script = registry.get("match.lua")
-    assert script is not None
     match = engine.start_match("duel", script, ["p1"])
     ticker = Ticker(engine)
     ticker.start()
