@@ -40,9 +40,11 @@ async def measure(
     windows: int,
     seconds: float,
     per_tick: bool = False,
+    this_env: dict[str, str] | None = None,
 ) -> dict[str, list[float]]:
     """Each server's CPU per delivered frame in each window, in us; `per_tick`: per match-tick
-    it should have run instead (for a variant that sends fewer frames, or none)."""
+    it should have run instead (for a variant that sends fewer frames, or none); `this_env`:
+    more environment for this checkout's server only (a setting measured against its default)."""
     server_core, load_core = procs.cores()
     if load_core:
         os.sched_setaffinity(0, load_core)
@@ -57,6 +59,7 @@ async def measure(
                 shared=game == "shared",
                 field=game == "field",
                 source=source,
+                env=this_env if name == "this" else None,
             )
             targets.append(target)
             target.start()
@@ -114,7 +117,15 @@ def main() -> int:
         action="store_true",
         help="CPU per match-tick instead of per delivered frame (a variant that sends fewer)",
     )
+    parser.add_argument(
+        "--this-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set KEY=VALUE for this checkout's server only (REV may be HEAD: a setting alone)",
+    )
     args = parser.parse_args()
+    this_env = dict(item.split("=", 1) for item in args.this_env)
     matches = args.matches or DEFAULT_MATCHES[args.game]
     worktree = Path(tempfile.mkdtemp(prefix="asobi-rev-"))
     subprocess.run(
@@ -129,7 +140,9 @@ def main() -> int:
             sources.reverse()
         print(f"{args.game}, {matches} matches per server, {args.windows} x {args.seconds:g} s")
         per_frame = asyncio.run(
-            measure(sources, args.game, matches, args.windows, args.seconds, args.per_tick)
+            measure(
+                sources, args.game, matches, args.windows, args.seconds, args.per_tick, this_env
+            )
         )
     finally:
         subprocess.run(

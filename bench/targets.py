@@ -88,11 +88,14 @@ class AsobiTarget(Target):
         players: int = game.MATCH_SIZE,
         field: bool = False,
         source: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         """`field`: the realistic game (`bench/field_game.py`, patch frames, inputs) instead of
-        the bench game.  `source`: the checkout whose `asobi` to run (default: the installed)."""
+        the bench game.  `source`: the checkout whose `asobi` to run (default: the installed).
+        `env`: more environment for the server (a setting or a library measured against none)."""
         super().__init__(work, core, tally)
         self.source = source
+        self.env = env
         self.reload = reload
         self.shared = shared
         self.field = field
@@ -121,6 +124,7 @@ class AsobiTarget(Target):
             core=self.core,
             log_path=self.work / "asobi.log",
             source=self.source,
+            env=self.env,
         )
 
     @property
