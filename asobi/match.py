@@ -352,6 +352,10 @@ class Match:
         chained = patching or compact
         if chained:
             self.state_frames.begin()
+        if asked is not None and not chained and recorder is None:
+            plain = self._plain_frames(*asked)
+            if plain is not None:
+                return plain
         ids, outcomes = asked if asked is not None else (self._state_ids(meta), [])
         done = 0
         for index, pid in enumerate(ids):
@@ -408,6 +412,29 @@ class Match:
                 )
                 continue
             frame = encode_raw_payload("match.state", body)
+            if pid is None:
+                frames.extend((member, frame) for member in self.players)
+            else:
+                frames.append((pid, frame))
+        return frames
+
+    def _plain_frames(
+        self, ids: list[str | None], outcomes: list[EachResult]
+    ) -> list[tuple[str, bytes]] | None:
+        """`_render_states` for the usual tick: get_state answered every player in the tick's
+        crossing, each as JSON text, and every frame is a plain `match.state`.  None otherwise,
+        for the general path.  What the last get_state call did takes effect first, as there."""
+        if len(outcomes) != len(ids):
+            return None
+        texts: list[bytes] = []
+        for _, text, _ in outcomes:
+            if text is None:
+                return None
+            texts.append(text)
+        self._commit_effects()
+        frames: list[tuple[str, bytes]] = []
+        for pid, text in zip(ids, texts, strict=True):
+            frame = encode_raw_payload("match.state", text)
             if pid is None:
                 frames.extend((member, frame) for member in self.players)
             else:

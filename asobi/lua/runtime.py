@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, NewType, NoReturn, Protocol
+from typing import Any, NamedTuple, NewType, NoReturn, Protocol
 
 from lupa import lua54
 
@@ -171,6 +171,16 @@ def compile_script(source: bytes, chunkname: str) -> Bytecode:
     return Bytecode(code)
 
 
+class _TickPlan(NamedTuple):
+    """What `MatchLua.tick_states` passes into Lua that stays fixed for a loaded version."""
+
+    tick: Any
+    budget: float
+    get_state_budget: float
+    # get_state's budget message halves, budget and function, in `api.tick_states`' order.
+    get_state_args: tuple[Any, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class LoadedScript:
     """Which loaded version of a script a MatchLua runs (`MatchLua.current` / `restore`)."""
@@ -247,6 +257,12 @@ class MatchLua:
         self._unpack = self.api[b"unpack"]
         self._loaded = LoadedScript(None, {})
         self._budgets: dict[str, float] = {}
+        # What every tick's crossing passes that changes only with the script version or the
+        # players (`tick_states`): worked out again only when they change.
+        self._tick_plan: _TickPlan | None = None
+        self._tick_plan_of: LoadedScript | None = None
+        self._asked_ids: list[str | None] = []
+        self._asked_args: list[bytes | None] = []
         # Building the sandbox leaves a quarter of the new heap as garbage: freed now, its memory
         # goes to the next match's state.  Then generational collection: a match makes young
         # garbage every tick (get_state's tables), which the incremental collector lets pile up
@@ -387,28 +403,46 @@ class MatchLua:
         calls, `call_each("get_state", state it left, ids)` in the same crossing
         (`api.tick_states`).  The third value is call_each's results, or None when get_state did
         not run (the caller then calls `call_each` itself)."""
-        fn = self.function("tick")
-        state_fn = self.function("get_state")
-        if fn is None or state_fn is None:
+        loaded = self._loaded
+        if self._tick_plan_of is not loaded:
+            self._tick_plan = self._plan_ticks()
+            self._tick_plan_of = loaded
+        plan = self._tick_plan
+        if plan is None:
             return (*self.call_tick(state, tick_no), None)
-        budget = self._budget("tick")
-        state_budget = self._budget("get_state")
-        state_prefix, state_suffix = budget_message("get_state", state_budget)
-        args = (state, state_prefix, state_suffix, state_budget, state_fn)
+        if ids != self._asked_ids:
+            self._asked_ids = list(ids)
+            self._asked_args = _id_args(ids)
         out = self._enter(
             "tick",
-            budget,
+            plan.budget,
             None,
             self._tick_states,
             (tick_no,),
-            fn,
-            (*args, *_id_args(ids)),
-            watch_s=budget + state_budget * len(ids),
+            plan.tick,
+            (state, *plan.get_state_args, *self._asked_args),
+            watch_s=plan.budget + plan.get_state_budget * len(ids),
         )
         if type(out) is CallResult:
             return out, None, None
         states = each_results(out, 3, "get_state result") if len(out) > 3 else None
         return call_result(out[1:3]), out[0] is True, states
+
+    def _plan_ticks(self) -> _TickPlan | None:
+        """The loaded version's `tick` and `get_state` with their budgets and budget messages,
+        as `api.tick_states` takes them; None when either is not defined."""
+        fn = self.function("tick")
+        state_fn = self.function("get_state")
+        if fn is None or state_fn is None:
+            return None
+        state_budget = self._budget("get_state")
+        state_prefix, state_suffix = budget_message("get_state", state_budget)
+        return _TickPlan(
+            fn,
+            self._budget("tick"),
+            state_budget,
+            (state_prefix, state_suffix, state_budget, state_fn),
+        )
 
     def call_function(
         self, label: str, fn: Any, *args: Any, budget: float, named: float | None = None
