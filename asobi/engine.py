@@ -10,8 +10,6 @@ matches a reload concerns.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import time
 import uuid
 from collections import deque
@@ -27,6 +25,7 @@ from asobi.match import Match, MatchStartError
 from asobi.match_host import first_line
 from asobi.protocol import encode
 from asobi.recording import Recorder
+from asobi.schedule import Schedule
 from asobi.scripts import ScriptRegistry, ScriptVersion
 from asobi.snapshots import Snapshotter
 from asobi.state_frames import SyncChoice
@@ -87,8 +86,7 @@ class Engine:
         self.matches: dict[str, Match] = {}
         self.player_match: dict[str, str] = {}
         self.listeners: list[EngineListener] = []
-        self._heap: list[tuple[float, int, Match]] = []
-        self._seq = itertools.count()
+        self._schedule: Schedule[Match] = Schedule()
         self._phase = 0.0
         self.ticks = 0
         self.inputs_dropped = 0
@@ -326,14 +324,13 @@ class Engine:
 
     # -- schedule ---------------------------------------------------------------------------------
     def _push(self, match: Match) -> None:
-        heapq.heappush(self._heap, (match.deadline, next(self._seq), match))
-        if self.on_schedule_change is not None and self._heap[0][2] is match:
+        first = self._schedule.first_deadline()
+        self._schedule.add(match)
+        if self.on_schedule_change is not None and (first is None or match.deadline < first):
             self.on_schedule_change(match.deadline)
 
     def next_deadline(self) -> float | None:
-        while self._heap and self._heap[0][2].finished:
-            heapq.heappop(self._heap)
-        return self._heap[0][0] if self._heap else None
+        return self._schedule.first_deadline()
 
     def run_due(
         self, now: float | None = None, early_share: float = 0.0, early_floor: float = 0.0
@@ -352,15 +349,7 @@ class Engine:
         and spreads a reload over more ticks exactly when the loop is behind.
         """
         now = self.clock() if now is None else now
-        heap = self._heap
-        due: list[Match] = []
-        while heap:
-            deadline, _, match = heap[0]
-            if deadline - now > max(early_floor, early_share * match.period):
-                break
-            heapq.heappop(heap)
-            if not match.finished:
-                due.append(match)
+        due = self._schedule.take_due(now, lambda period: max(early_floor, early_share * period))
         cap = self.config.reload_switches_per_tick
         switches = 0
         for match in due:
@@ -405,7 +394,7 @@ class Engine:
             match.ticks_skipped += skipped
             self.ticks_skipped += skipped
             self._overruns.add(match.id, skipped, now)
-        heapq.heappush(self._heap, (match.deadline, next(self._seq), match))
+        self._schedule.add(match)
 
     def drain_lateness(self) -> list[float]:
         values = list(self.lateness)
