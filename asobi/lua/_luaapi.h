@@ -34,6 +34,7 @@ struct asobi_lua_api {
     void (*pushnil)(lua_State *L);
     void (*pushboolean)(lua_State *L, int b);
     void (*pushinteger)(lua_State *L, lua_Integer n);
+    void (*pushnumber)(lua_State *L, lua_Number n);
     void (*pushvalue)(lua_State *L, int idx);
     const char *(*pushlstring)(lua_State *L, const char *s, size_t len);
     void (*pushcclosure)(lua_State *L, lua_CFunction fn, int n);
@@ -61,6 +62,7 @@ extern int asobi_lua_bound;
 #define lua_pushnil asobi_lua.pushnil
 #define lua_pushboolean asobi_lua.pushboolean
 #define lua_pushinteger asobi_lua.pushinteger
+#define lua_pushnumber asobi_lua.pushnumber
 #define lua_pushvalue asobi_lua.pushvalue
 #define lua_pushlstring asobi_lua.pushlstring
 #define lua_pushcclosure asobi_lua.pushcclosure

@@ -1,9 +1,12 @@
 /*
  * asobi's Lua C functions, loaded into each match's Lua state by the host with `package.loadlib`
- * (never by a script): the JSON encoder of state frames (`_tojson.c`) and the snapshot packer
- * (`_pack.c`).  This file binds them to the Lua API (`_luaapi.h`) and opens them.
+ * (never by a script): the JSON encoder of state frames (`_tojson.c`), the snapshot packer
+ * (`_pack.c`) and the clock of budgets (`now`, below).  This file binds them to the Lua API
+ * (`_luaapi.h`) and opens them.
  */
 #include <dlfcn.h>
+#include <stdint.h>
+#include <time.h>
 
 #include "_luaapi.h"
 
@@ -48,7 +51,7 @@ int asobi_native_bind(const char *path) {
     if ((*(void **)&asobi_lua.name = dlsym(library, "lua_" #name)) == NULL) return 0;
     BIND(settop) BIND(checkstack) BIND(type) BIND(isinteger) BIND(tointegerx) BIND(tonumberx)
     BIND(toboolean) BIND(tolstring) BIND(next) BIND(getmetatable) BIND(pushnil)
-    BIND(pushboolean) BIND(pushinteger) BIND(pushvalue) BIND(pushlstring) BIND(pushcclosure)
+    BIND(pushboolean) BIND(pushinteger) BIND(pushnumber) BIND(pushvalue) BIND(pushlstring) BIND(pushcclosure)
     BIND(createtable) BIND(rawget) BIND(rawset) BIND(rawgeti) BIND(rawseti) BIND(callk)
 #undef BIND
     asobi_lua_bound = 1;
@@ -58,16 +61,31 @@ int asobi_native_bind(const char *path) {
 int asobi_tojson(lua_State *L);
 int asobi_pack(lua_State *L);
 
-/* The loader: a table of both functions ("tojson", "pack"), or nothing at all when the API was
- * never bound (the host then does that work itself). */
+/* The host's clock, `time.perf_counter()`, read without calling into Python: the budgets' clock
+ * is read before every get_state call, every input call and every 1,000 instructions (calls.lua),
+ * and each reading through Python crossed lupa's call machinery.  The same clock and the same
+ * rounding as CPython's on Linux (CLOCK_MONOTONIC, nanoseconds over 1e9); the host checks that the
+ * two agree before it uses this one (`asobi.lua.native`). */
+static int asobi_now(lua_State *L) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    lua_pushnumber(L, (lua_Number)((int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec) / 1e9);
+    return 1;
+}
+
+/* The loader: a table of the functions ("tojson", "pack", "now"), or nothing at all when the API
+ * was never bound (the host then does that work itself). */
 int luaopen_asobi_native(lua_State *L) {
     if (!asobi_lua_bound) return 0;
-    lua_createtable(L, 0, 2);
+    lua_createtable(L, 0, 3);
     lua_pushlstring(L, "tojson", 6);
     lua_pushcclosure(L, asobi_tojson, 0);
     lua_rawset(L, -3);
     lua_pushlstring(L, "pack", 4);
     lua_pushcclosure(L, asobi_pack, 0);
+    lua_rawset(L, -3);
+    lua_pushlstring(L, "now", 3);
+    lua_pushcclosure(L, asobi_now, 0);
     lua_rawset(L, -3);
     return 1;
 }

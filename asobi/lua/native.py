@@ -1,6 +1,6 @@
 """asobi's Lua C functions (`_native.c`): where they are, and whether this process uses them.
 
-Two jobs on the tick path are done in C inside each match's Lua state, because crossing into
+Three jobs on the tick path are done in C inside each match's Lua state, because crossing into
 Python value by value or assembling bytes in Lua cost more than the work itself:
 
 - `tojson` (`_tojson.c`) writes a `get_state` result as JSON text; only the text crosses
@@ -10,6 +10,8 @@ Python value by value or assembling bytes in Lua cost more than the work itself:
   come from the walk, worded as before.
 - `pack` (`_pack.c`) writes a snapshot in pack.lua's format, the same bytes; it declines what
   pack.lua refuses, whose error then names the path (`sandbox.lua`, `api.snapshot`).
+- `now` reads the budgets' clock (`time.perf_counter`'s) without calling into Python: it is read
+  before every `get_state` and input call and every 1,000 instructions (`calls.lua`).
 
 They are optional.  They are built at install time when a C compiler is there (`pyproject.toml`,
 `ext-modules`, optional); without them, or with `ASOBI_NATIVE=0` in the environment, the host's
@@ -70,6 +72,9 @@ class Functions(NamedTuple):
 
     tojson: Any
     pack: Any
+    # The budgets' clock, `time.perf_counter` read in C, or that function itself when the two
+    # did not agree (another platform's perf_counter need not be CLOCK_MONOTONIC).
+    now: Any
 
 
 def load_into(runtime: Any, path: bytes) -> Functions:
@@ -78,7 +83,18 @@ def load_into(runtime: Any, path: bytes) -> Functions:
     functions = loader() if callable(loader) else None
     if functions is None:
         raise OSError(f"package.loadlib could not open {path!r} (or it was never bound)")
-    return Functions(functions[b"tojson"], functions[b"pack"])
+    now = functions[b"now"]
+    return Functions(
+        functions[b"tojson"], functions[b"pack"], now if _same_clock(now) else time.perf_counter
+    )
+
+
+def _same_clock(now: Any) -> bool:
+    """Whether the C clock reads what `time.perf_counter` reads (within 1 ms, read in turn)."""
+    before = time.perf_counter()
+    reading = now()
+    after = time.perf_counter()
+    return isinstance(reading, float) and before - 0.001 <= reading <= after + 0.001
 
 
 @functools.cache

@@ -215,7 +215,7 @@ class MatchLua:
         functions = native.load_into(self.runtime, library) if library else None
         host_table = self.runtime.table_from(
             {
-                b"now": time.perf_counter,
+                b"now": functions.now if functions else time.perf_counter,
                 b"log": host.log,
                 b"send": host.send,
                 b"broadcast": host.broadcast,
