@@ -17,6 +17,7 @@ local HOOK_COUNT = host.hook_count
 local sethook, getinfo, traceback = debug.sethook, debug.getinfo, debug.traceback
 local co_create, co_resume, co_close = coroutine.create, coroutine.resume, coroutine.close
 local pcall_, xpcall_, error_, type_, tostring_ = pcall, xpcall, error, type, tostring
+local rawget_ = rawget
 local ssub = string.sub
 local huge = math.huge
 
@@ -52,14 +53,17 @@ local function cut()
   error_(exceeded, 0)
 end
 
--- B.call, B.call_each and finish: once xpcall has returned the call is over, and nothing is cut
--- there.
-local call_fn, finish_fn, each_fn
+-- B.call, B.call_each, B.tick_then_each and finish: once xpcall has returned the call is over, and
+-- nothing is cut there.
+local call_fn, finish_fn, each_fn, tick_each_fn
 
 hook = function()
   if now() > deadline then
     local running = getinfo(2, "f").func
-    if running ~= call_fn and running ~= finish_fn and running ~= each_fn then cut() end
+    if running ~= call_fn and running ~= finish_fn and running ~= each_fn
+      and running ~= tick_each_fn then
+      cut()
+    end
   end
 end
 B.hook = hook
@@ -225,9 +229,10 @@ local ENCODED = 1
 -- batch ends early after a call that made host calls (so its effects are that id's alone); the
 -- host calls again for the rest.
 function B.call_each(prefix, suffix, budget, fn, state, ...)
-  local out, n = {}, 0
   local ids = select_("#", ...)
   if ids > MAX_IDS then ids = MAX_IDS end
+  -- One id (a shared_state frame): its result is returned as it is, no table gathers it.
+  local out, n = ids ~= 1 and {} or nil, 0
   for i = 1, ids do
     local id = (select_(i, ...))
     local calls_before = host_calls
@@ -240,6 +245,7 @@ function B.call_each(prefix, suffix, budget, fn, state, ...)
       local written, text = pcall_(tojson, value, MAX_NODES)
       if written and text then ok, value = ENCODED, text end
     end
+    if ids == 1 then return ok, value end
     out[n + 1], out[n + 2] = ok, value
     n = n + 2
     if host_calls ~= calls_before then break end
@@ -247,6 +253,31 @@ function B.call_each(prefix, suffix, budget, fn, state, ...)
   return unpack_(out, 1, n)
 end
 each_fn = B.call_each
+local call_each = B.call_each
+
+-- The tick, then the round of get_state calls on the state it left, in one function: `B.call`
+-- and `finish` for the tick, inlined (each nested call and vararg pass is per-state code that is
+-- cold at every match-tick).  Returns finished, ok, the tick's first result, then call_each's
+-- results when the tick succeeded with a table (or nothing) and made no host calls.
+function B.tick_then_each(prefix, suffix, until_time, fn, state,
+                          state_prefix, state_suffix, state_budget, state_fn, ...)
+  local before = host_calls
+  exceeded = nil
+  budget_prefix, budget_suffix = prefix, suffix
+  deadline = until_time
+  sethook(hook, "", HOOK_COUNT)
+  local ok, value = finish(xpcall_(fn, message_handler, state))
+  local adopted = state
+  if ok and type_(value) == "table" then adopted = value end
+  local flag = type_(adopted) == "table" and rawget_(adopted, "_finished")
+  local finished = flag ~= nil and flag ~= false
+  if ok ~= true or host_calls ~= before or (value ~= nil and type_(value) ~= "table") then
+    return finished, ok, value
+  end
+  return finished, ok, value,
+    call_each(state_prefix, state_suffix, state_budget, state_fn, adopted, ...)
+end
+tick_each_fn = B.tick_then_each
 
 ---------------------------------------------------------------------------------------------------
 -- One crossing for a tick's inputs: `B.call_inputs` calls fn(state, player, input) for each

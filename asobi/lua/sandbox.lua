@@ -118,20 +118,13 @@ end
 -- the tick is held, and what the host does between the two calls (adopt the state) changes
 -- nothing Lua sees.  get_state then runs on the state the tick left, exactly as `B.call_each`
 -- runs it (`state_prefix` ... are its arguments).  Returns finished, ok, the tick's first result,
--- then, if get_state ran, call_each's results.
-local call_each, host_calls = B.call_each, B.host_calls
+-- then, if get_state ran, call_each's results.  `B.tick_then_each` (calls.lua) does the work; this
+-- sets the tick number game.tick() reads first.
+local tick_then_each = B.tick_then_each
 
-function api.tick_states(prefix, suffix, until_time, tick_no, fn, state,
-                         state_prefix, state_suffix, state_budget, state_fn, ...)
+function api.tick_states(prefix, suffix, until_time, tick_no, ...)
   ctx.tick = tick_no
-  local before = host_calls()
-  local finished, ok, value = finished_after(state, call(prefix, suffix, until_time, fn, state))
-  if ok ~= true or host_calls() ~= before or (value ~= nil and type_(value) ~= "table") then
-    return finished, ok, value
-  end
-  if value ~= nil then state = value end
-  return finished, ok, value,
-    call_each(state_prefix, state_suffix, state_budget, state_fn, state, ...)
+  return tick_then_each(prefix, suffix, until_time, ...)
 end
 
 local function log_value(v)
