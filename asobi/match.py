@@ -353,9 +353,13 @@ class Match:
         if chained:
             self.state_frames.begin()
         if asked is not None and not chained and recorder is None:
-            plain = self._plain_frames(*asked)
-            if plain is not None:
-                return plain
+            # The usual tick: every player answered as JSON text; plain frames, effects first.
+            texts = [text for _, text, _ in asked[1] if text is not None]
+            if len(texts) == len(asked[0]):
+                self._commit_effects()
+                for pid, json_text in zip(asked[0], texts, strict=True):
+                    self._add_state_frame(frames, pid, json_text)
+                return frames
         ids, outcomes = asked if asked is not None else (self._state_ids(meta), [])
         done = 0
         for index, pid in enumerate(ids):
@@ -411,35 +415,18 @@ class Match:
                     )
                 )
                 continue
-            frame = encode_raw_payload("match.state", body)
-            if pid is None:
-                frames.extend((member, frame) for member in self.players)
-            else:
-                frames.append((pid, frame))
+            self._add_state_frame(frames, pid, body)
         return frames
 
-    def _plain_frames(
-        self, ids: list[str | None], outcomes: list[EachResult]
-    ) -> list[tuple[str, bytes]] | None:
-        """`_render_states` for the usual tick: get_state answered every player in the tick's
-        crossing, each as JSON text, and every frame is a plain `match.state`.  None otherwise,
-        for the general path.  What the last get_state call did takes effect first, as there."""
-        if len(outcomes) != len(ids):
-            return None
-        texts: list[bytes] = []
-        for _, text, _ in outcomes:
-            if text is None:
-                return None
-            texts.append(text)
-        self._commit_effects()
-        frames: list[tuple[str, bytes]] = []
-        for pid, text in zip(ids, texts, strict=True):
-            frame = encode_raw_payload("match.state", text)
-            if pid is None:
-                frames.extend((member, frame) for member in self.players)
-            else:
-                frames.append((pid, frame))
-        return frames
+    def _add_state_frame(
+        self, frames: list[tuple[str, bytes]], pid: str | None, body: bytes
+    ) -> None:
+        """A plain `match.state` frame of `body` for `pid`, or one for every player (None)."""
+        frame = encode_raw_payload("match.state", body)
+        if pid is None:
+            frames.extend((member, frame) for member in self.players)
+        else:
+            frames.append((pid, frame))
 
     # -- reload transaction ----------------------------------------------------------------------
     def _reload_transaction(self, version: ScriptVersion) -> list[tuple[str, bytes]] | None:
