@@ -256,7 +256,7 @@ each_fn = B.call_each
 local call_each = B.call_each
 
 -- The tick, then the round of get_state calls on the state it left, in one function: `B.call`
--- and `finish` for the tick, inlined (each nested call and vararg pass is per-state code that is
+-- and the read of `_finished` inlined (each nested call and vararg pass is per-state code that is
 -- cold at every match-tick).  Returns finished, ok, the tick's first result, then call_each's
 -- results when the tick succeeded with a table (or nothing) and made no host calls.
 function B.tick_then_each(prefix, suffix, until_time, fn, state,
