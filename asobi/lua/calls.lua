@@ -257,8 +257,11 @@ local call_each = B.call_each
 
 -- The tick, then the round of get_state calls on the state it left, in one function: `B.call`
 -- and the read of `_finished` inlined (each nested call and vararg pass is per-state code that is
--- cold at every match-tick).  Returns finished, ok, the tick's first result, then call_each's
--- results when the tick succeeded with a table (or nothing) and made no host calls.
+-- cold at every match-tick).  `finished` says whether the state the host adopts asks to end the
+-- match: the table tick returned, or the one it was given when it returned nothing or failed;
+-- `_finished` is read without metamethods (no script code runs outside a budget).  Returns
+-- finished, ok, the tick's first result, then call_each's results when `state_fn` is given and
+-- the tick succeeded with a table (or nothing) and made no host calls.
 function B.tick_then_each(prefix, suffix, until_time, fn, state,
                           state_prefix, state_suffix, state_budget, state_fn, ...)
   local before = host_calls
@@ -271,7 +274,8 @@ function B.tick_then_each(prefix, suffix, until_time, fn, state,
   if ok and type_(value) == "table" then adopted = value end
   local flag = type_(adopted) == "table" and rawget_(adopted, "_finished")
   local finished = flag ~= nil and flag ~= false
-  if ok ~= true or host_calls ~= before or (value ~= nil and type_(value) ~= "table") then
+  if state_fn == nil or ok ~= true or host_calls ~= before
+    or (value ~= nil and type_(value) ~= "table") then
     return finished, ok, value
   end
   return finished, ok, value,

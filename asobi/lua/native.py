@@ -83,10 +83,13 @@ def load_into(runtime: Any, path: bytes) -> Functions:
     functions = loader() if callable(loader) else None
     if functions is None:
         raise OSError(f"package.loadlib could not open {path!r} (or it was never bound)")
-    now = functions[b"now"]
-    return Functions(
-        functions[b"tojson"], functions[b"pack"], now if _same_clock(now) else time.perf_counter
-    )
+    now = functions[b"now"] if _c_clock else time.perf_counter
+    return Functions(functions[b"tojson"], functions[b"pack"], now)
+
+
+# Whether the C clock reads what `time.perf_counter` reads: checked once, by `library`'s probe,
+# before any match's Lua state loads the functions.
+_c_clock = True
 
 
 def _same_clock(now: Any) -> bool:
@@ -101,6 +104,7 @@ def _same_clock(now: Any) -> bool:
 def library() -> bytes | None:
     """The built library's path for `package.loadlib`, or None when the host's walk and pack.lua
     do the work: not built, turned off (`ASOBI_NATIVE=0`), or it failed its check (logged)."""
+    global _c_clock
     if not c_parts.wanted():
         return None
     path = _built()
@@ -120,6 +124,9 @@ def library() -> bytes | None:
         )
         if packed != _PACKED_PROBE:
             raise ValueError(f"the probe state was packed as {packed!r}")
+        _c_clock = _same_clock(functions.now)
+        if not _c_clock:
+            log.warning("lua_native_clock_unused", reason="it disagrees with time.perf_counter")
     except Exception as exc:  # any failure means: the host's walk and pack.lua instead
         log.warning("lua_native_unavailable", path=str(path), error=str(exc))
         return None

@@ -177,7 +177,7 @@ class _TickPlan(NamedTuple):
     tick: Any
     budget: float
     get_state_budget: float
-    # get_state's budget message halves, budget and function, in `api.tick_states`' order.
+    # get_state's budget message halves, budget and function, in `api.tick`'s order.
     get_state_args: tuple[Any, ...]
 
 
@@ -244,7 +244,6 @@ class MatchLua:
         self._call = self.api[b"call"]
         self._call_each = self.api[b"call_each"]
         self._tick = self.api[b"tick"]
-        self._tick_states = self.api[b"tick_states"]
         self._call_inputs = self.api[b"call_inputs"]
         self._ctx = self.api[b"ctx"]
         self._global = self.api[b"global"]
@@ -401,7 +400,7 @@ class MatchLua:
     ) -> tuple[CallResult, bool | None, list[EachResult] | None]:
         """`call_tick` and, when the tick succeeded, left a table (or nothing) and made no host
         calls, `call_each("get_state", state it left, ids)` in the same crossing
-        (`api.tick_states`).  The third value is call_each's results, or None when get_state did
+        (`api.tick`).  The third value is call_each's results, or None when get_state did
         not run (the caller then calls `call_each` itself)."""
         loaded = self._loaded
         if self._tick_plan_of is not loaded:
@@ -417,7 +416,7 @@ class MatchLua:
             "tick",
             plan.budget,
             None,
-            self._tick_states,
+            self._tick,
             (tick_no,),
             plan.tick,
             (state, *plan.get_state_args, *self._asked_args),
@@ -430,7 +429,7 @@ class MatchLua:
 
     def _plan_ticks(self) -> _TickPlan | None:
         """The loaded version's `tick` and `get_state` with their budgets and budget messages,
-        as `api.tick_states` takes them; None when either is not defined."""
+        as `api.tick` takes them; None when either is not defined."""
         fn = self.function("tick")
         state_fn = self.function("get_state")
         if fn is None or state_fn is None:

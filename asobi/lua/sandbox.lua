@@ -93,36 +93,16 @@ local ctx = { match_id = "", tick = 0, players = {} }
 api.ctx = ctx
 
 -- The match's tick in one crossing, where it took three: the tick number game.tick() reads, the
--- script's tick under its budget (B.call), and whether the state the tick leaves asks to end the
--- match.  That state is what the host adopts: the table tick returned, or the one it was given
--- when it returned nothing or failed.  `_finished` is read without metamethods (no script code
--- runs outside a budget).  Returns finished, then B.call's results.
-local call = B.call
-
-local function finished_after(state, ok, ...)
-  if ok then
-    local returned = ...
-    if type_(returned) == "table" then state = returned end
-  end
-  local flag = type_(state) == "table" and rawget_(state, "_finished")
-  return flag ~= nil and flag ~= false, ok, ...
-end
-
-function api.tick(prefix, suffix, until_time, tick_no, fn, state)
-  ctx.tick = tick_no
-  return finished_after(state, call(prefix, suffix, until_time, fn, state))
-end
-
--- The tick and the round of state frames after it in one crossing, where they took two.  Only
--- when the tick succeeded, left a table (or nothing) and made no host calls: then no effect of
--- the tick is held, and what the host does between the two calls (adopt the state) changes
--- nothing Lua sees.  get_state then runs on the state the tick left, exactly as `B.call_each`
--- runs it (`state_prefix` ... are its arguments).  Returns finished, ok, the tick's first result,
--- then, if get_state ran, call_each's results.  `B.tick_then_each` (calls.lua) does the work; this
--- sets the tick number game.tick() reads first.
+-- script's tick under its budget, and whether the state the tick leaves asks to end the match.
+-- Given get_state and its arguments (`state_prefix` ..., then the ids), the round of state frames
+-- after it too, where that took a second crossing: only when the tick succeeded, left a table (or
+-- nothing) and made no host calls, so that no effect of the tick is held and what the host does
+-- between the two (adopt the state) changes nothing Lua sees.  `B.tick_then_each` (calls.lua)
+-- does the work.  Returns finished, ok, the tick's first result, then, if get_state ran,
+-- call_each's results.
 local tick_then_each = B.tick_then_each
 
-function api.tick_states(prefix, suffix, until_time, tick_no, ...)
+function api.tick(prefix, suffix, until_time, tick_no, ...)
   ctx.tick = tick_no
   return tick_then_each(prefix, suffix, until_time, ...)
 end
