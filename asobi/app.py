@@ -97,7 +97,6 @@ class App:
                 match_seed=settings.match_seed,
                 max_queued_inputs=settings.max_queued_inputs,
                 reload_switches_per_tick=settings.reload_switches_per_tick,
-                tick_group_share=settings.tick_group_share,
             ),
         )
         secret = load_or_create_secret(settings.data_dir, settings.secret)

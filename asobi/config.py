@@ -16,10 +16,6 @@ LOG_FORMATS = ("auto", "json", "console")
 # default, and at most.
 TICK_EARLY_SHARE = 0.04
 MAX_TICK_EARLY_SHARE = 0.25
-# How much of their period the ticks of matches that share a phase may take, run in one pass
-# (ASOBI_TICK_GROUP_SHARE, see asobi/phases.py): by default, and at most.
-TICK_GROUP_SHARE = 0.08
-MAX_TICK_GROUP_SHARE = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +70,6 @@ class Settings:
     # wake-up, for less CPU per frame (docs/performance.md), and lets frames leave up to that
     # much early; the schedule never moves.
     tick_early_share: float = TICK_EARLY_SHARE
-    # ASOBI_TICK_GROUP_SHARE: how much of their period the ticks of matches that share a phase
-    # may take, run in one pass (asobi/phases.py; 0 to 0.5, 0: every match at a phase of its
-    # own).  More means fewer, larger passes, for less CPU per frame (docs/performance.md), and
-    # matches that tick up to that share less the early share after their group's deadline, on
-    # a steady rhythm.
-    tick_group_share: float = TICK_GROUP_SHARE
     # ASOBI_MATCH_SEED: seed every match's random generator with this number (replays, tests).
     match_seed: int | None = None
     # ASOBI_SNAPSHOT_TICKS: ticks between a match's snapshots in the journal (docs/durability.md);
@@ -143,10 +133,6 @@ class Settings:
         if not 0.0 <= settings.tick_early_share <= MAX_TICK_EARLY_SHARE:
             raise ValueError(
                 f"ASOBI_TICK_EARLY_SHARE must be from 0 to {MAX_TICK_EARLY_SHARE} (of a period)"
-            )
-        if not 0.0 <= settings.tick_group_share <= MAX_TICK_GROUP_SHARE:
-            raise ValueError(
-                f"ASOBI_TICK_GROUP_SHARE must be from 0 to {MAX_TICK_GROUP_SHARE} (of a period)"
             )
         return settings
 

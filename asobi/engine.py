@@ -19,12 +19,10 @@ from typing import Any, Protocol
 
 import structlog
 
-from asobi.config import TICK_GROUP_SHARE
 from asobi.directory import JoinRefused, Outbox
 from asobi.lua.runtime import Limits, ScriptLoadError
 from asobi.match import Match, MatchStartError
 from asobi.match_host import first_line
-from asobi.phases import Phases
 from asobi.protocol import encode
 from asobi.recording import Recorder
 from asobi.schedule import Schedule
@@ -35,6 +33,7 @@ from asobi.store import Store
 
 log = structlog.get_logger("asobi.engine")
 
+_PHASE_STEP = 0.6180339887498949  # golden ratio: spreads match phases evenly over a period
 # Skipped ticks are logged as one `tick_overrun` line per this many seconds, not one per late
 # match: an overloaded loop would otherwise spend its scarce time writing warnings.
 OVERRUN_LOG_INTERVAL_S = 1.0
@@ -64,9 +63,6 @@ class EngineConfig:
     max_queued_inputs: int = 64
     # Reload transactions one `run_due` pass runs at most (0: no cap); see `run_due`.
     reload_switches_per_tick: int = 16
-    # How much of their period the ticks of matches that share a phase may take, in one pass
-    # (`asobi.phases`; 0: every match at a phase of its own).
-    tick_group_share: float = TICK_GROUP_SHARE
 
 
 class Engine:
@@ -91,7 +87,7 @@ class Engine:
         self.player_match: dict[str, str] = {}
         self.listeners: list[EngineListener] = []
         self._schedule: Schedule[Match] = Schedule()
-        self.phases = Phases(self.config.tick_group_share)
+        self._phase = 0.0
         self.ticks = 0
         self.inputs_dropped = 0
         # Ticks not run because their match fell more than a period behind (counted, not queued).
@@ -103,11 +99,7 @@ class Engine:
         # is ended at its next tick.
         self.wedged: set[str] = set()
         self.lateness: deque[float] = deque(maxlen=65536)
-        # Called with the new time of the next pass when a match makes it earlier (the ticker).
         self.on_schedule_change: Callable[[float], None] | None = None
-        # How early (seconds, given a match's period) a pass may run a match: set by the ticker,
-        # which starts a pass that much before the deadline it wakes for.
-        self.early: Callable[[float], float] = _on_time
         # Players who asked for `match.reloaded` frames (session.connect {notify_reload: true}).
         self.reload_subscribers: set[str] = set()
         # Players whose connection chose their state frames (`match.patch` or full `match.state`
@@ -173,21 +165,22 @@ class Engine:
             self.player_match[pid] = match.id
         now = self.clock()
         if first_tick_in is None:
-            match.deadline = now + self._first_delay(now, match)
+            match.deadline = now + self._first_delay(now, match.period)
         else:
             match.deadline = now + max(0.0, min(first_tick_in, match.period))
         self._push(match)
 
-    def _first_delay(self, now: float, match: Match) -> float:
-        """How long until a new match's first tick (more than 0, at most a period): at the phase
-        of its group (`asobi.phases`), on the clock's own grid (the deadline modulo the period).
+    def _first_delay(self, now: float, period: float) -> float:
+        """How long until a new match's first tick (more than 0, at most a period): at the next
+        phase of a golden-ratio sequence on the clock's own grid (the deadline modulo the
+        period).
 
         Phases taken on the clock's grid stay spread however the matches' starts fall; taken
         from each start they are as random as the starts (players come when they come), and
         matches whose ticks meet wait for each other: a 2 ms match-tick queued behind two others
-        is 4 ms late at any load.  A group meets on purpose, up to its budget of work."""
-        period = match.period
-        delay = (self.phases.place(match.id, period) * period - now) % period
+        is 4 ms late at any load."""
+        self._phase = (self._phase + _PHASE_STEP) % 1.0
+        delay = (self._phase * period - now) % period
         return delay if delay > 0.0 else period
 
     def due_in(self, match: Match) -> float:
@@ -295,7 +288,6 @@ class Engine:
             self.restored_notices.pop(pid, None)
         self.matches.pop(match.id, None)
         self.inputs_received.pop(match.id, None)
-        self.phases.release(match.id)
 
     # -- reload -----------------------------------------------------------------------------------
     def schedule_reload(self, version: ScriptVersion) -> list[Match]:
@@ -332,55 +324,44 @@ class Engine:
 
     # -- schedule ---------------------------------------------------------------------------------
     def _push(self, match: Match) -> None:
-        first = self._schedule.first_deadline(self.early)
+        first = self._schedule.first_deadline()
         self._schedule.add(match)
-        wake = match.deadline - self.early(match.period)
-        if self.on_schedule_change is not None and (first is None or wake < first):
-            self.on_schedule_change(wake)
+        if self.on_schedule_change is not None and (first is None or match.deadline < first):
+            self.on_schedule_change(match.deadline)
 
-    def next_wake(self) -> float | None:
-        """When the next pass should start: the earliest deadline, less how early its match may
-        run (`early`)."""
-        return self._schedule.first_deadline(self.early)
+    def next_deadline(self) -> float | None:
+        return self._schedule.first_deadline()
 
-    def run_due(self, now: float | None = None) -> float | None:
-        """Tick every match whose deadline has passed, or is at most `early(period)` seconds
-        away; return when the next pass should start (`next_wake`).  The ticker wakes that much
-        before a deadline, so a group's pass (`asobi.phases`) runs its matches from a little
-        before their deadline to a little after it; tests leave `early` at 0 and tick what is
-        due.
+    def run_due(
+        self, now: float | None = None, early_share: float = 0.0, early_floor: float = 0.0
+    ) -> float | None:
+        """Tick every match whose deadline has passed, or is at most `early_share` of its
+        period (and at least `early_floor` seconds) away; return the next deadline.  The ticker
+        runs matches a little early so that those due within a few milliseconds share one
+        wake-up of the loop (`asobi.ticker`); tests leave both at 0 and tick what is due.
 
         A reload marks every match it concerns at once, and each switch is a transaction
         (load, copy, migrate, tick, get_state) far dearer than a tick.  At most
-        `reload_switches_per_tick` of them run in one pass, and more only while the switches
-        of the pass have taken less than its group's share of the period (`asobi.phases`: a
-        group of cheap matches is hundreds of them, and 16 a pass would take a dozen periods to
-        switch it); a marked match past that runs this tick on its code in force and stays
-        marked, so it switches at a later tick.  The matches due in one pass are a group, or
-        several when the loop is busy; the cap bounds what one turn of the loop can cost, and
-        spreads a reload over more ticks exactly when the loop is behind.
+        `reload_switches_per_tick` of them run in one pass; a marked match past the cap runs
+        this tick on its code in force and stays marked, so it switches at a later tick.  The
+        matches due in one pass are those whose deadline passed since the last: few when the
+        loop keeps up, many when it is busy; the cap bounds what one turn of the loop can cost,
+        and spreads a reload over more ticks exactly when the loop is behind.
         """
         now = self.clock() if now is None else now
-        due = self._schedule.take_due(now, self.early)
+        due = self._schedule.take_due(now, lambda period: max(early_floor, early_share * period))
         cap = self.config.reload_switches_per_tick
         switches = 0
-        switching = 0.0  # seconds the switches of this pass took
-        started = self.clock()
-        share = self.phases.share
         for match in due:
-            if match.pending is None:
-                self._tick_one(match)
-            elif cap <= 0 or switches < cap or switching < share * match.period:
-                switches += 1
-                before = self.clock()
-                self._tick_one(match)
-                switching += self.clock() - before
-            else:
-                self.reload_switches_deferred += 1
-                self._tick_one(match, may_switch=False)
-        self.phases.record_pass(self.clock() - started, len(due))
+            may_switch = cap <= 0 or switches < cap
+            if match.pending is not None:
+                if may_switch:
+                    switches += 1
+                else:
+                    self.reload_switches_deferred += 1
+            self._tick_one(match, may_switch)
         self._overruns.flush_due(now)
-        return self.next_wake()
+        return self.next_deadline()
 
     def _tick_one(self, match: Match, may_switch: bool = True) -> None:
         late = self.clock() - match.deadline
@@ -413,9 +394,6 @@ class Engine:
             match.ticks_skipped += skipped
             self.ticks_skipped += skipped
             self._overruns.add(match.id, skipped, now)
-        moved = self.phases.moved_phase(match.id, match.period)
-        if moved is not None:
-            match.deadline = _at_phase(match.deadline, match.period, moved, now)
         self._schedule.add(match)
 
     def drain_lateness(self) -> list[float]:
@@ -461,17 +439,3 @@ class _OverrunLog:
         )
         skipped.clear()
         self._longest = 0
-
-
-def _on_time(period: float) -> float:
-    return 0.0
-
-
-def _at_phase(deadline: float, period: float, phase: float, now: float) -> float:
-    """The deadline nearest `deadline` at `phase` of the period (at most half a period off it),
-    and not before `now`."""
-    shift = (phase * period - deadline) % period
-    if shift > period / 2:
-        shift -= period
-    moved = deadline + shift
-    return moved if moved >= now else moved + period

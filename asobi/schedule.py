@@ -54,17 +54,14 @@ class Schedule(Generic[T]):
         else:
             insort(queue, (deadline, item), key=_deadline)
 
-    def first_deadline(self, early: Callable[[float], float] | None = None) -> float | None:
-        """The earliest deadline of a match not finished, less `early(period)` when given (how
-        early a match of that period may run), or None when there is none."""
+    def first_deadline(self) -> float | None:
+        """The earliest deadline of a match not finished, or None when there is none."""
         earliest: float | None = None
-        for period, queue in self._queues.items():
+        for queue in self._queues.values():
             while queue and queue[0][1].finished:
                 queue.popleft()
-            if queue:
-                first = queue[0][0] if early is None else queue[0][0] - early(period)
-                if earliest is None or first < earliest:
-                    earliest = first
+            if queue and (earliest is None or queue[0][0] < earliest):
+                earliest = queue[0][0]
         return earliest
 
     def take_due(self, now: float, allowance: Callable[[float], float]) -> list[T]:

@@ -2,18 +2,17 @@
 
 Facts that shaped this: one asyncio task per match costs several times more per tick than one
 timer that runs every due match in a batch, and absolute deadlines (kept by the engine) keep the
-tick rate exact however late a single wake-up is.  A wake-up of the loop is far from free on a
-virtual machine: measured side by side, two servers of 150 matches on one core, a pass with no
-match to run cost about 35 us, and matches ticked back to back send their frames in one batch.
-So matches tick in groups that share a phase of the period (`asobi.phases`), and a wake-up runs
-a whole group: it comes EARLY_SHARE of the period before the group's deadline (4 ms at 10 Hz,
-never less than COALESCE_S), so the group's matches tick from a little before their deadline to
-a little after it, each at the same place in every pass.  Measured side by side against one
-phase per match with a wake-up taking whatever was due within EARLY_SHARE: 18% less server CPU
-per delivered frame with `shared_state` (docs/performance-history.md).  A match run early is
-not late: its frames leave a few milliseconds before their time, which the client's
-interpolation absorbs like any network jitter; the schedule itself does not move (the next
-deadline is still one period after this one).
+tick rate exact however late a single wake-up is.  With hundreds of matches their phases are
+spread over the period (`Engine.adopt`), so a wake-up per match-tick would cost a timer and an
+`epoll_wait` each; instead a wake-up also runs the matches due soon after it, up to EARLY_SHARE
+of their period early (4 ms at 10 Hz), and never less than COALESCE_S (Node's timers, under
+Colyseus, coalesce per millisecond).  A wake-up of the loop is far from free on a virtual
+machine: measured side by side, two servers of 150 matches on one core, a pass with no match to
+run cost about 35 us, and widening the window from 1 ms to 4 ms at 10 Hz took 10% off the server
+CPU per delivered frame, per-player and with `shared_state` (passes 1,000 -> at most 250 a
+second).  A match run early is not late: its frames leave a few milliseconds before their time,
+which the client's interpolation absorbs like any network jitter; the schedule itself does not
+move (the next deadline is still one period after this one).
 """
 
 from __future__ import annotations
@@ -28,8 +27,10 @@ from asobi.engine import Engine
 
 log = structlog.get_logger("asobi.ticker")
 
-# How early a pass may run a match: EARLY_SHARE of its period (the default of
-# ASOBI_TICK_EARLY_SHARE), and never less than COALESCE_S (at 60 Hz, 6% of the period).
+# How early a match may tick to share a wake-up with one due now: EARLY_SHARE of its period (the
+# default of ASOBI_TICK_EARLY_SHARE), and never less than COALESCE_S (at 60 Hz, 6% of the
+# period).  They bound the wake-ups to 250 a second at 10 Hz, 1,000 at 60 Hz, however many
+# matches run.
 COALESCE_S = 0.001
 # A pass overdue by this much runs from the read path (`Ticker.run_overdue`): the loop reads every
 # connection that is ready before it runs a timer that fell due meanwhile, so a burst of inputs
@@ -49,11 +50,9 @@ class Ticker:
     ) -> None:
         """`on_pass_start` and `on_pass_end` bracket each pass over the due matches (the server
         holds the frames a pass writes until it ends, `asobi.server_writes`); `early_share` is
-        how much of its period early a match may run in a pass (ASOBI_TICK_EARLY_SHARE): the
-        engine's `early`, and how long before a deadline the ticker wakes for it."""
+        how much of its period early a match may run in a pass (ASOBI_TICK_EARLY_SHARE)."""
         self.engine = engine
         self.early_share = early_share
-        engine.early = lambda period: max(COALESCE_S, early_share * period)
         self.on_pass_start = on_pass_start
         self.on_pass_end = on_pass_end
         self.loop = loop or asyncio.get_running_loop()
@@ -64,7 +63,7 @@ class Ticker:
 
     def start(self) -> None:
         self._stopped = False
-        nxt = self.engine.next_wake()
+        nxt = self.engine.next_deadline()
         if nxt is not None:
             self._wake_by(nxt)
 
@@ -99,10 +98,10 @@ class Ticker:
             self.on_pass_start()
         try:
             engine = self.engine
-            nxt = engine.run_due(engine.clock())
+            nxt = engine.run_due(engine.clock(), self.early_share, COALESCE_S)
         except Exception:
             log.exception("ticker_failed")
-            nxt = self.engine.next_wake()
+            nxt = self.engine.next_deadline()
         finally:
             if self.on_pass_end is not None:
                 self.on_pass_end()

@@ -49,9 +49,7 @@ def make_engine(tmp_path: Path, cap: int) -> tuple[ScriptRegistry, Engine, Clock
 
 
 async def test_reload_switches_are_spread_over_passes(tmp_path: Path) -> None:
-    """At most `cap` switches a pass when matches tick at phases of their own (no groups)."""
     registry, engine, clock = make_engine(tmp_path, cap=10)
-    engine.phases.share = 0.0
     script = registry.get("match.lua")
     assert script is not None
     matches = [engine.start_match("duel", script, [f"p{i}"]) for i in range(50)]
@@ -80,26 +78,6 @@ async def test_reload_switches_are_spread_over_passes(tmp_path: Path) -> None:
     assert engine.reload_switches_deferred == 40 + 30 + 20 + 10
     # A switched match's state went on counting: the tick it switched on ran on the new code.
     assert {m.lua.field(m.state, "n") for m in matches} == {6}
-
-
-async def test_a_group_switches_past_the_cap_while_its_switches_take_under_its_share(
-    tmp_path: Path,
-) -> None:
-    """A group's pass goes on switching past the cap while its switches have taken less than
-    the group's share of the period: none at all here (the test's clock stands still), so all
-    50 switch in one pass; with no share the cap holds (above)."""
-    registry, engine, clock = make_engine(tmp_path, cap=10)
-    script = registry.get("match.lua")
-    assert script is not None
-    matches = [engine.start_match("duel", script, [f"p{i}"]) for i in range(50)]
-    assert len({m.deadline for m in matches}) == 1  # one group
-    reloader = Reloader(registry, engine, ReloadHistory())
-    record = await reloader.apply_source("match.lua", SCRIPT % b"v2", "test")
-    assert record is not None
-    clock.now = matches[0].deadline
-    engine.run_due(clock.now)
-    assert len(record.switched) == 50 and record.outcome == "reloaded"
-    assert engine.reload_switches_deferred == 0
 
 
 async def test_no_cap_switches_every_match_at_its_next_tick(tmp_path: Path) -> None:

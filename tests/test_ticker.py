@@ -65,33 +65,25 @@ async def test_many_matches_share_wake_ups_and_keep_their_rate(tmp_path: Path) -
 
 
 def test_a_pass_runs_a_match_at_most_its_share_of_a_period_early(tmp_path: Path) -> None:
-    """With the ticker's `early` (EARLY_SHARE of the period, at least COALESCE_S) at 10 Hz: 4 ms
-    early runs the tick, 5 ms early does not; the next pass is due 4 ms before the next
-    deadline; the schedule does not move (the next deadline is one period after this one) and
-    an early tick is not late."""
+    """`run_due(now, EARLY_SHARE, COALESCE_S)` at 10 Hz: 4 ms early runs the tick, 5 ms early
+    does not; the schedule does not move (the next deadline is one period after this one) and an
+    early tick is not late."""
     registry, engine, clock = make_engine(tmp_path, cap=0)
-    loop = asyncio.new_event_loop()
-    try:
-        Ticker(engine, loop).stop()  # its `early`, without its timer
-    finally:
-        loop.close()
     script = registry.get("match.lua")
     assert script is not None
     match = engine.start_match("duel", script, ["p1"])
     period = match.period
     assert period == 0.1
     deadline = match.deadline
-    assert engine.next_wake() == pytest.approx(deadline - 0.004)
     clock.now = deadline - 0.005
-    engine.run_due(clock.now)
+    engine.run_due(clock.now, EARLY_SHARE, COALESCE_S)
     assert match.tick_no == 0
     clock.now = deadline - 0.0035
-    assert engine.run_due(clock.now) == pytest.approx(deadline + period - 0.004)
+    engine.run_due(clock.now, EARLY_SHARE, COALESCE_S)
     assert match.tick_no == 1
     assert match.deadline == deadline + period
     assert engine.drain_lateness() == [0.0]
-    # Without a ticker (as tests drive the engine), only what is due runs.
-    engine.early = lambda period: 0.0
+    # Without a share (as tests drive the engine), only what is due runs.
     clock.now = match.deadline - 0.0005
     engine.run_due(clock.now)
     assert match.tick_no == 1
@@ -104,27 +96,26 @@ def test_the_early_share_is_a_setting(tmp_path: Path) -> None:
     for bad in ("-0.01", "0.3"):
         with pytest.raises(ValueError, match="ASOBI_TICK_EARLY_SHARE"):
             Settings.from_env({"ASOBI_TICK_EARLY_SHARE": bad})
-    _, engine, _ = make_engine(tmp_path, cap=0)
+    _, engine, clock = make_engine(tmp_path, cap=0)
+    seen: list[tuple[float, ...]] = []
+    engine.run_due = lambda *args: seen.append(args)  # type: ignore[method-assign,assignment]
     loop = asyncio.new_event_loop()
     try:
-        Ticker(engine, loop, early_share=0.08)
+        ticker = Ticker(engine, loop, early_share=0.08)
+        ticker._run()
     finally:
         loop.close()
-    assert engine.early(0.1) == pytest.approx(0.008)
-    assert engine.early(1 / 60) == pytest.approx(0.08 / 60)
-    assert engine.early(0.01) == COALESCE_S  # never less than that
+    assert seen == [(clock.now, 0.08, COALESCE_S)]
 
 
 def test_matches_started_at_any_times_tick_at_phases_spread_over_the_period(
     tmp_path: Path,
 ) -> None:
-    """Matches start when their players come, at any times; with no groups
-    (ASOBI_TICK_GROUP_SHARE=0) their ticks still fall at phases spread over the period (the
-    deadline modulo the period, on the clock's grid), so heavy match-ticks do not queue behind
-    each other while the core has time between them.  Every first tick is at most a period
-    away.  (With groups, `tests/test_phases.py` checks that groups are spread the same way.)"""
+    """Matches start when their players come, at any times; their ticks still fall at phases
+    spread over the period (the deadline modulo the period, on the clock's grid), so heavy
+    match-ticks do not queue behind each other while the core has time between them.  Every
+    first tick is at most a period away."""
     registry, engine, clock = make_engine(tmp_path, cap=10)
-    engine.phases.share = 0.0
     script = registry.get("match.lua")
     assert script is not None
     starts = random.Random(7)
@@ -156,7 +147,7 @@ async def test_a_pass_that_falls_due_during_a_burst_of_reads_runs_between_its_me
     match = engine.start_match("duel", script, ["p1"])
     ticker = Ticker(engine)
     ticker.start()
-    due = match.deadline - engine.early(match.period)  # when the ticker wakes for it
+    due = match.deadline
     ran_at: float | None = None
 
     def burst() -> None:
