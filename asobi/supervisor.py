@@ -223,6 +223,9 @@ class Supervisor:
         self._redis: PrivateRedis | None = None
         self._stop = asyncio.Event()
         self._failed: str | None = None
+        # Why the start failed, printed as stderr's last line once every worker has stopped (a
+        # worker still stopping would otherwise print its own error after it).
+        self._start_error: str | None = None
         self._started = False
         self._next = 0
         self._routing: set[asyncio.Task[None]] = set()
@@ -249,6 +252,8 @@ class Supervisor:
             return 0
         finally:
             await self._shutdown()
+            if self._start_error is not None:
+                print(f"asobi serve: {self._start_error}", file=sys.stderr, flush=True)
 
     def _announce(self) -> None:
         host = self.settings.host
@@ -274,14 +279,10 @@ class Supervisor:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not all(w.ready for w in self.workers):
             if self._failed is not None or self._stop.is_set():
-                if self._failed is not None:
-                    print(f"asobi serve: {self._failed}", file=sys.stderr)
+                self._start_error = self._failed
                 return False
             if time.monotonic() > deadline:
-                print(
-                    f"asobi serve: the workers were not ready after {START_TIMEOUT_S:.0f} s",
-                    file=sys.stderr,
-                )
+                self._start_error = f"the workers were not ready after {START_TIMEOUT_S:.0f} s"
                 return False
             await asyncio.sleep(0.05)
         return True
