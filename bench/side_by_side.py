@@ -9,14 +9,25 @@ delivered frame over the same seconds; a change is real when its server is lower
 every window.  Swap the two (`--swap`) to see that the slots themselves are even.
 
 Both servers share one core, so keep M well under half of what one core holds (the defaults do).
+
+What a change to wake-ups or to how many matches a pass runs saves depends on the load: a lot
+at light load, where the loop's wake-ups are a large share of the work, nothing once passes are
+large anyway (phase groups: -14% at 150 matches, +4% at 300; docs/performance-history.md).  Two
+servers at once cannot go past half a core's worth each; `--alternate` can: both servers carry
+their matches, but only one runs at a time (the other is stopped with SIGSTOP), each window
+measures one and then the other after a settling pause, and the windows still alternate within
+the same minutes, so the machine's drift cancels as before.  It also leaves out what two
+servers on one core do to each other (their passes interleave).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,6 +42,9 @@ from bench.targets import AsobiTarget
 
 HERE = Path(__file__).resolve().parent.parent
 DEFAULT_MATCHES = {"per": 150, "shared": 150, "field": 8}
+# `--alternate`: seconds a server runs after it is resumed before its window starts (it first
+# skips the ticks it missed while stopped, and its clients drain what was waiting).
+SETTLE_S = 2.0
 
 
 async def measure(
@@ -41,10 +55,12 @@ async def measure(
     seconds: float,
     per_tick: bool = False,
     this_env: dict[str, str] | None = None,
+    alternate: bool = False,
 ) -> dict[str, list[float]]:
     """Each server's CPU per delivered frame in each window, in us; `per_tick`: per match-tick
     it should have run instead (for a variant that sends fewer frames, or none); `this_env`:
-    more environment for this checkout's server only (a setting measured against its default)."""
+    more environment for this checkout's server only (a setting measured against its default);
+    `alternate`: one server running at a time (see the module's docstring)."""
     server_core, load_core = procs.cores()
     if load_core:
         os.sched_setaffinity(0, load_core)
@@ -69,9 +85,19 @@ async def measure(
         per_frame: dict[str, list[float]] = {name: [] for name, _ in sources}
         rate = field_game.TICK_RATE if game == "field" else bench_game.TICK_RATE
         for window in range(windows):
-            before = [(t.server.cpu(), t.tally.counters()[0]) for t in targets if t.server]
-            await asyncio.sleep(seconds)
-            after = [(t.server.cpu(), t.tally.counters()[0]) for t in targets if t.server]
+            if alternate:
+                before, after = [], []
+                for target in targets:
+                    _run_only(target, targets)
+                    await asyncio.sleep(SETTLE_S)
+                    before.append(_reading(target))
+                    await asyncio.sleep(seconds)
+                    after.append(_reading(target))
+                _run_only(None, targets)
+            else:
+                before = [_reading(t) for t in targets]
+                await asyncio.sleep(seconds)
+                after = [_reading(t) for t in targets]
             row = []
             for (name, _), (c0, f0), (c1, f1) in zip(sources, before, after, strict=True):
                 units = matches * rate * seconds if per_tick else max(1, f1 - f0)
@@ -82,9 +108,25 @@ async def measure(
             print(f"  window {window + 1}: " + "  ".join(row) + f" us per {unit}", flush=True)
         return per_frame
     finally:
+        _run_only(None, targets)
         for target in targets:
             target.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _reading(target: AsobiTarget) -> tuple[float, int]:
+    """The server's CPU seconds so far and the frames its clients have received."""
+    assert target.server is not None
+    return target.server.cpu(), target.tally.counters()[0]
+
+
+def _run_only(running: AsobiTarget | None, targets: list[AsobiTarget]) -> None:
+    """Resume `running` and stop every other server (None: resume them all)."""
+    for target in targets:
+        if target.server is not None:
+            stop = running is not None and target is not running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(target.server.pid, signal.SIGSTOP if stop else signal.SIGCONT)
 
 
 def _build_extensions(checkout: Path) -> None:
@@ -118,6 +160,11 @@ def main() -> int:
         help="CPU per match-tick instead of per delivered frame (a variant that sends fewer)",
     )
     parser.add_argument(
+        "--alternate",
+        action="store_true",
+        help="one server running at a time, for changes to wake-ups or pass sizes",
+    )
+    parser.add_argument(
         "--this-env",
         action="append",
         default=[],
@@ -138,10 +185,20 @@ def main() -> int:
         sources = [(args.rev, worktree), ("this", HERE)]
         if args.swap:
             sources.reverse()
-        print(f"{args.game}, {matches} matches per server, {args.windows} x {args.seconds:g} s")
+        mode = ", one at a time" if args.alternate else ""
+        print(
+            f"{args.game}, {matches} matches per server{mode}, {args.windows} x {args.seconds:g} s"
+        )
         per_frame = asyncio.run(
             measure(
-                sources, args.game, matches, args.windows, args.seconds, args.per_tick, this_env
+                sources,
+                args.game,
+                matches,
+                args.windows,
+                args.seconds,
+                args.per_tick,
+                this_env,
+                args.alternate,
             )
         )
     finally:
