@@ -222,10 +222,9 @@ class Supervisor:
         self.redis_url = settings.redis_url
         self._redis: PrivateRedis | None = None
         self._stop = asyncio.Event()
-        self._failed: str | None = None
-        # Why the start failed, printed as stderr's last line once every worker has stopped (a
+        # Why the start failed: printed as stderr's last line once every worker has stopped (a
         # worker still stopping would otherwise print its own error after it).
-        self._start_error: str | None = None
+        self._failed: str | None = None
         self._started = False
         self._next = 0
         self._routing: set[asyncio.Task[None]] = set()
@@ -252,8 +251,8 @@ class Supervisor:
             return 0
         finally:
             await self._shutdown()
-            if self._start_error is not None:
-                print(f"asobi serve: {self._start_error}", file=sys.stderr, flush=True)
+            if self._failed is not None:
+                print(f"asobi serve: {self._failed}", file=sys.stderr, flush=True)
 
     def _announce(self) -> None:
         host = self.settings.host
@@ -279,10 +278,9 @@ class Supervisor:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not all(w.ready for w in self.workers):
             if self._failed is not None or self._stop.is_set():
-                self._start_error = self._failed
                 return False
             if time.monotonic() > deadline:
-                self._start_error = f"the workers were not ready after {START_TIMEOUT_S:.0f} s"
+                self._failed = f"the workers were not ready after {START_TIMEOUT_S:.0f} s"
                 return False
             await asyncio.sleep(0.05)
         return True
