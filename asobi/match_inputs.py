@@ -62,19 +62,19 @@ def run_inputs(match: Match) -> None:
 
 def _take_inputs(match: Match) -> tuple[list[tuple[str, Any]], list[Any]]:
     """Inputs from the front of the queue for one run, with their Lua form: (player id,
-    payload) in order, and (player id as bytes, Lua input) flattened.  An input of a player
-    no longer seated is dropped; one that cannot become Lua data is refused and logged.
-    Either ends the run at the first input after it, so inputs keep their order."""
+    payload) in order, and each input's player id as bytes and `input_args`, flattened.  An
+    input of a player no longer seated is dropped; one that cannot become Lua data is refused
+    and logged.  Either ends the run at the first input after it, so inputs keep their order."""
     inputs, queued, recorder = match.inputs, match.queued, match.recorder
     taken: list[tuple[str, Any]] = []
     pairs: list[Any] = []
     while inputs and len(taken) < INPUTS_PER_RUN:
         pid, payload = inputs[0]
         usable = pid in match.players
-        lua_input = None
+        lua_args: list[Any] = []
         if usable:
             try:
-                lua_input = match.lua.to_lua(payload)
+                lua_args = match.lua.input_args(payload)
             except ConversionError as exc:
                 if taken:
                     break
@@ -92,5 +92,5 @@ def _take_inputs(match: Match) -> tuple[list[tuple[str, Any]], list[Any]]:
             break
         taken.append((pid, payload))
         pairs.append(pid.encode())
-        pairs.append(lua_input)
+        pairs += lua_args
     return taken, pairs

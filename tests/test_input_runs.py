@@ -94,3 +94,68 @@ def test_a_run_of_inputs_keeps_each_inputs_own_outcome(tmp_path: Path, logs: Log
     _tick_until_handled(engine, match, clock)
     states = [orjson.loads(f) for pid, f in outbox.frames if pid == "a" and b"match.state" in f]
     assert states[-1]["payload"]["log"] == [1, 2, 4, 5, 8, 9, 11]
+
+
+SEEN_SCRIPT = b"""
+match_size = 1
+tick_rate = 10
+function init(state) state.seen = {} return state end
+function handle_input(state, player, input)
+  local kinds = {}
+  if type(input) == "table" then
+    for k, v in pairs(input) do kinds[k] = math.type(v) or type(v) end
+  end
+  state.seen[#state.seen + 1] = { v = input, kinds = kinds }
+  return state
+end
+function tick(state) return state end
+function get_state(state, player) return { seen = state.seen } end
+"""
+
+
+def test_inputs_of_every_shape_reach_handle_input_as_the_same_lua_data(tmp_path: Path) -> None:
+    """Small flat dicts are built into tables inside the crossing, anything else is converted
+    before it (`convert.input_args`): the script cannot tell the two apart."""
+    (tmp_path / "match.lua").write_bytes(SEEN_SCRIPT)
+    registry = ScriptRegistry(tmp_path)
+    assert registry.load_all() == []
+    script = registry.get("match.lua")
+    assert script is not None
+    outbox, clock = ListOutbox(), Clock()
+    engine = Engine(registry, outbox, clock=clock)
+    match = engine.start_match("shapes", script, ["a"])
+    many = {f"k{i}": i for i in range(20)}  # more keys than go flat
+    payloads = [
+        {"dir": 3, "name": "bolt", "speed": 1.5, "whole": 2.0, "on": False, "gone": None},
+        {"1": "a", "big": 2**63 - 1, "small": -(2**63)},
+        {},
+        many,
+        {"move": {"x": 1, "y": [1, 2]}},
+        [4, 5],
+        7,
+        "jump",
+    ]
+    for payload in payloads:
+        assert engine.submit_input("a", payload)
+    outbox.frames.clear()
+    _tick_until_handled(engine, match, clock)
+    states = [orjson.loads(f) for pid, f in outbox.frames if b"match.state" in f]
+    seen = states[-1]["payload"]["seen"]
+    assert [s["v"] for s in seen] == [
+        {"dir": 3, "name": "bolt", "speed": 1.5, "whole": 2.0, "on": False},  # nil: no key
+        {"1": "a", "big": 2**63 - 1, "small": -(2**63)},
+        {},
+        many,
+        {"move": {"x": 1, "y": [1, 2]}},
+        [4, 5],
+        7,
+        "jump",
+    ]
+    assert seen[0]["kinds"] == {
+        "dir": "integer",
+        "name": "string",
+        "speed": "float",
+        "whole": "float",
+        "on": "boolean",
+    }
+    assert seen[3]["kinds"] == {k: "integer" for k in many}

@@ -294,17 +294,34 @@ tick_each_fn = B.tick_then_each
 --
 -- The batch ends after a call that failed, that returned something other than a table or
 -- nothing (the host refuses it), or that made host calls (its effects are then its own).
+--
+-- Each input arrives as its player, then either -1 and the input as it is, or n and the n keys
+-- and values of a flat table, built here: lupa makes a table from Python data at several times
+-- the cost (`convert.input_args`).  The arguments are gathered into one table first, so reading
+-- them stays linear however many there are.
 -- Returns: calls made, the new peak, the state after the last call that succeeded, and the last
 -- call's outcome (true, its value; or false, the message).
 ---------------------------------------------------------------------------------------------------
 function B.call_inputs(prefix, suffix, until_time, peak, first, fn, state, ...)
   local n = select_("#", ...)
+  local args = { ... }
   local made, last_ok, last_value = 0, true, nil
   local started = now()
-  for i = 1, n - 1, 2 do
+  local i = 1
+  while i < n do
     local left = until_time - started
     if left <= 0 or ((made > 0 or not first) and left < 2 * peak) then break end
-    local player, input = select_(i, ...)
+    local player, count = args[i], args[i + 1]
+    local input
+    if count < 0 then
+      input = args[i + 2]
+      i = i + 3
+    else
+      input = {}
+      local last = i + 1 + 2 * count
+      for j = i + 2, last, 2 do input[args[j]] = args[j + 1] end
+      i = last + 1
+    end
     local calls_before = host_calls
     local ok, value = B.call(prefix, suffix, until_time, fn, state, player, input)
     local ended = now() -- one clock reading per call: the end of this one starts the next

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, NewType, NoReturn, Protocol
 from lupa import lua54
 
 from asobi.lua import native
-from asobi.lua.convert import MAX_NODES, ConversionError, to_lua, to_python
+from asobi.lua.convert import MAX_NODES, ConversionError, input_args, to_lua, to_python
 from asobi.lua.outcomes import (
     CallResult,
     EachResult,
@@ -491,8 +491,9 @@ class MatchLua:
     def call_inputs(
         self, fn: Any, state: Any, pairs: list[Any], until_time: float, peak: float, first: bool
     ) -> InputsResult:
-        """`handle_input` for a run of (player id as bytes, Lua input) pairs, flattened in
-        `pairs`, in one crossing (`B.call_inputs`): all under one deadline, each call on the
+        """`handle_input` for a run of inputs, each a player id as bytes followed by its
+        `input_args`, flattened in `pairs`, in one crossing (`B.call_inputs`): all under one
+        deadline, each call on the
         state the one before left.  A call after the tick's `first` starts only if twice `peak`
         still fits; the batch ends after a call that failed, returned a non-table, or made host
         calls.  Raised Lua errors (out of memory outside any call) count as the first call's."""
@@ -588,6 +589,10 @@ class MatchLua:
 
     def to_lua(self, value: Any) -> Any:
         return to_lua(self.runtime, value)
+
+    def input_args(self, value: Any) -> list[Any]:
+        """An input's arguments for `call_inputs` (`convert.input_args`)."""
+        return input_args(self.runtime, value)
 
     @staticmethod
     def is_table(value: Any) -> bool:
