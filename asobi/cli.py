@@ -51,10 +51,14 @@ def _tune_gc() -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings.huge_pages:
+        from asobi.huge_pages import start_again_with_huge_pages
+
+        start_again_with_huge_pages()  # before anything is imported or opened: it may exec
     from asobi.app import App
     from asobi.server import AsobiServer
 
-    settings = _settings(args)
     logsetup.configure(settings.log_level, fmt=settings.log_format)
     if args.workers != 1:
         from asobi import supervisor

@@ -70,6 +70,9 @@ class Settings:
     # wake-up, for less CPU per frame (docs/performance.md), and lets frames leave up to that
     # much early; the schedule never moves.
     tick_early_share: float = TICK_EARLY_SHARE
+    # ASOBI_HUGE_PAGES=0: `asobi serve` does not start again with glibc's huge-page tunable
+    # (asobi/huge_pages.py).
+    huge_pages: bool = True
     # ASOBI_MATCH_SEED: seed every match's random generator with this number (replays, tests).
     match_seed: int | None = None
     # ASOBI_SNAPSHOT_TICKS: ticks between a match's snapshots in the journal (docs/durability.md);
