@@ -5,9 +5,9 @@ Every match is a Lua state with a heap of its own, and a pass over hundreds of m
 few tens of KiB in each of hundreds of heaps spread over the process's memory: much of a
 match-tick's cost at scale is cache and TLB misses, not work.  With the tunable, malloc asks the
 kernel (`madvise(MADV_HUGEPAGE)`) to back the memory it gets with 2 MiB pages, so one TLB entry
-covers what took 512.  Measured side by side (`python -m bench.side_by_side`): 2.8-3.6% less
-server CPU per delivered frame on the bench games, every window lower; the same memory per match
-(`python -m bench.match_memory`).
+covers what took 512.  Measured side by side (`python -m bench.side_by_side`, both slot orders):
+1.5-3.6% less server CPU per delivered frame on the bench games, nearly every window lower; the
+same memory per match (`python -m bench.match_memory`).
 
 glibc reads its tunables once, when a process starts, so the only way to turn this on from inside
 is to execute the same command again with the tunable in the environment (`os.execve` keeps the
