@@ -50,15 +50,22 @@ def _tick_until_handled(engine: Engine, match: Match, clock: Clock) -> None:
             return
 
 
-def test_a_run_of_inputs_keeps_each_inputs_own_outcome(tmp_path: Path, logs: Logs) -> None:
-    (tmp_path / "match.lua").write_bytes(SCRIPT)
+def _one_match(
+    tmp_path: Path, source: bytes, players: list[str]
+) -> tuple[Engine, Match, ListOutbox, Clock]:
+    """An engine on a game of one script, with one match of `players` started."""
+    (tmp_path / "match.lua").write_bytes(source)
     registry = ScriptRegistry(tmp_path)
     assert registry.load_all() == []
     script = registry.get("match.lua")
     assert script is not None
     outbox, clock = ListOutbox(), Clock()
     engine = Engine(registry, outbox, clock=clock)
-    match = engine.start_match("runs", script, ["a", "b"])
+    return engine, engine.start_match("runs", script, players), outbox, clock
+
+
+def test_a_run_of_inputs_keeps_each_inputs_own_outcome(tmp_path: Path, logs: Logs) -> None:
+    engine, match, outbox, clock = _one_match(tmp_path, SCRIPT, ["a", "b"])
     inputs = [
         ("a", {"i": 1}),
         ("b", {"i": 2, "fresh": True}),  # a new table: the inputs after it must see it
@@ -116,14 +123,7 @@ function get_state(state, player) return { seen = state.seen } end
 def test_inputs_of_every_shape_reach_handle_input_as_the_same_lua_data(tmp_path: Path) -> None:
     """Small flat dicts are built into tables inside the crossing, anything else is converted
     before it (`convert.input_args`): the script cannot tell the two apart."""
-    (tmp_path / "match.lua").write_bytes(SEEN_SCRIPT)
-    registry = ScriptRegistry(tmp_path)
-    assert registry.load_all() == []
-    script = registry.get("match.lua")
-    assert script is not None
-    outbox, clock = ListOutbox(), Clock()
-    engine = Engine(registry, outbox, clock=clock)
-    match = engine.start_match("shapes", script, ["a"])
+    engine, match, outbox, clock = _one_match(tmp_path, SEEN_SCRIPT, ["a"])
     many = {f"k{i}": i for i in range(20)}  # more keys than go flat
     payloads = [
         {"dir": 3, "name": "bolt", "speed": 1.5, "whole": 2.0, "on": False, "gone": None},
