@@ -75,6 +75,16 @@ def environment_to_start_again(
     return env
 
 
+def in_use(environ: Mapping[str, str] = os.environ) -> bool:
+    """This process was started with malloc on huge pages (the tunable set to 1 or 2), as far
+    as its environment says: logged with `server_started` so an operator can tell."""
+    for item in environ.get(ENV, "").split(":"):
+        name, _, value = item.partition("=")
+        if name == TUNABLE:
+            return value in ("1", "2")
+    return False
+
+
 def start_again_with_huge_pages() -> None:
     """Execute this process's own command again with the tunable set (see the module
     docstring); returns only when that is not needed or not possible."""

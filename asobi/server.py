@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from asobi import benchstats, handoff, web
+from asobi import benchstats, handoff, huge_pages, web
 from asobi.app import App
 from asobi.cluster.link import Unavailable
 from asobi.compact_state import is_binary
@@ -273,6 +273,7 @@ class AsobiServer:
             scripts=self.app.registry.names(),
             compression=s.compression,
             max_connections=s.max_connections,
+            huge_pages=huge_pages.in_use(),
         )
         # A worker of `asobi serve --workers N` also serves the sockets its supervisor accepts.
         self._handoff = handoff.HandoffReceiver.from_env(

@@ -3,6 +3,7 @@ when it leaves the environment alone, and a real server process running with it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,14 @@ def test_no_start_again_where_it_cannot_help_or_was_decided(
     assert environment_to_start_again(environ, **where) is None  # type: ignore[arg-type]
 
 
+def test_in_use_reads_the_tunable_among_others() -> None:
+    assert huge_pages.in_use({ENV: "glibc.malloc.hugetlb=1"})
+    assert huge_pages.in_use({ENV: "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=2"})
+    assert not huge_pages.in_use({ENV: "glibc.malloc.hugetlb=0"})
+    assert not huge_pages.in_use({ENV: "glibc.malloc.arena_max=2"})
+    assert not huge_pages.in_use({})
+
+
 def test_the_kernel_setting_is_read_from_its_brackets(tmp_path: Path) -> None:
     setting = tmp_path / "enabled"
     for text, offered in [
@@ -72,7 +81,9 @@ def test_a_served_game_runs_with_malloc_on_huge_pages(tmp_path: Path) -> None:
         assert "glibc.malloc.hugetlb=1" in environ[ENV]
         assert environ[STARTED_AGAIN] == "1"
     finally:
-        server.stop()
+        out = server.stop()
+    started = [json.loads(line) for line in out.splitlines() if "server_started" in line]
+    assert [event["huge_pages"] for event in started] == [True]
 
 
 @needs_huge_pages
@@ -82,4 +93,6 @@ def test_asobi_huge_pages_0_leaves_the_process_as_it_was_started(tmp_path: Path)
         environ = _environ(server.proc.pid)
         assert ENV not in environ and STARTED_AGAIN not in environ
     finally:
-        server.stop()
+        out = server.stop()
+    started = [json.loads(line) for line in out.splitlines() if "server_started" in line]
+    assert [event["huge_pages"] for event in started] == [False]
