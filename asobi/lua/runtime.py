@@ -493,10 +493,10 @@ class MatchLua:
     ) -> InputsResult:
         """`handle_input` for a run of inputs, each a player id as bytes followed by its
         `input_args`, flattened in `pairs`, in one crossing (`B.call_inputs`): all under one
-        deadline, each call on the
-        state the one before left.  A call after the tick's `first` starts only if twice `peak`
-        still fits; the batch ends after a call that failed, returned a non-table, or made host
-        calls.  Raised Lua errors (out of memory outside any call) count as the first call's."""
+        deadline, each call on the state the one before left.  A call after the tick's `first`
+        starts only if twice `peak` still fits; the batch ends after a call that failed,
+        returned a non-table, or made host calls.  Raised Lua errors (out of memory outside any
+        call) count as the first call's."""
         out = self._enter(
             "handle_input",
             until_time - _now(),
