@@ -59,10 +59,7 @@ def environment_to_start_again(
     offered: bool | None = None,
 ) -> dict[str, str] | None:
     """The environment to start again with, or None when the process should go on as it is."""
-    if platform != "linux" or STARTED_AGAIN in environ:
-        return None
-    current = environ.get(ENV, "")
-    if TUNABLE in current:
+    if platform != "linux" or STARTED_AGAIN in environ or _setting(environ) is not None:
         return None
     version = glibc if glibc is not None else glibc_version()
     if version is None or version < (2, 35):
@@ -70,19 +67,25 @@ def environment_to_start_again(
     if not (offered if offered is not None else kernel_offers_huge_pages()):
         return None
     env = dict(environ)
+    current = environ.get(ENV, "")
     env[ENV] = f"{current}:{TUNABLE}=1" if current else f"{TUNABLE}=1"
     env[STARTED_AGAIN] = "1"
     return env
 
 
-def in_use(environ: Mapping[str, str] = os.environ) -> bool:
-    """This process was started with malloc on huge pages (the tunable set to 1 or 2), as far
-    as its environment says: logged with `server_started` so an operator can tell."""
+def _setting(environ: Mapping[str, str]) -> str | None:
+    """The value GLIBC_TUNABLES gives the tunable (`name=value` items joined by ':'), if any."""
     for item in environ.get(ENV, "").split(":"):
         name, _, value = item.partition("=")
         if name == TUNABLE:
-            return value in ("1", "2")
-    return False
+            return value
+    return None
+
+
+def in_use(environ: Mapping[str, str] = os.environ) -> bool:
+    """This process was started with malloc on huge pages (the tunable set to 1 or 2), as far
+    as its environment says: logged with `server_started` so an operator can tell."""
+    return _setting(environ) in ("1", "2")
 
 
 def start_again_with_huge_pages() -> None:

@@ -218,6 +218,10 @@ def _is_sequence(items: list[tuple[Any, Any]]) -> bool:
     )
 
 
+# A tuple, not `dict | list | tuple`: that union is a new object at every evaluation.
+_CONTAINERS = (dict, list, tuple)
+
+
 def to_lua(runtime: Any, value: Any, _depth: int = 0) -> Any:
     """Convert plain Python data into Lua values inside `runtime` (strings become bytes).
 
@@ -228,7 +232,7 @@ def to_lua(runtime: Any, value: Any, _depth: int = 0) -> Any:
         return value.encode()
     if type(value) is int and not INT_MIN <= value <= INT_MAX:
         raise ConversionError(f"data holds the integer {value}, outside the 64-bit range")
-    if isinstance(value, dict | list | tuple):
+    if isinstance(value, _CONTAINERS):
         if _depth >= MAX_DEPTH:
             raise ConversionError(f"data is nested deeper than {MAX_DEPTH} levels")
         # Children first, then the table in one crossing (`table_from`), not one per key: a
@@ -248,28 +252,23 @@ FLAT_KEYS = 8
 
 def input_args(runtime: Any, value: Any) -> list[Any]:
     """An input payload as arguments of `B.call_inputs`: [n, key1, value1, ... keyn, valuen]
-    for a dict of at most FLAT_KEYS scalars, which Lua builds into the table itself, else
-    [-1, the value as `to_lua` makes it].
+    for a dict of at most FLAT_KEYS keys with no dict, list or tuple among its values, which
+    Lua builds into the table itself, else [-1, the value as `to_lua` makes it].  Keys and
+    values go through `to_lua` either way, so the rules (and the errors) are the same.
 
     Inputs are mostly small flat dicts (`{"dir": 3}`), and lupa's `table_from` costs several
     microseconds each (a Python wrapper object, a registry reference, the runtime's lock) where
-    the table built inside the crossing costs a fraction of one.  Same rules as `to_lua`.
+    the table built inside the crossing costs a fraction of one.
     """
     if type(value) is dict and len(value) <= FLAT_KEYS:
         out: list[Any] = [len(value)]
         for k, v in value.items():
             kind = type(v)
-            if type(k) is not str:
+            if kind is dict or kind is list or kind is tuple:
                 break
-            if kind is str:
-                v = v.encode()
-            elif kind is int:
-                if not INT_MIN <= v <= INT_MAX:
-                    break  # `to_lua` names the problem
-            elif not (kind is float or kind is bool or v is None):
-                break
-            out.append(k.encode())
-            out.append(v)
+            # Text, the usual key and a common value, is encoded here: a call saved per item.
+            out.append(k.encode() if type(k) is str else to_lua(runtime, k))
+            out.append(v.encode() if kind is str else to_lua(runtime, v))
         else:
             return out
     return [-1, to_lua(runtime, value)]
