@@ -256,6 +256,15 @@ class Cluster:
     async def stop(self) -> None:
         await asyncio.gather(*(node.stop() for node in self.nodes))
 
+    def print_log_tails(self, lines: int = 40) -> None:
+        """The end of every node's log: pytest shows it with a failing test, to tell which
+        node did what when a timing-dependent step fails on a busy machine."""
+        for node in self.nodes:
+            for path in (node.log_path, node.err_path):
+                with contextlib.suppress(OSError):
+                    tail = path.read_bytes().decode(errors="replace").splitlines()[-lines:]
+                    print(f"--- {node.node_id}: {path.name}", *tail, sep="\n")
+
 
 @pytest.fixture
 async def cluster(tmp_path: Path, database_url: str) -> AsyncIterator[Cluster]:
@@ -270,6 +279,7 @@ async def cluster(tmp_path: Path, database_url: str) -> AsyncIterator[Cluster]:
     finally:
         await running.stop()
         redis.stop()
+        running.print_log_tails()
 
 
 def nodes_of(node: Node) -> Callable[[], set[str]]:

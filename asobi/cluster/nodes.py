@@ -102,6 +102,8 @@ class NodeDirectory:
         self._last_write: float | None = None
         self._amnesty_until = 0.0
         self._suspects: set[str] = set()
+        # Nodes reported gone and not listed since: placement passes over them.
+        self._gone: set[str] = set()
 
     def on_gone(self, listener: Callable[[str], None]) -> None:
         self._gone_listeners.append(listener)
@@ -113,8 +115,20 @@ class NodeDirectory:
     def alive(self, node_id: str) -> bool:
         return node_id == self.node_id or node_id in self.nodes
 
+    def seen_gone(self, node_id: str) -> bool:
+        """This node reported `node_id` gone and has not listed it since."""
+        return node_id in self._gone
+
     def least_loaded(self, among: list[str] | None = None) -> str:
-        """The live node with the lightest load (this node when it knows of no other)."""
+        """The live node with the lightest load (this node when it knows of no other).
+
+        A node of `among` that this node has not listed yet started after the last heartbeat
+        read (the caller knows it is alive from Redis): it holds nothing yet, so it is the
+        lightest."""
+        if among is not None:
+            newer = sorted(n for n in among if n != self.node_id and n not in self.nodes)
+            if newer:
+                return newer[0]
         candidates = [n for n in self.nodes.values() if among is None or n.node_id in among]
         if not candidates:
             return self.node_id
@@ -169,6 +183,7 @@ class NodeDirectory:
             n for n in dead if n not in self.nodes
         ]
         self.nodes = live
+        self._gone.difference_update(live)
         self._last_write = now
         if now < self._amnesty_until:
             # Redis lost every record: a node missing now may just not have beaten since.
@@ -180,6 +195,7 @@ class NodeDirectory:
             if node_id == self.node_id:
                 continue
             log.warning("node_gone", node_id=node_id, seen_by=self.node_id)
+            self._gone.add(node_id)
             for listener in self._gone_listeners:
                 try:
                     listener(node_id)

@@ -27,6 +27,7 @@ from asobi.protocol import ErrorCode, encode, encode_error
 if TYPE_CHECKING:
     from asobi.app import App
     from asobi.cluster.node import Cluster
+    from asobi.cluster.nodes import NodeDirectory
 
 log = structlog.get_logger("asobi.cluster.matchmaker")
 
@@ -58,13 +59,7 @@ class ClusterPlacement:
         cluster.link.on(FAILED, self._on_failed)
 
     def choose(self, group: Group) -> str:
-        """The live node holding most of the group's players, the least loaded among ties."""
-        nodes = self.cluster.nodes
-        homes = Counter(t.node for t in group.tickets if nodes.alive(t.node))
-        if not homes:
-            return nodes.least_loaded()
-        most = max(homes.values())
-        return nodes.least_loaded([n for n, count in homes.items() if count == most])
+        return choose_node(group, self.cluster.nodes)
 
     async def place(self, group: Group) -> None:
         """Have the chosen node place the group; hand it back if that node never claims it."""
@@ -208,3 +203,18 @@ class ClusterPlacement:
         self.on_matched([t for _, t, _ in failed])
         for pid, _, reason in failed:
             self._error(pid, reason)
+
+
+def choose_node(group: Group, nodes: NodeDirectory) -> str:
+    """The node holding most of the group's players, the least loaded among ties.
+
+    Every ticket's home node had a live heartbeat in Redis when the group formed
+    (`forming.lua`), so a home node counts unless this node has seen it go since.  This node's
+    own listing is up to a heartbeat old: trusting it alone sent the group of a node started
+    within the last heartbeat to some other node, and its players away from the node they had
+    just connected to."""
+    homes = Counter(t.node for t in group.tickets if not nodes.seen_gone(t.node))
+    if not homes:
+        return nodes.least_loaded()
+    most = max(homes.values())
+    return nodes.least_loaded([n for n, count in homes.items() if count == most])
