@@ -115,6 +115,14 @@ class NodeDirectory:
     def alive(self, node_id: str) -> bool:
         return node_id == self.node_id or node_id in self.nodes
 
+    async def is_alive(self, node_id: str) -> bool:
+        """`alive`, with Redis asked about a node not listed here: one started since this node's
+        last read is alive although not listed yet (raises `Unavailable`)."""
+        if self.alive(node_id):
+            return True
+        found = await self.link.call("look a node up", self.link.redis.exists(key("node", node_id)))
+        return bool(found)
+
     def seen_gone(self, node_id: str) -> bool:
         """This node reported `node_id` gone and has not listed it since."""
         return node_id in self._gone

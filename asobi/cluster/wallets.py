@@ -62,7 +62,9 @@ class WalletHandover:
         if previous is None:
             return
         holder = previous.decode()
-        if holder == self.node_id or not self.nodes.alive(holder):
+        # Asked of Redis when not listed: a holder started within the last heartbeat is alive
+        # and may have writes queued; skipping it would load a stale balance.
+        if holder == self.node_id or not await self.nodes.is_alive(holder):
             return
         started = time.monotonic()
         answer = await self.link.request(
