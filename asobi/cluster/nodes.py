@@ -35,6 +35,7 @@ from asobi.cluster.link import RedisLink, Unavailable, key
 log = structlog.get_logger("asobi.cluster")
 
 INDEX = key("nodes")
+GONE_KEPT_S = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +103,10 @@ class NodeDirectory:
         self._last_write: float | None = None
         self._amnesty_until = 0.0
         self._suspects: set[str] = set()
-        # Nodes reported gone and not listed since: placement passes over them.
-        self._gone: set[str] = set()
+        # Nodes reported gone and not listed since, with when: placement passes over them.  Kept
+        # for GONE_KEPT_S, long after forming stopped taking their tickets, then forgotten, so
+        # a long-lived node does not collect the id of every process that ever left.
+        self._gone: dict[str, float] = {}
 
     def on_gone(self, listener: Callable[[str], None]) -> None:
         self._gone_listeners.append(listener)
@@ -191,7 +194,8 @@ class NodeDirectory:
             n for n in dead if n not in self.nodes
         ]
         self.nodes = live
-        self._gone.difference_update(live)
+        kept = GONE_KEPT_S
+        self._gone = {n: t for n, t in self._gone.items() if n not in live and now - t < kept}
         self._last_write = now
         if now < self._amnesty_until:
             # Redis lost every record: a node missing now may just not have beaten since.
@@ -203,7 +207,7 @@ class NodeDirectory:
             if node_id == self.node_id:
                 continue
             log.warning("node_gone", node_id=node_id, seen_by=self.node_id)
-            self._gone.add(node_id)
+            self._gone[node_id] = now
             for listener in self._gone_listeners:
                 try:
                     listener(node_id)

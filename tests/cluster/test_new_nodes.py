@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from asobi.cluster import nodes as nodes_module
 from asobi.cluster.forming import Group, QueuedTicket
 from asobi.cluster.link import RedisLink
 from asobi.cluster.nodes import NodeDirectory
@@ -27,7 +28,7 @@ def group_of(*homes: str) -> Group:
 
 
 async def test_a_group_goes_to_its_players_node_even_when_that_node_started_since_the_last_read(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     redis = RedisServer(tmp_path / "redis")
     redis.start()
@@ -61,6 +62,15 @@ async def test_a_group_goes_to_its_players_node_even_when_that_node_started_sinc
         await a.beat()
         assert not a.seen_gone("d")
         assert choose_node(group_of("d"), a) == "d"
+
+        # Gone again, and forgotten once GONE_KEPT_S passed (ids of old processes do not pile up).
+        await asyncio.sleep(0.6)
+        await a.beat()
+        assert a.seen_gone("d")
+        monkeypatch.setattr(nodes_module, "GONE_KEPT_S", 0.2)
+        await asyncio.sleep(0.3)
+        await a.beat()
+        assert not a.seen_gone("d")
     finally:
         for link in links.values():
             await link.stop()
