@@ -58,8 +58,9 @@ end
 Match = list[Any]  # [driver, tick, get_state, state, tojson]
 
 
-def _state(library: bytes) -> tuple[Any, Any, Any, Any]:
-    """A Lua state with the C encoder: (runtime, driver, environment maker, chunk maker)."""
+def _state(library: bytes) -> tuple[Any, Any, Any, Any, Any]:
+    """A Lua state with the C encoder: (runtime, driver, encoder, environment maker, chunk
+    maker)."""
     runtime = lua54.LuaRuntime(register_eval=False, register_builtins=False, encoding=None)
     runtime.execute(b"collectgarbage('generational')")
     tojson = native.load_into(runtime, library).tojson
@@ -68,7 +69,7 @@ def _state(library: bytes) -> tuple[Any, Any, Any, Any]:
     # One chunk whose functions close over the environment they are given: every call defines
     # the script's functions anew, as closures of the same prototypes.
     make = runtime.execute(b"return function(_ENV) " + SOURCE + b"\nend")
-    return runtime, (driver, tojson), new_env, make
+    return runtime, driver, tojson, new_env, make
 
 
 def build(matches: int, per_state: int, library: bytes) -> tuple[list[Match], list[Any]]:
@@ -76,7 +77,7 @@ def build(matches: int, per_state: int, library: bytes) -> tuple[list[Match], li
     out: list[Match] = []
     runtimes: list[Any] = []
     while len(out) < matches:
-        runtime, (driver, tojson), new_env, make = _state(library)
+        runtime, driver, tojson, new_env, make = _state(library)
         runtimes.append(runtime)
         for _ in range(min(per_state, matches - len(out))):
             env = new_env()

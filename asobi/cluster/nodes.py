@@ -131,15 +131,7 @@ class NodeDirectory:
         return node_id in self._gone
 
     def least_loaded(self, among: list[str] | None = None) -> str:
-        """The live node with the lightest load (this node when it knows of no other).
-
-        A node of `among` that this node has not listed yet started after the last heartbeat
-        read (the caller knows it is alive from Redis): it holds nothing yet, so it is the
-        lightest."""
-        if among is not None:
-            newer = sorted(n for n in among if n != self.node_id and n not in self.nodes)
-            if newer:
-                return newer[0]
+        """The live node with the lightest load (this node when it knows of no other)."""
         candidates = [n for n in self.nodes.values() if among is None or n.node_id in among]
         if not candidates:
             return self.node_id
@@ -194,8 +186,9 @@ class NodeDirectory:
             n for n in dead if n not in self.nodes
         ]
         self.nodes = live
-        kept = GONE_KEPT_S
-        self._gone = {n: t for n, t in self._gone.items() if n not in live and now - t < kept}
+        self._gone = {
+            n: t for n, t in self._gone.items() if n not in live and now - t < GONE_KEPT_S
+        }
         self._last_write = now
         if now < self._amnesty_until:
             # Redis lost every record: a node missing now may just not have beaten since.

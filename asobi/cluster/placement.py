@@ -212,9 +212,11 @@ def choose_node(group: Group, nodes: NodeDirectory) -> str:
     (`forming.lua`), so a home node counts unless this node has seen it go since.  This node's
     own listing is up to a heartbeat old: trusting it alone sent the group of a node started
     within the last heartbeat to some other node, and its players away from the node they had
-    just connected to."""
+    just connected to.  Such a node, not listed here yet, holds nothing yet: it wins a tie."""
     homes = Counter(t.node for t in group.tickets if not nodes.seen_gone(t.node))
     if not homes:
         return nodes.least_loaded()
     most = max(homes.values())
-    return nodes.least_loaded([n for n, count in homes.items() if count == most])
+    tied = [n for n, count in homes.items() if count == most]
+    unlisted = sorted(n for n in tied if not nodes.alive(n))
+    return unlisted[0] if unlisted else nodes.least_loaded(tied)
