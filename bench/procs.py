@@ -139,16 +139,17 @@ def spawn_asobi(
     log_path: Path,
     env: dict[str, str] | None = None,
     source: Path | None = None,
+    python: str | None = None,
 ) -> ServerProcess:
     """`asobi serve` for the bench; `env` adds settings (a cluster node's, for instance).
     `source`: run the `asobi` package of that checkout instead of the installed one (another
-    commit, for a side-by-side run)."""
+    commit, for a side-by-side run); `python`: another interpreter than this one."""
     stats = data_dir / "bench-stats.json"
     if source is not None:
         env = {**(env or {}), "PYTHONPATH": str(source)}
     server = spawn(
         [
-            sys.executable,
+            python or sys.executable,
             "-m",
             "asobi",
             "serve",

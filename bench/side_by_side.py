@@ -56,11 +56,13 @@ async def measure(
     per_tick: bool = False,
     this_env: dict[str, str] | None = None,
     alternate: bool = False,
+    this_python: str | None = None,
 ) -> dict[str, list[float]]:
     """Each server's CPU per delivered frame in each window, in us; `per_tick`: per match-tick
     it should have run instead (for a variant that sends fewer frames, or none); `this_env`:
     more environment for this checkout's server only (a setting measured against its default);
-    `alternate`: one server running at a time (see the module's docstring)."""
+    `alternate`: one server running at a time (see the module's docstring); `this_python`: the
+    interpreter this checkout's server runs on (one Python release against another)."""
     server_core, load_core = procs.cores()
     if load_core:
         os.sched_setaffinity(0, load_core)
@@ -76,6 +78,7 @@ async def measure(
                 field=game == "field",
                 source=source,
                 env=this_env if name == "this" else None,
+                python=this_python if name == "this" else None,
             )
             targets.append(target)
             target.start()
@@ -129,13 +132,16 @@ def _run_only(running: AsobiTarget | None, targets: list[AsobiTarget]) -> None:
                 os.kill(target.server.pid, signal.SIGSTOP if stop else signal.SIGCONT)
 
 
-def _build_extensions(checkout: Path) -> None:
+def _build_extensions(checkout: Path, python: str | None = None) -> None:
     """Put `checkout`'s compiled extensions (asobi/lua/_native.c, if it has any) beside its
     sources, as an editable install does for this checkout: a fresh worktree has none, and its
-    server would silently run without them.  Built as pip builds them, from a wheel."""
+    server would silently run without them; neither has a checkout served by another Python
+    release (`python`: extensions are built per release).  Built as pip builds them, from a
+    wheel."""
+    pip = [python or sys.executable, "-m", "pip", "wheel", "--no-deps", "-q"]
     with tempfile.TemporaryDirectory(prefix="asobi-wheel-") as out:
         subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", out, str(checkout)],
+            [*pip, "-w", out, str(checkout)],
             check=True,
             capture_output=True,
         )
@@ -171,6 +177,12 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="set KEY=VALUE for this checkout's server only (REV may be HEAD: a setting alone)",
     )
+    parser.add_argument(
+        "--this-python",
+        metavar="EXE",
+        help="run this checkout's server on another interpreter (a venv's python with asobi's"
+        " dependencies; REV may be HEAD: the interpreter alone)",
+    )
     args = parser.parse_args()
     this_env = dict(item.split("=", 1) for item in args.this_env)
     matches = args.matches or DEFAULT_MATCHES[args.game]
@@ -182,6 +194,8 @@ def main() -> int:
     )
     try:
         _build_extensions(worktree)
+        if args.this_python:
+            _build_extensions(HERE, args.this_python)
         sources = [(args.rev, worktree), ("this", HERE)]
         if args.swap:
             sources.reverse()
@@ -199,6 +213,7 @@ def main() -> int:
                 args.per_tick,
                 this_env,
                 args.alternate,
+                args.this_python,
             )
         )
     finally:

@@ -89,13 +89,16 @@ class AsobiTarget(Target):
         field: bool = False,
         source: Path | None = None,
         env: dict[str, str] | None = None,
+        python: str | None = None,
     ) -> None:
         """`field`: the realistic game (`bench/field_game.py`, patch frames, inputs) instead of
         the bench game.  `source`: the checkout whose `asobi` to run (default: the installed).
-        `env`: more environment for the server (a setting or a library measured against none)."""
+        `env`: more environment for the server (a setting or a library measured against none).
+        `python`: the interpreter to run it with (default: this one)."""
         super().__init__(work, core, tally)
         self.source = source
         self.env = env
+        self.python = python
         self.reload = reload
         self.shared = shared
         self.field = field
@@ -125,6 +128,7 @@ class AsobiTarget(Target):
             log_path=self.work / "asobi.log",
             source=self.source,
             env=self.env,
+            python=self.python,
         )
 
     @property
