@@ -38,8 +38,18 @@ from bench.loadgen import Tally
 from bench.targets import AsobiTarget, ColyseusTarget
 
 RESULTS = Path(__file__).parent / "results"
+CHECKOUT = Path(__file__).parent.parent
 PARTS = ("asobi", "shared", "reload", "patch", "snapshot", "colyseus", "field")
 ON_REQUEST = ("cluster", "cluster-cost", "drain")  # run only when `--only` names them
+
+
+@dataclass(frozen=True)
+class Server:
+    """How asobi's server processes are started: `python` runs them on another interpreter than
+    this one (with `source`, the checkout whose `asobi` it imports)."""
+
+    python: str | None = None
+    source: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -98,11 +108,18 @@ SMOKE = Plan(
 
 
 async def run_asobi(
-    plan: Plan, work: Path, cores: Any, out: dict[str, Any], shared: bool = False
+    plan: Plan, work: Path, cores: Any, out: dict[str, Any], server: Server, shared: bool = False
 ) -> None:
     server_core, _ = cores
     key = "asobi-shared" if shared else "asobi"
-    target = AsobiTarget(work / key, server_core, Tally(), shared=shared)
+    target = AsobiTarget(
+        work / key,
+        server_core,
+        Tally(),
+        shared=shared,
+        python=server.python,
+        source=server.source,
+    )
     target.start()
     try:
         result = await capacity.run(
@@ -119,7 +136,9 @@ async def run_asobi(
         target.stop()
 
 
-async def run_reload(plan: Plan, work: Path, cores: Any, out: dict[str, Any]) -> None:
+async def run_reload(
+    plan: Plan, work: Path, cores: Any, out: dict[str, Any], server: Server
+) -> None:
     server_core, _ = cores
     out["switch_cost"] = [
         switch_cost.measure(shared, matches=plan.switch_matches).as_dict()
@@ -132,7 +151,14 @@ async def run_reload(plan: Plan, work: Path, cores: Any, out: dict[str, Any]) ->
         rows = [m for m, s, p in plan.reload_runs if (s, p) == (shared, players)]
         name = f"reload-{'shared' if shared else 'per-player'}-{players}"
         target = AsobiTarget(
-            work / name, server_core, Tally(), reload="watch", shared=shared, players=players
+            work / name,
+            server_core,
+            Tally(),
+            reload="watch",
+            shared=shared,
+            players=players,
+            python=server.python,
+            source=server.source,
         )
         target.start()
         try:
@@ -170,11 +196,20 @@ async def run_colyseus(
         target.stop()
 
 
-async def run_field(plan: Plan, work: Path, cores: Any, out: dict[str, Any], smoke: bool) -> None:
+async def run_field(
+    plan: Plan, work: Path, cores: Any, out: dict[str, Any], server: Server, smoke: bool
+) -> None:
     """The field game (`bench/field_game.py`) on asobi, then as the same Colyseus room."""
     server_core, _ = cores
     targets: list[AsobiTarget | ColyseusTarget] = [
-        AsobiTarget(work / "asobi-field", server_core, Tally(), field=True)
+        AsobiTarget(
+            work / "asobi-field",
+            server_core,
+            Tally(),
+            field=True,
+            python=server.python,
+            source=server.source,
+        )
     ]
     if ColyseusTarget.installed():
         targets.append(ColyseusTarget(work / "colyseus-field", server_core, Tally(), field=True))
@@ -200,6 +235,10 @@ async def run_field(plan: Plan, work: Path, cores: Any, out: dict[str, Any], smo
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     plan = SMOKE if args.smoke else FULL
+    server = Server()
+    if args.server_python:
+        procs.build_extensions(CHECKOUT, args.server_python)
+        server = Server(python=args.server_python, source=CHECKOUT)
     cores = procs.cores()
     if cores[1]:
         os.sched_setaffinity(0, cores[1])
@@ -210,6 +249,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "pinned": cores[0] is not None,
             "python": platform.python_version(),
+            "server_python": procs.interpreter(server.python),
             "platform": platform.platform(),
         },
         "plan": plan.__dict__,
@@ -219,12 +259,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         if "asobi" in parts:
-            await run_asobi(plan, work, cores, out)
+            await run_asobi(plan, work, cores, out, server)
             out["match_memory"] = await asyncio.to_thread(match_memory.run, *plan.memory_run)
         if "shared" in parts and not (args.smoke and not args.only):
-            await run_asobi(plan, work, cores, out, shared=True)
+            await run_asobi(plan, work, cores, out, server, shared=True)
         if "reload" in parts:
-            await run_reload(plan, work, cores, out)
+            await run_reload(plan, work, cores, out, server)
         if "patch" in parts:
             out["patch_bytes"] = [
                 {"full": asdict(full), "patch": asdict(patch), "compact": asdict(compact)}
@@ -240,7 +280,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if "colyseus" in parts:
             await run_colyseus(plan, work, cores, out, args.smoke)
         if "field" in parts:
-            await run_field(plan, work, cores, out, args.smoke)
+            await run_field(plan, work, cores, out, server, args.smoke)
         if "cluster" in parts:
             from bench import cluster_matchmaking  # needs redis-server and PostgreSQL
 
@@ -262,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny run (< 10 s) for CI")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(PARTS + ON_REQUEST)}")
     parser.add_argument("--work", help="keep game dirs and server logs here (default: a temp dir)")
+    parser.add_argument(
+        "--server-python",
+        metavar="EXE",
+        help="run asobi's servers on this interpreter (a venv's python with asobi's dependencies;"
+        " its C parts are built for it); the in-process parts stay on this one",
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     out = asyncio.run(main_async(args))

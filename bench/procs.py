@@ -12,7 +12,9 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,3 +211,33 @@ async def read_stats(
             if raw != before:
                 return orjson.loads(raw)
     raise RuntimeError("the server did not write its stats file (is it overloaded or gone?)")
+
+
+def build_extensions(checkout: Path, python: str | None = None) -> None:
+    """Put `checkout`'s compiled extensions (asobi/lua/_native.c, if it has any) beside its
+    sources, as an editable install does for this checkout: a fresh worktree has none, and its
+    server would silently run without them; neither has a checkout served by another Python
+    release (`python`: extensions are built per release).  Built as pip builds them, from a
+    wheel."""
+    pip = [python or sys.executable, "-m", "pip", "wheel", "--no-deps", "-q"]
+    with tempfile.TemporaryDirectory(prefix="asobi-wheel-") as out:
+        subprocess.run([*pip, "-w", out, str(checkout)], check=True, capture_output=True)
+        for wheel in Path(out).glob("*.whl"):
+            with zipfile.ZipFile(wheel) as archive:
+                for name in archive.namelist():
+                    if name.startswith("asobi/") and name.endswith((".so", ".pyd")):
+                        archive.extract(name, checkout)
+
+
+def interpreter(python: str | None = None) -> str:
+    """`python`'s version and build as the report names it ("3.11.2 (/usr/bin/python3.11)"):
+    the server's interpreter moves its CPU per frame by several percent (a PGO build against
+    one without), so a run says which it measured."""
+    exe = python or sys.executable
+    version = subprocess.run(
+        [exe, "-c", "import platform; print(platform.python_version())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return f"{version} ({exe})"

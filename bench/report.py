@@ -108,7 +108,8 @@ def markdown(out: dict[str, Any]) -> str:
     lines.append(
         f"{machine.get('cpus')} CPUs, server and load generator "
         f"{'pinned to separate cores' if machine.get('pinned') else 'NOT pinned (one core)'}, "
-        f'Python {machine.get("python")}; run took {out.get("elapsed_s")} s.  "foreign CPU" is '
+        f"Python {machine.get('python')} (server: {machine.get('server_python', 'the same')}); "
+        f'run took {out.get("elapsed_s")} s.  "foreign CPU" is '
         "time other processes took on the server's core during the window (a shared machine); "
         "a failing step is measured twice and the better window kept."
     )

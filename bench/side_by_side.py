@@ -32,7 +32,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 from bench import field_game, procs
@@ -132,26 +131,6 @@ def _run_only(running: AsobiTarget | None, targets: list[AsobiTarget]) -> None:
                 os.kill(target.server.pid, signal.SIGSTOP if stop else signal.SIGCONT)
 
 
-def _build_extensions(checkout: Path, python: str | None = None) -> None:
-    """Put `checkout`'s compiled extensions (asobi/lua/_native.c, if it has any) beside its
-    sources, as an editable install does for this checkout: a fresh worktree has none, and its
-    server would silently run without them; neither has a checkout served by another Python
-    release (`python`: extensions are built per release).  Built as pip builds them, from a
-    wheel."""
-    pip = [python or sys.executable, "-m", "pip", "wheel", "--no-deps", "-q"]
-    with tempfile.TemporaryDirectory(prefix="asobi-wheel-") as out:
-        subprocess.run(
-            [*pip, "-w", out, str(checkout)],
-            check=True,
-            capture_output=True,
-        )
-        for wheel in Path(out).glob("*.whl"):
-            with zipfile.ZipFile(wheel) as archive:
-                for name in archive.namelist():
-                    if name.startswith("asobi/") and name.endswith((".so", ".pyd")):
-                        archive.extract(name, checkout)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("rev", help="the commit to compare this checkout with (e.g. HEAD~1)")
@@ -193,9 +172,9 @@ def main() -> int:
         capture_output=True,
     )
     try:
-        _build_extensions(worktree)
+        procs.build_extensions(worktree)
         if args.this_python:
-            _build_extensions(HERE, args.this_python)
+            procs.build_extensions(HERE, args.this_python)
         sources = [(args.rev, worktree), ("this", HERE)]
         if args.swap:
             sources.reverse()
