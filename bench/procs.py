@@ -218,14 +218,16 @@ def build_extensions(checkout: Path, python: str | None = None) -> None:
     sources, as an editable install does for this checkout: a fresh worktree has none, and its
     server would silently run without them; neither has a checkout served by another Python
     release (`python`: extensions are built per release).  Built as pip builds them, from a
-    wheel."""
+    wheel.  Only missing files are written: one that exists may be mapped into a running
+    process (this one imports them), and writing over a loaded library crashes it."""
     pip = [python or sys.executable, "-m", "pip", "wheel", "--no-deps", "-q"]
     with tempfile.TemporaryDirectory(prefix="asobi-wheel-") as out:
         subprocess.run([*pip, "-w", out, str(checkout)], check=True, capture_output=True)
         for wheel in Path(out).glob("*.whl"):
             with zipfile.ZipFile(wheel) as archive:
                 for name in archive.namelist():
-                    if name.startswith("asobi/") and name.endswith((".so", ".pyd")):
+                    built = name.startswith("asobi/") and name.endswith((".so", ".pyd"))
+                    if built and not (checkout / name).exists():
                         archive.extract(name, checkout)
 
 
