@@ -45,11 +45,14 @@ ON_REQUEST = ("cluster", "cluster-cost", "drain")  # run only when `--only` name
 
 @dataclass(frozen=True)
 class Server:
-    """How asobi's server processes are started: `python` runs them on another interpreter than
-    this one (with `source`, the checkout whose `asobi` it imports)."""
+    """How asobi's servers are started: `python`, another interpreter than this one (it imports
+    this checkout's `asobi`, which it does not have installed)."""
 
     python: str | None = None
-    source: Path | None = None
+
+    def target(self, work: Path, core: set[int] | None, **options: Any) -> AsobiTarget:
+        source = CHECKOUT if self.python else None
+        return AsobiTarget(work, core, Tally(), python=self.python, source=source, **options)
 
 
 @dataclass(frozen=True)
@@ -112,14 +115,7 @@ async def run_asobi(
 ) -> None:
     server_core, _ = cores
     key = "asobi-shared" if shared else "asobi"
-    target = AsobiTarget(
-        work / key,
-        server_core,
-        Tally(),
-        shared=shared,
-        python=server.python,
-        source=server.source,
-    )
+    target = server.target(work / key, server_core, shared=shared)
     target.start()
     try:
         result = await capacity.run(
@@ -150,15 +146,8 @@ async def run_reload(
     for shared, players in shapes:
         rows = [m for m, s, p in plan.reload_runs if (s, p) == (shared, players)]
         name = f"reload-{'shared' if shared else 'per-player'}-{players}"
-        target = AsobiTarget(
-            work / name,
-            server_core,
-            Tally(),
-            reload="watch",
-            shared=shared,
-            players=players,
-            python=server.python,
-            source=server.source,
+        target = server.target(
+            work / name, server_core, reload="watch", shared=shared, players=players
         )
         target.start()
         try:
@@ -202,14 +191,7 @@ async def run_field(
     """The field game (`bench/field_game.py`) on asobi, then as the same Colyseus room."""
     server_core, _ = cores
     targets: list[AsobiTarget | ColyseusTarget] = [
-        AsobiTarget(
-            work / "asobi-field",
-            server_core,
-            Tally(),
-            field=True,
-            python=server.python,
-            source=server.source,
-        )
+        server.target(work / "asobi-field", server_core, field=True)
     ]
     if ColyseusTarget.installed():
         targets.append(ColyseusTarget(work / "colyseus-field", server_core, Tally(), field=True))
@@ -235,10 +217,9 @@ async def run_field(
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     plan = SMOKE if args.smoke else FULL
-    server = Server()
-    if args.server_python:
-        procs.build_extensions(CHECKOUT, args.server_python)
-        server = Server(python=args.server_python, source=CHECKOUT)
+    server = Server(args.server_python)
+    if server.python:
+        procs.build_extensions(CHECKOUT, server.python)
     cores = procs.cores()
     if cores[1]:
         os.sched_setaffinity(0, cores[1])

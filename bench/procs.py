@@ -218,17 +218,19 @@ def build_extensions(checkout: Path, python: str | None = None) -> None:
     sources, as an editable install does for this checkout: a fresh worktree has none, and its
     server would silently run without them; neither has a checkout served by another Python
     release (`python`: extensions are built per release).  Built as pip builds them, from a
-    wheel.  Only missing files are written: one that exists may be mapped into a running
-    process (this one imports them), and writing over a loaded library crashes it."""
+    wheel.  Each file is written beside its target and renamed over it: a library already
+    loaded (by this process, say) keeps its old file, where writing into it would crash it."""
     pip = [python or sys.executable, "-m", "pip", "wheel", "--no-deps", "-q"]
     with tempfile.TemporaryDirectory(prefix="asobi-wheel-") as out:
         subprocess.run([*pip, "-w", out, str(checkout)], check=True, capture_output=True)
         for wheel in Path(out).glob("*.whl"):
             with zipfile.ZipFile(wheel) as archive:
                 for name in archive.namelist():
-                    built = name.startswith("asobi/") and name.endswith((".so", ".pyd"))
-                    if built and not (checkout / name).exists():
-                        archive.extract(name, checkout)
+                    if name.startswith("asobi/") and name.endswith((".so", ".pyd")):
+                        target = checkout / name
+                        fresh = target.with_name(f".{target.name}.{os.getpid()}")
+                        fresh.write_bytes(archive.read(name))
+                        os.replace(fresh, target)
 
 
 def interpreter(python: str | None = None) -> str:
