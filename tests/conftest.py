@@ -26,6 +26,7 @@ from asobi.app import App
 from asobi.config import Settings
 from asobi.directory import Outbox
 from asobi.engine import Engine
+from asobi.lua import native
 from asobi.lua.runtime import EachResult
 from asobi.match import Match
 from asobi.scripts import ScriptRegistry
@@ -116,6 +117,19 @@ class Logs:
 @pytest.fixture
 def logs() -> Logs:
     return Logs(len(LOGS.lines))
+
+
+@pytest.fixture(params=["c", "lua"])
+def budget_machinery(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test once with the budgeted calls in C (`asobi/lua/_budget.c`) and once with
+    calls.lua's own: the containment rules must hold in both, and a process without the C parts
+    runs the Lua ones.  Modules opt in with `pytestmark = pytest.mark.usefixtures(...)`."""
+    if request.param == "c":
+        if native.library() is None or not native.budget_in_c:
+            pytest.skip("asobi's Lua C functions are not built here")
+    else:
+        monkeypatch.setattr(native, "budget_in_c", False)
+    return str(request.param)
 
 
 # A test client that stopped reading has up to 16 frames queued ahead of the server's reply to its

@@ -21,6 +21,9 @@ from asobi.lua.runtime import Limits
 from tests.conftest import TUTORIAL, Client, Logs
 from tests.test_sandbox_hostile import VictimWatch
 
+# Every test runs on the C budgeted calls and on calls.lua's (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("budget_machinery")
+
 TICK_BUDGET = 0.02
 LIMITS = Limits(
     tick=TICK_BUDGET, init=1.0, join=0.05, get_state=0.01, load=0.05, max_memory=24 * 2**20

@@ -15,9 +15,14 @@ import time
 import urllib.request
 from typing import Any
 
+import pytest
+
 from asobi.lua.runtime import Limits
 from tests.conftest import Logs
 from tests.test_sandbox_hostile import HOSTILE, VICTIM, VictimWatch, join_hostile
+
+# Every test runs on the C budgeted calls and on calls.lua's (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("budget_machinery")
 
 # Below the 50 ms tick period: a handler that burns its budget on every tick keeps the loop busy
 # 40% of the time, not all of it (which would starve the test's own in-process clients).

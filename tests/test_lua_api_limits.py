@@ -4,10 +4,15 @@ matches on a real server with real WebSocket clients."""
 
 from __future__ import annotations
 
+import pytest
+
 from asobi.config import Settings
 from asobi.lua.runtime import Limits
 from tests.conftest import Logs, run_queue_wait
 from tests.lua_api_support import PLAIN, frames_until, matched, no_frame_of, script_failures
+
+# Every test runs on the C budgeted calls and on calls.lua's (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("budget_machinery")
 
 
 # -- globals --------------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ from lupa import lua54
 from asobi.lua.runtime import Limits
 from tests.conftest import Client, Logs, run_queue_wait, take_lateness
 
+# Every test runs on the C budgeted calls and on calls.lua's (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("budget_machinery")
+
 TICK_BUDGET = 0.02
 LIMITS = Limits(tick=TICK_BUDGET, init=0.2, join=0.05, get_state=0.01, max_memory=16 * 2**20)
 FAILURES = 3

@@ -19,6 +19,9 @@ from asobi.lua.runtime import Limits, MatchLua, compile_script
 from tests.conftest import each_data, engine_match
 from tests.test_patterns import _QuietHost
 
+# Every test runs on the C budgeted calls and on calls.lua's (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("budget_machinery")
+
 # get_state answers with whatever the state holds for the player (set from Python below).
 PICK = b"""
 function get_state(state, id) return state[id] end

@@ -9,6 +9,9 @@ import pytest
 from asobi.lua.runtime import Limits, MatchLua, compile_script
 from tests.test_patterns import _QuietHost
 
+# Every test runs on the C budgeted calls and on calls.lua's (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("budget_machinery")
+
 SCRIPT = b"""
 function tick(state)
   local how = state.how
@@ -76,3 +79,15 @@ def test_match_states_collect_garbage_generationally() -> None:
     lua = lua_with()
     collect = lua.runtime.globals()[b"collectgarbage"]
     assert collect(b"generational") == b"generational"
+
+
+def test_the_budgeted_calls_are_the_ones_asked_for(budget_machinery: str) -> None:
+    """With asobi's Lua C functions the tick path's budgeted calls are C functions shared by
+    every state (`_budget.c`); without, calls.lua's own Lua functions."""
+    lua = lua_with()
+    getinfo = lua.runtime.globals()[b"debug"][b"getinfo"]
+    expected = b"C" if budget_machinery == "c" else b"Lua"
+    assert [getinfo(lua.api[name], b"S")[b"what"] for name in (b"call", b"call_each")] == [
+        expected,
+        expected,
+    ]

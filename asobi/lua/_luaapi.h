@@ -14,11 +14,14 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 typedef struct lua_State lua_State;
 typedef long long lua_Integer; /* LUA_INT_LONGLONG, Lua 5.4's default */
 typedef double lua_Number;     /* LUA_FLOAT_DOUBLE */
 typedef int (*lua_CFunction)(lua_State *L);
+typedef struct lua_Debug lua_Debug; /* only ever passed through, never read */
+typedef void (*lua_Hook)(lua_State *L, lua_Debug *ar);
 
 struct asobi_lua_api {
     void (*settop)(lua_State *L, int idx);
@@ -44,6 +47,16 @@ struct asobi_lua_api {
     int (*rawgeti)(lua_State *L, int idx, lua_Integer n);
     void (*rawseti)(lua_State *L, int idx, lua_Integer n);
     void (*callk)(lua_State *L, int nargs, int nresults, ptrdiff_t ctx, void *k);
+    /* The budget machinery's (`_budget.c`). */
+    int (*gettop)(lua_State *L);
+    void (*rotate)(lua_State *L, int idx, int n);
+    int (*pcallk)(lua_State *L, int nargs, int nresults, int errfunc, ptrdiff_t ctx, void *k);
+    void (*sethook)(lua_State *L, lua_Hook f, int mask, int count);
+    int (*rawgetp)(lua_State *L, int idx, const void *p);
+    void (*rawsetp)(lua_State *L, int idx, const void *p);
+    const char *(*typename_)(lua_State *L, int tp);
+    const char *(*pushfstring)(lua_State *L, const char *fmt, ...);
+    int (*error)(lua_State *L);
 };
 
 extern struct asobi_lua_api asobi_lua;
@@ -72,6 +85,26 @@ extern int asobi_lua_bound;
 #define lua_rawgeti asobi_lua.rawgeti
 #define lua_rawseti asobi_lua.rawseti
 #define lua_call(L, nargs, nresults) asobi_lua.callk(L, nargs, nresults, 0, NULL)
+#define lua_gettop asobi_lua.gettop
+#define lua_rotate asobi_lua.rotate
+#define lua_pcall(L, nargs, nresults, errfunc) asobi_lua.pcallk(L, nargs, nresults, errfunc, 0, NULL)
+#define lua_sethook asobi_lua.sethook
+#define lua_rawgetp asobi_lua.rawgetp
+#define lua_rawsetp asobi_lua.rawsetp
+#define lua_typename asobi_lua.typename_
+#define lua_pushfstring asobi_lua.pushfstring
+#define lua_error asobi_lua.error
+#define lua_insert(L, idx) lua_rotate(L, (idx), 1)
+#define lua_pop(L, n) lua_settop(L, -(n)-1)
+
+/* Lua 5.4's pseudo-indices, for LUAI_MAXSTACK = 1000000 (luaconf.h's value for 32-bit ints).
+ * `_budget.c` checks the registry is there before it relies on them. */
+#define LUA_REGISTRYINDEX (-1000000 - 1000)
+#define lua_upvalueindex(i) (LUA_REGISTRYINDEX - (i))
+#define LUA_MULTRET (-1)
+#define LUA_OK 0
+#define LUA_MASKCOUNT (1 << 3)
+#define LUA_TNONE (-1)
 
 #define LUA_TNIL 0
 #define LUA_TBOOLEAN 1
@@ -104,6 +137,13 @@ static inline int put(Bytes *o, const char *s, size_t n) {
     memcpy(o->b + o->n, s, n);
     o->n += n;
     return 1;
+}
+
+/* The host's clock, `time.perf_counter()` on Linux: CLOCK_MONOTONIC, nanoseconds over 1e9. */
+static inline double asobi_clock_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)((long long)ts.tv_sec * 1000000000 + ts.tv_nsec) / 1e9;
 }
 
 #endif

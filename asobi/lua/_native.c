@@ -1,12 +1,11 @@
 /*
  * asobi's Lua C functions, loaded into each match's Lua state by the host with `package.loadlib`
  * (never by a script): the JSON encoder of state frames (`_tojson.c`), the snapshot packer
- * (`_pack.c`) and the clock of budgets (`now`, below).  This file binds them to the Lua API
+ * (`_pack.c`), the budgeted calls of the tick path (`_budget.c`) and the clock of budgets (`now`,
+ * below).  This file binds them to the Lua API
  * (`_luaapi.h`) and opens them.
  */
 #include <dlfcn.h>
-#include <stdint.h>
-#include <time.h>
 
 #include "_luaapi.h"
 
@@ -53,13 +52,17 @@ int asobi_native_bind(const char *path) {
     BIND(toboolean) BIND(tolstring) BIND(next) BIND(getmetatable) BIND(pushnil)
     BIND(pushboolean) BIND(pushinteger) BIND(pushnumber) BIND(pushvalue) BIND(pushlstring) BIND(pushcclosure)
     BIND(createtable) BIND(rawget) BIND(rawset) BIND(rawgeti) BIND(rawseti) BIND(callk)
+    BIND(gettop) BIND(rotate) BIND(pcallk) BIND(sethook) BIND(rawgetp) BIND(rawsetp)
+    BIND(pushfstring) BIND(error)
 #undef BIND
+    if ((*(void **)&asobi_lua.typename_ = dlsym(library, "lua_typename")) == NULL) return 0;
     asobi_lua_bound = 1;
     return 1;
 }
 
 int asobi_tojson(lua_State *L);
 int asobi_pack(lua_State *L);
+int asobi_budget(lua_State *L);
 
 /* The host's clock, `time.perf_counter()`, read without calling into Python: the budgets' clock
  * is read before every get_state call, every input call and every 1,000 instructions (calls.lua),
@@ -67,17 +70,15 @@ int asobi_pack(lua_State *L);
  * rounding as CPython's on Linux (CLOCK_MONOTONIC, nanoseconds over 1e9); the host checks that the
  * two agree before it uses this one (`asobi.lua.native`). */
 static int asobi_now(lua_State *L) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    lua_pushnumber(L, (lua_Number)((int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec) / 1e9);
+    lua_pushnumber(L, asobi_clock_now());
     return 1;
 }
 
-/* The loader: a table of the functions ("tojson", "pack", "now"), or nothing at all when the API
- * was never bound (the host then does that work itself). */
+/* The loader: a table of the functions ("tojson", "pack", "now", "budget"), or nothing at all
+ * when the API was never bound (the host then does that work itself). */
 int luaopen_asobi_native(lua_State *L) {
     if (!asobi_lua_bound) return 0;
-    lua_createtable(L, 0, 3);
+    lua_createtable(L, 0, 4);
     lua_pushlstring(L, "tojson", 6);
     lua_pushcclosure(L, asobi_tojson, 0);
     lua_rawset(L, -3);
@@ -86,6 +87,9 @@ int luaopen_asobi_native(lua_State *L) {
     lua_rawset(L, -3);
     lua_pushlstring(L, "now", 3);
     lua_pushcclosure(L, asobi_now, 0);
+    lua_rawset(L, -3);
+    lua_pushlstring(L, "budget", 6);
+    lua_pushcclosure(L, asobi_budget, 0);
     lua_rawset(L, -3);
     return 1;
 }

@@ -23,9 +23,13 @@ local huge = math.huge
 
 local B = {}
 
-local deadline = huge
-local exceeded = nil
-local budget_prefix, budget_suffix = "callback exceeded its budget", ""
+-- What every budgeted call shares, in one table that the C calls (`_budget.c`) read and write
+-- too: the deadline (host clock; `huge` between calls), the budget error once raised (nil until
+-- then), the budget message's two halves, the count of host calls made, and `cut`.  The table is
+-- built with all six slots, so writing any of them never allocates.
+local DEADLINE, EXCEEDED, PREFIX, SUFFIX, HOST_CALLS, CUT = 1, 2, 3, 4, 5, 6
+local S = { huge, false, "callback exceeded its budget", "", 0, false }
+S[EXCEEDED] = nil
 
 -- "match.lua:12": the innermost frame of a game script (not of these host chunks), so the message
 -- points at the script line that was running when the budget ran out.
@@ -43,22 +47,23 @@ end
 local hook
 
 local function cut()
-  if not exceeded then
+  if not S[EXCEEDED] then
     local at = script_position()
-    exceeded = budget_prefix .. (at and (" at " .. at) or "") .. budget_suffix
+    S[EXCEEDED] = S[PREFIX] .. (at and (" at " .. at) or "") .. S[SUFFIX]
   end
   -- From now on the hook fires at every instruction: whatever still runs while the call unwinds
   -- (__close handlers, a script's message handler) is stopped at once.
   sethook(hook, "", 1)
-  error_(exceeded, 0)
+  error_(S[EXCEEDED], 0)
 end
+S[CUT] = cut
 
 -- B.call, B.call_each, B.tick_then_each and finish: once xpcall has returned the call is over, and
 -- nothing is cut there.
 local call_fn, finish_fn, each_fn, tick_each_fn
 
 hook = function()
-  if now() > deadline then
+  if now() > S[DEADLINE] then
     local running = getinfo(2, "f").func
     if running ~= call_fn and running ~= finish_fn and running ~= each_fn
       and running ~= tick_each_fn then
@@ -70,7 +75,7 @@ B.hook = hook
 
 -- The clock check of host functions and charged library wrappers.
 function B.check()
-  if now() > deadline then cut() end
+  if now() > S[DEADLINE] then cut() end
 end
 
 -- One VM instruction can also be expensive on its own (`s .. s` on megabytes, a table resize):
@@ -81,15 +86,15 @@ end
 -- restored.  This is host code; scripts cannot install finalizers (see setmetatable).
 local probe_mt = {}
 probe_mt.__gc = function()
-  if deadline ~= huge and now() > deadline then sethook(hook, "", 1) end
+  if S[DEADLINE] ~= huge and now() > S[DEADLINE] then sethook(hook, "", 1) end
   setmetatable({}, probe_mt)
 end
 setmetatable({}, probe_mt)
 
-function B.exceeded() return exceeded end
+function B.exceeded() return S[EXCEEDED] end
 
 function B.reraise_if_exceeded(...)
-  if exceeded then error_(exceeded, 0) end
+  if S[EXCEEDED] then error_(S[EXCEEDED], 0) end
   return ...
 end
 
@@ -97,7 +102,7 @@ end
 -- just before the deadline) is itself contained by Lua, and the budget error is what `finish`
 -- reports.  Error objects are never converted with __tostring: that is script code.
 local function message_handler(e)
-  if exceeded then return exceeded end
+  if S[EXCEEDED] then return S[EXCEEDED] end
   local msg
   if type_(e) == "string" then
     msg = e
@@ -110,10 +115,10 @@ local function message_handler(e)
 end
 
 local function finish(ok, ...)
-  deadline = huge
+  S[DEADLINE] = huge
   sethook()
-  local ex = exceeded
-  exceeded = nil
+  local ex = S[EXCEEDED]
+  S[EXCEEDED] = nil
   if ex then return false, ex end
   if not ok then
     local e = ...
@@ -128,9 +133,7 @@ end
 -- "tick exceeded its 50 ms budget" .. " at match.lua:12" .. " (raise with ASOBI_LUA_TICK)".
 -- Returns true, results... or false, message.
 function B.call(prefix, suffix, until_time, fn, ...)
-  exceeded = nil
-  budget_prefix, budget_suffix = prefix, suffix
-  deadline = until_time
+  S[EXCEEDED], S[PREFIX], S[SUFFIX], S[DEADLINE] = nil, prefix, suffix, until_time
   sethook(hook, "", HOOK_COUNT)
   return finish(xpcall_(fn, message_handler, ...))
 end
@@ -149,7 +152,7 @@ function B.charge(units)
   charged = charged + units
   if charged >= CHARGE_STEP then
     charged = 0
-    if now() > deadline then cut() end
+    if now() > S[DEADLINE] then cut() end
   end
 end
 
@@ -157,7 +160,7 @@ end
 -- line that made the call, not at the wrapper.
 function B.c_result(ok, ...)
   if ok then return ... end
-  if exceeded then error_(exceeded, 0) end
+  if S[EXCEEDED] then error_(S[EXCEEDED], 0) end
   error_((...), 2)
 end
 
@@ -166,7 +169,7 @@ end
 function B.c_call(fn, ...)
   local ok, r = pcall_(fn, ...)
   if not ok then
-    if exceeded then error_(exceeded, 0) end
+    if S[EXCEEDED] then error_(S[EXCEEDED], 0) end
     error_(r, 3)
   end
   return r
@@ -180,9 +183,9 @@ end
 -- within their reach.
 ---------------------------------------------------------------------------------------------------
 local function host_result(ok, ...)
-  if now() > deadline then cut() end
+  if now() > S[DEADLINE] then cut() end
   if ok then return ... end
-  if exceeded then error_(exceeded, 0) end
+  if S[EXCEEDED] then error_(S[EXCEEDED], 0) end
   local e = ...
   if type_(e) ~= "string" then e = tostring_(e) end
   error_(e, 2)
@@ -192,20 +195,18 @@ end
 -- deadline, the callback is cut now instead of after it (a single conversion of a 100,000-value
 -- table takes ~0.1 s of Python, far past a tick's budget).
 function B.reserve(seconds)
-  if now() + seconds > deadline then cut() end
+  if now() + seconds > S[DEADLINE] then cut() end
 end
 
 -- Host calls made so far (game.* functions, require): `B.call_each` stops a batch after a call
 -- that made any, so that the host can still tell whose effects they were.
-local host_calls = 0
-
 function B.host_call(fn, ...)
-  host_calls = host_calls + 1
-  if now() > deadline then cut() end
+  S[HOST_CALLS] = S[HOST_CALLS] + 1
+  if now() > S[DEADLINE] then cut() end
   return host_result(pcall_(fn, ...))
 end
 
-function B.host_calls() return host_calls end
+function B.host_calls() return S[HOST_CALLS] end
 
 ---------------------------------------------------------------------------------------------------
 -- One crossing for a whole round of state frames: `B.call_each` calls fn(state, id) for each id,
@@ -235,10 +236,8 @@ function B.call_each(prefix, suffix, budget, fn, state, ...)
   local out, n = ids ~= 1 and {} or nil, 0
   for i = 1, ids do
     local id = (select_(i, ...))
-    local calls_before = host_calls
-    exceeded = nil
-    budget_prefix, budget_suffix = prefix, suffix
-    deadline = now() + budget
+    local calls_before = S[HOST_CALLS]
+    S[EXCEEDED], S[PREFIX], S[SUFFIX], S[DEADLINE] = nil, prefix, suffix, now() + budget
     sethook(hook, "", HOOK_COUNT)
     local ok, value = finish(xpcall_(fn, message_handler, state, id))
     if ok and tojson then
@@ -248,7 +247,7 @@ function B.call_each(prefix, suffix, budget, fn, state, ...)
     if ids == 1 then return ok, value end
     out[n + 1], out[n + 2] = ok, value
     n = n + 2
-    if host_calls ~= calls_before then break end
+    if S[HOST_CALLS] ~= calls_before then break end
   end
   return unpack_(out, 1, n)
 end
@@ -264,17 +263,15 @@ local call_each = B.call_each
 -- the tick succeeded with a table (or nothing) and made no host calls.
 function B.tick_then_each(prefix, suffix, until_time, fn, state,
                           state_prefix, state_suffix, state_budget, state_fn, ...)
-  local before = host_calls
-  exceeded = nil
-  budget_prefix, budget_suffix = prefix, suffix
-  deadline = until_time
+  local before = S[HOST_CALLS]
+  S[EXCEEDED], S[PREFIX], S[SUFFIX], S[DEADLINE] = nil, prefix, suffix, until_time
   sethook(hook, "", HOOK_COUNT)
   local ok, value = finish(xpcall_(fn, message_handler, state))
   local adopted = state
   if ok and type_(value) == "table" then adopted = value end
   local flag = type_(adopted) == "table" and rawget_(adopted, "_finished")
   local finished = flag ~= nil and flag ~= false
-  if state_fn == nil or ok ~= true or host_calls ~= before
+  if state_fn == nil or ok ~= true or S[HOST_CALLS] ~= before
     or (value ~= nil and type_(value) ~= "table") then
     return finished, ok, value
   end
@@ -322,7 +319,7 @@ function B.call_inputs(prefix, suffix, until_time, peak, first, fn, state, ...)
       for j = i + 2, last, 2 do input[args[j]] = args[j + 1] end
       i = last + 1
     end
-    local calls_before = host_calls
+    local calls_before = S[HOST_CALLS]
     local ok, value = B.call(prefix, suffix, until_time, fn, state, player, input)
     local ended = now() -- one clock reading per call: the end of this one starts the next
     local cost = ended - started
@@ -332,7 +329,7 @@ function B.call_inputs(prefix, suffix, until_time, peak, first, fn, state, ...)
     last_ok, last_value = ok, value
     if not ok or (value ~= nil and type_(value) ~= "table") then break end
     if value ~= nil then state = value end
-    if host_calls ~= calls_before then break end
+    if S[HOST_CALLS] ~= calls_before then break end
   end
   return made, peak, state, last_ok, last_value
 end
@@ -349,7 +346,7 @@ end
 -- is therefore skipped.
 function B.xpcall(f, handler, ...)
   local function guarded(e)
-    if exceeded then return exceeded end
+    if S[EXCEEDED] then return S[EXCEEDED] end
     return handler(e)
   end
   return B.reraise_if_exceeded(xpcall_(f, guarded, ...))
@@ -365,7 +362,7 @@ function B.co_new(f)
 end
 
 local function wrap_results(ok, ...)
-  if exceeded then error_(exceeded, 0) end
+  if S[EXCEEDED] then error_(S[EXCEEDED], 0) end
   if not ok then error_((...), 0) end
   return ...
 end
@@ -379,6 +376,16 @@ function B.co_close(co) return B.reraise_if_exceeded(co_close(co)) end
 function B.co_wrap(f)
   local co = B.co_new(f)
   return function(...) return wrap_results(co_resume(co, ...)) end
+end
+
+---------------------------------------------------------------------------------------------------
+-- The same three calls in C (`_budget.c`, when asobi's Lua C functions are there): `B.call`,
+-- `B.call_each` and `B.tick_then_each` then run one copy of code shared by every Lua state
+-- instead of this state's own.  `call_inputs` reaches `B.call` through B, so it runs the C one.
+---------------------------------------------------------------------------------------------------
+if host.budget then
+  local call, each, tick_each = host.budget(S, message_handler, HOOK_COUNT, MAX_NODES)
+  if call then B.call, B.call_each, B.tick_then_each = call, each, tick_each end
 end
 
 return B

@@ -12,6 +12,11 @@ Python value by value or assembling bytes in Lua cost more than the work itself:
   pack.lua refuses, whose error then names the path (`sandbox.lua`, `api.snapshot`).
 - `now` reads the budgets' clock (`time.perf_counter`'s) without calling into Python: it is read
   before every `get_state` and input call and every 1,000 instructions (`calls.lua`).
+- `budget` (`_budget.c`) makes the budgeted calls of the tick path (`B.call`, `B.call_each`,
+  `B.tick_then_each`) in C: one copy of that code for every match's Lua state, where calls.lua's
+  Lua functions are a copy per state, cold at every match-tick once there are hundreds of them.
+  calls.lua keeps everything else of the containment rules (the budget error, the wrappers of
+  pcall, xpcall and coroutines, host functions' clock checks) and shares its state with them.
 
 They are optional.  They are built at install time when a C compiler is there (`pyproject.toml`,
 `ext-modules`, optional); without them, or with `ASOBI_NATIVE=0` in the environment, the host's
@@ -75,6 +80,9 @@ class Functions(NamedTuple):
     # The budgets' clock, `time.perf_counter` read in C, or that function itself when the two
     # did not agree (another platform's perf_counter need not be CLOCK_MONOTONIC).
     now: Any
+    # The C budgeted calls' maker for calls.lua, or None (calls.lua's own then run): they read
+    # the C clock, so they are used only with it, and only once they passed their probe.
+    budget: Any
 
 
 def load_into(runtime: Any, path: bytes) -> Functions:
@@ -84,12 +92,40 @@ def load_into(runtime: Any, path: bytes) -> Functions:
     if functions is None:
         raise OSError(f"package.loadlib could not open {path!r} (or it was never bound)")
     now = functions[b"now"] if _c_clock else time.perf_counter
-    return Functions(functions[b"tojson"], functions[b"pack"], now)
+    budget = functions[b"budget"] if _c_clock and budget_in_c else None
+    return Functions(functions[b"tojson"], functions[b"pack"], now, budget)
 
 
 # Whether the C clock reads what `time.perf_counter` reads: checked once, by `library`'s probe,
 # before any match's Lua state loads the functions.
 _c_clock = True
+# Whether the budgeted calls run in C (`_budget.c`): set by `library`'s probe.  The containment
+# tests turn it off to run calls.lua's own calls under the same attacks.
+budget_in_c = True
+
+# The C budgeted calls on a state of their own: a call's results, an error's message, and a
+# runaway loop cut by the count hook through `cut`, which sets the budget error they report.
+_BUDGET_PROBE = b"""
+local budget, now = ...
+local S = { math.huge, false, "", "", 0, false }
+S[2] = nil
+S[6] = function() S[2] = "cut"; error("cut", 0) end
+local call, each = budget(S, function(e) return e end, 100, 1000)
+if not call then return "it did not open" end
+local ok, a, b = call("", "", now() + 1, function(x) return x + 1, "two" end, 41)
+if ok ~= true or a ~= 42 or b ~= "two" then return "a call returned " .. tostring(a) end
+ok, a = call("", "", now() + 1, function() error("no", 0) end)
+if ok ~= false or a ~= "no" then return "an error came back as " .. tostring(a) end
+ok, a = call("", "", now() + 0.005, function() while true do end end)
+if ok ~= false or a ~= "cut" or S[2] ~= nil or S[1] ~= math.huge then
+  return "a runaway call came back as " .. tostring(a)
+end
+local r = { each("", "", 1, function(state, id) return { id = id } end, {}, "p1", "p2") }
+if #r ~= 4 or r[1] ~= 1 or r[2] ~= '{"id":"p1"}' or r[4] ~= '{"id":"p2"}' then
+  return "call_each returned " .. tostring(r[2])
+end
+return true
+"""
 
 
 def _same_clock(now: Any) -> bool:
@@ -98,6 +134,16 @@ def _same_clock(now: Any) -> bool:
     reading = now()
     after = time.perf_counter()
     return isinstance(reading, float) and before - 0.001 <= reading <= after + 0.001
+
+
+def _probe_budget(runtime: Any, now: Any, path: bytes) -> None:
+    """Run the C budgeted calls' probe; on a failure calls.lua's own calls stay (logged)."""
+    global budget_in_c
+    maker = runtime.globals()[b"package"][b"loadlib"](path, _OPEN)()[b"budget"]
+    probed = runtime.execute(_BUDGET_PROBE, maker, now)
+    if probed is not True:
+        budget_in_c = False
+        log.warning("lua_native_budget_unused", reason=str(probed))
 
 
 @functools.cache
@@ -127,6 +173,8 @@ def library() -> bytes | None:
         _c_clock = _same_clock(functions.now)
         if not _c_clock:
             log.warning("lua_native_clock_unused", reason="it disagrees with time.perf_counter")
+        if _c_clock:
+            _probe_budget(runtime, functions.now, bytes(path))
     except Exception as exc:  # any failure means: the host's walk and pack.lua instead
         log.warning("lua_native_unavailable", path=str(path), error=str(exc))
         return None

@@ -234,6 +234,7 @@ class MatchLua:
                 b"pack_chunk": _host_bytecode(_PACK_SOURCE, b"=asobi"),
                 b"tojson": functions.tojson if functions else None,
                 b"pack": functions.pack if functions else None,
+                b"budget": functions.budget if functions else None,
                 b"max_nodes": MAX_NODES,
             }
         )
