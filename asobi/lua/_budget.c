@@ -32,6 +32,8 @@ enum { DEADLINE = 1, EXCEEDED, PREFIX, SUFFIX, HOST_CALLS, CUT };
 #define HOOK_COUNT lua_upvalueindex(3)
 #define MAX_NODES lua_upvalueindex(4)
 #define FINISHED_KEY lua_upvalueindex(5)
+#define CTX lua_upvalueindex(6)
+#define TICK_KEY lua_upvalueindex(7)
 
 /* More ids than this in one batch and it ends early (calls.lua's MAX_IDS). */
 #define MAX_IDS 1000
@@ -208,20 +210,37 @@ static int budget_tick_then_each(lua_State *L) {
     return 3 + each_at(L, 6, adopted, 10, top - 9);
 }
 
-/* budget(S, message_handler, hook_count, max_nodes): the three calls bound to S, or nothing when
- * this Lua's registry is not where this file expects it (calls.lua's own functions then stay). */
+/* tick(prefix, suffix, until_time, tick_no, fn, state, ...): sandbox.lua's `api.tick`, the
+ * tick number game.tick() reads (`ctx.tick`, a plain table) set, then `tick_then_each`. */
+static int budget_tick(lua_State *L) {
+    lua_pushvalue(L, TICK_KEY);
+    lua_pushvalue(L, 4);
+    lua_rawset(L, CTX);
+    lua_rotate(L, 4, -1);
+    lua_pop(L, 1);
+    return budget_tick_then_each(L);
+}
+
+/* budget(S, message_handler, hook_count, max_nodes[, ctx]): the calls bound to S (`call`,
+ * `call_each`, `tick_then_each`, and `tick` when given sandbox.lua's ctx), or nothing when this
+ * Lua's registry is not where this file expects it (calls.lua's own functions then stay). */
 int asobi_budget(lua_State *L) {
     if (lua_type(L, LUA_REGISTRYINDEX) != LUA_TTABLE || lua_type(L, 1) != LUA_TTABLE) return 0;
+    lua_settop(L, 5);
     lua_pushvalue(L, 1);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &state_key);
-    static const lua_CFunction calls[] = {budget_call, budget_call_each, budget_tick_then_each};
-    for (int i = 0; i < 3; i++) {
+    static const lua_CFunction calls[] = {budget_call, budget_call_each, budget_tick_then_each,
+                                          budget_tick};
+    int made = lua_type(L, 5) == LUA_TTABLE ? 4 : 3;
+    for (int i = 0; i < made; i++) {
         lua_pushvalue(L, 1);
         lua_pushvalue(L, 2);
         lua_pushvalue(L, 3);
         lua_pushvalue(L, 4);
         lua_pushlstring(L, "_finished", 9);
-        lua_pushcclosure(L, calls[i], 5);
+        lua_pushvalue(L, 5);
+        lua_pushlstring(L, "tick", 4);
+        lua_pushcclosure(L, calls[i], 7);
     }
-    return 3;
+    return made;
 }

@@ -383,9 +383,25 @@ end
 -- `B.call_each` and `B.tick_then_each` then run one copy of code shared by every Lua state
 -- instead of this state's own.  `call_inputs` reaches `B.call` through B, so it runs the C one.
 ---------------------------------------------------------------------------------------------------
+local in_c = false
 if host.budget then
   local call, each, tick_each = host.budget(S, message_handler, HOOK_COUNT, MAX_NODES)
-  if call then B.call, B.call_each, B.tick_then_each = call, each, tick_each end
+  if call then B.call, B.call_each, B.tick_then_each, in_c = call, each, tick_each, true end
+end
+
+-- The match's tick in one crossing (sandbox.lua's `api.tick`): the tick number game.tick() reads
+-- set in `ctx`, then `B.tick_then_each`.  In C too when the calls are, so that no host code of
+-- the state's own runs on the tick path.
+function B.tick_for(ctx)
+  if in_c then
+    local _, _, _, tick = host.budget(S, message_handler, HOOK_COUNT, MAX_NODES, ctx)
+    return tick
+  end
+  local tick_then_each = B.tick_then_each
+  return function(prefix, suffix, until_time, tick_no, ...)
+    ctx.tick = tick_no
+    return tick_then_each(prefix, suffix, until_time, ...)
+  end
 end
 
 return B

@@ -97,15 +97,10 @@ api.ctx = ctx
 -- Given get_state and its arguments (`state_prefix` ..., then the ids), the round of state frames
 -- after it too, where that took a second crossing: only when the tick succeeded, left a table (or
 -- nothing) and made no host calls, so that no effect of the tick is held and what the host does
--- between the two (adopt the state) changes nothing Lua sees.  `B.tick_then_each` (calls.lua)
--- does the work.  Returns finished, ok, the tick's first result, then, if get_state ran,
--- call_each's results.
-local tick_then_each = B.tick_then_each
-
-function api.tick(prefix, suffix, until_time, tick_no, ...)
-  ctx.tick = tick_no
-  return tick_then_each(prefix, suffix, until_time, ...)
-end
+-- between the two (adopt the state) changes nothing Lua sees.  `B.tick_for` (calls.lua) makes it:
+-- api.tick(prefix, suffix, until_time, tick_no, fn, state, ...) returns finished, ok, the tick's
+-- first result, then, if get_state ran, call_each's results.
+api.tick = B.tick_for(ctx)
 
 local function log_value(v)
   if type_(v) == "string" then return v end
