@@ -4,25 +4,64 @@ A dedicated `CollectorRegistry` (not the process-global one) keeps two servers i
 (tests) from sharing or clashing over metrics.  Hot-path counts (frames written or dropped,
 ticks) are plain integers read at scrape time by a custom collector: a prometheus `Counter`
 takes a lock per increment, which is measurable at tens of thousands of frames per second.
-Tick lateness is fed into a histogram from the engine's lateness buffer, drained periodically.
+Tick lateness is a histogram counted the same way: the engine's lateness buffer, one sample per
+match-tick, is drained periodically and counted into buckets in a batch (`BatchHistogram`),
+where prometheus' `Histogram.observe` costs ~1.8 us per sample (two locked increments); the
+collector exposes it through prometheus' own `HistogramMetricFamily`.
 """
 
 from __future__ import annotations
 
 import gc
+import math
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from asobi.engine import Engine
 
 LATENESS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class BatchHistogram:
+    """A histogram counted in batches: each value goes to the first bucket whose upper bound it
+    does not exceed (prometheus' `le`), found by bisection, and the sum grows by the batch's."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last is +Inf's own
+        self.sum = 0.0
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        counts, bounds = self.counts, self.bounds
+        total = 0.0
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1
+            total += value
+        self.sum += total
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        """The histogram as prometheus exposes one: cumulative counts per `le`."""
+        buckets = []
+        cumulative = 0
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            cumulative += count
+            # The `le` labels exactly as prometheus_client writes its own histograms'.
+            buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
 
 
 class Metrics:
@@ -31,12 +70,7 @@ class Metrics:
         self.frames_sent = 0
         self.frames_dropped = 0
         self.recent_lateness: deque[float] = deque(maxlen=65536)
-        self.tick_lateness = Histogram(
-            "asobi_tick_lateness_seconds",
-            "How late each match tick ran: actual minus scheduled time.",
-            buckets=LATENESS_BUCKETS,
-            registry=self.registry,
-        )
+        self.tick_lateness = BatchHistogram(LATENESS_BUCKETS)
         self.errors = Counter(
             "asobi_errors",
             "Error frames sent to clients, by code.",
@@ -94,11 +128,9 @@ class Metrics:
         self.observe_lateness(engine.drain_lateness())
 
     def observe_lateness(self, values: Iterable[float]) -> None:
-        observe = self.tick_lateness.observe
-        recent = self.recent_lateness
-        for value in values:
-            observe(value if value > 0 else 0.0)
-            recent.append(value)
+        values = [value if value > 0 else 0.0 for value in values]
+        self.tick_lateness.observe_many(values)
+        self.recent_lateness.extend(values)
 
     def drain_recent_lateness(self) -> list[float]:
         """Raw samples since the last call (exact percentiles for the benchmark suite)."""
@@ -174,6 +206,10 @@ class _LiveCollector(Collector):
         )
         dropped.add_metric([], m.frames_dropped)
         yield dropped
+        yield m.tick_lateness.family(
+            "asobi_tick_lateness_seconds",
+            "How late each match tick ran: actual minus scheduled time.",
+        )
         for name, doc in self.COUNTERS.items():
             source = self.sources.get(name)
             if source is not None:
