@@ -1,0 +1,164 @@
+"""The budgeted calls in C (`asobi/lua/_budget.c`) against calls.lua's own: every outcome a
+script can produce (results, each kind of error object, budget cuts wherever they land, errors
+raised while an error unwinds) must come back the same through both, as the host sees it.
+
+The containment suites run on both too (`budget_machinery` in tests/conftest.py); this one
+compares them directly, call by call, in one process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from asobi.lua import native
+from asobi.lua.runtime import Limits, MatchLua, compile_script
+from tests.test_patterns import _QuietHost
+
+if native.library() is None or not native.budget_in_c:
+    pytest.skip("asobi's Lua C functions are not built here", allow_module_level=True)
+
+# Each `tick` is one case, picked by `state.case`; every loop is on one line, so a cut names
+# the same line whichever instruction it lands on.
+SCRIPT = b"""
+local cases = {}
+cases.plain = function(state) state.n = (state.n or 0) + 1 return state end
+cases.nothing = function(state) end
+cases.fresh = function(state) return { case = "fresh", n = 99, _finished = true } end
+cases.finished = function(state) state._finished = "yes" end
+cases.number = function(state) return 7 end
+cases.many = function(state) return state, 2, "three" end
+cases.error_string = function(state) error("broken") end
+cases.error_level0 = function(state) error("bare", 0) end
+cases.error_nil = function(state) error(nil) end
+cases.error_number = function(state) error(42) end
+cases.error_table = function(state) error({ code = 1 }) end
+cases.error_tostring = function(state)
+  error(setmetatable({}, { __tostring = function() return "from __tostring" end }))
+end
+cases.runaway = function(state)
+  while true do end
+end
+cases.runaway_pcall = function(state)
+  for i = 1, 100 do pcall(function() while true do end end) end
+end
+cases.runaway_xpcall = function(state)
+  xpcall(function() while true do end end, function(e) while true do end end)
+end
+cases.runaway_coroutine = function(state)
+  local co = coroutine.create(function() while true do end end) coroutine.resume(co)
+end
+cases.runaway_close = function(state)
+  local guard <close> = setmetatable({}, { __close = function() while true do end end })
+  error("first")
+end
+cases.error_in_close = function(state)
+  local guard <close> = setmetatable({}, { __close = function() error("from __close") end })
+  return state
+end
+cases.deep = function(state)
+  local function f(n) return f(n + 1) + 1 end
+  return f(1)
+end
+cases.memory = function(state)
+  local t = {} for i = 1, 1e8 do t[i] = ("x"):rep(64) .. i end
+end
+
+function tick(state) return cases[state.case](state) end
+
+function get_state(state, player_id)
+  if state.case == "error_table" then error({}) end
+  if state.case == "runaway" then while true do end end
+  if player_id == "p2" and state.case == "error_string" then error("no frame for p2") end
+  return { case = state.case, you = player_id, n = state.n }
+end
+"""
+
+CASES = [
+    "plain",
+    "nothing",
+    "fresh",
+    "finished",
+    "number",
+    "many",
+    "error_string",
+    "error_level0",
+    "error_nil",
+    "error_number",
+    "error_table",
+    "error_tostring",
+    "runaway",
+    "runaway_pcall",
+    "runaway_xpcall",
+    "runaway_coroutine",
+    "runaway_close",
+    "error_in_close",
+    "deep",
+    "memory",
+]
+
+LIMITS = Limits(tick=0.02, get_state=0.01, max_memory=8 * 2**20)
+
+
+def _lua(monkeypatch: pytest.MonkeyPatch, in_c: bool) -> MatchLua:
+    monkeypatch.setattr(native, "budget_in_c", in_c)
+    lua = MatchLua(_QuietHost(), LIMITS, seed=1, watched=False)
+    lua.load(compile_script(SCRIPT, "match.lua"), "match.lua")
+    return lua
+
+
+def _plain(lua: MatchLua, value: Any) -> Any:
+    """A call's value as comparable data (a table by its fields)."""
+    if lua.runtime.eval("type")(value) == b"table":
+        return sorted((k, lua.field(value, k)) for k in ("case", "n"))
+    return value
+
+
+def _script_lines(error: str | None) -> str | None:
+    """An error without the traceback's host frames (below the script's, they differ: calls.lua's
+    xpcall in one, the C call in the other)."""
+    if not error:
+        return error
+    message, _, trace = error.partition("\nstack traceback:")
+    return message + "".join(f"|{line}" for line in trace.splitlines() if "match.lua" in line)
+
+
+def _outcome(lua: MatchLua, case: str) -> tuple[Any, ...]:
+    state = lua.new_table()
+    state[b"case"] = case.encode()
+    result, finished, states = lua.tick_states(state, 5, ["p1", "p2", None])
+    ticked = (
+        result.ok,
+        [_plain(lua, v) for v in result.values],
+        _script_lines(result.error),
+        finished,
+    )
+    # get_state's JSON texts as data: key order follows each Lua state's own string hashing.
+    frames = [
+        (data, None if text is None else orjson.loads(text), _script_lines(error))
+        for data, text, error in states or ()
+    ]
+    called = lua.call("tick", state)
+    values = [_plain(lua, v) for v in called.values]
+    return ticked, frames, (called.ok, values, _script_lines(called.error))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_both_machineries_give_the_same_outcome(monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    in_c = _outcome(_lua(monkeypatch, True), case)
+    in_lua = _outcome(_lua(monkeypatch, False), case)
+    assert in_c == in_lua
+    if case.startswith("runaway"):
+        assert "tick exceeded its 20 ms budget at match.lua:" in in_c[0][2]
+
+
+def test_the_state_after_a_cut_is_clean(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a budget cut (and after an ordinary error) the next calls run under a fresh
+    deadline with nothing of the cut left over: same outcomes, in C as in Lua."""
+    for in_c in (True, False):
+        lua = _lua(monkeypatch, in_c)
+        outcomes = [_outcome(lua, case)[0] for case in ("runaway", "plain", "error_nil", "plain")]
+        assert [ok for ok, _, _, _ in outcomes] == [False, True, False, True]
+        assert outcomes[1] == outcomes[3]
