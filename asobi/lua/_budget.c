@@ -210,6 +210,45 @@ static int budget_tick_then_each(lua_State *L) {
     return 3 + each_at(L, 6, adopted, 10, top - 9);
 }
 
+/* A math function as scripts call it (clib.lua's `numeric`): upvalues the function, its name
+ * and the longest string accepted as a numeral.  A longer string in any argument is refused (C
+ * converts it uninterruptibly), and an error of the function is raised again at the script's
+ * line, or as the budget error when the budget ran out meanwhile: clib.lua's Lua closure does the
+ * same, at several times the cost per call (a closure per function and per state). */
+static int numeric_call(lua_State *L) {
+    int n = lua_gettop(L);
+    lua_Integer max_numeral = lua_tointegerx(L, lua_upvalueindex(3), NULL);
+    for (int i = 1; i <= n; i++) {
+        size_t len;
+        if (lua_type(L, i) == LUA_TSTRING && (lua_tolstring(L, i, &len), len > (size_t)max_numeral)) {
+            luaL_where(L, 1);
+            lua_pushfstring(L, "%s: a string longer than %d bytes is not a number",
+                            lua_tolstring(L, lua_upvalueindex(2), NULL), (int)max_numeral);
+            lua_concat(L, 2);
+            return lua_error(L);
+        }
+    }
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    if (lua_pcall(L, n, LUA_MULTRET, 0) == LUA_OK) return lua_gettop(L);
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &state_key);
+    if (lua_rawgeti(L, -1, EXCEEDED) != LUA_TNIL) return lua_error(L);
+    lua_pop(L, 2);
+    if (lua_type(L, -1) == LUA_TSTRING) {
+        luaL_where(L, 1);
+        lua_insert(L, -2);
+        lua_concat(L, 2);
+    }
+    return lua_error(L);
+}
+
+/* numeric(fn, name, max_numeral): `fn` as scripts call it (numeric_call). */
+static int numeric_wrap(lua_State *L) {
+    lua_settop(L, 3);
+    lua_pushcclosure(L, numeric_call, 3);
+    return 1;
+}
+
 /* tick(prefix, suffix, until_time, tick_no, fn, state, ...): sandbox.lua's `api.tick`, the
  * tick number game.tick() reads (`ctx.tick`, a plain table) set, then `tick_then_each`. */
 static int budget_tick(lua_State *L) {
@@ -222,8 +261,9 @@ static int budget_tick(lua_State *L) {
 }
 
 /* budget(S, message_handler, hook_count, max_nodes[, ctx]): the calls bound to S (`call`,
- * `call_each`, `tick_then_each`, and `tick` when given sandbox.lua's ctx), or nothing when this
- * Lua's registry is not where this file expects it (calls.lua's own functions then stay). */
+ * `call_each`, `tick_then_each`, `numeric`, and `tick` when given sandbox.lua's ctx), or nothing
+ * when this Lua's registry is not where this file expects it (calls.lua's own functions then
+ * stay). */
 int asobi_budget(lua_State *L) {
     if (lua_type(L, LUA_REGISTRYINDEX) != LUA_TTABLE || lua_type(L, 1) != LUA_TTABLE) return 0;
     lua_settop(L, 5);
@@ -231,8 +271,9 @@ int asobi_budget(lua_State *L) {
     lua_rawsetp(L, LUA_REGISTRYINDEX, &state_key);
     static const lua_CFunction calls[] = {budget_call, budget_call_each, budget_tick_then_each,
                                           budget_tick};
-    int made = lua_type(L, 5) == LUA_TTABLE ? 4 : 3;
-    for (int i = 0; i < made; i++) {
+    int with_tick = lua_type(L, 5) == LUA_TTABLE;
+    for (int i = 0; i < 3 + with_tick; i++) {
+        if (i == 3) lua_pushcclosure(L, numeric_wrap, 0);
         lua_pushvalue(L, 1);
         lua_pushvalue(L, 2);
         lua_pushvalue(L, 3);
@@ -242,5 +283,6 @@ int asobi_budget(lua_State *L) {
         lua_pushlstring(L, "tick", 4);
         lua_pushcclosure(L, calls[i], 7);
     }
-    return made;
+    if (!with_tick) lua_pushcclosure(L, numeric_wrap, 0);
+    return 4 + with_tick;
 }

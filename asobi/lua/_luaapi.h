@@ -57,6 +57,8 @@ struct asobi_lua_api {
     const char *(*typename_)(lua_State *L, int tp);
     const char *(*pushfstring)(lua_State *L, const char *fmt, ...);
     int (*error)(lua_State *L);
+    void (*concat)(lua_State *L, int n);
+    void (*where)(lua_State *L, int level); /* luaL_where */
 };
 
 extern struct asobi_lua_api asobi_lua;
@@ -94,6 +96,8 @@ extern int asobi_lua_bound;
 #define lua_typename asobi_lua.typename_
 #define lua_pushfstring asobi_lua.pushfstring
 #define lua_error asobi_lua.error
+#define lua_concat asobi_lua.concat
+#define luaL_where asobi_lua.where
 #define lua_insert(L, idx) lua_rotate(L, (idx), 1)
 #define lua_pop(L, n) lua_settop(L, -(n)-1)
 

@@ -53,9 +53,10 @@ int asobi_native_bind(const char *path) {
     BIND(pushboolean) BIND(pushinteger) BIND(pushnumber) BIND(pushvalue) BIND(pushlstring) BIND(pushcclosure)
     BIND(createtable) BIND(rawget) BIND(rawset) BIND(rawgeti) BIND(rawseti) BIND(callk)
     BIND(gettop) BIND(rotate) BIND(pcallk) BIND(sethook) BIND(rawgetp) BIND(rawsetp)
-    BIND(pushfstring) BIND(error)
+    BIND(pushfstring) BIND(error) BIND(concat)
 #undef BIND
     if ((*(void **)&asobi_lua.typename_ = dlsym(library, "lua_typename")) == NULL) return 0;
+    if ((*(void **)&asobi_lua.where = dlsym(library, "luaL_where")) == NULL) return 0;
     asobi_lua_bound = 1;
     return 1;
 }

@@ -385,8 +385,12 @@ end
 ---------------------------------------------------------------------------------------------------
 local in_c = false
 if host.budget then
-  local call, each, tick_each = host.budget(S, message_handler, HOOK_COUNT, MAX_NODES)
-  if call then B.call, B.call_each, B.tick_then_each, in_c = call, each, tick_each, true end
+  local call, each, tick_each, numeric = host.budget(S, message_handler, HOOK_COUNT, MAX_NODES)
+  if call then
+    B.call, B.call_each, B.tick_then_each, in_c = call, each, tick_each, true
+    -- numeric(fn, name, max_numeral): clib.lua's math wrapper in C.
+    B.numeric = numeric
+  end
 end
 
 -- The match's tick in one crossing (sandbox.lua's `api.tick`): the tick number game.tick() reads
@@ -394,7 +398,7 @@ end
 -- the state's own runs on the tick path.
 function B.tick_for(ctx)
   if in_c then
-    local _, _, _, tick = host.budget(S, message_handler, HOOK_COUNT, MAX_NODES, ctx)
+    local _, _, _, _, tick = host.budget(S, message_handler, HOOK_COUNT, MAX_NODES, ctx)
     return tick
   end
   local tick_then_each = B.tick_then_each

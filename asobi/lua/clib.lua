@@ -42,8 +42,11 @@ local function numeral_error(what, level)
   error_(what .. ": a string longer than " .. MAX_NUMERAL .. " bytes is not a number", level + 1)
 end
 
--- A math function that refuses long strings in any argument (they all take numbers only).
+-- A math function that refuses long strings in any argument (they all take numbers only).  The
+-- same in C when the budgeted calls are (`_budget.c`): one copy of the code for every state.
+local numeric_in_c = B.numeric
 local function numeric(fn, name)
+  if numeric_in_c then return numeric_in_c(fn, name, MAX_NUMERAL) end
   return function(...)
     local a, b = ...
     if long_numeral(a) or long_numeral(b) then numeral_error(name, 2) end
