@@ -78,6 +78,13 @@ cases.math_caught = function(state)
   state.n = ok and 1 or #e
   return state
 end
+cases.players = function(state)
+  local mine = game.players()
+  mine[1], mine[4] = "changed", "added"
+  local again = game.players()
+  state.n = #mine * 100 + #again * 10 + (again[1] == "p1" and 1 or 0) + game.tick()
+  return state
+end
 cases.memory = function(state)
   local t = {} for i = 1, 1e8 do t[i] = ("x"):rep(64) .. i end
 end
@@ -121,6 +128,7 @@ CASES = [
     "math_none",
     "math_tail",
     "math_caught",
+    "players",
 ]
 
 LIMITS = Limits(tick=0.02, get_state=0.01, max_memory=8 * 2**20)
@@ -130,6 +138,7 @@ def _lua(monkeypatch: pytest.MonkeyPatch, in_c: bool) -> MatchLua:
     monkeypatch.setattr(native, "budget_in_c", in_c)
     lua = MatchLua(_QuietHost(), LIMITS, seed=1, watched=False)
     lua.load(compile_script(SCRIPT, "match.lua"), "match.lua")
+    lua.set_context("m1", 4, ["p1", "p2", "p3"])
     return lua
 
 

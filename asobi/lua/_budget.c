@@ -34,6 +34,7 @@ enum { DEADLINE = 1, EXCEEDED, PREFIX, SUFFIX, HOST_CALLS, CUT };
 #define FINISHED_KEY lua_upvalueindex(5)
 #define CTX lua_upvalueindex(6)
 #define TICK_KEY lua_upvalueindex(7)
+#define PLAYERS_KEY lua_upvalueindex(8)
 
 /* More ids than this in one batch and it ends early (calls.lua's MAX_IDS). */
 #define MAX_IDS 1000
@@ -260,20 +261,39 @@ static int budget_tick(lua_State *L) {
     return budget_tick_then_each(L);
 }
 
-/* budget(S, message_handler, hook_count, max_nodes[, ctx]): the calls bound to S (`call`,
- * `call_each`, `tick_then_each`, `numeric`, and `tick` when given sandbox.lua's ctx), or nothing
- * when this Lua's registry is not where this file expects it (calls.lua's own functions then
- * stay). */
+/* game.players() (sandbox.lua's `lib_game.players`): a new table with every key and value of
+ * `ctx.players`, which the host sets, so a script can change its copy freely. */
+static int players_copy(lua_State *L) {
+    lua_pushvalue(L, PLAYERS_KEY);
+    lua_rawget(L, CTX);
+    if (lua_type(L, -1) != LUA_TTABLE) {
+        lua_createtable(L, 0, 0);
+        return 1;
+    }
+    int players = lua_gettop(L);
+    lua_createtable(L, 4, 0);
+    lua_pushnil(L);
+    while (lua_next(L, players)) {
+        lua_pushvalue(L, -2);
+        lua_insert(L, -2);
+        lua_rawset(L, players + 1);
+    }
+    return 1;
+}
+
+/* budget(S, message_handler, hook_count, max_nodes[, ctx]): the calls bound to S: `call`,
+ * `call_each`, `tick_then_each`, `numeric`, and given sandbox.lua's ctx `tick` and `players`
+ * too; or nothing when this Lua's registry is not where this file expects it (calls.lua's own
+ * functions then stay). */
 int asobi_budget(lua_State *L) {
     if (lua_type(L, LUA_REGISTRYINDEX) != LUA_TTABLE || lua_type(L, 1) != LUA_TTABLE) return 0;
     lua_settop(L, 5);
     lua_pushvalue(L, 1);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &state_key);
-    static const lua_CFunction calls[] = {budget_call, budget_call_each, budget_tick_then_each,
-                                          budget_tick};
-    int with_tick = lua_type(L, 5) == LUA_TTABLE;
-    for (int i = 0; i < 3 + with_tick; i++) {
-        if (i == 3) lua_pushcclosure(L, numeric_wrap, 0);
+    static const lua_CFunction calls[] = {budget_call,    budget_call_each, budget_tick_then_each,
+                                          numeric_wrap,   budget_tick,      players_copy};
+    int made = lua_type(L, 5) == LUA_TTABLE ? 6 : 4;
+    for (int i = 0; i < made; i++) {
         lua_pushvalue(L, 1);
         lua_pushvalue(L, 2);
         lua_pushvalue(L, 3);
@@ -281,8 +301,8 @@ int asobi_budget(lua_State *L) {
         lua_pushlstring(L, "_finished", 9);
         lua_pushvalue(L, 5);
         lua_pushlstring(L, "tick", 4);
-        lua_pushcclosure(L, calls[i], 7);
+        lua_pushlstring(L, "players", 7);
+        lua_pushcclosure(L, calls[i], 8);
     }
-    if (!with_tick) lua_pushcclosure(L, numeric_wrap, 0);
-    return 4 + with_tick;
+    return made;
 }

@@ -393,13 +393,15 @@ if host.budget then
   end
 end
 
--- The match's tick in one crossing (sandbox.lua's `api.tick`): the tick number game.tick() reads
--- set in `ctx`, then `B.tick_then_each`.  In C too when the calls are, so that no host code of
--- the state's own runs on the tick path.
-function B.tick_for(ctx)
+-- What needs sandbox.lua's `ctx` (the tick number and the players the host writes there):
+-- `api.tick`, the match's tick in one crossing (the tick number game.tick() reads set in `ctx`,
+-- then `B.tick_then_each`), and game.players() when it is in C (nil otherwise: sandbox.lua's
+-- own then).  In C when the calls are, so that no host code of the state's own runs on the tick
+-- path.
+function B.with_ctx(ctx)
   if in_c then
-    local _, _, _, _, tick = host.budget(S, message_handler, HOOK_COUNT, MAX_NODES, ctx)
-    return tick
+    local _, _, _, _, tick, players = host.budget(S, message_handler, HOOK_COUNT, MAX_NODES, ctx)
+    return tick, players
   end
   local tick_then_each = B.tick_then_each
   return function(prefix, suffix, until_time, tick_no, ...)

@@ -97,10 +97,11 @@ api.ctx = ctx
 -- Given get_state and its arguments (`state_prefix` ..., then the ids), the round of state frames
 -- after it too, where that took a second crossing: only when the tick succeeded, left a table (or
 -- nothing) and made no host calls, so that no effect of the tick is held and what the host does
--- between the two (adopt the state) changes nothing Lua sees.  `B.tick_for` (calls.lua) makes it:
+-- between the two (adopt the state) changes nothing Lua sees.  `B.with_ctx` (calls.lua) makes it:
 -- api.tick(prefix, suffix, until_time, tick_no, fn, state, ...) returns finished, ok, the tick's
 -- first result, then, if get_state ran, call_each's results.
-api.tick = B.tick_for(ctx)
+local players_in_c
+api.tick, players_in_c = B.with_ctx(ctx)
 
 local function log_value(v)
   if type_(v) == "string" then return v end
@@ -117,6 +118,7 @@ function lib_game.players()
   for i, p in next_, ctx.players do out[i] = p end
   return out
 end
+lib_game.players = players_in_c or lib_game.players
 function lib_game.log(level, msg, meta)
   host_call(host_log, log_value(level), log_value(msg), type_(meta) == "table" and meta or nil)
 end
