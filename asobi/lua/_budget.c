@@ -1,21 +1,23 @@
 /*
  * The budgeted calls of the tick path in C: `call`, `call_each` and `tick_then_each`, the same
  * calls as calls.lua's Lua functions of those names, which they replace in a Lua state when this
- * library is there (`asobi.lua.native`).
+ * library is there (`asobi.lua.native`); sandbox.lua's `api.tick` and `game.players()`, and
+ * clib.lua's wrapper of `math.*`, for the same reason.
  *
- * Why C: each Lua state has its own copy of calls.lua's code (a prototype belongs to one state).
- * Across hundreds of matches that code, its closures and upvalues are cold at every match-tick,
- * and arming a deadline, calling through `xpcall` and reading the outcome cost a third of the
- * crossing into Lua (docs/performance.md, "The budget machinery in C").  This code is one copy
- * for every state, and its count hook reads the clock without running a Lua function.
+ * Why C: each Lua state has its own copy of the host chunks' code (a prototype belongs to one
+ * state).  Across hundreds of matches that code, its closures and upvalues are cold at every
+ * match-tick, and arming a deadline, calling through `xpcall` and reading the outcome cost a
+ * third of the crossing into Lua (docs/performance.md, "The budget machinery in C").  This code
+ * is one copy for every state, and its count hook reads the clock without running a Lua
+ * function.
  *
  * What it shares with calls.lua is one table per state, `S` (the indices below): the deadline,
  * the budget error once raised, the budget message's two halves, the count of host calls and
  * calls.lua's `cut`.  The Lua side raises the budget error (`cut`), checks the clock in host
  * functions and library wrappers, and wraps pcall, xpcall and coroutines; this side arms and
  * lifts the deadline around each call and reads the outcome, exactly as calls.lua's `B.call` and
- * `finish` do.  Nothing here can raise outside a protected call but an allocation failure, which
- * the host reports as the call running out of memory, as it would from the Lua functions.
+ * `finish` do.  The calls raise nothing outside a protected call but an allocation failure,
+ * which the host reports as the call running out of memory, as it would from the Lua functions.
  */
 #include <math.h>
 
