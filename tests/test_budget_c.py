@@ -8,6 +8,7 @@ compares them directly, call by call, in one process.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
@@ -203,3 +204,62 @@ def test_the_state_after_a_cut_is_clean(monkeypatch: pytest.MonkeyPatch) -> None
         outcomes = [_outcome(lua, case)[0] for case in ("runaway", "plain", "error_nil", "plain")]
         assert [ok for ok, _, _, _ in outcomes] == [False, True, False, True]
         assert outcomes[1] == outcomes[3]
+
+
+# handle_input for the inputs' cases: each input says what the call does.  `B.call_inputs` is
+# calls.lua's loop either way; each of its calls is the C `B.call` or calls.lua's.
+INPUTS_SCRIPT = b"""
+function handle_input(state, player_id, input)
+  local how = type(input) == "table" and input.how or input
+  if type(how) ~= "string" then how = type(how) end
+  state.seen = (state.seen or "") .. player_id .. ":" .. tostring(how) .. ";"
+  if how == "fail" then error("no " .. player_id) end
+  if how == "number" then return 5 end
+  if how == "fresh" then return { seen = state.seen .. "fresh;" } end
+  if how == "log" then game.log("info", "from " .. player_id) end
+  if how == "spin" then while true do end end
+  if how == "nothing" then return end
+  if type(input) == "table" then state.seen = state.seen .. tostring(input.n) .. ";" end
+  return state
+end
+"""
+
+INPUT_RUNS = {
+    "flat": [{"how": "ok", "n": 1}, {"how": "ok", "n": 2.5}, {"how": "nothing"}, {"how": "ok"}],
+    "raw": ["ok", ["nested", {"deep": 1}], {"how": "ok", "more": {"x": 1}}],
+    "fresh state": [{"how": "fresh"}, {"how": "ok", "n": 3}],
+    "failure ends it": [{"how": "ok"}, {"how": "fail"}, {"how": "ok"}],
+    "non-table ends it": [{"how": "number"}, {"how": "ok"}],
+    "host call ends it": [{"how": "log"}, {"how": "ok"}],
+    "runaway": [{"how": "ok"}, {"how": "spin"}, {"how": "ok"}],
+}
+
+
+def _inputs_outcome(lua: MatchLua, inputs: list[Any]) -> tuple[Any, ...]:
+    fn = lua.function("handle_input")
+    pairs: list[Any] = []
+    for index, payload in enumerate(inputs):
+        pairs += [f"p{index}".encode(), *lua.input_args(payload)]
+    done = lua.call_inputs(fn, lua.new_table(), pairs, time.perf_counter() + 0.05, 0.0, True)
+    return (
+        done.made,
+        lua.field(done.state, "seen"),
+        done.last.ok,
+        _script_lines(done.last.error),
+        [lua.field(v, "seen") if MatchLua.is_table(v) else v for v in done.last.values],
+    )
+
+
+@pytest.mark.parametrize("run", INPUT_RUNS)
+def test_both_run_inputs_the_same(monkeypatch: pytest.MonkeyPatch, run: str) -> None:
+    outcomes = []
+    for in_c in (True, False):
+        monkeypatch.setattr(native, "budget_in_c", in_c)
+        lua = MatchLua(_QuietHost(), LIMITS, seed=1, watched=False)
+        lua.load(compile_script(INPUTS_SCRIPT, "match.lua"), "match.lua")
+        outcomes.append(_inputs_outcome(lua, INPUT_RUNS[run]))
+    assert outcomes[0] == outcomes[1]
+    made = outcomes[0][0]
+    assert made >= 1
+    if run == "runaway":
+        assert made == 2 and "exceeded its" in outcomes[0][3]
