@@ -87,7 +87,5 @@ def test_the_budgeted_calls_are_the_ones_asked_for(budget_machinery: str) -> Non
     lua = lua_with()
     getinfo = lua.runtime.globals()[b"debug"][b"getinfo"]
     expected = b"C" if budget_machinery == "c" else b"Lua"
-    assert [getinfo(lua.api[name], b"S")[b"what"] for name in (b"call", b"call_each")] == [
-        expected,
-        expected,
-    ]
+    names = (b"call", b"call_each", b"tick")
+    assert [getinfo(lua.api[name], b"S")[b"what"] for name in names] == [expected] * 3

@@ -1,8 +1,8 @@
 /*
- * The budgeted calls of the tick path in C: `call`, `call_each` and `tick_then_each`, the same
- * calls as calls.lua's Lua functions of those names, which they replace in a Lua state when this
- * library is there (`asobi.lua.native`); sandbox.lua's `api.tick` and `game.players()`, and
- * clib.lua's wrapper of `math.*`, for the same reason.
+ * The budgeted calls of the tick path in C: `call`, `call_each` and `tick`, the same calls as
+ * calls.lua's Lua functions of those names, which they replace in a Lua state when this library
+ * is there (`asobi.lua.native`); `game.players()` and clib.lua's wrapper of `math.*` too, for
+ * the same reason.
  *
  * Why C: each Lua state has its own copy of the host chunks' code (a prototype belongs to one
  * state).  Across hundreds of matches that code, its closures and upvalues are cold at every
@@ -33,8 +33,8 @@ enum { DEADLINE = 1, EXCEEDED, PREFIX, SUFFIX, HOST_CALLS, CUT };
 #define MESSAGE_HANDLER lua_upvalueindex(2)
 #define HOOK_COUNT lua_upvalueindex(3)
 #define MAX_NODES lua_upvalueindex(4)
-#define FINISHED_KEY lua_upvalueindex(5)
-#define CTX lua_upvalueindex(6)
+#define CTX lua_upvalueindex(5)
+#define FINISHED_KEY lua_upvalueindex(6)
 #define TICK_KEY lua_upvalueindex(7)
 #define PLAYERS_KEY lua_upvalueindex(8)
 
@@ -113,12 +113,7 @@ static int call_armed(lua_State *L, int nargs, int nresults) {
         return outcome(L, base, 0);
     }
     lua_pop(L, 1);
-    if (status != LUA_OK) {
-        if (lua_type(L, -1) != LUA_TSTRING) {
-            lua_pushfstring(L, "error object of type %s", lua_typename(L, lua_type(L, -1)));
-        }
-        return outcome(L, base, 0);
-    }
+    if (status != LUA_OK) return outcome(L, base, 0); /* the message: always a string */
     lua_pushboolean(L, 1);
     lua_rotate(L, base, 1); /* true, handler, results... */
     lua_rotate(L, base + 1, -1);
@@ -179,8 +174,8 @@ static int budget_call_each(lua_State *L) {
     return each_at(L, 1, 5, 6, lua_gettop(L) - 5);
 }
 
-/* tick_then_each(prefix, suffix, until_time, fn, state, state_prefix, state_suffix,
- * state_budget, state_fn, ids...): calls.lua's B.tick_then_each.  Returns finished, ok, the
+/* (prefix, suffix, until_time, fn, state, state_prefix, state_suffix, state_budget, state_fn,
+ * ids...): calls.lua's B.tick_then_each, the body of `tick`.  Returns finished, ok, the
  * tick's first result, then call_each's results when get_state is given and the tick succeeded
  * with a table (or nothing) and made no host calls. */
 static int budget_tick_then_each(lua_State *L) {
@@ -252,8 +247,9 @@ static int numeric_wrap(lua_State *L) {
     return 1;
 }
 
-/* tick(prefix, suffix, until_time, tick_no, fn, state, ...): sandbox.lua's `api.tick`, the
- * tick number game.tick() reads (`ctx.tick`, a plain table) set, then `tick_then_each`. */
+/* tick(prefix, suffix, until_time, tick_no, fn, state, ...): calls.lua's B.tick (sandbox.lua's
+ * `api.tick`): the tick number game.tick() reads (`ctx.tick`, a plain table) set, then
+ * `tick_then_each`. */
 static int budget_tick(lua_State *L) {
     lua_pushvalue(L, TICK_KEY);
     lua_pushvalue(L, 4);
@@ -283,28 +279,26 @@ static int players_copy(lua_State *L) {
     return 1;
 }
 
-/* budget(S, message_handler, hook_count, max_nodes[, ctx]): the calls bound to S: `call`,
- * `call_each`, `tick_then_each`, `numeric`, and given sandbox.lua's ctx `tick` and `players`
- * too; or nothing when this Lua's registry is not where this file expects it (calls.lua's own
- * functions then stay). */
+/* budget(S, message_handler, hook_count, max_nodes, ctx): `call`, `call_each`, `tick` and
+ * `players` bound to S and to sandbox.lua's ctx, and the maker of math wrappers (`numeric`); or
+ * nothing when this Lua's registry is not where this file expects it (calls.lua's own functions
+ * then stay). */
 int asobi_budget(lua_State *L) {
-    if (lua_type(L, LUA_REGISTRYINDEX) != LUA_TTABLE || lua_type(L, 1) != LUA_TTABLE) return 0;
+    if (lua_type(L, LUA_REGISTRYINDEX) != LUA_TTABLE || lua_type(L, 1) != LUA_TTABLE ||
+        lua_type(L, 5) != LUA_TTABLE) {
+        return 0;
+    }
     lua_settop(L, 5);
     lua_pushvalue(L, 1);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &state_key);
-    static const lua_CFunction calls[] = {budget_call,    budget_call_each, budget_tick_then_each,
-                                          numeric_wrap,   budget_tick,      players_copy};
-    int made = lua_type(L, 5) == LUA_TTABLE ? 6 : 4;
-    for (int i = 0; i < made; i++) {
-        lua_pushvalue(L, 1);
-        lua_pushvalue(L, 2);
-        lua_pushvalue(L, 3);
-        lua_pushvalue(L, 4);
+    static const lua_CFunction calls[] = {budget_call, budget_call_each, budget_tick, players_copy};
+    for (int i = 0; i < 4; i++) {
+        for (int up = 1; up <= 5; up++) lua_pushvalue(L, up);
         lua_pushlstring(L, "_finished", 9);
-        lua_pushvalue(L, 5);
         lua_pushlstring(L, "tick", 4);
         lua_pushlstring(L, "players", 7);
         lua_pushcclosure(L, calls[i], 8);
     }
-    return made;
+    lua_pushcclosure(L, numeric_wrap, 0);
+    return 5;
 }

@@ -54,7 +54,6 @@ struct asobi_lua_api {
     void (*sethook)(lua_State *L, lua_Hook f, int mask, int count);
     int (*rawgetp)(lua_State *L, int idx, const void *p);
     void (*rawsetp)(lua_State *L, int idx, const void *p);
-    const char *(*typename_)(lua_State *L, int tp);
     const char *(*pushfstring)(lua_State *L, const char *fmt, ...);
     int (*error)(lua_State *L);
     void (*concat)(lua_State *L, int n);
@@ -93,7 +92,6 @@ extern int asobi_lua_bound;
 #define lua_sethook asobi_lua.sethook
 #define lua_rawgetp asobi_lua.rawgetp
 #define lua_rawsetp asobi_lua.rawsetp
-#define lua_typename asobi_lua.typename_
 #define lua_pushfstring asobi_lua.pushfstring
 #define lua_error asobi_lua.error
 #define lua_concat asobi_lua.concat
@@ -108,7 +106,6 @@ extern int asobi_lua_bound;
 #define LUA_MULTRET (-1)
 #define LUA_OK 0
 #define LUA_MASKCOUNT (1 << 3)
-#define LUA_TNONE (-1)
 
 #define LUA_TNIL 0
 #define LUA_TBOOLEAN 1

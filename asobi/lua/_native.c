@@ -55,7 +55,6 @@ int asobi_native_bind(const char *path) {
     BIND(gettop) BIND(rotate) BIND(pcallk) BIND(sethook) BIND(rawgetp) BIND(rawsetp)
     BIND(pushfstring) BIND(error) BIND(concat)
 #undef BIND
-    if ((*(void **)&asobi_lua.typename_ = dlsym(library, "lua_typename")) == NULL) return 0;
     if ((*(void **)&asobi_lua.where = dlsym(library, "luaL_where")) == NULL) return 0;
     asobi_lua_bound = 1;
     return 1;

@@ -9,7 +9,8 @@
 -- The deadline stays armed until the protected call has fully unwound: `__close` handlers of
 -- to-be-closed variables run while an error unwinds, after the message handler, and they are
 -- script code like any other.  Only `finish`, once `xpcall` has returned, lifts it.
-local host = ...
+-- `ctx` is sandbox.lua's: the tick number and the players the host writes there.
+local host, ctx = ...
 
 local now = host.now
 local HOOK_COUNT = host.hook_count
@@ -100,7 +101,9 @@ end
 
 -- The deadline is left armed here: a count hook firing in this handler (an ordinary error raised
 -- just before the deadline) is itself contained by Lua, and the budget error is what `finish`
--- reports.  Error objects are never converted with __tostring: that is script code.
+-- reports.  Error objects are never converted with __tostring: that is script code.  A failed
+-- call's error object is therefore always a string: this handler's, or Lua's own for the errors
+-- that skip it ("not enough memory", "error in error handling").
 local function message_handler(e)
   if S[EXCEEDED] then return S[EXCEEDED] end
   local msg
@@ -120,11 +123,7 @@ local function finish(ok, ...)
   local ex = S[EXCEEDED]
   S[EXCEEDED] = nil
   if ex then return false, ex end
-  if not ok then
-    local e = ...
-    if type_(e) ~= "string" then e = "error object of type " .. type_(e) end
-    return false, e
-  end
+  if not ok then return false, (...) end
   return true, ...
 end
 
@@ -279,6 +278,7 @@ function B.tick_then_each(prefix, suffix, until_time, fn, state,
     call_each(state_prefix, state_suffix, state_budget, state_fn, adopted, ...)
 end
 tick_each_fn = B.tick_then_each
+local tick_then_each = B.tick_then_each
 
 ---------------------------------------------------------------------------------------------------
 -- One crossing for a tick's inputs: `B.call_inputs` calls fn(state, player, input) for each
@@ -378,35 +378,25 @@ function B.co_wrap(f)
   return function(...) return wrap_results(co_resume(co, ...)) end
 end
 
----------------------------------------------------------------------------------------------------
--- The same three calls in C (`_budget.c`, when asobi's Lua C functions are there): `B.call`,
--- `B.call_each` and `B.tick_then_each` then run one copy of code shared by every Lua state
--- instead of this state's own.  `call_inputs` reaches `B.call` through B, so it runs the C one.
----------------------------------------------------------------------------------------------------
-local in_c = false
-if host.budget then
-  local call, each, tick_each, numeric = host.budget(S, message_handler, HOOK_COUNT, MAX_NODES)
-  if call then
-    B.call, B.call_each, B.tick_then_each, in_c = call, each, tick_each, true
-    -- numeric(fn, name, max_numeral): clib.lua's math wrapper in C.
-    B.numeric = numeric
-  end
+-- The match's tick in one crossing (sandbox.lua's `api.tick`): the tick number game.tick() reads
+-- set in `ctx`, then `B.tick_then_each`.
+function B.tick(prefix, suffix, until_time, tick_no, ...)
+  ctx.tick = tick_no
+  return tick_then_each(prefix, suffix, until_time, ...)
 end
 
--- What needs sandbox.lua's `ctx` (the tick number and the players the host writes there):
--- `api.tick`, the match's tick in one crossing (the tick number game.tick() reads set in `ctx`,
--- then `B.tick_then_each`), and game.players() when it is in C (nil otherwise: sandbox.lua's
--- own then).  In C when the calls are, so that no host code of the state's own runs on the tick
--- path.
-function B.with_ctx(ctx)
-  if in_c then
-    local _, _, _, _, tick, players = host.budget(S, message_handler, HOOK_COUNT, MAX_NODES, ctx)
-    return tick, players
-  end
-  local tick_then_each = B.tick_then_each
-  return function(prefix, suffix, until_time, tick_no, ...)
-    ctx.tick = tick_no
-    return tick_then_each(prefix, suffix, until_time, ...)
+---------------------------------------------------------------------------------------------------
+-- The same calls in C (`_budget.c`, when asobi's Lua C functions are there): `B.call`,
+-- `B.call_each` and `B.tick`, then `B.players` (game.players()) and `B.numeric` (clib.lua's math
+-- wrapper), run one copy of code shared by every Lua state instead of this state's own, so that
+-- no host code of the state's own runs on the tick path.  `call_inputs` reaches `B.call`
+-- through B, so it runs the C one.
+---------------------------------------------------------------------------------------------------
+if host.budget then
+  local call, each, tick, players, numeric =
+    host.budget(S, message_handler, HOOK_COUNT, MAX_NODES, ctx)
+  if call then
+    B.call, B.call_each, B.tick, B.players, B.numeric = call, each, tick, players, numeric
   end
 end
 

@@ -111,7 +111,7 @@ local budget, now = ...
 local S = { math.huge, false, "", "", 0, false }
 S[2] = nil
 S[6] = function() S[2] = "cut"; error("cut", 0) end
-local call, each = budget(S, function(e) return e end, 100, 1000)
+local call, each = budget(S, function(e) return e end, 100, 1000, {})
 if not call then return "it did not open" end
 local ok, a, b = call("", "", now() + 1, function(x) return x + 1, "two" end, 41)
 if ok ~= true or a ~= 42 or b ~= "two" then return "a call returned " .. tostring(a) end

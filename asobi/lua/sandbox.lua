@@ -17,7 +17,9 @@ local tostring_, setmetatable_, getmetatable_, rawget_, load_ = tostring, setmet
 local smatch = string.match
 local tconcat = table.concat
 
-local B = load_(host.calls_chunk, "=asobi", "b")(host)
+-- `ctx` is written by the host before callbacks (tick number, players).
+local ctx = { match_id = "", tick = 0, players = {} }
+local B = load_(host.calls_chunk, "=asobi", "b")(host, ctx)
 local lib = load_(host.clib_chunk, "=asobi", "b")(host, B)
 local reraise_if_exceeded, host_call, check = B.reraise_if_exceeded, B.host_call, B.check
 
@@ -87,9 +89,8 @@ local lib_coroutine = {
 }
 
 ---------------------------------------------------------------------------------------------------
--- game.* and require.  `ctx` is written by the host before callbacks (tick number, players).
+-- game.* and require.
 ---------------------------------------------------------------------------------------------------
-local ctx = { match_id = "", tick = 0, players = {} }
 api.ctx = ctx
 
 -- The match's tick in one crossing, where it took three: the tick number game.tick() reads, the
@@ -97,11 +98,10 @@ api.ctx = ctx
 -- Given get_state and its arguments (`state_prefix` ..., then the ids), the round of state frames
 -- after it too, where that took a second crossing: only when the tick succeeded, left a table (or
 -- nothing) and made no host calls, so that no effect of the tick is held and what the host does
--- between the two (adopt the state) changes nothing Lua sees.  `B.with_ctx` (calls.lua) makes it:
+-- between the two (adopt the state) changes nothing Lua sees.  `B.tick` (calls.lua) does it:
 -- api.tick(prefix, suffix, until_time, tick_no, fn, state, ...) returns finished, ok, the tick's
 -- first result, then, if get_state ran, call_each's results.
-local players_in_c
-api.tick, players_in_c = B.with_ctx(ctx)
+api.tick = B.tick
 
 local function log_value(v)
   if type_(v) == "string" then return v end
@@ -113,12 +113,12 @@ end
 local lib_game = {}
 function lib_game.id() return ctx.match_id end
 function lib_game.tick() return ctx.tick end
-function lib_game.players()
+-- A copy the script may change; in C when the budgeted calls are (calls.lua).
+lib_game.players = B.players or function()
   local out = {}
   for i, p in next_, ctx.players do out[i] = p end
   return out
 end
-lib_game.players = players_in_c or lib_game.players
 function lib_game.log(level, msg, meta)
   host_call(host_log, log_value(level), log_value(msg), type_(meta) == "table" and meta or nil)
 end
