@@ -13,7 +13,7 @@ Python value by value or assembling bytes in Lua cost more than the work itself:
 - `now` reads the budgets' clock (`time.perf_counter`'s) without calling into Python: it is read
   before every `get_state` and input call and every 1,000 instructions (`calls.lua`).
 - `budget` (`_budget.c`) makes the budgeted calls of the tick path (`B.call`, `B.call_each`,
-  `B.tick_then_each`, `api.tick`), and `math.*` and `game.players()` as scripts call them, in C:
+  `B.tick`, which is `api.tick`), and `math.*` and `game.players()` as scripts call them, in C:
   one copy of that code for every match's Lua state, where the Lua functions are a copy per
   state, cold at every match-tick once there are hundreds of them.
   calls.lua keeps everything else of the containment rules (the budget error, the wrappers of
