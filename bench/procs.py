@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -237,11 +238,12 @@ def interpreter(python: str | None = None) -> str:
     """`python`'s version and build as the report names it ("3.11.2 (/usr/bin/python3.11)"):
     the server's interpreter moves its CPU per frame by several percent (a PGO build against
     one without), so a run says which it measured."""
-    exe = python or sys.executable
+    if python is None:
+        return f"{platform.python_version()} ({sys.executable})"
     version = subprocess.run(
-        [exe, "-c", "import platform; print(platform.python_version())"],
+        [python, "-c", "import platform; print(platform.python_version())"],
         check=True,
         capture_output=True,
         text=True,
     ).stdout.strip()
-    return f"{version} ({exe})"
+    return f"{version} ({python})"
